@@ -1,0 +1,104 @@
+"""Attention over the slot KV cache for one fused iteration.
+
+A fused iteration's tokens are laid out flat: first one token for each of the `num_decode`
+decode rows (row i lives in KV slot i: the memory shuffle keeps the live block dense), then
+the prompt chunks of the requests being prefilled. `AttentionMetadata` says where each token
+goes; model code passes it through untouched. This module holds the plain PyTorch path;
+`flover.kernels` holds the fast GPU kernels behind the same functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    slot: int
+    start: int  # position of the chunk's first token
+    length: int  # tokens in this chunk
+    offset: int  # index of the chunk's first token in the flat batch
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_ids: torch.Tensor  # [T] KV slot of each token (cache write)
+    positions: torch.Tensor  # [T] position of each token (cache write, rotary)
+    num_decode: int  # decode rows, in slots 0..num_decode-1
+    decode_lengths: torch.Tensor | None  # [num_decode] KV length of each row, new token included
+    decode_max_len: int  # max(decode_lengths), known on the host
+    prefills: list[PrefillChunk]
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             meta: AttentionMetadata) -> None:
+    """Store this iteration's keys and values: cache[slot, :, pos] = k[token]."""
+    k_cache[meta.slot_ids, :, meta.positions] = k.to(k_cache.dtype)
+    v_cache[meta.slot_ids, :, meta.positions] = v.to(v_cache.dtype)
+
+
+def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         lengths: torch.Tensor, max_len: int, scale: float) -> torch.Tensor:
+    """q [B, H, D] against slots 0..B-1 of the cache [S, Hkv, L, D], each row up to its length."""
+    b, h, d = q.shape
+    hkv = k_cache.shape[1]
+    k = k_cache[:b, :, :max_len].float()
+    v = v_cache[:b, :, :max_len].float()
+    qg = q.float().view(b, hkv, h // hkv, d)
+    scores = torch.einsum("bhgd,bhld->bhgl", qg, k) * scale
+    pad = torch.arange(max_len, device=q.device)[None, :] >= lengths[:, None]
+    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+    out = torch.einsum("bhgl,bhld->bhgd", scores.softmax(-1), v)
+    return out.reshape(b, h, d).to(q.dtype)
+
+
+def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          chunk: PrefillChunk, scale: float) -> torch.Tensor:
+    """One prompt chunk q [n, H, D] attends causally to its slot's cache up to its last token."""
+    n, h, _ = q.shape
+    end = chunk.start + chunk.length
+    k = k_cache[chunk.slot, :, :end]
+    v = v_cache[chunk.slot, :, :end]
+    groups = h // k.shape[0]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=0)
+        v = v.repeat_interleave(groups, dim=0)
+    qh = q.transpose(0, 1).to(k.dtype)
+    if chunk.start == 0:
+        out = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale)
+    else:
+        rows = torch.arange(chunk.start, end, device=q.device)[:, None]
+        mask = torch.arange(end, device=q.device)[None, :] <= rows
+        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale)
+    return out.transpose(0, 1).to(q.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+              v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q [T, H, D], k/v [T, Hkv, D] for the flat batch; returns [T, H, D]."""
+    write_kv(k_cache, v_cache, k, v, meta)
+    out = torch.empty_like(q)
+    nd = meta.num_decode
+    if nd:
+        out[:nd] = decode_attention(q[:nd], k_cache, v_cache, meta.decode_lengths,
+                                    meta.decode_max_len, scale)
+    for c in meta.prefills:
+        out[c.offset:c.offset + c.length] = prefill_attention_ref(
+            q[c.offset:c.offset + c.length], k_cache, v_cache, c, scale)
+    return out
+
+
+def decode_attention(q, k_cache, v_cache, lengths, max_len, scale):
+    """Dispatch: the Triton kernel on a GPU when it is available, else the reference."""
+    if q.is_cuda and _triton_decode is not None:
+        return _triton_decode(q, k_cache, v_cache, lengths, max_len, scale)
+    return decode_attention_ref(q, k_cache, v_cache, lengths, max_len, scale)
+
+
+try:  # the kernel module imports triton; CPU-only installs go without it
+    from flover.kernels.decode_attention import decode_attention as _triton_decode
+except Exception:  # noqa: BLE001 - any import failure means: use the reference
+    _triton_decode = None

@@ -1,0 +1,103 @@
+"""The LLaMA family (LLaMA 1-3, Mistral-shaped, SmolLM2): RMSNorm, rotary, SwiGLU, GQA.
+
+Written for fused batches: tokens arrive flat ([T, hidden]) with their positions, and the
+attention layer reads and writes the slot KV cache through `flover.attention`.
+Parameter names follow Hugging Face's, with q/k/v and gate/up stacked into one matrix each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flover.attention import AttentionMetadata, attention
+from flover.models.config import ModelConfig
+from flover.models.layers import RMSNorm, Rotary, load_named_weights
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.h, self.hkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.qkv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=cfg.attention_bias)
+        self.scale = self.d ** -0.5
+
+    def forward(self, x, rotary: Rotary, meta: AttentionMetadata, k_cache, v_cache):
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], -1)
+        q = rotary(q.view(t, self.h, self.d), meta.positions)
+        k = rotary(k.view(t, self.hkv, self.d), meta.positions)
+        out = attention(q, k, v.view(t, self.hkv, self.d), k_cache, v_cache, meta, self.scale)
+        return self.o_proj(out.view(t, self.h * self.d))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.self_attn = LlamaAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x, rotary, meta, k_cache, v_cache):
+        x = x + self.self_attn(self.input_layernorm(x), rotary, meta, k_cache, v_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.rotary = Rotary(cfg.head_dim, cfg.max_position, cfg.rope_theta, interleaved=False)
+
+
+class LlamaForCausalLM(nn.Module):
+    """forward(ids [T], meta, kv) -> hidden [T, hidden]; logits(hidden [N, hidden]) -> [N, vocab]."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = LlamaModel(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
+                k_caches: torch.Tensor, v_caches: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x = m.embed_tokens(input_ids)
+        for i, layer in enumerate(m.layers):
+            x = layer(x, m.rotary, meta, k_caches[i], v_caches[i])
+        return m.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        w = self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
+        return F.linear(hidden, w).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        c = self.cfg
+        stacked = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+                   "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+        sizes = {"qkv_proj": [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim,
+                              c.num_kv_heads * c.head_dim],
+                 "gate_up_proj": [c.intermediate_size, c.intermediate_size]}
+        if c.tie_word_embeddings:
+            weights = ((n, t) for n, t in weights if n != "lm_head.weight")
+        load_named_weights(self, weights, stacked, sizes)

@@ -1,0 +1,66 @@
+"""Turns a scheduled batch into tensors, runs one forward pass, and samples.
+
+Flat layout of an iteration's tokens: decode rows first (row i reads and writes slot i),
+then each prefill chunk. Padding rows feed token 0 and write their key and value at the
+slot's last position, which no request ever reads: a request needs prompt + max_tokens <=
+max_seq_len, so its last fed token sits at max_seq_len - 2 at most.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from flover.attention import AttentionMetadata, PrefillChunk
+from flover.kv_cache import SlotCache
+from flover.sampling import sample
+from flover.scheduler import Batch
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, cache: SlotCache, seed: int = 0) -> None:
+        self.model, self.cache = model, cache
+        self.device = cache.k.device
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def prepare(self, batch: Batch) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
+        """input ids, attention metadata, and the flat index of each row to sample."""
+        pad_pos = self.cache.max_seq_len - 1
+        ids, slots, pos, lengths, logit_rows = [], [], [], [], []
+        for i, r in enumerate(batch.decode):
+            if r is None:
+                ids.append(0), slots.append(i), pos.append(pad_pos), lengths.append(1)
+            else:
+                ids.append(r.last_token), slots.append(i), pos.append(r.num_computed)
+                lengths.append(r.num_computed + 1)
+                logit_rows.append(i)
+        chunks = []
+        for r, start, n in batch.prefill:
+            chunks.append(PrefillChunk(r.slot, start, n, len(ids)))
+            ids.extend(r.prompt_ids[start:start + n])
+            slots.extend([r.slot] * n)
+            pos.extend(range(start, start + n))
+            if start + n == len(r.prompt_ids):
+                logit_rows.append(len(ids) - 1)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_ids=torch.tensor(slots, device=dev), positions=torch.tensor(pos, device=dev),
+            num_decode=len(batch.decode),
+            decode_lengths=torch.tensor(lengths, device=dev) if lengths else None,
+            decode_max_len=max(lengths, default=0), prefills=chunks)
+        return torch.tensor(ids, device=dev), meta, logit_rows
+
+    @torch.inference_mode()
+    def forward_logits(self, batch: Batch) -> torch.Tensor:
+        """Logits [len(batch.sample), vocab] in float32."""
+        ids, meta, rows = self.prepare(batch)
+        hidden = self.model(ids, meta, self.cache.k, self.cache.v)
+        return self.model.logits(hidden[torch.tensor(rows, device=self.device)])
+
+    @torch.inference_mode()
+    def run(self, batch: Batch) -> list[int]:
+        """One iteration: forward, then sample every row; one device-to-host copy."""
+        logits = self.forward_logits(batch)
+        if not batch.sample:
+            return []
+        return sample(logits, batch.sample, self.generator).tolist()

