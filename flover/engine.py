@@ -6,7 +6,6 @@ fuses a list of prompts and returns their completions.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
