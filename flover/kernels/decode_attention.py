@@ -1,0 +1,134 @@
+"""Decode attention over the slot KV cache: one query token per row, split-K, GQA-aware.
+
+Same function as `flover.attention.decode_attention_ref`: row b attends to slot b of the
+cache, positions < lengths[b]. Two launches:
+1. grid (rows, kv heads, splits): each program loads one K/V block of its split once and
+   scores it against every query head of the kv head's group (GQA: no re-reads), keeping an
+   online softmax; it writes a partial output and its log-sum-exp. A program whose split
+   starts past its row's length stops at once, so rows cost their own length, not max_len.
+2. grid (rows, heads): combines the splits by their log-sum-exp.
+`max_len` only sets the number of splits, so a CUDA graph can capture max_len = max_seq_len
+and replay with any per-row lengths.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _split_kernel(Q, K, V, Lens, OutPart, LsePart,
+                  sq_b, sq_h, sk_s, sk_h, sk_l, sv_s, sv_h, sv_l,
+                  so_b, so_h, so_s, sl_b, sl_h,
+                  split_len, scale,
+                  D: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    sp = tl.program_id(2)
+    length = tl.load(Lens + b).to(tl.int32)
+    start = sp * split_len
+    end = tl.minimum(start + split_len, length)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    mask_g = g < G
+    mask_d = d < D
+    heads = kvh * G + g
+    q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + d[None, :],
+                mask=mask_g[:, None] & mask_d[None, :], other=0.0)
+    if not USE_DOT:
+        q = q.to(tl.float32)
+
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    s_exp = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    k_base = K + b.to(tl.int64) * sk_s + kvh * sk_h
+    v_base = V + b.to(tl.int64) * sv_s + kvh * sv_h
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = n < end
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_base + n[:, None] * sk_l + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + n[:, None] * sv_l + d[None, :], mask=kv_mask, other=0.0)
+        if USE_DOT:
+            s = tl.dot(q, tl.trans(k).to(q.dtype))
+        else:
+            s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+        s = tl.where(mask_n[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        s_exp = s_exp * alpha + tl.sum(p, axis=1)
+        if USE_DOT:
+            pv = tl.dot(p.to(v.dtype), v)
+        else:
+            pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        acc = acc * alpha[:, None] + pv
+        m = m_new
+
+    nonempty = s_exp > 0
+    out = acc / tl.where(nonempty, s_exp, 1.0)[:, None]
+    lse = tl.where(nonempty, m + tl.log(tl.where(nonempty, s_exp, 1.0)), float("-inf"))
+    o_ptr = OutPart + b * so_b + heads[:, None] * so_h + sp * so_s + d[None, :]
+    tl.store(o_ptr, out, mask=mask_g[:, None] & mask_d[None, :])
+    tl.store(LsePart + b * sl_b + heads * sl_h + sp, lse, mask=mask_g)
+
+
+@triton.jit
+def _combine_kernel(OutPart, LsePart, Out, so_b, so_h, so_s, sl_b, sl_h, sout_b, sout_h,
+                    num_splits, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    mask_s = s < num_splits
+    lse = tl.load(LsePart + b * sl_b + h * sl_h + s, mask=mask_s, other=float("-inf"))
+    w = tl.exp(lse - tl.max(lse, axis=0))  # split 0 is never empty: lengths >= 1
+    o = tl.load(OutPart + b * so_b + h * so_h + s[:, None] * so_s + d[None, :],
+                mask=mask_s[:, None] & (d < D)[None, :], other=0.0)
+    out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
+    tl.store(Out + b * sout_b + h * sout_h + d, out.to(Out.dtype.element_ty), mask=d < D)
+
+
+def _num_splits(rows: int, kv_heads: int, max_len: int, block_n: int) -> int:
+    """Enough programs to fill a large GPU (~132 SMs x 4), no split shorter than a block."""
+    want = triton.cdiv(512, rows * kv_heads)
+    return max(1, min(want, triton.cdiv(max_len, block_n), 64))
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     lengths: torch.Tensor, max_len: int, scale: float) -> torch.Tensor:
+    """q [B, H, D] against slots 0..B-1 of the cache [S, Hkv, L, D], each row up to its length."""
+    b, h, d = q.shape
+    hkv = k_cache.shape[1]
+    assert h % hkv == 0 and k_cache.shape[-1] == d and b <= k_cache.shape[0]
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache rows must be contiguous"
+    group = h // hkv
+    use_dot = group > 1
+    block_g = max(16, triton.next_power_of_2(group)) if use_dot else 1
+    block_d = triton.next_power_of_2(d)
+    block_n = 32 if block_d >= 256 else 64
+    splits = _num_splits(b, hkv, max_len, block_n)
+    split_len = triton.cdiv(triton.cdiv(max_len, splits), block_n) * block_n
+    splits = triton.cdiv(max_len, split_len)
+
+    part = torch.empty((b, h, splits, d), dtype=torch.float32, device=q.device)
+    lse = torch.empty((b, h, splits), dtype=torch.float32, device=q.device)
+    _split_kernel[(b, hkv, splits)](
+        q, k_cache, v_cache, lengths, part, lse,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+        split_len, scale, D=d, G=group, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
+        USE_DOT=use_dot, num_warps=4)
+    out = torch.empty_like(q)
+    _combine_kernel[(b, h)](
+        part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0),
+        lse.stride(1), out.stride(0), out.stride(1), splits, D=d,
+        BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d, num_warps=4)
+    return out
