@@ -105,6 +105,7 @@ class EngineConfig:
     prefill_token_budget: int = 2048  # prompt tokens per iteration; longer prompts are chunked
     seed: int = 0
     tensor_para_size: int = 1
+    cuda_graphs: bool = True  # replay pure-decode iterations as CUDA graphs (GPU only)
 
     def __post_init__(self) -> None:
         _check(isinstance(self.max_concurrency, int) and self.max_concurrency >= 1,

@@ -66,7 +66,7 @@ class Engine:
                                cfg.max_seq_len, mc.head_dim, self.dtype, self.device,
                                shuffle=cfg.use_mem_shuffle)
         self.scheduler = Scheduler(self.cache, cfg.prefill_token_budget)
-        self.runner = ModelRunner(model, self.cache, cfg.seed)
+        self.runner = ModelRunner(model, self.cache, cfg.seed, cuda_graphs=cfg.cuda_graphs)
         self.requests: dict[str, Request] = {}
         self.eos_token_ids = list(mc.eos_token_ids) or (tokenizer.eos_token_ids if tokenizer else [])
         self._text: dict[str, str] = {}

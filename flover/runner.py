@@ -12,16 +12,21 @@ import torch
 from torch import nn
 
 from flover.attention import AttentionMetadata, PrefillChunk
+from flover.cuda_graph import DecodeGraphs
 from flover.kv_cache import SlotCache
 from flover.sampling import sample
 from flover.scheduler import Batch
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, cache: SlotCache, seed: int = 0) -> None:
+    def __init__(self, model: nn.Module, cache: SlotCache, seed: int = 0,
+                 cuda_graphs: bool = True) -> None:
         self.model, self.cache = model, cache
         self.device = cache.k.device
         self.generator = torch.Generator().manual_seed(seed)
+        # pure-decode iterations replay a captured graph on the GPU (flover.cuda_graph)
+        use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.graphs = DecodeGraphs(model, cache) if use_graphs else None
 
     def prepare(self, batch: Batch) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
         """input ids, attention metadata, and the flat index of each row to sample."""
@@ -53,6 +58,8 @@ class ModelRunner:
     @torch.inference_mode()
     def forward_logits(self, batch: Batch) -> torch.Tensor:
         """Logits [len(batch.sample), vocab] in float32."""
+        if self.graphs is not None and batch.decode and not batch.prefill:
+            return self.graphs.forward_logits(batch.decode)
         ids, meta, rows = self.prepare(batch)
         hidden = self.model(ids, meta, self.cache.k, self.cache.v)
         return self.model.logits(hidden[torch.tensor(rows, device=self.device)])

@@ -1,0 +1,108 @@
+"""CUDA graphs for pure-decode iterations: one graph per batch-size bucket, replayed.
+
+A decode iteration launches a few hundred small kernels; replaying them as one graph takes
+the host's launch cost off the critical path. Each bucket size (1, 2, 4, 8, 16, 32, 48, 64,
+then steps of 16, up to the number of slots) is captured on first use, all sharing one memory
+pool. A batch of n rows replays the graph of the next bucket up: rows n.. are padding rows
+that feed token 0 and write their key and value at their slot's last position, which no
+request reads (see `flover.runner`). The memory shuffle keeps the live rows in slots 0..n-1,
+so the padding stays small. The graph sees the cache through `max_len = max_seq_len`; the
+attention kernel still reads each row only up to its own length.
+
+Every per-iteration input (token ids, positions, lengths, which logits rows to keep) goes to
+the GPU in one host-to-device copy from a pinned buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from flover.attention import AttentionMetadata
+from flover.kv_cache import SlotCache
+
+
+def bucket_sizes(num_slots: int) -> list[int]:
+    """1, 2, 4, 8, 16, 32, 48, 64, 80, ... up to num_slots, and num_slots itself."""
+    sizes = [1, 2, 4, 8, 16] + list(range(32, num_slots + 1, 16))
+    return sorted({s for s in sizes if s < num_slots} | {num_slots})
+
+
+class DecodeGraphs:
+    """`forward_logits(rows)` for a decode-only batch: replays the bucket's graph.
+
+    With `capture=False` the same padded, static-shaped forward runs eagerly (the CPU tests
+    check the padding and buffer logic that way).
+    """
+
+    def __init__(self, model: nn.Module, cache: SlotCache, capture: bool = True) -> None:
+        self.model, self.cache, self.capture = model, cache, capture
+        n, dev = cache.num_slots, cache.k.device
+        self.buckets = bucket_sizes(n)
+        # rows: token ids, positions, lengths, logits rows to keep; one copy per iteration
+        self.static = torch.zeros((4, n), dtype=torch.long, device=dev)
+        self.host = torch.zeros((4, n), dtype=torch.long, pin_memory=capture)
+        self.copied: torch.cuda.Event | None = None
+        self.slot_ids = torch.arange(n, device=dev)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    def bucket(self, rows: int) -> int:
+        return next(b for b in self.buckets if b >= rows)
+
+    def _forward(self, size: int) -> torch.Tensor:
+        ids, pos, lens = self.static[0, :size], self.static[1, :size], self.static[2, :size]
+        meta = AttentionMetadata(slot_ids=self.slot_ids[:size], positions=pos, num_decode=size,
+                                 decode_lengths=lens, decode_max_len=self.cache.max_seq_len,
+                                 prefills=[])
+        return self.model.logits(self.model(ids, meta, self.cache.k, self.cache.v))
+
+    def _capture(self, size: int) -> None:
+        """Warm up on a side stream (Triton compiles, cuBLAS picks), then capture."""
+        self._fill([], size)  # every row a padding row: warm-up writes only last positions
+        self.static.copy_(self.host)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._forward(size)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._forward(size)
+        self.pool = graph.pool()
+        self.graphs[size] = (graph, logits)
+
+    def _fill(self, decode: list, size: int) -> int:
+        """Write the padded inputs into the pinned host buffer; returns the live row count."""
+        if self.copied is not None:
+            self.copied.synchronize()  # the last copy out of this buffer has finished
+        pad_pos = self.cache.max_seq_len - 1
+        ids, pos, lens, keep = [], [], [], []
+        for i, r in enumerate(decode):
+            if r is None:
+                ids.append(0), pos.append(pad_pos), lens.append(1)
+            else:
+                ids.append(r.last_token), pos.append(r.num_computed), lens.append(r.num_computed + 1)
+                keep.append(i)
+        pad = size - len(decode)
+        self.host[0, :size] = torch.tensor(ids + [0] * pad)
+        self.host[1, :size] = torch.tensor(pos + [pad_pos] * pad)
+        self.host[2, :size] = torch.tensor(lens + [1] * pad)
+        self.host[3, :len(keep)] = torch.tensor(keep, dtype=torch.long)
+        return len(keep)
+
+    def forward_logits(self, decode: list) -> torch.Tensor:
+        """decode: row i <-> slot i, None for a padding row. Logits [live rows, vocab]."""
+        size = self.bucket(len(decode))
+        if self.capture and size not in self.graphs:
+            self._capture(size)
+        live = self._fill(decode, size)
+        self.static.copy_(self.host, non_blocking=True)
+        if self.capture:
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+            graph, logits = self.graphs[size]
+            graph.replay()
+        else:
+            logits = self._forward(size)
+        return logits.index_select(0, self.static[3, :live])
