@@ -1,0 +1,126 @@
+"""Replays a workload's arrival stream against the wall clock, in one of the four modes.
+
+A request is handed over when its arrival time has passed; when nothing is in flight the
+driver sleeps until the next arrival. `fused` feeds every arrival to one engine (temporal
+fusion); `serial` does the same with an engine of one slot, so requests run one after
+another; `instances` and `dynamic` live in baselines.py. All modes share one loaded model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, replace
+
+from flover.engine import Engine, resolve_device, resolve_dtype
+from flover.ini import RunConfig
+from flover.sequence import Request
+from flover.timeline import Record, RunState
+from flover.weights import load_model
+from flover.workload import WorkItem
+
+
+@dataclass(slots=True)
+class RunContext:
+    cfg: RunConfig
+    model: object
+    tokenizer: object | None
+
+    @classmethod
+    def load(cls, cfg: RunConfig) -> RunContext:
+        device = resolve_device(cfg.device)
+        model, tok = load_model(cfg.model_type, resolve_dtype(cfg.data_type, device), device,
+                                cfg.seed)
+        return cls(cfg, model, tok)
+
+    def engine(self, slots: int) -> Engine:
+        """A fresh engine (its own KV cache of `slots` slots) over the shared weights."""
+        return Engine(self.cfg.engine_config(slots), model=self.model, tokenizer=self.tokenizer)
+
+
+def new_state(cfg: RunConfig, items: list[WorkItem]) -> RunState:
+    slots = {"fused": cfg.max_concurrency, "dynamic": cfg.max_concurrency, "serial": 1,
+             "instances": len(items)}[cfg.mode]
+    recs = [Record(it.request_id, it.arrival, len(it.prompt_ids), it.max_tokens) for it in items]
+    return RunState(cfg.mode, recs, slots)
+
+
+def measure_lone(ctx: RunContext, item: WorkItem) -> dict:
+    """One request alone, `request_output_len` tokens (EOS ignored): the yardstick of the
+    report's latency ratio. It also warms the model up before the timed run."""
+    cfg = ctx.cfg
+    eng = ctx.engine(1)
+    params = replace(cfg.sampling_params(cfg.request_output_len, item.seed), ignore_eos=True)
+    eng.add_request("warm-up", item.prompt_ids, replace(params, max_tokens=min(4, params.max_tokens)))
+    for _ in eng.run_until_done():  # first calls pay for allocations and lazy set-up
+        pass
+    start = time.perf_counter()
+    req = eng.add_request("lone", item.prompt_ids, params, arrival_time=start)
+    for _ in eng.run_until_done():
+        pass
+    n = len(req.output_ids)
+    return {"latency": req.finish_time - start, "ttft": req.first_token_time - start,
+            "tpot": (req.finish_time - req.first_token_time) / (n - 1) if n > 1 else 0.0,
+            "tokens": n, "prompt_len": len(item.prompt_ids)}
+
+
+def run_workload(ctx: RunContext, items: list[WorkItem], state: RunState) -> None:
+    from flover import baselines
+
+    mode = ctx.cfg.mode
+    try:
+        if mode == "fused":
+            run_engine(ctx.engine(ctx.cfg.max_concurrency), items, ctx.cfg, state)
+        elif mode == "serial":
+            run_engine(ctx.engine(1), items, ctx.cfg, state)
+        elif mode == "dynamic":
+            baselines.run_dynamic(ctx.engine(ctx.cfg.max_concurrency), items, ctx.cfg, state)
+        else:
+            baselines.run_instances(ctx, items, state)
+    finally:
+        state.done = True
+
+
+def arrive(state: RunState, rec: Record, status: str = "waiting") -> None:
+    rec.status = status
+    state.log(f"{rec.request_id} arrived ({rec.prompt_len} prompt tokens, "
+              f"{rec.max_tokens} to generate)")
+
+
+def finish(state: RunState, rec: Record, finish_time: float) -> None:
+    rec.finish, rec.status = finish_time, "done"
+    state.log(f"{rec.request_id} finished: {rec.tokens} tokens in {rec.latency:.2f} s")
+
+
+def run_engine(engine: Engine, items: list[WorkItem], cfg: RunConfig, state: RunState) -> None:
+    """Temporal fusion: every arrived request joins the engine's in-flight batch."""
+    pending = deque(sorted(items, key=lambda it: it.arrival))
+    recs = {r.request_id: r for r in state.records}
+    live: dict[str, Request] = {}
+    t0 = state.start()
+    while pending or engine.has_unfinished():
+        while pending and pending[0].arrival <= state.now():
+            it = pending.popleft()
+            live[it.request_id] = engine.add_request(
+                it.request_id, it.prompt_ids, cfg.sampling_params(it.max_tokens, it.seed),
+                arrival_time=t0 + it.arrival)
+            arrive(state, recs[it.request_id])
+        if not engine.has_unfinished():
+            time.sleep(max(0.0, pending[0].arrival - state.now()))
+            continue
+        outs = engine.step()
+        for rid, req in live.items():
+            rec = recs[rid]
+            if rec.status == "waiting" and req.admit_time is not None:
+                rec.admit, rec.status = state.rel(req.admit_time), "running"
+        for out in outs:
+            rec, req = recs[out.request_id], live[out.request_id]
+            rec.tokens, rec.text = len(out.token_ids), out.text
+            if rec.first_token is None:
+                rec.first_token = state.rel(req.first_token_time)
+            if out.finished:
+                del live[out.request_id]
+                finish(state, rec, state.rel(req.finish_time))
+        state.iterations = engine.scheduler.iterations
+        state.slots_used, state.shuffle_moves = engine.cache.size, engine.cache.moves
+        state.sample(len(outs))
