@@ -28,6 +28,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from flover import report, viz
+    from flover.driver import RunContext, measure_lone, new_state, run_workload
+    from flover.ini import load_config
+    from flover.workload import build_workload
+
+    cfg = load_config(args.config, args.set, args.model)
+    if args.plot:
+        report.require_matplotlib()  # fail before the run, not after it
+    console = Console()
+    with viz.status(console, f"loading {cfg.model_type} ..."):
+        ctx = RunContext.load(cfg)
+    items = build_workload(cfg, ctx.tokenizer, ctx.model.cfg.vocab_size)
+    state = new_state(cfg, items)
+    with viz.status(console, f"a lone request first ({cfg.request_output_len} tokens) ..."):
+        state.lone = measure_lone(ctx, items[0])
+    device = next(ctx.model.parameters()).device
+    report.reset_peak_memory(device)
+    live = console.is_terminal and not args.no_live
+    with viz.LiveView(state, console) if live else viz.PlainProgress(state, console):
+        run_workload(ctx, items, state)
+    metrics = report.summarize(state, device)
+    console.print(report.render(metrics))
+    if args.json:
+        report.write_json(args.json, state, cfg, metrics)
+        console.print(f"wrote {args.json}")
+    if args.plot:
+        report.plot(args.plot, state, metrics)
+        console.print(f"wrote {args.plot}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flover", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -46,6 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-seq-len", type=int, default=2048)
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.set_defaults(func=cmd_generate)
+
+    r = sub.add_parser("run", help="replay an INI workload (the original Flover's format) "
+                       "with a live view, then report latency and throughput")
+    r.add_argument("config", help="the INI file, e.g. configs/demo.ini")
+    r.add_argument("--model", default=None, help="overrides model_type: a preset, HF "
+                   "checkpoint dir or .gguf file")
+    r.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one key, e.g. runtime_hyperparameter.mode=serial (repeatable)")
+    r.add_argument("--json", metavar="FILE", help="write every number and each request's "
+                   "timeline as JSON")
+    r.add_argument("--plot", metavar="FILE.png", help="draw in-flight requests over time and "
+                   "a timeline bar per request (needs matplotlib)")
+    r.add_argument("--no-live", action="store_true", help="a plain progress bar instead of "
+                   "the live view")
+    r.set_defaults(func=cmd_run)
     return p
 
 
