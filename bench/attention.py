@@ -1,0 +1,64 @@
+"""Decode attention alone: the Triton kernel and the PyTorch reference over its floor.
+
+Floor: the live K and V bytes of every row (and q/out, negligible) over the copy bandwidth
+measured in the same run. Rows all at one context; several layers' caches are cycled so the
+L2 cache does not hold the data between calls.
+
+    python3 bench/attention.py --out attention.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import triton.testing
+from decode_step import copy_bandwidth
+
+from flover.attention import decode_attention_ref
+from flover.kernels.decode_attention import decode_attention
+
+SHAPES = {"llama_7b": (32, 32, 128), "llama_13b": (40, 40, 128), "gptj_6b": (16, 16, 256),
+          "gqa_8b": (32, 8, 128)}  # (heads, kv heads, head dim)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", default="1,8,32,64")
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--out", default="attention.json")
+    args = ap.parse_args()
+    bw = copy_bandwidth()
+    layers, ctx, rows = 8, args.context, []
+    for name, (h, hkv, d) in SHAPES.items():
+        for b in [int(x) for x in args.batches.split(",")]:
+            k = torch.randn(layers, b, hkv, ctx + 8, d, device="cuda", dtype=torch.float16)
+            v = torch.randn_like(k)
+            q = torch.randn(b, h, d, device="cuda", dtype=torch.float16)
+            lens = torch.full((b,), ctx + 1, device="cuda")
+            ours = decode_attention(q, k[3], v[3], lens, ctx + 8, d ** -0.5)
+            ref = decode_attention_ref(q, k[3], v[3], lens, ctx + 1, d ** -0.5)
+            err = ((ours.float() - ref.float()).norm() / ref.float().norm()).item()
+
+            def cycle(fn, max_len, q=q, k=k, v=v, lens=lens, scale=d ** -0.5):
+                for i in range(layers):
+                    fn(q, k[i], v[i], lens, max_len, scale)
+
+            t_ours = triton.testing.do_bench(lambda: cycle(decode_attention, ctx + 8),
+                                             return_mode="median") / layers
+            t_ref = triton.testing.do_bench(lambda: cycle(decode_attention_ref, ctx + 1),
+                                            return_mode="median") / layers
+            floor = 2 * b * hkv * (ctx + 1) * d * 2 / bw * 1e3
+            rows.append({"shape": name, "batch": b, "context": ctx, "kernel_ms": t_ours,
+                         "ref_ms": t_ref, "floor_ms": floor, "rel_err": err})
+            print(f"{name:9s} B={b:3d} kernel {t_ours * 1e3:7.1f} us  ref {t_ref * 1e3:8.1f} us"
+                  f"  floor {floor * 1e3:6.1f} us  x{t_ours / floor:5.2f}  err {err:.1e}",
+                  flush=True)
+    with open(args.out, "w") as f:
+        json.dump({"card": torch.cuda.get_device_name(), "copy_bandwidth_Bps": bw,
+                   "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Decode step time over its floor, for presets with random weights on one GPU.
+
+One decode step = the fused forward of every row at context C, the logits and the greedy
+argmax, with the one device-to-host copy of the new tokens (`ModelRunner.run`), timed with
+CUDA events (median of --iters). Its floor is the bytes the step must read, every weight
+once plus each row's live KV cache, over the device-to-device copy bandwidth measured in the
+same run (bytes read + bytes written). The embedding table is not counted: a step reads only
+B of its rows. Optionally the transformers `generate` per-step time on the same card (static
+batch, prompt of C tokens, LLaMA-7B shape, fp16): (t(1 + n new tokens) - t(1)) / n.
+
+    python3 bench/decode_step.py --out decode_step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import statistics
+import time
+
+import torch
+
+from flover.config import SamplingParams
+from flover.kv_cache import SlotCache
+from flover.models.layers import init_random
+from flover.models.presets import preset
+from flover.runner import ModelRunner
+from flover.scheduler import Batch
+from flover.sequence import Request, Status
+from flover.weights import allocate
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, iters: int = 20) -> float:
+    """Bytes per second of a large device-to-device copy, counting read + write."""
+    a = torch.empty(nbytes // 2, dtype=torch.float16, device="cuda").normal_()
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(iters + 3):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    return 2 * nbytes / statistics.median(times[3:])
+
+
+def weight_bytes_read(model: torch.nn.Module) -> int:
+    tied = model.cfg.tie_word_embeddings
+    skip = set() if tied else {id(m.weight) for m in model.modules()
+                                if isinstance(m, torch.nn.Embedding)}
+    return sum(p.nbytes for p in model.parameters() if id(p) not in skip)
+
+
+def time_steps(runner: ModelRunner, batch: Batch, iters: int) -> float:
+    """Median milliseconds of `runner.run(batch)` (which ends in the tokens' host copy)."""
+    for _ in range(3):
+        runner.run(batch)
+    times = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        runner.run(batch)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+def decode_batch(rows: int, context: int) -> Batch:
+    reqs = []
+    for i in range(rows):
+        r = Request(f"r{i}", [1] * context, SamplingParams(temperature=0.0, max_tokens=1))
+        r.slot, r.num_computed, r.status = i, context, Status.DECODE
+        r.output_ids.append(7)
+        reqs.append(r)
+    return Batch(list(reqs), [], reqs)
+
+
+def bench_model(name: str, dtype: str, batches: list[int], context: int, iters: int,
+                bw: float, eager: bool) -> list[dict]:
+    cfg = preset(name)
+    model = allocate(cfg, DTYPES[dtype], torch.device("cuda"))
+    init_random(model, seed=0)
+    slots = max(batches)
+    cache = SlotCache(cfg.num_layers, slots, cfg.num_kv_heads, context + 8, cfg.head_dim,
+                      DTYPES[dtype], torch.device("cuda"))
+    cache.k.normal_()
+    cache.v.normal_()
+    wbytes = weight_bytes_read(model)
+    kv_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * cache.k.element_size()
+    graphs = ModelRunner(model, cache, cuda_graphs=True)
+    plain = ModelRunner(model, cache, cuda_graphs=False) if eager else None
+    rows = []
+    for b in batches:
+        batch = decode_batch(b, context)
+        kv = b * (context + 1) * kv_token
+        floor_ms = (wbytes + kv) / bw * 1e3
+        ms = time_steps(graphs, batch, iters)
+        row = {"model": name, "dtype": dtype, "batch": b, "context": context,
+               "weight_bytes": wbytes, "kv_bytes": kv, "floor_ms": floor_ms, "step_ms": ms,
+               "over_floor": ms / floor_ms}
+        if plain is not None:
+            row["eager_ms"] = time_steps(plain, batch, iters)
+        print(f"{name:10s} {dtype:5s} B={b:3d}  step {ms:7.3f} ms  floor {floor_ms:6.3f} ms  "
+              f"x{ms / floor_ms:5.2f}  eager {row.get('eager_ms', float('nan')):7.3f} ms",
+              flush=True)
+        rows.append(row)
+    del model, cache, graphs, plain
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def hf_generate_per_step(batch: int, context: int, new: int) -> float:
+    """transformers `generate` ms per new token, LLaMA-7B shape, random fp16 weights."""
+    import transformers
+
+    c = preset("llama_7b")
+    cfg = transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads, max_position_embeddings=c.max_position,
+        rms_norm_eps=c.norm_eps)
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM._from_config(cfg, dtype=torch.float16).eval()
+    ids = torch.randint(3, c.vocab_size, (batch, context), device="cuda")
+
+    def run(n: int) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                           min_new_tokens=n, do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    run(2)  # warm-up
+    t1 = statistics.median(run(1) for _ in range(3))
+    tn = statistics.median(run(1 + new) for _ in range(3))
+    return (tn - t1) / new * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="llama_7b,llama_13b,gptj_6b")
+    ap.add_argument("--dtypes", default="fp16,bf16")
+    ap.add_argument("--batches", default="1,8,32,64")
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--eager", action="store_true", help="also time without CUDA graphs")
+    ap.add_argument("--hf-batches", default="", help="e.g. 1,32: transformers generate baseline")
+    ap.add_argument("--hf-new-tokens", type=int, default=32)
+    ap.add_argument("--out", default="decode_step.json")
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    bw = copy_bandwidth()
+    card = torch.cuda.get_device_name()
+    print(f"{card}: device-to-device copy {bw / 1e12:.3f} TB/s (read + write)", flush=True)
+    rows, hf = [], []
+    result = {"card": card, "date": datetime.date.today().isoformat(),
+              "torch": torch.__version__, "copy_bandwidth_Bps": bw, "rows": rows,
+              "transformers_generate": hf}
+
+    def save() -> None:  # after every model: a run cut short keeps what it measured
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+    for name in args.models.split(","):
+        for dtype in args.dtypes.split(","):
+            rows += bench_model(name, dtype, batches, args.context, args.iters, bw, args.eager)
+            save()
+    for b in [int(x) for x in args.hf_batches.split(",") if x]:
+        ms = hf_generate_per_step(b, args.context, args.hf_new_tokens)
+        gc.collect()
+        torch.cuda.empty_cache()
+        hf.append({"model": "llama_7b", "dtype": "fp16", "batch": b, "context": args.context,
+                   "hf_generate_ms_per_step": ms})
+        print(f"transformers generate llama_7b fp16 B={b}: {ms:.3f} ms/step", flush=True)
+        save()
+
+    print(f"\n{card}, copy bandwidth {bw / 1e12:.3f} TB/s, context {args.context}")
+    print(f"{'model':10s} {'dtype':5s} {'B':>3s} {'step ms':>8s} {'floor ms':>8s} "
+          f"{'x floor':>7s} {'eager ms':>8s}")
+    for r in rows:
+        print(f"{r['model']:10s} {r['dtype']:5s} {r['batch']:3d} {r['step_ms']:8.3f} "
+              f"{r['floor_ms']:8.3f} {r['over_floor']:7.2f} {r.get('eager_ms', float('nan')):8.3f}")
+    for h in hf:
+        print(f"transformers generate llama_7b fp16 B={h['batch']}: "
+              f"{h['hf_generate_ms_per_step']:.3f} ms/step")
+
+
+if __name__ == "__main__":
+    main()
