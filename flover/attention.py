@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from flover import fused
+
 
 @dataclass(slots=True)
 class PrefillChunk:
@@ -36,6 +38,8 @@ class AttentionMetadata:
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              meta: AttentionMetadata) -> None:
     """Store this iteration's keys and values: cache[slot, :, pos] = k[token]."""
+    if fused.write_kv(k_cache, v_cache, k, v, meta.slot_ids, meta.positions):
+        return
     k_cache[meta.slot_ids, :, meta.positions] = k.to(k_cache.dtype)
     v_cache[meta.slot_ids, :, meta.positions] = v.to(v_cache.dtype)
 

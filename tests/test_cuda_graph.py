@@ -26,6 +26,19 @@ def test_bucket_sizes_double_then_step_by_16_up_to_the_slot_count():
     assert bucket_sizes(3) == [1, 2, 3]
 
 
+def prefilled_rows(plain: ModelRunner, cache: SlotCache) -> Batch:
+    """Prefill three requests in slots 0..2; a decode batch of rows 0 and 2 (1 pads)."""
+    gen = torch.Generator().manual_seed(0)
+    reqs = []
+    for i, n in enumerate([5, 17, 9]):
+        r = Request(f"r{i}", torch.randint(3, 256, (n,), generator=gen).tolist(), SamplingParams())
+        r.slot = cache.allocate(r)
+        plain.forward_logits(Batch([], [(r, 0, n)]))
+        r.num_computed, r.status = n, Status.DECODE
+        reqs.append(r)
+    return Batch([reqs[0], None, reqs[2]], [], [reqs[0], reqs[2]])
+
+
 @pytest.mark.parametrize("capture", CAPTURE)
 @pytest.mark.parametrize("preset", ["tiny_llama", "tiny_gptj"])
 def test_padded_decode_matches_plain_forward(preset, capture):
@@ -34,16 +47,9 @@ def test_padded_decode_matches_plain_forward(preset, capture):
     cache = SlotCache(model.cfg.num_layers, 8, model.cfg.num_kv_heads, 64, model.cfg.head_dim,
                       torch.float32, dev)
     plain = ModelRunner(model, cache, cuda_graphs=False)
-    gen = torch.Generator().manual_seed(0)
-    reqs = []
-    for i, n in enumerate([5, 17, 9]):  # three requests in slots 0..2, prompts prefilled
-        r = Request(f"r{i}", torch.randint(3, 256, (n,), generator=gen).tolist(), SamplingParams())
-        r.slot = cache.allocate(r)
-        plain.forward_logits(Batch([], [(r, 0, n)]))
-        r.num_computed, r.status = n, Status.DECODE
-        reqs.append(r)
-    rows = [reqs[0], None, reqs[2]]  # slot 1 is not decoding: a padding row inside the batch
-    expected = plain.forward_logits(Batch(rows, [], [reqs[0], reqs[2]]))
+    batch = prefilled_rows(plain, cache)  # slot 1 is not decoding: a padding row inside
+    rows = batch.decode
+    expected = plain.forward_logits(batch)
     graphs = DecodeGraphs(model, cache, capture=capture)
     assert graphs.bucket(len(rows)) == 4
     for _ in range(2):  # the second call replays the captured graph

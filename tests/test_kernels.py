@@ -36,7 +36,8 @@ def _cache(layers, slots, hkv, max_len, d, dtype, gen):
     (6, 1, 24),  # multi-query, head_dim not a power of two
     (2, 2, 64),  # GPT-J-like wide head (rotary_dim < head_dim does not matter here)
 ])
-def test_decode_attention_matches_reference(heads, kv_heads, head_dim):
+@pytest.mark.parametrize("mha_2d", [True, False])  # G = 1: 2-D tiles or the padded tl.dot path
+def test_decode_attention_matches_reference(heads, kv_heads, head_dim, mha_2d):
     gen = torch.Generator().manual_seed(heads * 100 + kv_heads * 10 + head_dim)
     rows, slots, max_seq = 3, 4, 80
     k, v = _cache(2, slots, kv_heads, max_seq, head_dim, torch.float32, gen)
@@ -44,7 +45,8 @@ def test_decode_attention_matches_reference(heads, kv_heads, head_dim):
     lengths = torch.tensor([1, 77, 33], device=DEVICE)
     max_len = int(lengths.max())
     # layer 1: a strided view into the 5-D cache, as the models pass it
-    ours = decode_attention(q, k[1], v[1], lengths, max_len, head_dim ** -0.5)
+    ours = decode_attention(q, k[1], v[1], lengths, max_len, head_dim ** -0.5,
+                            config={"mha_2d": mha_2d, "block_n": 16})
     ref = decode_attention_ref(q, k[1], v[1], lengths, max_len, head_dim ** -0.5)
     torch.testing.assert_close(ours, ref, rtol=2e-3, atol=2e-3)
 
@@ -71,3 +73,77 @@ def test_decode_attention_splits_long_rows_and_keeps_half_precision():
     ref = decode_attention_ref(q, k[0], v[0], lengths, 300, 32 ** -0.5)
     assert ours.dtype == torch.float16
     torch.testing.assert_close(ours.float(), ref.float(), rtol=1e-2, atol=1e-2)
+
+
+# --- fused elementwise kernels (flover.kernels.fused) against flover.fused's references ---
+
+from flover import fused  # noqa: E402
+from flover.kernels import fused as kf  # noqa: E402
+from flover.models.layers import Rotary  # noqa: E402
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_kernel_matches_reference(with_residual):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 48, generator=gen).to(DEVICE, torch.float16)
+    r = torch.randn(5, 48, generator=gen).to(DEVICE, torch.float16) if with_residual else None
+    w = torch.rand(48, generator=gen).to(DEVICE, torch.float16)
+    y, s = kf.rms_norm(x, w, 1e-6, r)
+    y_ref, s_ref = fused.rms_norm_ref(x, w, 1e-6, r)
+    torch.testing.assert_close(s, s_ref)
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=1e-3, atol=1e-3)
+
+
+def test_silu_mul_kernel_matches_reference():
+    gen = torch.Generator().manual_seed(4)
+    gate_up = torch.randn(3, 2 * 40, generator=gen).to(DEVICE, torch.float16)
+    torch.testing.assert_close(kf.silu_mul(gate_up).float(), fused.silu_mul_ref(gate_up).float(),
+                               rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize(("rot_dim", "interleaved"), [(16, False), (8, True), (12, False)])
+def test_rotary_kernel_matches_reference(rot_dim, interleaved):
+    gen = torch.Generator().manual_seed(5)
+    rot = Rotary(rot_dim, 64, 10000.0, interleaved).to(DEVICE)
+    qkv = torch.randn(4, 3, 2, 16, generator=gen).to(DEVICE)
+    x = qkv[:, 1]  # a strided view, as the models pass q and k
+    pos = torch.tensor([0, 5, 63, 17], device=DEVICE)
+    ours = kf.rotary(x, pos, rot.cos, rot.sin, rot_dim, interleaved)
+    torch.testing.assert_close(ours, rot(x, pos), rtol=1e-5, atol=1e-5)
+
+
+def test_write_kv_kernel_writes_each_token_at_its_slot_and_position():
+    gen = torch.Generator().manual_seed(6)
+    k_cache, v_cache = _cache(2, 3, 2, 10, 24, torch.float16, gen)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    k = torch.randn(3, 2, 24, generator=gen).to(DEVICE)  # float32 in, cast to the cache's
+    v = torch.randn(3, 2, 24, generator=gen).to(DEVICE)
+    slots, pos = torch.tensor([2, 0, 2], device=DEVICE), torch.tensor([9, 4, 0], device=DEVICE)
+    kf.write_kv(k_cache[1], v_cache[1], k, v, slots, pos)
+    ref_k[1][slots, :, pos] = k.half()
+    ref_v[1][slots, :, pos] = v.half()
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the dispatch uses kernels on a GPU only")
+@pytest.mark.parametrize("preset", ["tiny_llama", "tiny_gptj"])
+def test_model_with_fused_kernels_matches_references_on_gpu(preset):
+    from test_cuda_graph import prefilled_rows
+
+    from flover.kv_cache import SlotCache
+    from flover.runner import ModelRunner
+    from flover.weights import load_model
+
+    model, _ = load_model(preset, torch.float32, torch.device("cuda"), seed=2)
+    out = []
+    for enabled in (True, False):
+        fused.ENABLED = enabled
+        try:
+            cache = SlotCache(model.cfg.num_layers, 4, model.cfg.num_kv_heads, 64,
+                              model.cfg.head_dim, torch.float32, torch.device("cuda"))
+            runner = ModelRunner(model, cache, cuda_graphs=False)
+            batch = prefilled_rows(runner, cache)
+            out.append(runner.forward_logits(batch))
+        finally:
+            fused.ENABLED = True
+    torch.testing.assert_close(out[0], out[1], rtol=1e-4, atol=1e-4)

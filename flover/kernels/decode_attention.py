@@ -24,7 +24,8 @@ def _split_kernel(Q, K, V, Lens, OutPart, LsePart,
                   so_b, so_h, so_s, sl_b, sl_h,
                   split_len, scale,
                   D: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A group of G query heads per program, padded to BLOCK_G >= 16 rows for tl.dot."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -39,8 +40,6 @@ def _split_kernel(Q, K, V, Lens, OutPart, LsePart,
     heads = kvh * G + g
     q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + d[None, :],
                 mask=mask_g[:, None] & mask_d[None, :], other=0.0)
-    if not USE_DOT:
-        q = q.to(tl.float32)
 
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     s_exp = tl.zeros([BLOCK_G], tl.float32)
@@ -53,20 +52,13 @@ def _split_kernel(Q, K, V, Lens, OutPart, LsePart,
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_base + n[:, None] * sk_l + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + n[:, None] * sv_l + d[None, :], mask=kv_mask, other=0.0)
-        if USE_DOT:
-            s = tl.dot(q, tl.trans(k).to(q.dtype))
-        else:
-            s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+        s = tl.dot(q, tl.trans(k).to(q.dtype))
         s = tl.where(mask_n[None, :], s * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
         s_exp = s_exp * alpha + tl.sum(p, axis=1)
-        if USE_DOT:
-            pv = tl.dot(p.to(v.dtype), v)
-        else:
-            pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
-        acc = acc * alpha[:, None] + pv
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
 
     nonempty = s_exp > 0
@@ -75,6 +67,48 @@ def _split_kernel(Q, K, V, Lens, OutPart, LsePart,
     o_ptr = OutPart + b * so_b + heads[:, None] * so_h + sp * so_s + d[None, :]
     tl.store(o_ptr, out, mask=mask_g[:, None] & mask_d[None, :])
     tl.store(LsePart + b * sl_b + heads * sl_h + sp, lse, mask=mask_g)
+
+
+@triton.jit
+def _split_kernel_mha(Q, K, V, Lens, OutPart, LsePart,
+                      sq_b, sq_h, sk_s, sk_h, sk_l, sv_s, sv_h, sv_l,
+                      so_b, so_h, so_s, sl_b, sl_h,
+                      split_len, scale,
+                      D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One query head per KV head (G = 1): plain 2-D tiles, no padding of the head group."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    sp = tl.program_id(2)
+    length = tl.load(Lens + b).to(tl.int32)
+    start = sp * split_len
+    end = tl.minimum(start + split_len, length)
+    d = tl.arange(0, BLOCK_D)
+    mask_d = d < D
+    q = tl.load(Q + b * sq_b + h * sq_h + d, mask=mask_d, other=0.0).to(tl.float32)
+    m = float("-inf")
+    s_exp = 0.0
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    k_base = K + b.to(tl.int64) * sk_s + h * sk_h
+    v_base = V + b.to(tl.int64) * sv_s + h * sv_h
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = n < end
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_base + n[:, None] * sk_l + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + n[:, None] * sv_l + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
+        s = tl.where(mask_n, s * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=0))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new)
+        s_exp = s_exp * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        m = m_new
+    nonempty = s_exp > 0
+    out = acc / tl.where(nonempty, s_exp, 1.0)
+    lse = tl.where(nonempty, m + tl.log(tl.where(nonempty, s_exp, 1.0)), float("-inf"))
+    tl.store(OutPart + b * so_b + h * so_h + sp * so_s + d, out, mask=mask_d)
+    tl.store(LsePart + b * sl_b + h * sl_h + sp, lse)
 
 
 @triton.jit
@@ -93,14 +127,22 @@ def _combine_kernel(OutPart, LsePart, Out, so_b, so_h, so_s, sl_b, sl_h, sout_b,
     tl.store(Out + b * sout_b + h * sout_h + d, out.to(Out.dtype.element_ty), mask=d < D)
 
 
-def _num_splits(rows: int, kv_heads: int, max_len: int, block_n: int) -> int:
-    """Enough programs to fill a large GPU (~132 SMs x 4), no split shorter than a block."""
-    want = triton.cdiv(512, rows * kv_heads)
+def _num_splits(rows: int, kv_heads: int, max_len: int, block_n: int, target: int) -> int:
+    """About `target` programs (a large GPU has ~132 SMs), no split shorter than a block."""
+    want = triton.cdiv(target, rows * kv_heads)
     return max(1, min(want, triton.cdiv(max_len, block_n), 64))
 
 
+def default_config(group: int, head_dim: int) -> dict:
+    """Launch parameters; bench/attention.py --sweep measures the alternatives."""
+    wide = triton.next_power_of_2(head_dim) >= 256
+    return {"mha_2d": group == 1, "block_n": 32 if wide else 64, "num_warps": 4,
+            "num_stages": 2, "target": 512}
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     lengths: torch.Tensor, max_len: int, scale: float) -> torch.Tensor:
+                     lengths: torch.Tensor, max_len: int, scale: float,
+                     config: dict | None = None) -> torch.Tensor:
     """q [B, H, D] against slots 0..B-1 of the cache [S, Hkv, L, D], each row up to its length."""
     b, h, d = q.shape
     hkv = k_cache.shape[1]
@@ -109,23 +151,28 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q = q.contiguous()
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache rows must be contiguous"
     group = h // hkv
-    use_dot = group > 1
-    block_g = max(16, triton.next_power_of_2(group)) if use_dot else 1
+    cfg = default_config(group, d) | (config or {})
+    mha_2d = cfg["mha_2d"] and group == 1
     block_d = triton.next_power_of_2(d)
-    block_n = 32 if block_d >= 256 else 64
-    splits = _num_splits(b, hkv, max_len, block_n)
+    block_n = cfg["block_n"]
+    splits = _num_splits(b, hkv, max_len, block_n, cfg["target"])
     split_len = triton.cdiv(triton.cdiv(max_len, splits), block_n) * block_n
     splits = triton.cdiv(max_len, split_len)
 
     part = torch.empty((b, h, splits, d), dtype=torch.float32, device=q.device)
     lse = torch.empty((b, h, splits), dtype=torch.float32, device=q.device)
-    _split_kernel[(b, hkv, splits)](
-        q, k_cache, v_cache, lengths, part, lse,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-        split_len, scale, D=d, G=group, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
-        USE_DOT=use_dot, num_warps=4)
+    args = (q, k_cache, v_cache, lengths, part, lse,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+            split_len, scale)
+    launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    if mha_2d:
+        _split_kernel_mha[(b, h, splits)](*args, D=d, BLOCK_N=block_n, BLOCK_D=block_d, **launch)
+    else:
+        block_g = max(16, triton.next_power_of_2(group))
+        _split_kernel[(b, hkv, splits)](*args, D=d, G=group, BLOCK_G=block_g, BLOCK_N=block_n,
+                                        BLOCK_D=block_d, **launch)
     out = torch.empty_like(q)
     _combine_kernel[(b, h)](
         part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0),

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flover import fused
 from flover.attention import AttentionMetadata, attention
 from flover.models.config import ModelConfig
 from flover.models.layers import Rotary, load_named_weights
@@ -28,7 +29,7 @@ class GPTJAttention(nn.Module):
     def forward(self, x, rotary: Rotary, meta: AttentionMetadata, k_cache, v_cache):
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).view(t, 3, self.h, self.d).unbind(1)
-        q, k = rotary(q, meta.positions), rotary(k, meta.positions)
+        q, k = fused.rotary(q, meta.positions, rotary), fused.rotary(k, meta.positions, rotary)
         out = attention(q, k, v, k_cache, v_cache, meta, self.scale)
         return self.out_proj(out.reshape(t, self.h * self.d))
 

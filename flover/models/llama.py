@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flover import fused
 from flover.attention import AttentionMetadata, attention
 from flover.models.config import ModelConfig
 from flover.models.layers import RMSNorm, Rotary, load_named_weights
@@ -29,8 +30,8 @@ class LlamaAttention(nn.Module):
     def forward(self, x, rotary: Rotary, meta: AttentionMetadata, k_cache, v_cache):
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], -1)
-        q = rotary(q.view(t, self.h, self.d), meta.positions)
-        k = rotary(k.view(t, self.hkv, self.d), meta.positions)
+        q = fused.rotary(q.view(t, self.h, self.d), meta.positions, rotary)
+        k = fused.rotary(k.view(t, self.hkv, self.d), meta.positions, rotary)
         out = attention(q, k, v.view(t, self.hkv, self.d), k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.view(t, self.h * self.d))
 
@@ -42,8 +43,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(fused.silu_mul(self.gate_up_proj(x)))
 
 
 class LlamaLayer(nn.Module):
@@ -55,8 +55,10 @@ class LlamaLayer(nn.Module):
         self.mlp = LlamaMLP(cfg)
 
     def forward(self, x, rotary, meta, k_cache, v_cache):
-        x = x + self.self_attn(self.input_layernorm(x), rotary, meta, k_cache, v_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h, _ = fused.rms_norm(x, self.input_layernorm)
+        a = self.self_attn(h, rotary, meta, k_cache, v_cache)
+        h, x = fused.rms_norm(a, self.post_attention_layernorm, residual=x)  # x = x + a
+        return x + self.mlp(h)
 
 
 class LlamaModel(nn.Module):
@@ -85,7 +87,7 @@ class LlamaForCausalLM(nn.Module):
         x = m.embed_tokens(input_ids)
         for i, layer in enumerate(m.layers):
             x = layer(x, m.rotary, meta, k_caches[i], v_caches[i])
-        return m.norm(x)
+        return fused.rms_norm(x, m.norm)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight

@@ -1,0 +1,135 @@
+"""Fused elementwise kernels for the decode step: each replaces a chain of small launches.
+
+References and dispatch live in `flover.fused`; these know nothing about models.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(X, R, W, Y, S, stride_x, stride_r, stride_y, stride_s, n, eps,
+                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    c = tl.arange(0, BLOCK)
+    mask = c < n
+    x = tl.load(X + row * stride_x + c, mask=mask, other=0.0)
+    if HAS_RES:  # s = x + residual, rounded to the activations' dtype as the reference does
+        x = (x.to(tl.float32) + tl.load(R + row * stride_r + c, mask=mask, other=0.0)
+             .to(tl.float32)).to(x.dtype)
+        tl.store(S + row * stride_s + c, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n + eps)
+    w = tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+    y = (xf * rstd).to(x.dtype).to(tl.float32) * w
+    tl.store(Y + row * stride_y + c, y.to(Y.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, N] -> (weight * norm(s), s) where s = x + residual (or x)."""
+    t, n = x.shape
+    y = torch.empty_like(x)
+    s = torch.empty_like(x) if residual is not None else x
+    r = residual if residual is not None else x
+    _rms_norm_kernel[(t,)](x, r, weight, y, s, x.stride(0), r.stride(0), y.stride(0),
+                           s.stride(0), n, eps, HAS_RES=residual is not None,
+                           BLOCK=triton.next_power_of_2(n), num_warps=8 if n >= 4096 else 4)
+    return y, s
+
+
+@triton.jit
+def _silu_mul_kernel(GU, Y, stride_gu, stride_y, inter, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = c < inter
+    g = tl.load(GU + row * stride_gu + c, mask=mask, other=0.0)
+    u = tl.load(GU + row * stride_gu + inter + c, mask=mask, other=0.0)
+    gf = g.to(tl.float32)
+    act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
+    tl.store(Y + row * stride_y + c, (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype),
+             mask=mask)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2I] (gate then up) -> silu(gate) * up, [T, I]."""
+    t, two_i = gate_up.shape
+    inter = two_i // 2
+    y = torch.empty((t, inter), dtype=gate_up.dtype, device=gate_up.device)
+    block = 1024
+    _silu_mul_kernel[(t, triton.cdiv(inter, block))](gate_up, y, gate_up.stride(0), y.stride(0),
+                                                     inter, BLOCK=block, num_warps=4)
+    return y
+
+
+@triton.jit
+def _rotary_kernel(X, Y, Pos, Cos, Sin, sx_t, sx_h, sy_t, sy_h, s_cos,
+                   D: tl.constexpr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr,
+                   BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    pos = tl.load(Pos + t)
+    i = tl.arange(0, BLOCK_HALF)
+    mask = i < ROT // 2
+    c = tl.load(Cos + pos * s_cos + i, mask=mask, other=0.0)
+    s = tl.load(Sin + pos * s_cos + i, mask=mask, other=0.0)
+    if INTERLEAVED:  # GPT-J: channel 2i with 2i+1
+        ia, ib = 2 * i, 2 * i + 1
+    else:  # LLaMA: channel i with i + ROT/2
+        ia, ib = i, i + ROT // 2
+    x_row = X + t * sx_t + h * sx_h
+    y_row = Y + t * sy_t + h * sy_h
+    a = tl.load(x_row + ia, mask=mask, other=0.0)
+    b = tl.load(x_row + ib, mask=mask, other=0.0)
+    af, bf = a.to(tl.float32), b.to(tl.float32)
+    tl.store(y_row + ia, (af * c - bf * s).to(a.dtype), mask=mask)
+    tl.store(y_row + ib, (bf * c + af * s).to(a.dtype), mask=mask)
+    if ROT < D:  # the channels past rot_dim pass through
+        r = ROT + tl.arange(0, BLOCK_D)
+        rm = r < D
+        tl.store(y_row + r, tl.load(x_row + r, mask=rm, other=0.0), mask=rm)
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           rot_dim: int, interleaved: bool) -> torch.Tensor:
+    """x [T, heads, D] (any row strides) -> rotated copy, contiguous."""
+    t, heads, d = x.shape
+    assert x.stride(-1) == 1 and cos.stride(-1) == 1
+    y = torch.empty((t, heads, d), dtype=x.dtype, device=x.device)
+    _rotary_kernel[(t, heads)](x, y, positions, cos, sin, x.stride(0), x.stride(1), y.stride(0),
+                               y.stride(1), cos.stride(0), D=d, ROT=rot_dim,
+                               INTERLEAVED=interleaved,
+                               BLOCK_HALF=triton.next_power_of_2(max(rot_dim // 2, 1)),
+                               BLOCK_D=triton.next_power_of_2(max(d - rot_dim, 1)), num_warps=1)
+    return y
+
+
+@triton.jit
+def _write_kv_kernel(K, V, KC, VC, Slots, Pos, sk_t, sk_h, sv_t, sv_h,
+                     skc_s, skc_h, skc_l, svc_s, svc_h, svc_l,
+                     D: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    slot = tl.load(Slots + t).to(tl.int64)
+    pos = tl.load(Pos + t)
+    d = tl.arange(0, BLOCK_D)
+    mask = d < D
+    k = tl.load(K + t * sk_t + h * sk_h + d, mask=mask)
+    v = tl.load(V + t * sv_t + h * sv_h + d, mask=mask)
+    tl.store(KC + slot * skc_s + h * skc_h + pos * skc_l + d, k.to(KC.dtype.element_ty), mask=mask)
+    tl.store(VC + slot * svc_s + h * svc_h + pos * svc_l + d, v.to(VC.dtype.element_ty), mask=mask)
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_ids: torch.Tensor, positions: torch.Tensor) -> None:
+    """cache[slot_ids[t], :, positions[t]] = k[t] (and v), one launch for both."""
+    t, hkv, d = k.shape
+    assert k.stride(-1) == 1 and v.stride(-1) == 1 and k_cache.stride(-1) == 1
+    _write_kv_kernel[(t, hkv)](k, v, k_cache, v_cache, slot_ids, positions, k.stride(0),
+                               k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0),
+                               k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
+                               v_cache.stride(1), v_cache.stride(2), D=d,
+                               BLOCK_D=triton.next_power_of_2(d), num_warps=1)
