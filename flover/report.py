@@ -176,9 +176,10 @@ def plot(path: str | Path, state: RunState, metrics: dict) -> None:
     ax2.set_xlabel("time since the first arrival (s)")
     ax2.grid(axis="x", alpha=0.3)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[c]) for c in colors]
-    ax2.legend(handles, ["waiting", "prefill → first token", "decoding (tokens at the end)"],
-               loc="upper center", bbox_to_anchor=(0.5, -0.12 - 1.2 / (3 + 0.28 * len(recs))),
-               ncol=3, fontsize=8, frameon=False)
-    fig.tight_layout()
+    ax2.set_xlim(left=0)
+    fig.legend(handles, ["waiting", "prefill → first token",
+                         "decoding (number: output tokens)"],
+               loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.35 / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -55,7 +55,7 @@ def status(console: Console, text: str):
 class LiveView:
     def __init__(self, state: RunState, console: Console) -> None:
         self.state, self.console = state, console
-        self.live = Live(console=console, refresh_per_second=8, get_renderable=self.render,
+        self.live = Live(console=console, refresh_per_second=4, get_renderable=self.render,
                          transient=False)
 
     def __enter__(self) -> LiveView:
@@ -68,8 +68,11 @@ class LiveView:
 
     def render(self):
         width = max(40, self.console.size.width - 4)
-        return Group(self._header(), self._histogram(width), self._requests(width),
-                     self._events())
+        # fit the terminal: 1 header line, the histogram in a panel, the table, 4 events
+        room = self.console.size.height - 1 - 2 - 1 - 4 - 2
+        height = min(8, max(3, room - len(self.state.records)))
+        return Group(self._header(), self._histogram(width, height),
+                     self._requests(width, max(4, room - height)), self._events())
 
     def _header(self) -> Text:
         s, now = self.state, self.state.now()
@@ -77,28 +80,27 @@ class LiveView:
         t = Text()
         t.append(" flover run ", style="bold white on blue")
         t.append(f" {s.mode} ", style="bold")
-        t.append(f" t={now:5.1f} s  ")
+        t.append(f" {now:5.1f} s  ")
         t.append(f"{s.finished}/{len(s.records)} done  ", style="green")
-        t.append(f"{s.generated} tokens  {tps:6.1f} tok/s  ", style="bold")
-        t.append(f"slots {s.slots_used}/{s.max_concurrency}  ")
-        t.append(f"iterations {s.iterations}  ")
+        t.append(f"{tps:.1f} tok/s  ", style="bold")
+        t.append(f"slots {s.slots_used}/{s.max_concurrency}  it {s.iterations}")
         if s.mode == "fused":
-            t.append(f"shuffle moves {s.shuffle_moves}")
+            t.append(f"  moves {s.shuffle_moves}")
         return t
 
-    def _histogram(self, width: int) -> Panel:
+    def _histogram(self, width: int, height: int) -> Panel:
         s = self.state
         with s.lock:
             values = [n for _, n in s.samples]
         top = max([s.max_concurrency if s.mode != "instances" else 1, *values])
-        height = min(8, max(3, top))
+        height = min(height, max(3, top))
         label_w = len(str(top)) + 1
         rows = histogram(values, width - label_w - 4, height, top)
         text = Text()
         for i, row in enumerate(rows):
             label = str(top) if i == 0 else ("0" if i == height - 1 else "")
             text.append(label.rjust(label_w - 1) + " ", style="dim")
-            text.append(row + "\n", style="cyan")
+            text.append(row + ("\n" if i < height - 1 else ""), style="cyan")
         unit = "iteration" if s.mode != "instances" else "forward pass (any instance)"
         title = f"requests in flight per {unit}"
         if len(values) > width - label_w - 4:
@@ -114,8 +116,7 @@ class LiveView:
         return sorted((active + done[-max(0, limit - len(active)):])[:limit],
                       key=lambda r: r.arrival)
 
-    def _requests(self, width: int) -> Table:
-        limit = max(4, self.console.size.height - 24)
+    def _requests(self, width: int, limit: int) -> Table:
         t = Table(box=None, padding=(0, 1), show_edge=False, expand=True)
         t.add_column("req", style="bold", no_wrap=True)
         t.add_column("state", no_wrap=True)
@@ -144,12 +145,12 @@ class LiveView:
 
     def _events(self) -> Text:
         with self.state.lock:
-            events = list(self.state.events)[-5:]
+            events = list(self.state.events)[-4:]
         t = Text()
-        for ts, msg in events:
+        for i, (ts, msg) in enumerate(events):
             style = "green" if "finished" in msg else "yellow" if "arrived" in msg else ""
             t.append(f"  {ts:6.2f} s  ", style="dim")
-            t.append(msg + "\n", style=style)
+            t.append(msg + ("\n" if i < len(events) - 1 else ""), style=style)
         return t
 
 
