@@ -64,6 +64,14 @@ class Tokenizer:
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=bos, eos_token=eos)
 
+    def save_hf(self, path: Path) -> None:
+        """Write tokenizer.json and tokenizer_config.json, as from_hf_dir reads them back."""
+        self.tok.save(str(path / "tokenizer.json"))
+        conf = {"chat_template": self.chat_template, "add_bos_token": self.add_bos,
+                "bos_token": self.token(self.bos_token_id) if self.bos_token_id is not None else None,
+                "eos_token": self.token(self.eos_token_ids[0]) if self.eos_token_ids else None}
+        (path / "tokenizer_config.json").write_text(json.dumps(conf, indent=1))
+
     # --- constructors ----------------------------------------------------------------------
 
     @classmethod
@@ -86,7 +94,8 @@ class Tokenizer:
 
         eos = list(cfg.eos_token_ids) or [i for i in [tid("eos_token")] if i is not None]
         bos = cfg.bos_token_id if cfg.bos_token_id is not None else tid("bos_token")
-        return cls(tok, eos, bos, template)
+        return cls(tok, eos, bos, template, add_bos=bool(tc.get("add_bos_token", False))
+                   and tok.post_processor is None)
 
     @classmethod
     def from_gguf(cls, reader, cfg) -> Tokenizer:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,18 +47,26 @@ def default_model_path() -> Path:
 
 
 @contextmanager
-def _default_dtype(dtype: torch.dtype):
+def _building(dtype: torch.dtype):
+    """Build modules on `meta` in `dtype`, skipping their random init (it is overwritten, and
+    on `meta` it costs seconds of decomposition machinery)."""
     old = torch.get_default_dtype()
+    inits = {cls: cls.reset_parameters for cls in (nn.Linear, nn.Embedding, nn.LayerNorm)}
     torch.set_default_dtype(dtype)
+    for cls in inits:
+        cls.reset_parameters = lambda self: None
     try:
-        yield
+        with torch.device("meta"):
+            yield
     finally:
         torch.set_default_dtype(old)
+        for cls, fn in inits.items():
+            cls.reset_parameters = fn
 
 
 def allocate(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """Build on `meta`, then allocate uninitialised storage on the device; recompute buffers."""
-    with _default_dtype(dtype), torch.device("meta"):
+    with _building(dtype):
         model = build_model(cfg)
     model = model.to_empty(device=device)
     for m in model.modules():
@@ -155,7 +164,57 @@ def gguf_tensors(reader, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]
             w = _unpermute(w, cfg.num_heads)
         elif t.name.endswith("attn_k.weight"):
             w = _unpermute(w, cfg.num_kv_heads)
-        yield name, torch.from_numpy(w)
+        yield name, torch.from_numpy(np.ascontiguousarray(w))
+
+
+def hf_config_dict(cfg: ModelConfig) -> dict:
+    """The config.json of a LLaMA-family ModelConfig, as transformers writes it."""
+    assert cfg.arch == "llama"
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+            "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+            "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_position,
+            "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.norm_eps,
+            "tie_word_embeddings": cfg.tie_word_embeddings, "bos_token_id": cfg.bos_token_id,
+            "eos_token_id": cfg.eos_token_ids[0] if cfg.eos_token_ids else None,
+            "torch_dtype": "float32"}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FLOVER_CACHE", Path.home() / ".cache" / "flover"))
+
+
+def convert_gguf(path: Path) -> Path:
+    """Dequantise a GGUF file once into an HF checkpoint directory (float32) and return it.
+
+    Reading and dequantising GGUF costs seconds at every start; safetensors load in well
+    under one. The directory is keyed by the file's name, size and mtime.
+    """
+    import gguf
+    from safetensors.torch import save_file
+
+    st = path.stat()
+    out = cache_dir() / f"{path.stem}-{st.st_size}-{st.st_mtime_ns}"
+    if (out / "model.safetensors").is_file():
+        return out
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001 - any parse failure is a malformed file
+        raise ModelFormatError(f"{path} is not a readable GGUF file: {e}") from e
+    cfg = gguf_config(reader)
+    tok = Tokenizer.from_gguf(reader, cfg)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(dict(gguf_tensors(reader, cfg)), str(tmp / "model.safetensors"),
+              metadata={"format": "pt", "source": path.name})
+    (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=1))
+    tok.save_hf(tmp)
+    try:
+        tmp.replace(out)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 # --- entry point ---------------------------------------------------------------------------
@@ -176,15 +235,10 @@ def load_model(spec: str | None, dtype: torch.dtype, device: torch.device,
         model.load_weights(hf_tensors(path))
         return model, Tokenizer.from_hf_dir(path, cfg)
     if path.is_file() and path.suffix == ".gguf":
-        import gguf
-
-        try:
-            reader = gguf.GGUFReader(str(path))
-        except Exception as e:  # noqa: BLE001 - any parse failure is a malformed file
-            raise ModelFormatError(f"{path} is not a readable GGUF file: {e}") from e
-        cfg = gguf_config(reader)
-        model = allocate(cfg, dtype, device)
-        model.load_weights(gguf_tensors(reader, cfg))
-        return model, Tokenizer.from_gguf(reader, cfg)
+        return load_model(str(convert_gguf(path)), dtype, device, seed)
     preset(spec)  # raises the 'unknown model' error listing what is accepted
     raise AssertionError("unreachable")
+
+
+if __name__ == "__main__":  # `python -m flover.weights`: convert the embedded model ahead of time
+    print(convert_gguf(default_model_path()))

@@ -35,11 +35,12 @@ class Rotary(nn.Module):
         self.max_position, self.theta = max_position, theta
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
-        self.reset_buffers()
+        if self.cos.device.type != "meta":  # on meta, allocate() calls reset_buffers later
+            self.reset_buffers()
 
     def reset_buffers(self) -> None:
         """(Re)compute the tables on the module's device; models are built on `meta` first."""
-        device = self.cos.device if self.cos.device.type != "meta" else None
+        device = self.cos.device
         r = self.rot_dim
         inv_freq = 1.0 / (self.theta ** (torch.arange(0, r, 2, dtype=torch.int64).float() / r))
         freqs = torch.outer(torch.arange(self.max_position, dtype=torch.float32), inv_freq)
