@@ -137,8 +137,9 @@ class LiveView:
                 lat = f"{now - r.arrival:.2f} s…"
             else:
                 lat = ""
-            tail = " ".join(r.text.split())
-            tail = tail[-(width // 2):] if len(tail) > width // 2 else tail
+            tail = " ".join(r.text.split())  # a finished answer from its start, a live one's end
+            if r.status != "done" and len(tail) > width // 2:
+                tail = "…" + tail[-(width // 2):]
             t.add_row(r.request_id, Text(r.status, style=STATUS_STYLE[r.status]), bar,
                       f"{r.tokens}/{r.max_tokens}", lat, Text(tail, style="dim italic"))
         return t
