@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 venv: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/flover generate --prompt "In two sentences, why is the sky blue?"
+	$(VENV)/bin/flover run configs/demo.ini
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check flover tests bench
