@@ -134,10 +134,11 @@ def _num_splits(rows: int, kv_heads: int, max_len: int, block_n: int, target: in
 
 
 def default_config(group: int, head_dim: int) -> dict:
-    """Launch parameters; bench/attention.py --sweep measures the alternatives."""
+    """Launch parameters picked by `bench/attention.py --sweep` on an H200 (docs/PERF.md):
+    the padded tl.dot path beat the 2-D tiles for G = 1 too (74 vs 107 us, LLaMA-7B, B=32)."""
     wide = triton.next_power_of_2(head_dim) >= 256
-    return {"mha_2d": group == 1, "block_n": 32 if wide else 64, "num_warps": 4,
-            "num_stages": 2, "target": 512}
+    return {"mha_2d": False, "block_n": 32 if wide else 64, "num_warps": 4, "num_stages": 2,
+            "target": 512}
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
