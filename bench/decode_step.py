@@ -58,14 +58,14 @@ def weight_bytes_read(model: torch.nn.Module) -> int:
 
 
 def time_steps(runner: ModelRunner, batch: Batch, iters: int) -> float:
-    """Median milliseconds of `runner.run(batch)` (which ends in the tokens' host copy)."""
+    """Median milliseconds of `runner.run(batch, [])` (which ends in the tokens' host copy)."""
     for _ in range(3):
-        runner.run(batch)
+        runner.run(batch, [])
     times = []
     for _ in range(iters):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
-        runner.run(batch)
+        runner.run(batch, [])
         e.record()
         e.synchronize()
         times.append(s.elapsed_time(e))
