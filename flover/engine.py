@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flover.beam import BeamSearch
 from flover.config import ConfigError, EngineConfig, SamplingParams, canonical_dtype
 from flover.kv_cache import SlotCache
 from flover.runner import ModelRunner
 from flover.scheduler import Scheduler
-from flover.sequence import Request
+from flover.sequence import Group, Request
 from flover.weights import load_model
 
 
@@ -24,15 +25,29 @@ class RequestError(ValueError):
 
 
 @dataclass(slots=True)
+class CompletionOutput:
+    """One sequence of a request: its only one, one of n samples, or one beam."""
+
+    index: int
+    token_ids: list[int]
+    text: str = ""
+    new_text: str = ""
+    finish_reason: str | None = None
+    score: float | None = None  # beam search: sum of log-probs / length ** len_penalty
+    logprobs: list[dict] = field(default_factory=list)
+
+
+@dataclass(slots=True)
 class RequestOutput:
     request_id: str
-    token_ids: list[int]  # every generated token so far
+    token_ids: list[int]  # every generated token so far (of the first sequence)
     new_token_ids: list[int]
     finished: bool
     finish_reason: str | None
     text: str = ""  # decoded generated text so far ("" without a tokenizer)
     new_text: str = ""
     prompt_token_ids: list[int] = field(default_factory=list)
+    outputs: list[CompletionOutput] = field(default_factory=list)  # n samples or k beams
 
 
 def resolve_device(device: str) -> torch.device:
@@ -106,22 +121,41 @@ class Engine:
                 f"request {request_id!r}: prompt of {len(ids)} tokens + max_tokens="
                 f"{params.max_tokens} exceeds max_seq_len={limit}; at most "
                 f"{limit - len(ids)} new tokens fit")
-        if params.n > 1 or params.beam_width > 1:
-            raise RequestError(f"request {request_id!r}: n > 1 and beam search are not "
-                               "supported yet")
+        rows = max(params.n, params.beam_width)
+        if rows > self.cache.num_slots:
+            raise RequestError(f"request {request_id!r}: {rows} rows (n or beam_width) do not fit "
+                               f"max_concurrency={self.cache.num_slots} slots")
+        vocab_bias = [t for t in params.logit_bias if not 0 <= t < vocab]
+        if vocab_bias:
+            raise RequestError(f"request {request_id!r}: logit_bias token id {vocab_bias[0]} is "
+                               f"outside the vocabulary [0, {vocab})")
         req = Request(request_id, ids, params)
         if arrival_time is not None:
             req.arrival_time = arrival_time
+        if rows > 1:
+            seed = params.seed
+            forks = [req.fork(i, None if seed is None else hash((seed, i)) & 0x7FFFFFFFFFFF)
+                     for i in range(1, rows)]
+            beam = None
+            if params.beam_width > 1:
+                beam = BeamSearch(params.beam_width, params.max_tokens,
+                                  [] if params.ignore_eos else self.eos_token_ids,
+                                  params.len_penalty, params.beam_search_diversity_rate)
+            req.group = Group(request_id, [req, *forks], beam)
+            for f in forks:
+                f.group = req.group
         self.requests[request_id] = req
-        self.scheduler.add(req)
+        for row in req.group.rows if req.group else [req]:
+            self.scheduler.add(row)
         return req
 
     def abort(self, request_id: str) -> None:
         """Finish a request now and free its slot; unknown or finished ids are ignored."""
         req = self.requests.pop(request_id, None)
-        if req is not None and not req.finished:
-            self.scheduler.finish(req, "abort")
-        self._text.pop(request_id, None)
+        for row in (req.group.rows if req is not None and req.group else [req] if req else []):
+            if not row.finished:
+                self.scheduler.finish(row, "abort")
+            self._text.pop(row.request_id, None)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -133,28 +167,54 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch.empty:
             return []
-        tokens = self.runner.run(batch)
-        advanced = self.scheduler.postprocess(batch, tokens, self.eos_token_ids)
-        outs = [self._output(r) for r in advanced]
-        for r in advanced:
-            if r.finished:
+        tokens, parents = self.runner.run(batch, self.eos_token_ids)
+        advanced = self.scheduler.postprocess(batch, tokens, self.eos_token_ids, parents)
+        heads = list(dict.fromkeys(r.group.rows[0] if r.group else r for r in advanced))
+        outs = [self._output(r) for r in heads]
+        for r, out in zip(heads, outs, strict=True):
+            if out.finished:
                 self.requests.pop(r.request_id, None)
-                self._text.pop(r.request_id, None)
+                for key in [x for x in self._text if x == r.request_id or
+                            x.startswith(f"{r.request_id}#")]:
+                    self._text.pop(key)
         return outs
 
-    def _output(self, r: Request) -> RequestOutput:
+    def _output(self, head: Request) -> RequestOutput:
+        """The output of a request (all rows of its group), after this iteration."""
+        group = head.group
+        if group is not None and group.beam is not None and group.beam.done:
+            comps = [self._completion(i, h.tokens, True, None, score=h.score,
+                                      key=f"{head.request_id}#beam{i}")
+                     for i, h in enumerate(group.beam.best())]
+            finished = True
+        else:
+            rows = group.rows if group is not None else [head]
+            comps = [self._completion(r.index, r.output_ids, r.finished, r) for r in rows]
+            finished = all(r.finished for r in rows)
+        first = comps[0]
+        reason = first.finish_reason if finished else None
+        return RequestOutput(head.request_id, first.token_ids, first.token_ids[-1:], finished,
+                             reason, first.text, first.new_text, head.prompt_ids, comps)
+
+    def _completion(self, index: int, ids: list[int], finished: bool, row: Request | None,
+                    score: float | None = None, key: str | None = None) -> CompletionOutput:
+        reason = row.finish_reason if row is not None else (
+            "stop" if ids and ids[-1] in self.eos_token_ids else "length")
         text = new_text = ""
         if self.tokenizer is not None:
-            text = self.tokenizer.decode(r.output_ids)
-            old = self._text.get(r.request_id, "")
-            if text.endswith("\ufffd") and not r.finished:  # an incomplete UTF-8 sequence
+            key = row.request_id if row is not None else key
+            text = self.tokenizer.decode(ids)
+            old = self._text.get(key, "")
+            if text.endswith("\ufffd") and not finished:  # an incomplete UTF-8 sequence
                 text = old
-            if r.params.stop:
-                text = self._apply_stop(r, text, old)
+            if row is not None and row.params.stop:
+                text = self._apply_stop(row, text, old)
+                reason = row.finish_reason
             new_text = text[len(old):] if text.startswith(old) else text
-            self._text[r.request_id] = text
-        return RequestOutput(r.request_id, list(r.output_ids), r.output_ids[-1:], r.finished,
-                             r.finish_reason, text, new_text, r.prompt_ids)
+            self._text[key] = text
+        return CompletionOutput(index, list(ids), text, new_text,
+                                reason if finished or (row and row.finished) else None, score,
+                                list(row.logprobs) if row is not None else [])
 
     def _apply_stop(self, r: Request, text: str, old: str) -> str:
         """End the request at the first stop string; the text stops before it."""

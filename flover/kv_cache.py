@@ -48,6 +48,24 @@ class SlotCache:
     def can_allocate(self) -> bool:
         return self.size < self.num_slots
 
+    @property
+    def free(self) -> int:
+        """Slots a new request can take now (always at the top of the block)."""
+        return self.num_slots - self.size
+
+    def copy(self, src: int, dst: int, tokens: int) -> None:
+        """Give slot dst the first `tokens` positions of slot src (a forked row's prompt)."""
+        self.k[:, dst, :, :tokens] = self.k[:, src, :, :tokens]
+        self.v[:, dst, :, :tokens] = self.v[:, src, :, :tokens]
+        self.filled[dst] = tokens
+
+    def gather(self, src: list[int], dst: list[int], tokens: int) -> None:
+        """dst[i] <- src[i] for all i at once (beams reordering among their own slots)."""
+        s = torch.tensor(src, device=self.k.device)
+        d = torch.tensor(dst, device=self.k.device)
+        self.k[:, d, :, :tokens] = self.k[:, s, :, :tokens]
+        self.v[:, d, :, :tokens] = self.v[:, s, :, :tokens]
+
     def allocate(self, owner: object) -> int:
         """Place a new request at the top of the block."""
         if not self.can_allocate():

@@ -14,8 +14,10 @@ from torch import nn
 from flover.attention import AttentionMetadata, PrefillChunk
 from flover.cuda_graph import DecodeGraphs
 from flover.kv_cache import SlotCache
+from flover.penalties import apply_penalties, compute_logprobs
 from flover.sampling import sample
 from flover.scheduler import Batch
+from flover.sequence import Group
 
 
 class ModelRunner:
@@ -46,7 +48,7 @@ class ModelRunner:
             slots.extend([r.slot] * n)
             pos.extend(range(start, start + n))
             if start + n == len(r.prompt_ids):
-                logit_rows.append(len(ids) - 1)
+                logit_rows += [len(ids) - 1] * (1 + len(r.forks))
         dev = self.device
         meta = AttentionMetadata(
             slot_ids=torch.tensor(slots, device=dev), positions=torch.tensor(pos, device=dev),
@@ -65,9 +67,31 @@ class ModelRunner:
         return self.model.logits(hidden[torch.tensor(rows, device=self.device)])
 
     @torch.inference_mode()
-    def run(self, batch: Batch) -> list[int]:
-        """One iteration: forward, then sample every row; one device-to-host copy."""
+    def run(self, batch: Batch, eos_ids: list[int]) -> tuple[list[int], dict[Group, list[int]]]:
+        """One iteration: forward, penalties, then every row's next token.
+
+        Returns the tokens (aligned with batch.sample) and, for each beam search in the
+        batch, the beam each new beam continues. One device-to-host copy of the tokens.
+        """
         logits = self.forward_logits(batch)
         if not batch.sample:
-            return []
-        return sample(logits, batch.sample, self.generator).tolist()
+            return [], {}
+        reqs = batch.sample
+        logits = apply_penalties(logits, reqs, eos_ids)
+        tokens = sample(logits, reqs, self.generator)
+        parents: dict[Group, list[int]] = {}
+        beam_rows: dict[Group, list[int]] = {}
+        for i, r in enumerate(reqs):
+            if r.is_beam:
+                beam_rows.setdefault(r.group, []).append(i)
+        for group, idx in beam_rows.items():
+            order = sorted(idx, key=lambda i: reqs[i].index)  # rows in beam order
+            logprobs = torch.log_softmax(logits[torch.tensor(order, device=logits.device)], -1)
+            toks, parents[group] = group.beam.step(logprobs)
+            tokens[torch.tensor(order, device=tokens.device)] = torch.tensor(toks, device=tokens.device)
+        if any(r.params.logprobs is not None for r in reqs):
+            for r, lp in zip(reqs, compute_logprobs(logits, tokens, [r.params.logprobs for r in reqs]),
+                             strict=True):
+                if lp is not None:
+                    r.logprobs.append(lp)
+        return tokens.tolist(), parents

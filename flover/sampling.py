@@ -42,7 +42,7 @@ def filter_sorted(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch
 def sample(logits: torch.Tensor, reqs: list[Request], shared: torch.Generator) -> torch.Tensor:
     """logits [N, V] float32 -> token ids [N] (on the logits' device)."""
     greedy_tok = logits.argmax(-1)
-    rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
+    rows = [i for i, r in enumerate(reqs) if not r.params.greedy and not r.is_beam]
     if not rows:
         return greedy_tok
     dev = logits.device

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flover.beam import BeamSearch
 from flover.config import SamplingParams
 
 
@@ -34,6 +35,11 @@ class Request:
     finish_time: float | None = None
     admit_time: float | None = None
     logprobs: list[dict] = field(default_factory=list)
+    group: Group | None = None  # set when the request has several rows (n > 1, beams)
+    index: int = 0  # row index within its group
+    forks: list[Request] = field(default_factory=list)  # rows that copy this row's prompt
+    fork_of: Request | None = None  # the row whose prefill this row copies
+    cumulative_logprob: float = 0.0
 
     @property
     def num_tokens(self) -> int:
@@ -50,3 +56,30 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    @property
+    def is_beam(self) -> bool:
+        return self.group is not None and self.group.beam is not None
+
+    def fork(self, index: int, seed: int | None) -> Request:
+        """A sibling row with the same prompt that will copy this row's cache."""
+        row = Request(f"{self.request_id}#{index}", self.prompt_ids, self.params,
+                      self.arrival_time, index=index, fork_of=self)
+        if seed is not None:
+            row.generator = torch.Generator().manual_seed(seed)
+        self.forks.append(row)
+        return row
+
+
+@dataclass(slots=True, eq=False)
+class Group:
+    """One user request made of several rows: n samples, or the beams of a beam search."""
+
+    request_id: str
+    rows: list[Request]
+    beam: BeamSearch | None = None
+
+    @property
+    def finished(self) -> bool:
+        return (self.beam.done if self.beam is not None
+                else all(r.finished for r in self.rows))
