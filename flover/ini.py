@@ -63,9 +63,16 @@ class RunConfig:
     def total_requests(self) -> int:
         return self.num_requests if self.num_requests is not None else self.max_concurrency
 
+    @property
+    def rows_per_request(self) -> int:
+        """KV slots one request holds: its samples (per_batch_size) or its beams."""
+        return max(self.per_batch_size, self.beam_width)
+
     def engine_config(self, max_concurrency: int | None = None) -> EngineConfig:
+        """An engine for `max_concurrency` requests in flight (each holding its rows)."""
+        requests = max_concurrency or self.max_concurrency
         return EngineConfig(model=self.model_type, dtype=self.data_type, device=self.device,
-                            max_concurrency=max_concurrency or self.max_concurrency,
+                            max_concurrency=requests * self.rows_per_request,
                             max_seq_len=self.max_seq_len, use_mem_shuffle=self.use_mem_shuffle,
                             seed=self.seed, tensor_para_size=self.tensor_para_size)
 

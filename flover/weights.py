@@ -239,6 +239,3 @@ def load_model(spec: str | None, dtype: torch.dtype, device: torch.device,
     preset(spec)  # raises the 'unknown model' error listing what is accepted
     raise AssertionError("unreachable")
 
-
-if __name__ == "__main__":  # `python -m flover.weights`: convert the embedded model ahead of time
-    print(convert_gguf(default_model_path()))

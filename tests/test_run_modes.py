@@ -103,3 +103,13 @@ def test_cli_run_reports_a_bad_key_and_exits_2(tmp_path, capsys):
     ini.write_text("[request]\nrequest_output_length=4\n")
     assert main(["run", str(ini)]) == 2
     assert "unknown key 'request_output_length' in [request]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["fused", "instances", "dynamic", "serial"])
+@pytest.mark.parametrize("rows", ["model_specification.beam_width=2",
+                                  "model_specification.per_batch_size=2"])
+def test_requests_with_several_rows_run_in_every_mode(model, mode, rows):
+    cfg, _, state = run(model, f"runtime_hyperparameter.mode={mode}", rows,
+                        "runtime_hyperparameter.top_k=0")
+    assert cfg.engine_config().max_concurrency == 2 * cfg.max_concurrency  # slots per request
+    assert [r.status for r in state.records] == ["done"] * 5
