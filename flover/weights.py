@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flover.cpu import pack_linears
 from flover.models import ModelConfig, ModelFormatError, build_model
 from flover.models.layers import init_random
 from flover.models.presets import PRESETS, preset
@@ -222,6 +223,14 @@ def convert_gguf(path: Path) -> Path:
 def load_model(spec: str | None, dtype: torch.dtype, device: torch.device,
                seed: int = 0) -> tuple[nn.Module, Tokenizer | None]:
     """A ready model and its tokenizer (None for presets and checkpoints without one)."""
+    model, tokenizer = _load(spec, dtype, device, seed)
+    if device.type == "cpu" and dtype == torch.float32 and not os.environ.get("FLOVER_NO_PACK"):
+        pack_linears(model)  # oneDNN with packed weights: the fast CPU path (flover.cpu)
+    return model, tokenizer
+
+
+def _load(spec: str | None, dtype: torch.dtype, device: torch.device,
+          seed: int) -> tuple[nn.Module, Tokenizer | None]:
     if spec is None or spec == DEFAULT_MODEL:
         spec = str(default_model_path())
     path = Path(spec).expanduser()
@@ -235,7 +244,7 @@ def load_model(spec: str | None, dtype: torch.dtype, device: torch.device,
         model.load_weights(hf_tensors(path))
         return model, Tokenizer.from_hf_dir(path, cfg)
     if path.is_file() and path.suffix == ".gguf":
-        return load_model(str(convert_gguf(path)), dtype, device, seed)
+        return _load(str(convert_gguf(path)), dtype, device, seed)
     preset(spec)  # raises the 'unknown model' error listing what is accepted
     raise AssertionError("unreachable")
 

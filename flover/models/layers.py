@@ -61,6 +61,22 @@ class Rotary(nn.Module):
         return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
 
 
+class TiedHead(nn.Module):
+    """The LM head of a model whose output matrix is its input embedding (not registered
+    twice: the embedding stays the owner of the weight)."""
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self._embedding = (embedding,)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._embedding[0].weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight)
+
+
 def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
                        stacked: dict[str, tuple[str, int]],
                        shard_sizes: dict[str, list[int]]) -> None:

@@ -10,13 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from flover import fused
 from flover.attention import AttentionMetadata, attention
 from flover.models.config import ModelConfig
-from flover.models.layers import RMSNorm, Rotary, load_named_weights
+from flover.models.layers import RMSNorm, Rotary, TiedHead, load_named_weights
 
 
 class LlamaAttention(nn.Module):
@@ -78,8 +77,8 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = LlamaModel(cfg)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = (TiedHead(self.model.embed_tokens) if cfg.tie_word_embeddings
+                        else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False))
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
                 k_caches: torch.Tensor, v_caches: torch.Tensor) -> torch.Tensor:
@@ -90,8 +89,7 @@ class LlamaForCausalLM(nn.Module):
         return fused.rms_norm(x, m.norm)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        w = self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
-        return F.linear(hidden, w).float()
+        return self.lm_head(hidden).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         c = self.cfg
