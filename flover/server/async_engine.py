@@ -1,0 +1,185 @@
+"""AsyncEngine: the Engine behind asyncio, for the HTTP server.
+
+One background thread owns the engine (and the GPU): it takes new requests and aborts from a
+thread-safe inbox between iterations, runs `step()`, and hands each output to the asyncio
+queue of the request it belongs to with `loop.call_soon_threadsafe`. Request handlers never
+touch the engine. A request refused by `add_request` gets its error back alone; the loop goes
+on. A consumer that stops listening (client gone) aborts its requests, which frees their slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from flover.config import SamplingParams
+from flover.engine import Engine, RequestOutput
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread is not running."""
+
+
+@dataclass(slots=True, eq=False)
+class _Sink:
+    """Where one API call's outputs go: an asyncio queue on the caller's loop."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+    def put(self, item: object) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the caller's loop has closed: nobody is listening any more
+            pass
+
+
+@dataclass(slots=True)
+class _Add:
+    request_ids: list[str]
+    prompts: list[str | list[int]]
+    params: SamplingParams
+    sink: _Sink
+
+
+@dataclass(slots=True)
+class _Abort:
+    request_ids: list[str]
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sinks: dict[str, _Sink] = {}  # request id -> its sink; engine thread only
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._stats = engine.stats()  # a snapshot the engine thread refreshes
+        self.errors = 0  # requests refused by add_request, and steps that raised
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="flover-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        if self._thread is not None:
+            self._stopping = True
+            self._inbox.put(None)  # wakes the thread if it waits for work
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stats(self) -> dict:
+        """The engine's stats as of its last iteration or inbox change (never blocks)."""
+        return {**self._stats, "errors": self.errors}
+
+    # --- the API handlers' side ----------------------------------------------------------
+
+    async def generate(self, prompts: Sequence[str | list[int]], params: SamplingParams,
+                       prefix: str = "req") -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Run prompts as requests fused with everything in flight; yields (prompt index,
+        output) as tokens come. Either every prompt is accepted or the first error is raised.
+        Closing the iterator early (client gone) aborts whatever has not finished."""
+        if not self.started:
+            self.start()  # e.g. under an ASGI transport that skips the app's lifespan
+        if not self.alive:
+            raise EngineDeadError("the engine thread is not running")
+        call = next(self._ids)
+        ids = [f"{prefix}-{call}-{i}" for i in range(len(prompts))]
+        index = {rid: i for i, rid in enumerate(ids)}
+        sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
+        self._inbox.put(_Add(ids, list(prompts), params, sink))
+        pending = set(ids)
+        try:
+            while pending:
+                item = await sink.queue.get()
+                if isinstance(item, BaseException):
+                    pending.clear()  # nothing of this call is in the engine
+                    raise item
+                yield index[item.request_id], item
+                if item.finished:
+                    pending.discard(item.request_id)
+        finally:
+            if pending:
+                self._inbox.put(_Abort(sorted(pending)))
+
+    # --- the engine thread ---------------------------------------------------------------
+
+    def _loop(self) -> None:
+        eng = self.engine
+        while not self._stopping:
+            # wait for work when idle; otherwise take what has arrived and go on
+            self._handle(self._inbox.get() if not eng.has_unfinished() else self._next())
+            while (msg := self._next()) is not None:
+                self._handle(msg)
+            self._stats = eng.stats()
+            if self._stopping or not eng.has_unfinished():
+                continue
+            try:
+                outs = eng.step()
+            except Exception as e:  # noqa: BLE001 - fail what is in flight, keep serving
+                self._fail_all(e)
+                continue
+            for out in outs:
+                sink = self._sinks.get(out.request_id)
+                if sink is not None:
+                    sink.put(out)
+                    if out.finished:
+                        del self._sinks[out.request_id]
+            self._stats = eng.stats()
+        self._fail_all(EngineDeadError("the server is shutting down"))
+
+    def _next(self):
+        try:
+            return self._inbox.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _handle(self, msg: _Add | _Abort | None) -> None:
+        if isinstance(msg, _Abort):
+            for rid in msg.request_ids:
+                self.engine.abort(rid)
+                self._sinks.pop(rid, None)
+        elif isinstance(msg, _Add):
+            added: list[str] = []
+            try:
+                for rid, prompt in zip(msg.request_ids, msg.prompts, strict=True):
+                    self.engine.add_request(rid, prompt, msg.params)
+                    added.append(rid)
+            except Exception as e:  # noqa: BLE001 - the error belongs to this request alone
+                self.errors += 1
+                for rid in added:
+                    self.engine.abort(rid)
+                msg.sink.put(e)
+                return
+            for rid in added:
+                self._sinks[rid] = msg.sink
+
+    def _fail_all(self, error: Exception) -> None:
+        """Abort every request in flight and hand each caller the error."""
+        self.errors += 1
+        sinks = set(self._sinks.values())
+        for rid in list(self._sinks):
+            try:
+                self.engine.abort(rid)
+            except Exception:  # noqa: BLE001, S110 - the engine is already failing
+                pass
+        self._sinks.clear()
+        for sink in sinks:
+            sink.put(error)
