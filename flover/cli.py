@@ -62,6 +62,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from flover.server.app import create_app
+    except ImportError as e:
+        print(f"flover: error: serve needs the serve extra (pip install 'flover[serve]'): {e}",
+              file=sys.stderr)
+        return 2
+    from flover import Engine, EngineConfig
+
+    eng = Engine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
+                              max_concurrency=args.max_concurrency, max_seq_len=args.max_seq_len))
+    app = create_app(eng, args.served_model_name)
+    print(f"flover: serving {app.state.model_name!r} on http://{args.host}:{args.port}/v1",
+          file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flover", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -95,6 +115,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-live", action="store_true", help="a plain progress bar instead of "
                    "the live view")
     r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, "
+                       "/v1/chat/completions) over the fused engine")
+    s.add_argument("--model", default=None, help="preset, HF checkpoint dir or .gguf file "
+                   "(default: the embedded SmolLM2-135M-Instruct)")
+    s.add_argument("--served-model-name", default=None, help="the model id clients send "
+                   "(default: the preset's name, or the checkpoint's folder or file name)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-concurrency", type=int, default=8, help="KV slots: requests in flight")
+    s.add_argument("--max-seq-len", type=int, default=2048, help="slot length: prompt + output")
+    s.add_argument("--dtype", default="auto")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=cmd_serve)
     return p
 
 
