@@ -73,10 +73,13 @@ def create_app(engine: Engine, model_name: str | None = None) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        if exc.status < 500:
+            aeng.refused += 1
         return JSONResponse(exc.body(), status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        aeng.refused += 1
         return JSONResponse(validation_error(exc).body(), status_code=400)
 
     @app.exception_handler(HTTPException)
@@ -224,7 +227,7 @@ def sampling_params(body, max_tokens: int, logprobs: int | None, logprobs_name: 
 def engine_error(e: Exception, prompt_param: str) -> APIError:
     """An error from add_request (or the engine thread) as the API's error."""
     if isinstance(e, RequestError | ConfigError):
-        msg = str(e)
+        msg = re.sub(r"^request '[^']*': ", "", str(e))  # our internal id means nothing to clients
         param, code = prompt_param, None
         if "max_seq_len" in msg:
             code = "context_length_exceeded"

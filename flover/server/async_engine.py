@@ -61,7 +61,9 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._stats = engine.stats()  # a snapshot the engine thread refreshes
-        self.errors = 0  # requests refused by add_request, and steps that raised
+        self.requests = 0  # API calls handed to the engine
+        self.refused = 0  # calls answered with a 4xx (the app counts them)
+        self.engine_failures = 0  # steps that raised (their requests got the error)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -87,7 +89,8 @@ class AsyncEngine:
 
     def stats(self) -> dict:
         """The engine's stats as of its last iteration or inbox change (never blocks)."""
-        return {**self._stats, "errors": self.errors}
+        return {**self._stats, "requests": self.requests, "refused": self.refused,
+                "engine_failures": self.engine_failures}
 
     # --- the API handlers' side ----------------------------------------------------------
 
@@ -101,6 +104,7 @@ class AsyncEngine:
         if not self.alive:
             raise EngineDeadError("the engine thread is not running")
         call = next(self._ids)
+        self.requests += 1
         ids = [f"{prefix}-{call}-{i}" for i in range(len(prompts))]
         index = {rid: i for i, rid in enumerate(ids)}
         sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
@@ -134,6 +138,7 @@ class AsyncEngine:
             try:
                 outs = eng.step()
             except Exception as e:  # noqa: BLE001 - fail what is in flight, keep serving
+                self.engine_failures += 1
                 self._fail_all(e)
                 continue
             for out in outs:
@@ -163,7 +168,6 @@ class AsyncEngine:
                     self.engine.add_request(rid, prompt, msg.params)
                     added.append(rid)
             except Exception as e:  # noqa: BLE001 - the error belongs to this request alone
-                self.errors += 1
                 for rid in added:
                     self.engine.abort(rid)
                 msg.sink.put(e)
@@ -173,7 +177,6 @@ class AsyncEngine:
 
     def _fail_all(self, error: Exception) -> None:
         """Abort every request in flight and hand each caller the error."""
-        self.errors += 1
         sinks = set(self._sinks.values())
         for rid in list(self._sinks):
             try:
