@@ -239,3 +239,35 @@ def test_stop_string_ends_the_text_before_it_streamed_or_not(smol):
     streamed = "".join(ch.choices[0].delta.content or ""
                        for ch in c.chat.completions.create(**kw, stream=True))
     assert "Paris" not in text and streamed == text
+
+
+def test_engine_loop_survives_a_failing_step():
+    from flover.server.async_engine import AsyncEngine
+
+    eng = tiny_engine()
+    real_step, calls = eng.step, []
+
+    def step_that_fails_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real_step()
+
+    eng.step = step_that_fails_once
+    aeng = AsyncEngine(eng)
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+
+    async def run(prompt):
+        return [out async for _, out in aeng.generate([prompt], params)]
+
+    async def main():
+        with pytest.raises(RuntimeError, match="boom"):
+            await asyncio.wait_for(run(PROMPT), TIMEOUT)
+        return await asyncio.wait_for(run(PROMPT), TIMEOUT)
+
+    try:
+        outs = asyncio.run(main())
+    finally:
+        aeng.shutdown()
+    assert outs[-1].finished and len(outs[-1].token_ids) == 3
+    assert aeng.stats()["engine_failures"] == 1 and aeng.stats()["slots_used"] == 0

@@ -129,9 +129,14 @@ class AsyncEngine:
         eng = self.engine
         while not self._stopping:
             # wait for work when idle; otherwise take what has arrived and go on
-            self._handle(self._inbox.get() if not eng.has_unfinished() else self._next())
-            while (msg := self._next()) is not None:
-                self._handle(msg)
+            msg = self._inbox.get() if not eng.has_unfinished() else self._next()
+            while msg is not None:
+                try:
+                    self._handle(msg)
+                except Exception as e:  # noqa: BLE001 - an abort gone wrong must not end the loop
+                    self.engine_failures += 1
+                    self._fail_all(e)
+                msg = self._next()
             self._stats = eng.stats()
             if self._stopping or not eng.has_unfinished():
                 continue
