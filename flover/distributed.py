@@ -1,0 +1,293 @@
+"""Tensor parallelism over torch.distributed (the original's `tensor_para_size`).
+
+Megatron's split of every transformer layer across the `world` ranks of one group:
+- attention: rank r holds query heads [r*h/w, (r+1)*h/w) and KV heads [r*hkv/w, ...) of the
+  stacked qkv_proj (column-parallel) and the matching input columns of o_proj / out_proj
+  (row-parallel), so attention and the KV cache stay local: each rank caches hkv/w heads;
+- MLP: gate/up (GPT-J: fc_in) column-parallel, down (fc_out) row-parallel;
+- a row-parallel layer's partial products are summed by one all_reduce, then its bias is
+  added once; two all-reduces per layer in all;
+- embeddings, norms and the LM head are replicated: every rank computes the same full
+  logits, so every rank samples the same tokens from the same seeds and runs the same
+  scheduler (SPMD: same requests, same batches, no token broadcast). This costs the head's
+  memory on every rank (0.26 GB of LLaMA-7B's 13.5 GB in fp16) and relies on all_reduce
+  giving every rank the same bits, which NCCL's and gloo's sums do (bench/tp_check.py checks).
+
+The model code knows nothing of ranks: `shard_model` slices the parameters in place, swaps
+the row-parallel Linear modules for `RowParallel` (which adds the all_reduce), sets each
+attention module's head counts, and replaces `model.cfg` with the per-rank shape
+(num_heads / w, num_kv_heads / w, intermediate_size / w), which is what the engine sizes
+the KV cache from. `load_sharded` slices checkpoint tensors while loading (peak memory: the
+shard plus one full tensor); presets are initialised whole, then sliced, so their random
+weights equal the unsharded model's.
+
+Launch: `torchrun --nproc-per-node k -m flover.cli generate --tensor-para-size k ...`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from flover import weights
+from flover.config import ConfigError
+from flover.models import ModelConfig, ModelFormatError
+from flover.models.layers import init_random, load_named_weights
+from flover.models.presets import PRESETS, preset
+from flover.tokenizer import Tokenizer
+
+COLUMN = ("qkv_proj", "gate_up_proj", "fc_in")  # output rows split across ranks
+ROW = ("o_proj", "out_proj", "down_proj", "fc_out")  # input columns split; all_reduce after
+_HF_COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "fc_in")  # checkpoint names
+
+
+@dataclass(slots=True)
+class Group:
+    rank: int
+    world: int
+    device: torch.device
+    control: object | None = None  # a gloo group for small host-side agreements
+
+
+_GROUP: Group | None = None
+
+
+def launch_hint(k: int) -> str:
+    return (f"start {k} processes with torchrun, e.g. `torchrun --nproc-per-node {k} -m "
+            f"flover.cli generate --tensor-para-size {k} ...` or `torchrun --nproc-per-node {k} "
+            f"-m flover.cli run CONFIG.ini --set model_specification.tensor_para_size={k}`")
+
+
+def check_launch(tensor_para_size: int) -> None:
+    """ConfigError unless this process was started by torchrun with WORLD_SIZE == k."""
+    world = os.environ.get("WORLD_SIZE")
+    if tensor_para_size > 1 and world != str(tensor_para_size):
+        got = "not set (not started by torchrun)" if world is None else world
+        raise ConfigError(f"tensor_para_size={tensor_para_size} is invalid here: WORLD_SIZE is "
+                          f"{got}; {launch_hint(tensor_para_size)}")
+
+
+def init_distributed(device: str | torch.device = "auto") -> Group:
+    """Join the process group torchrun set up (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*).
+
+    NCCL on GPUs (device cuda:LOCAL_RANK), gloo on the CPU. Idempotent.
+    """
+    global _GROUP
+    if _GROUP is not None:
+        return _GROUP
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", rank))
+    except KeyError as e:
+        raise ConfigError(f"tensor parallelism needs torchrun's environment ({e.args[0]} is not "
+                          f"set): {launch_hint(2)}") from None
+    kind = torch.device(device).type if str(device) != "auto" else (
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
+        if local >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK={local} but only {torch.cuda.device_count()} GPUs "
+                              "are visible: start at most one process per GPU")
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    elif kind == "cpu":
+        dev = torch.device("cpu")
+    else:
+        raise ConfigError(f"device={device!r} is invalid with tensor parallelism: "
+                          "expected cuda or cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo", rank=rank,
+                                world_size=world, device_id=dev if kind == "cuda" else None)
+        atexit.register(_close)
+    control = dist.new_group(backend="gloo") if kind == "cuda" else None
+    _GROUP = Group(rank, world, dev, control)
+    return _GROUP
+
+
+def _close() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group): only rank 0 prints."""
+    return _GROUP.rank if _GROUP is not None else 0
+
+
+def shared_clock(clock: Callable[[], float]) -> Callable[[], float]:
+    """`clock`, read on rank 0 and sent to every rank: decisions taken on the time (which
+    requests have arrived) then agree across ranks. The plain clock without a group."""
+    if _GROUP is None or _GROUP.world == 1:
+        return clock
+
+    def now() -> float:
+        t = torch.tensor([clock() if _GROUP.rank == 0 else 0.0], dtype=torch.float64)
+        dist.broadcast(t, src=0, group=_GROUP.control)
+        return t.item()
+    return now
+
+
+# --- the split ---------------------------------------------------------------------------
+
+class RowParallel(nn.Module):
+    """A Linear whose input features are split across ranks: partial x @ W_r^T, summed by
+    all_reduce, then the (unsplit) bias once. Parameter names stay `weight` and `bias`."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group=None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.group = group
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        dist.all_reduce(y, group=self.group)
+        return y if self.bias is None else y + self.bias
+
+
+def shard_config(cfg: ModelConfig, world: int) -> ModelConfig:
+    """The per-rank shape; ConfigError when the heads or the MLP do not divide evenly."""
+    for what, n in (("query heads", cfg.num_heads), ("KV heads", cfg.num_kv_heads),
+                    ("intermediate_size", cfg.intermediate_size)):
+        if n % world:
+            raise ConfigError(
+                f"tensor_para_size={world} is invalid for this model: it has {cfg.num_heads} "
+                f"query heads, {cfg.num_kv_heads} KV heads and intermediate_size="
+                f"{cfg.intermediate_size}; each must be divisible by tensor_para_size "
+                f"({what}: {n} is not)")
+    return replace(cfg, num_heads=cfg.num_heads // world, num_kv_heads=cfg.num_kv_heads // world,
+                   intermediate_size=cfg.intermediate_size // world)
+
+
+def _take(t: torch.Tensor, sizes: list[int], dim: int, rank: int, world: int) -> torch.Tensor:
+    """Rank r's 1/world of each consecutive part (of `sizes`) of t along dim, concatenated."""
+    parts, start = [], 0
+    for s in sizes:
+        n = s // world
+        parts.append(t.narrow(dim, start + rank * n, n))
+        start += s
+    return torch.cat(parts, dim).contiguous() if len(parts) > 1 else parts[0].contiguous()
+
+
+def _column_sizes(attr: str, cfg: ModelConfig) -> list[int]:
+    if attr == "qkv_proj":  # [q heads | k heads | v heads]; GPT-J's view(t, 3, h, d) too
+        return [cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2
+    if attr == "gate_up_proj":
+        return [cfg.intermediate_size] * 2
+    return [cfg.intermediate_size]  # fc_in
+
+
+def is_sharded(model: nn.Module) -> int:
+    """The world a model was sharded for (1: not sharded)."""
+    return getattr(model, "tp_world", 1)
+
+
+@torch.no_grad()
+def shard_model(model: nn.Module, rank: int, world: int, group=None) -> nn.Module:
+    """Rewrite a whole model into rank `rank`'s shard of `world`, in place; returns it.
+
+    Works on any device, `meta` included. Memory: the full model first, then the shard
+    (each full layer is freed as its slice replaces it); use `load_sharded` to avoid that.
+    """
+    if is_sharded(model) == world:
+        if getattr(model, "tp_rank", rank) != rank:
+            raise ValueError(f"model is rank {model.tp_rank}'s shard, not rank {rank}'s")
+        return model
+    if is_sharded(model) != 1:
+        raise ValueError(f"model is already sharded for tensor_para_size={is_sharded(model)}")
+    full = model.cfg
+    per_rank = shard_config(full, world)
+    for mod in list(model.modules()):
+        for attr in COLUMN:
+            lin = getattr(mod, attr, None)
+            if lin is None:
+                continue
+            if not isinstance(lin, nn.Linear):
+                raise TypeError(f"cannot shard {type(lin).__name__} {attr}: shard before "
+                                "packing or converting the linear layers")
+            sizes = _column_sizes(attr, full)
+            lin.weight = nn.Parameter(_take(lin.weight, sizes, 0, rank, world), requires_grad=False)
+            if lin.bias is not None:
+                lin.bias = nn.Parameter(_take(lin.bias, sizes, 0, rank, world), requires_grad=False)
+            lin.out_features = lin.weight.shape[0]
+        for attr in ROW:
+            lin = getattr(mod, attr, None)
+            if lin is None:
+                continue
+            if not isinstance(lin, nn.Linear):
+                raise TypeError(f"cannot shard {type(lin).__name__} {attr}: shard before "
+                                "packing or converting the linear layers")
+            w = _take(lin.weight, [lin.in_features], 1, rank, world)
+            setattr(mod, attr, RowParallel(w, lin.bias, group))
+        if hasattr(mod, "qkv_proj") and hasattr(mod, "h"):  # an attention module
+            mod.h //= world
+            if hasattr(mod, "hkv"):
+                mod.hkv //= world
+    for mod in model.modules():
+        if getattr(mod, "cfg", None) is full:
+            mod.cfg = per_rank
+    model.tp_rank, model.tp_world, model.full_cfg = rank, world, full
+    return model
+
+
+# --- loading straight into the shard -------------------------------------------------------
+
+def shard_tensors(tensors: Iterator[tuple[str, torch.Tensor]], rank: int,
+                  world: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Hugging Face checkpoint tensors -> this rank's slices, by name."""
+    for name, t in tensors:
+        parts = name.split(".")
+        layer, kind = (parts[-2], parts[-1]) if len(parts) >= 2 else ("", "")
+        if layer in _HF_COLUMN:
+            t = _take(t, [t.shape[0]], 0, rank, world)
+        elif layer in ROW and kind == "weight":
+            t = _take(t, [t.shape[1]], 1, rank, world)
+        yield name, t
+
+
+def _stacking(cfg: ModelConfig) -> tuple[dict, dict]:
+    """The stacked parameters of each family at this (per-rank) shape, as its load_weights."""
+    q, kv, i = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    stacked = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2)}
+    sizes = {"qkv_proj": [q, kv, kv]}
+    if cfg.arch == "llama":
+        stacked |= {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+        sizes["gate_up_proj"] = [i, i]
+    return stacked, sizes
+
+
+def load_sharded(spec: str | None, dtype: torch.dtype, group: Group,
+                 seed: int = 0) -> tuple[nn.Module, object | None]:
+    """`flover.weights.load_model` for one rank: its shard and the tokenizer."""
+    r, w, dev = group.rank, group.world, group.device
+    if spec in PRESETS:  # random weights: initialise whole (as unsharded), then slice
+        model = weights.allocate(preset(spec), dtype, dev)
+        init_random(model, seed)
+        return shard_model(model, r, w), None
+    if spec is None or spec == weights.DEFAULT_MODEL:
+        spec = str(weights.default_model_path())
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        path = weights.convert_gguf(path)
+    if not path.is_dir():
+        preset(spec)  # raises the 'unknown model' error listing what is accepted
+        raise ModelFormatError(f"{spec} is not a model")
+    cfg = weights.hf_config(path)
+    model = shard_model(weights.allocate(cfg, dtype, torch.device("meta")), r, w)
+    model = model.to_empty(device=dev)
+    for m in model.modules():
+        if hasattr(m, "reset_buffers"):
+            m.reset_buffers()
+    tensors = shard_tensors(weights.hf_tensors(path), r, w)
+    if cfg.tie_word_embeddings:
+        tensors = ((n, t) for n, t in tensors if n != "lm_head.weight")
+    load_named_weights(model, tensors, *_stacking(model.cfg))
+    return model, Tokenizer.from_hf_dir(path, cfg)
