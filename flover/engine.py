@@ -69,9 +69,19 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None, *, model=None, tokenizer=None) -> None:
         self.config = cfg = config or EngineConfig()
         self.device = resolve_device(cfg.device)
+        tp = cfg.tensor_para_size
+        if tp > 1:  # one process per rank, started by torchrun (flover.distributed)
+            from flover import distributed
+            distributed.check_launch(tp)
+            group = distributed.init_distributed(self.device)
+            self.device = group.device
         self.dtype = resolve_dtype(cfg.dtype, self.device)
-        if model is None:
+        if model is None and tp > 1:
+            model, tokenizer = distributed.load_sharded(cfg.model, self.dtype, group, cfg.seed)
+        elif model is None:
             model, tokenizer = load_model(cfg.model, self.dtype, self.device, cfg.seed)
+        elif tp > 1:
+            distributed.shard_model(model, group.rank, group.world)  # in place; once
         self.model, self.tokenizer = model, tokenizer
         mc = model.cfg
         if cfg.max_seq_len > mc.max_position:
@@ -81,7 +91,9 @@ class Engine:
                                cfg.max_seq_len, mc.head_dim, self.dtype, self.device,
                                shuffle=cfg.use_mem_shuffle)
         self.scheduler = Scheduler(self.cache, cfg.prefill_token_budget)
-        self.runner = ModelRunner(model, self.cache, cfg.seed, cuda_graphs=cfg.cuda_graphs)
+        # no CUDA graphs around the all-reduces yet: tensor parallelism runs eagerly
+        self.runner = ModelRunner(model, self.cache, cfg.seed,
+                                  cuda_graphs=cfg.cuda_graphs and tp == 1)
         self.requests: dict[str, Request] = {}
         self.eos_token_ids = list(mc.eos_token_ids) or (tokenizer.eos_token_ids if tokenizer else [])
         self._text: dict[str, str] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import configparser
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -120,8 +121,9 @@ SCHEMA: dict[str, dict[str, tuple[type, Callable, str]]] = {
         "fixed_input_len": _int(1),
         "fixed_prompt_len": _int(0),
         "beam_width": _int(1),
-        "tensor_para_size": (int, lambda v: v == 1,
-                             "1 (tensor parallelism is not implemented yet)"),
+        "tensor_para_size": (int, lambda v: v == 1 or (v > 1 and os.environ.get("WORLD_SIZE") == str(v)),
+                             "1, or the number of processes torchrun started (WORLD_SIZE): "
+                             "launch with `torchrun --nproc-per-node K -m flover.cli run FILE.ini`"),
         "pipeline_para_size": (int, lambda v: v == 1,
                                "1 (pipeline parallelism is not supported)"),
     },
@@ -255,6 +257,10 @@ def _check_combinations(cfg: RunConfig) -> None:
             f"presence_penalty={cfg.presence_penalty} is invalid together with repetition_penalty="
             f"{cfg.repetition_penalty}: only one of the two may be set (leave repetition_penalty "
             "at 1.0 or presence_penalty at 0.0)")
+    if cfg.tensor_para_size > 1 and cfg.mode == "instances":
+        raise ConfigError(f"mode='instances' is invalid with tensor_para_size={cfg.tensor_para_size}: "
+                          "concurrent instances would interleave the ranks' all-reduces; use "
+                          "fused, dynamic or serial")
     if cfg.beam_width > 1 and cfg.per_batch_size > 1:
         raise ConfigError(f"beam_width={cfg.beam_width} is invalid with per_batch_size="
                           f"{cfg.per_batch_size}: beam search returns beam_width sequences; "

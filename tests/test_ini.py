@@ -171,7 +171,7 @@ BAD = [  # (key=value, words the message must hold)
     ("model_specification.pipeline_para_size=2",
      ["pipeline_para_size", "'2'", "pipeline parallelism is not supported"]),
     ("model_specification.tensor_para_size=2",
-     ["tensor_para_size", "'2'", "tensor parallelism is not implemented"]),
+     ["tensor_para_size", "'2'", "WORLD_SIZE", "torchrun --nproc-per-node"]),
     ("model_specification.model_type=no_such_model",
      ["model_type", "'no_such_model'", "preset", ".gguf"]),
     ("runtime_hyperparameter.top_k=-1", ["top_k", "'-1'", "integer >= 0"]),
