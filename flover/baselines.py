@@ -17,6 +17,7 @@ from contextlib import nullcontext
 
 import torch
 
+from flover.distributed import shared_clock
 from flover.driver import RunContext, arrive, finish
 from flover.engine import Engine
 from flover.ini import RunConfig
@@ -80,16 +81,18 @@ def run_dynamic(engine: Engine, items: list[WorkItem], cfg: RunConfig, state: Ru
     queue: list[WorkItem] = []
     window, cap = cfg.batch_window / 1000.0, engine.cache.num_slots
     t0 = state.start()
+    clock = shared_clock(state.now)  # under tensor parallelism, every rank batches alike
 
     def take_arrivals() -> None:
-        while pending and pending[0].arrival <= state.now():
+        arrived = clock()
+        while pending and pending[0].arrival <= arrived:
             it = pending.pop(0)
             queue.append(it)
             arrive(state, recs[it.request_id])
 
     while pending or queue:
         take_arrivals()
-        now = state.now()
+        now = clock()
         if not queue:
             time.sleep(max(0.0, pending[0].arrival - now))
             continue

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import io
+import os
 import sys
 
 from flover.config import ConfigError, SamplingParams
@@ -10,10 +12,13 @@ from flover.models import ModelFormatError
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from flover import Engine, EngineConfig
+    from flover import Engine, EngineConfig, distributed
 
+    tp = args.tensor_para_size or int(os.environ.get("WORLD_SIZE", "1"))
     eng = Engine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
-                              max_concurrency=1, max_seq_len=args.max_seq_len))
+                              max_concurrency=1, max_seq_len=args.max_seq_len,
+                              tensor_para_size=tp))
+    out = sys.stdout if distributed.rank() == 0 else io.StringIO()  # every rank runs; one prints
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     prompt = args.prompt
@@ -21,27 +26,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
         chat = eng.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
         prompt = eng.tokenizer.encode(chat, add_special_tokens=False)
     eng.add_request("cli", prompt, params)
-    for out in eng.run_until_done():
-        sys.stdout.write(out.new_text if eng.tokenizer else f"{out.new_token_ids[0]} ")
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    for o in eng.run_until_done():
+        out.write(o.new_text if eng.tokenizer else f"{o.new_token_ids[0]} ")
+        out.flush()
+    out.write("\n")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from flover import report, viz
+    from flover import distributed, report, viz
     from flover.driver import RunContext, measure_lone, new_state, run_workload
+    from flover.engine import resolve_device, resolve_dtype
     from flover.ini import load_config
     from flover.workload import build_workload
 
     cfg = load_config(args.config, args.set, args.model)
     if args.plot:
         report.require_matplotlib()  # fail before the run, not after it
-    console = Console()
+    group = None
+    if cfg.tensor_para_size > 1:  # every rank replays the same workload; rank 0 reports
+        group = distributed.init_distributed(resolve_device(cfg.device))
+        cfg.device = str(group.device)
+    main = group is None or group.rank == 0
+    console = Console() if main else Console(file=io.StringIO())
     with viz.status(console, f"loading {cfg.model_type} ..."):
-        ctx = RunContext.load(cfg)
+        if group is None:
+            ctx = RunContext.load(cfg)
+        else:
+            dtype = resolve_dtype(cfg.data_type, group.device)
+            ctx = RunContext(cfg, *distributed.load_sharded(cfg.model_type, dtype, group, cfg.seed))
     items = build_workload(cfg, ctx.tokenizer, ctx.model.cfg.vocab_size)
     state = new_state(cfg, items)
     with viz.status(console, f"a lone request first ({cfg.request_output_len} tokens) ..."):
@@ -53,6 +68,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_workload(ctx, items, state)
     metrics = report.summarize(state, device)
     console.print(report.render(metrics))
+    if not main:
+        return 0
     if args.json:
         report.write_json(args.json, state, cfg, metrics)
         console.print(f"wrote {args.json}")
@@ -99,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto")
     g.add_argument("--max-seq-len", type=int, default=2048)
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.add_argument("--tensor-para-size", type=int, default=None, help="ranks to split the "
+                   "model over (default: torchrun's WORLD_SIZE, else 1); launch with "
+                   "`torchrun --nproc-per-node K -m flover.cli generate ...`")
     g.set_defaults(func=cmd_generate)
 
     r = sub.add_parser("run", help="replay an INI workload (the original Flover's format) "

@@ -12,6 +12,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, replace
 
+from flover.distributed import shared_clock
 from flover.engine import Engine, resolve_device, resolve_dtype
 from flover.ini import RunConfig
 from flover.sequence import Request
@@ -98,8 +99,10 @@ def run_engine(engine: Engine, items: list[WorkItem], cfg: RunConfig, state: Run
     recs = {r.request_id: r for r in state.records}
     live: dict[str, Request] = {}
     t0 = state.start()
+    now = shared_clock(state.now)  # under tensor parallelism, every rank admits alike
     while pending or engine.has_unfinished():
-        while pending and pending[0].arrival <= state.now():
+        arrived = now()
+        while pending and pending[0].arrival <= arrived:
             it = pending.popleft()
             live[it.request_id] = engine.add_request(
                 it.request_id, it.prompt_ids, cfg.sampling_params(it.max_tokens, it.seed),
