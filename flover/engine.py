@@ -247,6 +247,7 @@ class Engine:
             "slots_used": self.cache.size, "slots_live": self.cache.num_live,
             "max_concurrency": self.cache.num_slots, "shuffle_moves": self.cache.moves,
             "shuffle_bytes": self.cache.bytes_moved, "iterations": s.iterations,
+            "prefill_tokens": s.prefill_tokens, "decode_rows": s.decode_rows,
         }
 
     def run_until_done(self) -> Iterator[RequestOutput]:

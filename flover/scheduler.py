@@ -35,6 +35,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order
         self.iterations = 0
+        self.prefill_tokens = 0  # prompt tokens run through the model
+        self.decode_rows = 0  # decode rows run (padding rows included)
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -82,6 +84,8 @@ class Scheduler:
         `parents[g][i]` is the beam that beam i of group g continues (beam search only).
         """
         self.iterations += 1
+        self.decode_rows += len(batch.decode)
+        self.prefill_tokens += sum(n for _, _, n in batch.prefill)
         for r in batch.decode:
             if r is not None:
                 r.num_computed += 1

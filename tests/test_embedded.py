@@ -7,7 +7,7 @@ import pytest
 from flover import LLM, SamplingParams
 from flover.weights import default_model_path
 
-GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
+GREEDY = SamplingParams(max_tokens=16, temperature=0.0)
 
 
 @pytest.fixture(scope="module")

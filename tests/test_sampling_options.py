@@ -97,10 +97,11 @@ def test_diversity_rate_changes_fused_beams(llama_dir):
 def test_n_samples_run_one_prefill_and_return_n_outputs(llama_dir):
     eng = engine(llama_dir, max_concurrency=4)
     params = SamplingParams(max_tokens=6, n=3, temperature=1.0, seed=7, ignore_eos=True)
-    eng.add_request("s", prompts(1, seed=24)[0], params)
-    batch = eng.scheduler.schedule()
-    assert len(batch.prefill) == 1 and len(batch.sample) == 3
+    prompt = prompts(1, seed=24)[0]
+    eng.add_request("s", prompt, params)
     out = [o for o in eng.run_until_done() if o.finished][0]
+    assert eng.stats()["prefill_tokens"] == len(prompt)  # one prefill for the three samples
+    assert eng.stats()["decode_rows"] == 3 * 5
     assert [c.index for c in out.outputs] == [0, 1, 2]
     assert all(len(c.token_ids) == 6 for c in out.outputs)
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1
