@@ -191,6 +191,15 @@ def is_sharded(model: nn.Module) -> int:
 
 
 @torch.no_grad()
+def _linear(mod: nn.Module, attr: str) -> nn.Linear | None:
+    """The plain linear layer `mod.attr` to shard, or None when `mod` has no such layer."""
+    lin = getattr(mod, attr, None)
+    if lin is not None and not isinstance(lin, nn.Linear):
+        raise TypeError(f"cannot shard {type(lin).__name__} {attr}: shard before "
+                        "packing or converting the linear layers")
+    return lin
+
+
 def shard_model(model: nn.Module, rank: int, world: int, group=None) -> nn.Module:
     """Rewrite a whole model into rank `rank`'s shard of `world`, in place; returns it.
 
@@ -207,24 +216,18 @@ def shard_model(model: nn.Module, rank: int, world: int, group=None) -> nn.Modul
     per_rank = shard_config(full, world)
     for mod in list(model.modules()):
         for attr in COLUMN:
-            lin = getattr(mod, attr, None)
+            lin = _linear(mod, attr)
             if lin is None:
                 continue
-            if not isinstance(lin, nn.Linear):
-                raise TypeError(f"cannot shard {type(lin).__name__} {attr}: shard before "
-                                "packing or converting the linear layers")
             sizes = _column_sizes(attr, full)
             lin.weight = nn.Parameter(_take(lin.weight, sizes, 0, rank, world), requires_grad=False)
             if lin.bias is not None:
                 lin.bias = nn.Parameter(_take(lin.bias, sizes, 0, rank, world), requires_grad=False)
             lin.out_features = lin.weight.shape[0]
         for attr in ROW:
-            lin = getattr(mod, attr, None)
+            lin = _linear(mod, attr)
             if lin is None:
                 continue
-            if not isinstance(lin, nn.Linear):
-                raise TypeError(f"cannot shard {type(lin).__name__} {attr}: shard before "
-                                "packing or converting the linear layers")
             w = _take(lin.weight, [lin.in_features], 1, rank, world)
             setattr(mod, attr, RowParallel(w, lin.bias, group))
         if hasattr(mod, "qkv_proj") and hasattr(mod, "h"):  # an attention module

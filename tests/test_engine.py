@@ -18,8 +18,8 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
 
 
-def run_staggered(eng: Engine, work: list[tuple[int, list[int], SamplingParams]]) -> dict:
-    """Add request i at iteration work[i][0]; step until all finish. Returns id -> tokens."""
+def finals(eng: Engine, work: list[tuple[int, list[int], SamplingParams]]) -> dict:
+    """Add request i at iteration work[i][0]; step until all finish. Returns id -> output."""
     done, it = {}, 0
     pending = sorted(enumerate(work), key=lambda x: x[1][0])
     while pending or eng.has_unfinished():
@@ -28,9 +28,14 @@ def run_staggered(eng: Engine, work: list[tuple[int, list[int], SamplingParams]]
             eng.add_request(f"r{i}", prompt, params)
         for out in eng.step():
             if out.finished:
-                done[out.request_id] = out.token_ids
+                done[out.request_id] = out
         it += 1
     return done
+
+
+def run_staggered(eng: Engine, work: list[tuple[int, list[int], SamplingParams]]) -> dict:
+    """As `finals`, returning id -> generated tokens."""
+    return {rid: out.token_ids for rid, out in finals(eng, work).items()}
 
 
 @pytest.mark.parametrize("shuffle", [True, False])

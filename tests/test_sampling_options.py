@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import hf_model, prompts
-from test_engine import engine, greedy
+from test_engine import engine, finals, greedy
 
 from flover import RequestError, SamplingParams
 
@@ -20,21 +20,6 @@ def hf_beams(model, prompt, k, max_new, len_penalty, eos):
     for row in out.sequences[:, len(prompt):].tolist():
         seqs.append(row[: row.index(eos) + 1] if eos in row else row)
     return seqs, out.sequences_scores.tolist()
-
-
-def finals(eng, work):
-    """Run staggered work; return id -> final RequestOutput."""
-    done, it = {}, 0
-    pending = list(enumerate(work))
-    while pending or eng.has_unfinished():
-        while pending and pending[0][1][0] <= it:
-            i, (_, prompt, params) = pending.pop(0)
-            eng.add_request(f"r{i}", prompt, params)
-        for out in eng.step():
-            if out.finished:
-                done[out.request_id] = out
-        it += 1
-    return done
 
 
 def frequent_token(model, prompt):
