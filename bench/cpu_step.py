@@ -26,6 +26,17 @@ from flover.weights import convert_gguf, default_model_path
 PROMPT = list(range(1000, 1032))  # 32 prompt tokens
 
 
+def copy_bandwidth(nbytes: int = 1 << 29, iters: int = 10) -> float:
+    """Bytes per second of a large copy in host memory, counting read + write."""
+    a = torch.ones(nbytes // 4)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    t = time.perf_counter()
+    for _ in range(iters):
+        b.copy_(a)
+    return 2 * a.nbytes * iters / (time.perf_counter() - t)
+
+
 def flover_step(eng: Engine, batch: int, steps: int) -> float:
     for i in range(batch):
         eng.add_request(f"b{batch}-{i}", PROMPT, SamplingParams(
@@ -69,13 +80,18 @@ def main() -> None:
                               max_seq_len=128))
     ref = transformers.AutoModelForCausalLM.from_pretrained(
         str(convert_gguf(default_model_path())), dtype=torch.float32).eval()
+    bw = copy_bandwidth()
+    weight_bytes = sum(p.numel() * 4 for p in ref.parameters())  # float32, each read once
+    floor = weight_bytes / bw
     rows = []
     for b in batches:
         ours, theirs = flover_step(eng, b, args.steps), hf_step(ref, b, args.steps)
         rows.append({"batch": b, "flover_ms": ours * 1e3, "hf_ms": theirs * 1e3,
-                     "flover_tok_s": b / ours, "hf_tok_s": b / theirs, "speedup": theirs / ours})
+                     "flover_tok_s": b / ours, "hf_tok_s": b / theirs, "speedup": theirs / ours,
+                     "floor_ms": floor * 1e3, "flover_over_floor": ours / floor})
     print(f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, transformers {transformers.__version__}")
+          f"torch {torch.__version__}, transformers {transformers.__version__}; copy bandwidth "
+          f"{bw / 1e9:.1f} GB/s, weights {weight_bytes / 1e6:.0f} MB, floor {floor * 1e3:.1f} ms")
     print(f"{'batch':>5} {'flover ms':>10} {'hf ms':>8} {'flover tok/s':>13} {'hf tok/s':>9} {'x':>6}")
     for r in rows:
         print(f"{r['batch']:>5} {r['flover_ms']:>10.1f} {r['hf_ms']:>8.1f} {r['flover_tok_s']:>13.1f} "
@@ -83,6 +99,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(),
+                       "copy_bandwidth": bw, "weight_bytes": weight_bytes,
                        "torch": torch.__version__, "transformers": transformers.__version__,
                        "rows": rows}, f, indent=1)
 

@@ -165,7 +165,7 @@ def gguf_tensors(reader, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]
             w = _unpermute(w, cfg.num_heads)
         elif t.name.endswith("attn_k.weight"):
             w = _unpermute(w, cfg.num_kv_heads)
-        yield name, torch.from_numpy(np.ascontiguousarray(w))
+        yield name, torch.from_numpy(np.require(w, requirements=["C", "W"]))
 
 
 def hf_config_dict(cfg: ModelConfig) -> dict:
