@@ -57,12 +57,19 @@ class RunConfig:
     num_requests: int | None = None  # None: max_concurrency
     prompts_file: str | None = None
     ignore_eos: bool = True
+    output_len: str = "auto"  # fixed | uniform | auto (uniform exactly when shuffling)
     # where each key came from: 'file', 'cli' or absent (default)
     given: dict[str, str] = field(default_factory=dict)
 
     @property
     def total_requests(self) -> int:
         return self.num_requests if self.num_requests is not None else self.max_concurrency
+
+    @property
+    def random_lengths(self) -> bool:
+        """Output lengths uniform up to request_output_len: by default when shuffling (the
+        original's coupling); `output_len` sets it apart from the shuffle."""
+        return self.use_mem_shuffle if self.output_len == "auto" else self.output_len == "uniform"
 
     @property
     def rows_per_request(self) -> int:
@@ -150,6 +157,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Callable, str]]] = {
         "num_requests": _int(1),
         "prompts_file": _STR,
         "ignore_eos": _BOOL,
+        "output_len": _one_of("auto", "fixed", "uniform"),
     },
 }
 _FIELDS = {f.name for f in fields(RunConfig)}

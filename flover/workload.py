@@ -102,7 +102,7 @@ def build_workload(cfg: RunConfig, tokenizer, vocab_size: int) -> list[WorkItem]
     when there are more requests than prompts."""
     n = cfg.total_requests
     times = arrival_times(n, cfg.interval, cfg.arrival, cfg.seed)
-    lengths = output_lengths(n, cfg.request_output_len, cfg.use_mem_shuffle, cfg.seed)
+    lengths = output_lengths(n, cfg.request_output_len, cfg.random_lengths, cfg.seed)
     if cfg.prompts_file is not None:
         texts = read_prompts_file(cfg.prompts_file)
         encoded = [encode_prompt(t, tokenizer) for t in texts]

@@ -138,12 +138,21 @@ EFFECTS = [  # (key=value, what it changes, expected)
      lambda c: {it.max_tokens for it in build_workload(c, None, 256)}, {10}),
     ("request.num_requests=5", lambda c: len(build_workload(c, None, 256)), 5),
     ("request.ignore_eos=0", _sampling("ignore_eos"), False),
+    ("request.output_len=uniform",
+     lambda c: (c.engine_config().use_mem_shuffle,
+                len({it.max_tokens for it in build_workload(c, None, 256)}) > 1), (False, True)),
 ]
 
 
 @pytest.mark.parametrize("setting,effect,expected", EFFECTS, ids=[e[0] for e in EFFECTS])
 def test_each_key_changes_what_it_should(setting, effect, expected):
     assert effect(cfg_of("model_specification.max_concurrency=6", setting)) == expected
+
+
+def test_fixed_output_lengths_can_run_with_the_shuffle_on():
+    c = cfg_of("runtime_hyperparameter.use_mem_shuffle=1", "request.output_len=fixed")
+    assert c.engine_config().use_mem_shuffle
+    assert {it.max_tokens for it in build_workload(c, None, 256)} == {c.request_output_len}
 
 
 def test_prompts_file_supplies_the_prompts(tmp_path):
@@ -195,6 +204,7 @@ BAD = [  # (key=value, words the message must hold)
     ("request.num_requests=0", ["num_requests", "'0'", "integer >= 1"]),
     ("request.prompts_file=/no/such.jsonl", ["prompts_file", "/no/such.jsonl", "no such file"]),
     ("request.ignore_eos=2", ["ignore_eos", "'2'", "0 or 1"]),
+    ("request.output_len=random", ["output_len", "'random'", "fixed"]),
 ]
 
 
