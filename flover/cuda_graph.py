@@ -15,11 +15,17 @@ the GPU in one host-to-device copy from a pinned buffer.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
 from flover.attention import AttentionMetadata
 from flover.kv_cache import SlotCache
+
+# Captures share torch's default capture stream, and a capture in global mode forbids other
+# threads' CUDA calls; `flover run`'s `instances` mode has one engine per thread.
+_CAPTURE_LOCK = threading.Lock()
 
 
 def bucket_sizes(num_slots: int) -> list[int]:
@@ -67,7 +73,8 @@ class DecodeGraphs:
             self._forward(size)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with _CAPTURE_LOCK, torch.cuda.graph(graph, pool=self.pool,
+                                             capture_error_mode="thread_local"):
             logits = self._forward(size)
         self.pool = graph.pool()
         self.graphs[size] = (graph, logits)
