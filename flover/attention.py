@@ -33,6 +33,30 @@ class AttentionMetadata:
     decode_lengths: torch.Tensor | None  # [num_decode] KV length of each row, new token included
     decode_max_len: int  # max(decode_lengths), known on the host
     prefills: list[PrefillChunk]
+    padded: PaddedPrefill | bool | None = None  # built by the first layer (False: none)
+
+
+@dataclass(slots=True)
+class PaddedPrefill:
+    """Whole prompts (chunks starting at position 0) laid out [n, L] for one attention call."""
+
+    chunks: list[PrefillChunk]
+    slots: torch.Tensor  # [n]
+    index: torch.Tensor  # [n, L] flat token index of each (prompt, position); padding repeats
+    valid: torch.Tensor  # [n, L] position < the prompt's length
+    mask: torch.Tensor  # [n, 1, L, L] causal and within the prompt
+
+    @classmethod
+    def build(cls, chunks: list[PrefillChunk], device) -> PaddedPrefill:
+        width = max(c.length for c in chunks)
+        lens = torch.tensor([c.length for c in chunks], device=device)
+        offs = torch.tensor([c.offset for c in chunks], device=device)
+        j = torch.arange(width, device=device)
+        valid = j[None, :] < lens[:, None]
+        index = torch.where(valid, offs[:, None] + j[None, :], offs[:, None])
+        mask = (j[None, :] <= j[:, None])[None, None] & valid[:, None, None, :]
+        slots = torch.tensor([c.slot for c in chunks], device=device)
+        return cls(chunks, slots, index, valid, mask)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -80,6 +104,35 @@ def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     return out.transpose(0, 1).to(q.dtype)
 
 
+def prefill_attention_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             p: PaddedPrefill, scale: float) -> torch.Tensor:
+    """Several whole prompts in one attention call: [sum of lengths, H, D], in p.index order.
+
+    Padding queries attend to their prompt's first keys at least (no empty softmax) and are
+    dropped; padding keys are masked.
+    """
+    h = q.shape[1]
+    width = p.index.shape[1]
+    k = k_cache[p.slots, :, :width]
+    v = v_cache[p.slots, :, :width]
+    groups = h // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    qp = q[p.index].transpose(1, 2).to(k.dtype)  # [n, H, L, D]
+    out = F.scaled_dot_product_attention(qp, k, v, attn_mask=p.mask, scale=scale)
+    return out.transpose(1, 2)[p.valid].to(q.dtype)
+
+
+def _batchable(chunks: list[PrefillChunk]) -> list[PrefillChunk]:
+    """Whole prompts worth one padded call: at least two, padding at most half the work."""
+    fresh = [c for c in chunks if c.start == 0]
+    if len(fresh) < 2:
+        return []
+    return fresh if len(fresh) * max(c.length for c in fresh) <= 2 * sum(c.length for c in fresh) \
+        else []
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
               v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q [T, H, D], k/v [T, Hkv, D] for the flat batch; returns [T, H, D]."""
@@ -89,7 +142,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
     if nd:
         out[:nd] = decode_attention(q[:nd], k_cache, v_cache, meta.decode_lengths,
                                     meta.decode_max_len, scale)
-    for c in meta.prefills:
+    chunks = meta.prefills
+    if chunks and meta.padded is None:
+        batch = _batchable(chunks)
+        meta.padded = PaddedPrefill.build(batch, q.device) if batch else False
+    if meta.padded:
+        out[meta.padded.index[meta.padded.valid]] = prefill_attention_padded(
+            q, k_cache, v_cache, meta.padded, scale)
+        chunks = [c for c in chunks if c not in meta.padded.chunks]
+    for c in chunks:
         out[c.offset:c.offset + c.length] = prefill_attention_ref(
             q[c.offset:c.offset + c.length], k_cache, v_cache, c, scale)
     return out

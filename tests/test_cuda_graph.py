@@ -20,9 +20,9 @@ from flover.weights import load_model
 CAPTURE = [False] + ([True] if torch.cuda.is_available() else [])
 
 
-def test_bucket_sizes_double_then_step_by_16_up_to_the_slot_count():
-    assert bucket_sizes(64) == [1, 2, 4, 8, 16, 32, 48, 64]
-    assert bucket_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
+def test_bucket_sizes_grow_then_step_by_16_up_to_the_slot_count():
+    assert bucket_sizes(64) == [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
+    assert bucket_sizes(40) == [1, 2, 4, 8, 12, 16, 24, 32, 40]
     assert bucket_sizes(3) == [1, 2, 3]
 
 
