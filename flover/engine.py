@@ -164,10 +164,12 @@ class Engine:
     def abort(self, request_id: str) -> None:
         """Finish a request now and free its slot; unknown or finished ids are ignored."""
         req = self.requests.pop(request_id, None)
-        for row in (req.group.rows if req is not None and req.group else [req] if req else []):
+        if req is None:
+            return
+        for row in req.group.rows if req.group else [req]:
             if not row.finished:
                 self.scheduler.finish(row, "abort")
-            self._text.pop(row.request_id, None)
+        self._forget_text(req)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -186,10 +188,15 @@ class Engine:
         for r, out in zip(heads, outs, strict=True):
             if out.finished:
                 self.requests.pop(r.request_id, None)
-                for key in [x for x in self._text if x == r.request_id or
-                            x.startswith(f"{r.request_id}#")]:
-                    self._text.pop(key)
+                self._forget_text(r)
         return outs
+
+    def _forget_text(self, head: Request) -> None:
+        """Drop the decoded text kept for streaming a request's rows (and beams)."""
+        rows = head.group.rows if head.group else [head]
+        for key in [r.request_id for r in rows] + [f"{head.request_id}#beam{i}"
+                                                   for i in range(len(rows))]:
+            self._text.pop(key, None)
 
     def _output(self, head: Request) -> RequestOutput:
         """The output of a request (all rows of its group), after this iteration."""
