@@ -1,13 +1,13 @@
 """CUDA graphs for pure-decode iterations: one graph per batch-size bucket, replayed.
 
 A decode iteration launches a few hundred small kernels; replaying them as one graph takes
-the host's launch cost off the critical path. Each bucket size (1, 2, 4, 8, 12, 16, 24, 32, 48,
-64, then steps of 16, up to the number of slots) is captured on first use, all sharing one memory
-pool. A batch of n rows replays the graph of the next bucket up: rows n.. are padding rows
-that feed token 0 and write their key and value at their slot's last position, which no
-request reads (see `flover.runner`). The memory shuffle keeps the live rows in slots 0..n-1,
-so the padding stays small. The graph sees the cache through `max_len = max_seq_len`; the
-attention kernel still reads each row only up to its own length.
+the host's launch cost off the critical path. Each bucket size (1, 2, 4, 8, 12, 16, 24, 32,
+48, 64, then steps of 16, up to the number of slots) is captured when the engine starts
+(`capture_all`), all sharing one memory pool. A batch of n rows replays the graph of the next
+bucket up: rows n.. are padding rows that feed token 0 and write their key and value at their
+slot's last position, which no request reads (see `flover.runner`). The memory shuffle keeps
+the live rows in slots 0..n-1, so the padding stays small. The graph sees the cache through
+`max_len = max_seq_len`; the attention kernel still reads each row only up to its own length.
 
 Every per-iteration input (token ids, positions, lengths, which logits rows to keep) goes to
 the GPU in one host-to-device copy from a pinned buffer.
@@ -65,6 +65,13 @@ class DecodeGraphs:
                                  decode_lengths=lens, decode_max_len=self.cache.max_seq_len,
                                  prefills=[])
         return self.model.logits(self.model(ids, meta, self.cache.k, self.cache.v))
+
+    def capture_all(self) -> None:
+        """Capture every bucket now, largest first (the smaller reuse its pool memory), so that
+        no request waits for a capture in the middle of a run."""
+        for size in reversed(self.buckets):
+            if size not in self.graphs:
+                self._capture(size)
 
     def _capture(self, size: int) -> None:
         """Warm up on a side stream (Triton compiles, cuBLAS picks), then capture."""

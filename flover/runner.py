@@ -29,6 +29,8 @@ class ModelRunner:
         # pure-decode iterations replay a captured graph on the GPU (flover.cuda_graph)
         use_graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs = DecodeGraphs(model, cache) if use_graphs else None
+        if self.graphs is not None:
+            self.graphs.capture_all()
 
     def prepare(self, batch: Batch) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
         """input ids, attention metadata, and the flat index of each row to sample."""
