@@ -30,6 +30,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from decode_step import decode_batch  # bench/ is on the path of a script run from it
 
 from flover import Engine, EngineConfig, SamplingParams
 from flover.attention import AttentionMetadata, PrefillChunk
@@ -37,7 +38,6 @@ from flover.distributed import init_distributed
 from flover.models.presets import PRESETS
 from flover.runner import ModelRunner
 from flover.scheduler import Batch
-from flover.sequence import Request, Status
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
@@ -45,16 +45,6 @@ DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 def prompts(n: int, vocab: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(0)
     return [torch.randint(3, vocab, (5 + 7 * i,), generator=g).tolist() for i in range(n)]
-
-
-def decode_batch(rows: int, context: int) -> Batch:
-    reqs = []
-    for i in range(rows):
-        r = Request(f"b{i}", [1] * context, SamplingParams(temperature=0.0, max_tokens=1))
-        r.slot, r.num_computed, r.status = i, context, Status.DECODE
-        r.output_ids.append(7)
-        reqs.append(r)
-    return Batch(list(reqs), [], reqs)
 
 
 def sync(device: torch.device) -> None:

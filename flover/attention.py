@@ -83,17 +83,20 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     return out.reshape(b, h, d).to(q.dtype)
 
 
+def _expand_kv(k: torch.Tensor, v: torch.Tensor, heads: int, dim: int):
+    """Repeat each KV head for its group of query heads (GQA) along `dim`."""
+    groups = heads // k.shape[dim]
+    if groups == 1:
+        return k, v
+    return k.repeat_interleave(groups, dim=dim), v.repeat_interleave(groups, dim=dim)
+
+
 def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           chunk: PrefillChunk, scale: float) -> torch.Tensor:
     """One prompt chunk q [n, H, D] attends causally to its slot's cache up to its last token."""
     n, h, _ = q.shape
     end = chunk.start + chunk.length
-    k = k_cache[chunk.slot, :, :end]
-    v = v_cache[chunk.slot, :, :end]
-    groups = h // k.shape[0]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=0)
-        v = v.repeat_interleave(groups, dim=0)
+    k, v = _expand_kv(k_cache[chunk.slot, :, :end], v_cache[chunk.slot, :, :end], h, dim=0)
     qh = q.transpose(0, 1).to(k.dtype)
     if chunk.start == 0:
         out = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale)
@@ -113,12 +116,7 @@ def prefill_attention_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     """
     h = q.shape[1]
     width = p.index.shape[1]
-    k = k_cache[p.slots, :, :width]
-    v = v_cache[p.slots, :, :width]
-    groups = h // k.shape[1]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
+    k, v = _expand_kv(k_cache[p.slots, :, :width], v_cache[p.slots, :, :width], h, dim=1)
     qp = q[p.index].transpose(1, 2).to(k.dtype)  # [n, H, L, D]
     out = F.scaled_dot_product_attention(qp, k, v, attn_mask=p.mask, scale=scale)
     return out.transpose(1, 2)[p.valid].to(q.dtype)
