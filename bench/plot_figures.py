@@ -64,66 +64,60 @@ def lol(m):
     return m["latency_over_lone"]
 
 
-def fig_constant(res: dict, out: Path) -> None:
+PANELS = ((total, "total time (s)"), (tps, "output tokens/s"),
+          (lol, "mean latency / lone request's"))
+
+
+def three_panels(res: dict, out: Path, name: str, what: str, xlabel: str, lines, panels=PANELS,
+                 log_y=(), style_x=None) -> None:
+    """One row of three panels (a metric each) with a line per `lines` entry:
+    (label, color, mode, shuffle filter)."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for ax, key, label in zip(axes, (total, tps, lol),
-                              ("total time (s)", "output tokens/s", "mean latency / lone request's"),
-                              strict=True):
-        for mode, c in COLORS.items():
-            xs, ys = series(res, mode, key)
+    for i, (ax, (key, label)) in enumerate(zip(axes, panels, strict=True)):
+        for line_label, c, mode, shuffle in lines:
+            xs, ys = series(res, mode, key, shuffle)
             if xs:
-                ax.plot(xs, ys, "o-", color=c, label=mode)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks([1, 2, 4, 8, 16, 32], ["1", "2", "4", "8", "16", "32"])
-        ax.set_xlabel("requests (100 ms apart, 128 new tokens each)")
+                ax.plot(xs, ys, "o-", color=c, label=line_label)
+        if style_x is not None:
+            style_x(ax)
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[1].set_yscale("log")
-    axes[2].set_yscale("log")
+        if i in log_y:
+            ax.set_yscale("log")
     axes[0].legend()
-    fig.suptitle(title(res, "Constant interval"))
+    fig.suptitle(title(res, what))
     fig.tight_layout()
-    fig.savefig(out / "e2e_constant.png", dpi=100)
+    fig.savefig(out / name, dpi=100)
     plt.close(fig)
+
+
+MODE_LINES = [(mode, c, mode, None) for mode, c in COLORS.items()]
+
+
+def fig_constant(res: dict, out: Path) -> None:
+    def style_x(ax):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([1, 2, 4, 8, 16, 32], ["1", "2", "4", "8", "16", "32"])
+
+    three_panels(res, out, "e2e_constant.png", "Constant interval",
+                 "requests (100 ms apart, 128 new tokens each)", MODE_LINES, log_y=(1, 2),
+                 style_x=style_x)
 
 
 def fig_poisson(res: dict, out: Path) -> None:
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for ax, key, label in zip(axes, (total, tps, lol),
-                              ("total time (s)", "output tokens/s", "mean latency / lone request's"),
-                              strict=True):
-        for mode, c in COLORS.items():
-            xs, ys = series(res, mode, key)
-            if xs:
-                ax.plot(xs, ys, "o-", color=c, label=mode)
-        ax.set_xscale("log")
-        ax.set_xlabel("mean interval (ms), Poisson, 32 requests x 128 tokens")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].set_yscale("log")
-    axes[2].set_yscale("log")
-    axes[0].legend()
-    fig.suptitle(title(res, "Poisson arrivals"))
-    fig.tight_layout()
-    fig.savefig(out / "e2e_poisson.png", dpi=100)
-    plt.close(fig)
+    three_panels(res, out, "e2e_poisson.png", "Poisson arrivals",
+                 "mean interval (ms), Poisson, 32 requests x 128 tokens", MODE_LINES,
+                 log_y=(0, 2), style_x=lambda ax: ax.set_xscale("log"))
 
 
 def fig_shuffle(res: dict, out: Path) -> None:
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for ax, key, label in zip(axes, (total, tps, lambda m: m["mean_latency_s"]),
-                              ("total time (s)", "output tokens/s", "mean latency (s)"), strict=True):
-        for shuffle, c in ((True, COLORS["fused"]), (False, "#9467bd")):
-            xs, ys = series(res, "fused", key, shuffle)
-            ax.plot(xs, ys, "o-", color=c, label="fused, shuffle" if shuffle else "fused, no shuffle")
-        ax.set_xlabel("max output length (uniform 1..L); 32 requests, 16 slots, all at 0 ms")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle(title(res, "Random lengths, memory shuffle"))
-    fig.tight_layout()
-    fig.savefig(out / "e2e_shuffle.png", dpi=100)
-    plt.close(fig)
+    lines = [("fused, shuffle", COLORS["fused"], "fused", True),
+             ("fused, no shuffle", "#9467bd", "fused", False)]
+    panels = (*PANELS[:2], (lambda m: m["mean_latency_s"], "mean latency (s)"))
+    three_panels(res, out, "e2e_shuffle.png", "Random lengths, memory shuffle",
+                 "max output length (uniform 1..L); 32 requests, 16 slots, all at 0 ms", lines,
+                 panels=panels)
 
 
 def fig_memory(fixed: dict | None, rnd: dict | None, out: Path) -> None:
