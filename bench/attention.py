@@ -16,8 +16,8 @@ import torch
 import triton.testing
 from decode_step import copy_bandwidth
 
-from flover.attention import decode_attention_ref
-from flover.kernels.decode_attention import decode_attention
+from flover.ops.attention import decode_attention_ref
+from flover.ops.attention_triton import decode_attention
 
 SHAPES = {"llama_7b": (32, 32, 128), "llama_13b": (40, 40, 128), "gptj_6b": (16, 16, 256),
           "gqa_8b": (32, 8, 128)}  # (heads, kv heads, head dim)

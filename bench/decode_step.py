@@ -23,12 +23,12 @@ import time
 import torch
 
 from flover.config import SamplingParams
-from flover.kv_cache import SlotCache
+from flover.engine.kv_cache import SlotCache
+from flover.engine.runner import ModelRunner
+from flover.engine.scheduler import Batch
+from flover.engine.sequence import Request, Status
 from flover.models.layers import init_random
 from flover.models.presets import preset
-from flover.runner import ModelRunner
-from flover.scheduler import Batch
-from flover.sequence import Request, Status
 from flover.weights import allocate
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}

@@ -38,11 +38,12 @@ from pathlib import Path
 
 import torch
 
-from flover import report
 from flover.config import SamplingParams
-from flover.driver import RunContext, measure_lone, new_state, run_workload
-from flover.ini import load_config
-from flover.workload import build_workload
+from flover.run import report
+from flover.run.context import RunContext, new_state
+from flover.run.driver import measure_lone, run_workload
+from flover.run.ini import load_config
+from flover.run.workload import build_workload
 
 MODES = ("fused", "dynamic", "instances", "serial")
 

@@ -30,11 +30,12 @@ from pathlib import Path
 
 import torch
 
-from flover import report
-from flover.driver import RunContext, new_state, run_workload
-from flover.ini import load_config
 from flover.models.presets import preset
-from flover.workload import build_workload
+from flover.run import report
+from flover.run.context import RunContext, new_state
+from flover.run.driver import run_workload
+from flover.run.ini import load_config
+from flover.run.workload import build_workload
 
 VARIANTS = [  # (attention, CUDA graphs (None: transformers' default), async batching)
     ("paged|sdpa", None, None), ("paged|sdpa", True, None), ("paged|eager", True, None),

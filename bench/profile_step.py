@@ -13,10 +13,10 @@ import torch
 from decode_step import DTYPES, decode_batch
 from torch.profiler import ProfilerActivity, profile
 
-from flover.kv_cache import SlotCache
+from flover.engine.kv_cache import SlotCache
+from flover.engine.runner import ModelRunner
 from flover.models.layers import init_random
 from flover.models.presets import preset
-from flover.runner import ModelRunner
 from flover.weights import allocate
 
 

@@ -33,11 +33,11 @@ import torch.distributed as dist
 from decode_step import decode_batch  # bench/ is on the path of a script run from it
 
 from flover import Engine, EngineConfig, SamplingParams
-from flover.attention import AttentionMetadata, PrefillChunk
 from flover.distributed import init_distributed
+from flover.engine.runner import ModelRunner
+from flover.engine.scheduler import Batch
 from flover.models.presets import PRESETS
-from flover.runner import ModelRunner
-from flover.scheduler import Batch
+from flover.ops.attention import AttentionMetadata, PrefillChunk
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 

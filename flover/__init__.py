@@ -1,7 +1,8 @@
 """Flover: temporal fusion inference for GPT-J and LLaMA-family models."""
 
 from flover.config import ConfigError, EngineConfig, SamplingParams
-from flover.engine import LLM, Engine, RequestError, RequestOutput
+from flover.engine import Engine, RequestError, RequestOutput
+from flover.llm import LLM
 
 __all__ = ["LLM", "ConfigError", "Engine", "EngineConfig", "RequestError", "RequestOutput",
            "SamplingParams"]

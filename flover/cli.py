@@ -36,11 +36,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from flover import distributed, report, viz
-    from flover.driver import RunContext, measure_lone, new_state, run_workload
+    from flover import distributed
     from flover.engine import resolve_device, resolve_dtype
-    from flover.ini import load_config
-    from flover.workload import build_workload
+    from flover.run import report
+    from flover.run import view as viz
+    from flover.run.context import RunContext, new_state
+    from flover.run.driver import measure_lone, run_workload
+    from flover.run.ini import load_config
+    from flover.run.workload import build_workload
 
     cfg = load_config(args.config, args.set, args.model)
     if args.plot:

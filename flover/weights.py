@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from flover.cpu import pack_linears
 from flover.models import ModelConfig, ModelFormatError, build_model
 from flover.models.layers import init_random
 from flover.models.presets import PRESETS, preset
+from flover.ops.cpu_linear import pack_linears
 from flover.tokenizer import Tokenizer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"

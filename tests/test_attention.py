@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flover.attention import AttentionMetadata, PrefillChunk, attention, prefill_attention_ref
+from flover.ops.attention import AttentionMetadata, PrefillChunk, attention, prefill_attention_ref
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (6, 2), (4, 1)])
@@ -32,7 +32,7 @@ def test_padded_prompts_equal_one_call_per_prompt(heads, kv_heads):
 
 
 def test_prompts_of_very_different_lengths_go_one_by_one():
-    from flover.attention import _batchable
+    from flover.ops.attention import _batchable
 
     chunks = [PrefillChunk(0, 0, 40, 0), PrefillChunk(1, 0, 2, 40), PrefillChunk(2, 0, 3, 42)]
     assert _batchable(chunks) == []  # 3 x 40 padded for 45 real tokens

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from flover import cpu
 from flover.models.layers import TiedHead
+from flover.ops import cpu_linear as cpu
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="this torch has no oneDNN")
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from flover.config import SamplingParams
-from flover.cuda_graph import DecodeGraphs, bucket_sizes
-from flover.kv_cache import SlotCache
-from flover.runner import ModelRunner
-from flover.scheduler import Batch
-from flover.sequence import Request, Status
+from flover.engine.cuda_graph import DecodeGraphs, bucket_sizes
+from flover.engine.kv_cache import SlotCache
+from flover.engine.runner import ModelRunner
+from flover.engine.scheduler import Batch
+from flover.engine.sequence import Request, Status
 from flover.weights import load_model
 
 CAPTURE = [False] + ([True] if torch.cuda.is_available() else [])

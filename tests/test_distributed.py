@@ -18,8 +18,8 @@ import torch
 import torch.multiprocessing as mp
 
 from flover import ConfigError, Engine, EngineConfig, SamplingParams
-from flover.attention import AttentionMetadata, PrefillChunk
 from flover.distributed import check_launch, shard_model
+from flover.ops.attention import AttentionMetadata, PrefillChunk
 from flover.weights import allocate
 
 WORLD = 2

@@ -9,8 +9,8 @@ import textwrap
 import pytest
 
 from flover.config import ConfigError
-from flover.ini import load_config
-from flover.workload import build_workload
+from flover.run.ini import load_config
+from flover.run.workload import build_workload
 
 ORIGINAL = """\
 [model_specification]

@@ -17,8 +17,8 @@ if not torch.cuda.is_available():
     assert os.environ.get("TRITON_INTERPRET") == "1", "conftest.py sets this before imports"
 triton = pytest.importorskip("triton")
 
-from flover.attention import decode_attention_ref  # noqa: E402
-from flover.kernels.decode_attention import decode_attention  # noqa: E402
+from flover.ops.attention import decode_attention_ref  # noqa: E402
+from flover.ops.attention_triton import decode_attention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -75,11 +75,11 @@ def test_decode_attention_splits_long_rows_and_keeps_half_precision():
     torch.testing.assert_close(ours.float(), ref.float(), rtol=1e-2, atol=1e-2)
 
 
-# --- fused elementwise kernels (flover.kernels.fused) against flover.fused's references ---
+# --- fused elementwise kernels (flover.ops.fused_triton) against flover.fused's references ---
 
-from flover import fused  # noqa: E402
-from flover.kernels import fused as kf  # noqa: E402
 from flover.models.layers import Rotary  # noqa: E402
+from flover.ops import fused  # noqa: E402
+from flover.ops import fused_triton as kf  # noqa: E402
 
 
 @pytest.mark.parametrize("with_residual", [False, True])
@@ -130,8 +130,8 @@ def test_write_kv_kernel_writes_each_token_at_its_slot_and_position():
 def test_model_with_fused_kernels_matches_references_on_gpu(preset):
     from test_cuda_graph import prefilled_rows
 
-    from flover.kv_cache import SlotCache
-    from flover.runner import ModelRunner
+    from flover.engine.kv_cache import SlotCache
+    from flover.engine.runner import ModelRunner
     from flover.weights import load_model
 
     model, _ = load_model(preset, torch.float32, torch.device("cuda"), seed=2)

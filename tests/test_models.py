@@ -7,9 +7,9 @@ import torch
 from conftest import hf_greedy, hf_model, prompts
 
 from flover import Engine, EngineConfig, SamplingParams
+from flover.engine.scheduler import Batch
+from flover.engine.sequence import Request
 from flover.models import ModelFormatError
-from flover.scheduler import Batch
-from flover.sequence import Request
 
 
 def engine(path, **kw) -> Engine:

@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from flover.config import SamplingParams
-from flover.penalties import (
+from flover.engine.sequence import Request
+from flover.sampling.penalties import (
     apply_penalties,
     compute_logprobs,
     count_tokens,
     logit_bias,
     uses_penalties,
 )
-from flover.sequence import Request
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,9 +8,10 @@ import json
 import pytest
 
 from flover.cli import main
-from flover.driver import RunContext, measure_lone, new_state, run_workload
-from flover.ini import load_config
-from flover.workload import arrival_times, build_workload
+from flover.run.context import RunContext, new_state
+from flover.run.driver import measure_lone, run_workload
+from flover.run.ini import load_config
+from flover.run.workload import arrival_times, build_workload
 
 BASE = ["model_specification.model_type=tiny_llama", "model_specification.data_type=fp32",
         "model_specification.device=cpu", "model_specification.max_seq_len=64",

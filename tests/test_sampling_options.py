@@ -56,7 +56,7 @@ def test_beam_rows_share_the_prompt_prefill(llama_dir):
 
 
 def test_diversity_rate_penalises_candidates_by_their_rank_within_their_beam():
-    from flover.beam import BeamSearch
+    from flover.sampling.beam import BeamSearch
 
     logprobs = torch.tensor([[-0.1, -0.2, -5.0, -5.0], [-1.0, -6.0, -6.0, -6.0]])
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from flover.config import ConfigError
-from flover.workload import (
+from flover.run.workload import (
     arrival_times,
     encode_prompt,
     output_lengths,

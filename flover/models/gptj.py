@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flover import fused
-from flover.attention import AttentionMetadata, attention
 from flover.models.config import ModelConfig
 from flover.models.layers import Rotary, load_named_weights
+from flover.ops import fused
+from flover.ops.attention import AttentionMetadata, attention
 
 
 class GPTJAttention(nn.Module):

@@ -1,7 +1,7 @@
 """The LLaMA family (LLaMA 1-3, Mistral-shaped, SmolLM2): RMSNorm, rotary, SwiGLU, GQA.
 
 Written for fused batches: tokens arrive flat ([T, hidden]) with their positions, and the
-attention layer reads and writes the slot KV cache through `flover.attention`.
+attention layer reads and writes the slot KV cache through `flover.ops.attention`.
 Parameter names follow Hugging Face's, with q/k/v and gate/up stacked into one matrix each.
 """
 
@@ -12,10 +12,10 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from flover import fused
-from flover.attention import AttentionMetadata, attention
 from flover.models.config import ModelConfig
 from flover.models.layers import RMSNorm, Rotary, TiedHead, load_named_weights
+from flover.ops import fused
+from flover.ops.attention import AttentionMetadata, attention
 
 
 class LlamaAttention(nn.Module):

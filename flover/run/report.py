@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from flover.config import ConfigError
-from flover.ini import RunConfig
-from flover.timeline import RunState
+from flover.run.ini import RunConfig
+from flover.run.timeline import RunState
 
 
 def reset_peak_memory(device: torch.device) -> None:

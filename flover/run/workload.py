@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flover.config import ConfigError
-from flover.ini import RunConfig
+from flover.run.ini import RunConfig
 
 
 @dataclass(slots=True)

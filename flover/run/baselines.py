@@ -6,7 +6,7 @@
 - `dynamic`: dynamic batching. The oldest waiting request opens a window of `batch_window`
   ms; when it closes (or the batch is full) the waiting requests run as one static batch
   to the longest one's end, and return together. Later arrivals wait for the next batch.
-(`serial` is the fused driver over an engine of one slot; see driver.py.)
+(`fused` and `serial` are in driver.py; `serial` is the fused driver over one slot.)
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from contextlib import nullcontext
 import torch
 
 from flover.distributed import shared_clock
-from flover.driver import RunContext, arrive, finish
 from flover.engine import Engine
-from flover.ini import RunConfig
-from flover.timeline import Record, RunState
-from flover.workload import WorkItem
+from flover.run.context import RunContext, arrive, finish
+from flover.run.ini import RunConfig
+from flover.run.timeline import Record, RunState
+from flover.run.workload import WorkItem
 
 
 def run_instances(ctx: RunContext, items: list[WorkItem], state: RunState) -> None:

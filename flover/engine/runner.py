@@ -11,13 +11,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flover.attention import AttentionMetadata, PrefillChunk
-from flover.cuda_graph import DecodeGraphs
-from flover.kv_cache import SlotCache
-from flover.penalties import apply_penalties, compute_logprobs
-from flover.sampling import sample
-from flover.scheduler import Batch
-from flover.sequence import Group
+from flover.engine.cuda_graph import DecodeGraphs
+from flover.engine.kv_cache import SlotCache
+from flover.engine.scheduler import Batch
+from flover.engine.sequence import Group
+from flover.ops.attention import AttentionMetadata, PrefillChunk
+from flover.sampling.penalties import apply_penalties, compute_logprobs
+from flover.sampling.sampler import sample
 
 
 class ModelRunner:
@@ -26,7 +26,7 @@ class ModelRunner:
         self.model, self.cache = model, cache
         self.device = cache.k.device
         self.generator = torch.Generator().manual_seed(seed)
-        # pure-decode iterations replay a captured graph on the GPU (flover.cuda_graph)
+        # pure-decode iterations replay a captured graph on the GPU (flover.engine.cuda_graph)
         use_graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs = DecodeGraphs(model, cache) if use_graphs else None
         if self.graphs is not None:

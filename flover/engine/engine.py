@@ -7,47 +7,21 @@ fuses a list of prompts and returns their completions.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
-from flover.beam import BeamSearch
 from flover.config import ConfigError, EngineConfig, SamplingParams, canonical_dtype
-from flover.kv_cache import SlotCache
-from flover.runner import ModelRunner
-from flover.scheduler import Scheduler
-from flover.sequence import Group, Request
+from flover.engine.kv_cache import SlotCache
+from flover.engine.outputs import CompletionOutput, RequestOutput
+from flover.engine.runner import ModelRunner
+from flover.engine.scheduler import Scheduler
+from flover.engine.sequence import Group, Request
+from flover.sampling.beam import BeamSearch
 from flover.weights import load_model
 
 
 class RequestError(ValueError):
     """A request was refused; the message says why. Other requests are unaffected."""
-
-
-@dataclass(slots=True)
-class CompletionOutput:
-    """One sequence of a request: its only one, one of n samples, or one beam."""
-
-    index: int
-    token_ids: list[int]
-    text: str = ""
-    new_text: str = ""
-    finish_reason: str | None = None
-    score: float | None = None  # beam search: sum of log-probs / length ** len_penalty
-    logprobs: list[dict] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class RequestOutput:
-    request_id: str
-    token_ids: list[int]  # every generated token so far (of the first sequence)
-    new_token_ids: list[int]
-    finished: bool
-    finish_reason: str | None
-    text: str = ""  # decoded generated text so far ("" without a tokenizer)
-    new_text: str = ""
-    prompt_token_ids: list[int] = field(default_factory=list)
-    outputs: list[CompletionOutput] = field(default_factory=list)  # n samples or k beams
 
 
 def resolve_device(device: str) -> torch.device:
@@ -260,38 +234,3 @@ class Engine:
     def run_until_done(self) -> Iterator[RequestOutput]:
         while self.has_unfinished():
             yield from self.step()
-
-
-class LLM:
-    """Offline generation: every prompt of a call is fused into one in-flight batch."""
-
-    def __init__(self, model: str | None = None, dtype: str = "auto", device: str = "auto",
-                 max_concurrency: int = 32, max_seq_len: int = 1024, **kwargs) -> None:
-        self.engine = Engine(EngineConfig(model=model, dtype=dtype, device=device,
-                                          max_concurrency=max_concurrency,
-                                          max_seq_len=max_seq_len, **kwargs))
-        self.tokenizer = self.engine.tokenizer
-        self._counter = 0
-
-    def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
-                 params: SamplingParams | None = None) -> list[RequestOutput]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        ids = []
-        for p in prompts:
-            self._counter += 1
-            ids.append(f"llm-{self._counter}")
-            self.engine.add_request(ids[-1], p, params)
-        final: dict[str, RequestOutput] = {}
-        for out in self.engine.run_until_done():
-            if out.finished:
-                final[out.request_id] = out
-        return [final[i] for i in ids]
-
-    def chat(self, conversations: list[list[dict]],
-             params: SamplingParams | None = None) -> list[RequestOutput]:
-        if self.tokenizer is None:
-            raise RequestError("this model has no tokenizer, so no chat template")
-        prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(c),
-                                         add_special_tokens=False) for c in conversations]
-        return self.generate(prompts, params)

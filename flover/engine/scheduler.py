@@ -13,8 +13,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from flover.kv_cache import SlotCache
-from flover.sequence import Group, Request, Status
+from flover.engine.kv_cache import SlotCache
+from flover.engine.sequence import Group, Request, Status
 
 
 @dataclass(slots=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from flover.sequence import Request
+from flover.engine.sequence import Request
 
 
 def uniforms(reqs: list[Request], shared: torch.Generator) -> list[float]:

@@ -5,7 +5,7 @@ the host's launch cost off the critical path. Each bucket size (1, 2, 4, 8, 12, 
 48, 64, then steps of 16, up to the number of slots) is captured when the engine starts
 (`capture_all`), all sharing one memory pool. A batch of n rows replays the graph of the next
 bucket up: rows n.. are padding rows that feed token 0 and write their key and value at their
-slot's last position, which no request reads (see `flover.runner`). The memory shuffle keeps
+slot's last position, which no request reads (see `flover.engine.runner`). The memory shuffle keeps
 the live rows in slots 0..n-1, so the padding stays small. The graph sees the cache through
 `max_len = max_seq_len`; the attention kernel still reads each row only up to its own length.
 
@@ -20,8 +20,8 @@ import threading
 import torch
 from torch import nn
 
-from flover.attention import AttentionMetadata
-from flover.kv_cache import SlotCache
+from flover.engine.kv_cache import SlotCache
+from flover.ops.attention import AttentionMetadata
 
 # Captures share torch's default capture stream, and a capture in global mode forbids other
 # threads' CUDA calls; `flover run`'s `instances` mode has one engine per thread.

@@ -1,5 +1,5 @@
 """Fused operations of the decode step: the plain PyTorch reference of each, and the dispatch
-to the Triton kernels of `flover.kernels.fused` for tensors on a GPU.
+to the Triton kernels of `flover.ops.fused_triton` for tensors on a GPU.
 
 Each kernel replaces a chain of small launches (RMSNorm alone is six) that dominate a
 decode step's non-matrix time; the reference is what the CPU runs and what the tests hold
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 ENABLED = True
 
 try:  # the kernels import triton; CPU-only installs go without it
-    from flover.kernels import fused as _k
+    from flover.ops import fused_triton as _k
 except Exception:  # noqa: BLE001 - any import failure means: use the references
     _k = None
 

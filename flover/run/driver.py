@@ -3,47 +3,24 @@
 A request is handed over when its arrival time has passed; when nothing is in flight the
 driver sleeps until the next arrival. `fused` feeds every arrival to one engine (temporal
 fusion); `serial` does the same with an engine of one slot, so requests run one after
-another; `instances` and `dynamic` live in baselines.py. All modes share one loaded model.
+another; `instances` and `dynamic` live in baselines.py. All modes share one loaded model
+(`context.RunContext`).
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from flover.distributed import shared_clock
-from flover.engine import Engine, resolve_device, resolve_dtype
-from flover.ini import RunConfig
-from flover.sequence import Request
-from flover.timeline import Record, RunState
-from flover.weights import load_model
-from flover.workload import WorkItem
-
-
-@dataclass(slots=True)
-class RunContext:
-    cfg: RunConfig
-    model: object
-    tokenizer: object | None
-
-    @classmethod
-    def load(cls, cfg: RunConfig) -> RunContext:
-        device = resolve_device(cfg.device)
-        model, tok = load_model(cfg.model_type, resolve_dtype(cfg.data_type, device), device,
-                                cfg.seed)
-        return cls(cfg, model, tok)
-
-    def engine(self, slots: int) -> Engine:
-        """A fresh engine (its own KV cache of `slots` slots) over the shared weights."""
-        return Engine(self.cfg.engine_config(slots), model=self.model, tokenizer=self.tokenizer)
-
-
-def new_state(cfg: RunConfig, items: list[WorkItem]) -> RunState:
-    slots = {"fused": cfg.max_concurrency, "dynamic": cfg.max_concurrency, "serial": 1,
-             "instances": len(items)}[cfg.mode]
-    recs = [Record(it.request_id, it.arrival, len(it.prompt_ids), it.max_tokens) for it in items]
-    return RunState(cfg.mode, recs, slots)
+from flover.engine import Engine
+from flover.engine.sequence import Request
+from flover.run import baselines
+from flover.run.context import RunContext, arrive, finish
+from flover.run.ini import RunConfig
+from flover.run.timeline import RunState
+from flover.run.workload import WorkItem
 
 
 def measure_lone(ctx: RunContext, item: WorkItem) -> dict:
@@ -72,8 +49,6 @@ def measure_lone(ctx: RunContext, item: WorkItem) -> dict:
 
 
 def run_workload(ctx: RunContext, items: list[WorkItem], state: RunState) -> None:
-    from flover import baselines
-
     mode = ctx.cfg.mode
     try:
         if mode == "fused":
@@ -86,17 +61,6 @@ def run_workload(ctx: RunContext, items: list[WorkItem], state: RunState) -> Non
             baselines.run_instances(ctx, items, state)
     finally:
         state.done = True
-
-
-def arrive(state: RunState, rec: Record, status: str = "waiting") -> None:
-    rec.status = status
-    state.log(f"{rec.request_id} arrived ({rec.prompt_len} prompt tokens, "
-              f"{rec.max_tokens} to generate)")
-
-
-def finish(state: RunState, rec: Record, finish_time: float) -> None:
-    rec.finish, rec.status = finish_time, "done"
-    state.log(f"{rec.request_id} finished: {rec.tokens} tokens in {rec.latency:.2f} s")
 
 
 def run_engine(engine: Engine, items: list[WorkItem], cfg: RunConfig, state: RunState) -> None:

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from flover.timeline import Record, RunState
+from flover.run.timeline import Record, RunState
 
 BLOCKS = " ▁▂▃▄▅▆▇█"
 STATUS_STYLE = {"pending": "dim", "waiting": "yellow", "running": "cyan", "done": "green"}

@@ -4,7 +4,7 @@ A fused iteration's tokens are laid out flat: first one token for each of the `n
 decode rows (row i lives in KV slot i: the memory shuffle keeps the live block dense), then
 the prompt chunks of the requests being prefilled. `AttentionMetadata` says where each token
 goes; model code passes it through untouched. This module holds the plain PyTorch path;
-`flover.kernels` holds the fast GPU kernels behind the same functions.
+`attention_triton` holds the fast GPU kernel behind the same functions.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from flover import fused
+from flover.ops import fused
 
 
 @dataclass(slots=True)
@@ -162,6 +162,6 @@ def decode_attention(q, k_cache, v_cache, lengths, max_len, scale):
 
 
 try:  # the kernel module imports triton; CPU-only installs go without it
-    from flover.kernels.decode_attention import decode_attention as _triton_decode
+    from flover.ops.attention_triton import decode_attention as _triton_decode
 except Exception:  # noqa: BLE001 - any import failure means: use the reference
     _triton_decode = None

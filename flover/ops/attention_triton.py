@@ -1,6 +1,6 @@
 """Decode attention over the slot KV cache: one query token per row, split-K, GQA-aware.
 
-Same function as `flover.attention.decode_attention_ref`: row b attends to slot b of the
+Same function as `flover.ops.attention.decode_attention_ref`: row b attends to slot b of the
 cache, positions < lengths[b]. Two launches:
 1. grid (rows, kv heads, splits): each program loads one K/V block of its split once and
    scores it against every query head of the kv head's group (GQA: no re-reads), keeping an

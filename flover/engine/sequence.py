@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flover.beam import BeamSearch
 from flover.config import SamplingParams
+from flover.sampling.beam import BeamSearch
 
 
 class Status(enum.Enum):

@@ -15,7 +15,7 @@ from array import array
 
 import torch
 
-from flover.sequence import Request
+from flover.engine.sequence import Request
 
 
 def count_tokens(prompts: list[list[int]], outputs: list[list[int]], vocab: int,

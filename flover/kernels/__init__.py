@@ -1,1 +1,0 @@
-"""Triton kernels for the GPU, each with a plain PyTorch reference in `flover.attention`."""

@@ -1,0 +1,1 @@
+"""Operations of the forward pass: each PyTorch reference beside the Triton kernel it checks."""

@@ -1,0 +1,1 @@
+"""Per-row token selection for a fused batch: sampler, penalties and logprobs, beam search."""
