@@ -7,6 +7,8 @@ and what is allowed, so that a bad request fails alone at `add_request`.
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
@@ -22,6 +24,52 @@ def _check(ok: bool, name: str, value: object, allowed: str) -> None:
         raise ConfigError(f"{name}={value!r} is invalid: {allowed}")
 
 
+class _Shown:
+    """Stands in for a value too long to print whole in an error message."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _is_int(v: object) -> bool:
+    """An integer, numpy's included; bool is not one here (True is not a count or a seed)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: object) -> bool:
+    """A finite real number (int, float, numpy scalar); bool, NaN, infinities and ints too
+    large for a float are not."""
+    if not isinstance(v, numbers.Real) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond float range
+        return False
+
+
+def _int_in(v: object, lo: int, hi: float = math.inf) -> bool:
+    return _is_int(v) and lo <= v <= hi
+
+
+def _real_in(v: object, lo: float, hi: float) -> bool:
+    return _is_real(v) and lo <= v <= hi
+
+
+def _token_id(key: object) -> int | None:
+    """A logit_bias key as a token id: an int, or a string of one (JSON keys are strings)."""
+    if _is_int(key):
+        return int(key)
+    if isinstance(key, str):
+        try:
+            return int(key)
+        except ValueError:
+            return None
+    return None
+
+
 def canonical_dtype(name: str) -> str:
     """'fp16' -> 'float16' etc.; raises ConfigError on an unknown name."""
     _check(isinstance(name, str) and name.lower() in DTYPES, "dtype", name,
@@ -29,13 +77,34 @@ def canonical_dtype(name: str) -> str:
     return DTYPES[name.lower()]
 
 
+# Limits on SamplingParams. Each keeps a value that passes from overflowing or turning into NaN
+# later, inside a batched step, where one bad row would spoil its neighbours.
+SAMPLING_EPS = 1e-5  # temperatures below this act as greedy (vLLM's value): logits / T overflows
+MAX_TEMPERATURE = 1e4  # flat for any real logits long before this; keeps T finite in float32
+REPETITION_PENALTY_RANGE = (1e-4, 1e4)  # seen logits are multiplied or divided by it in float32
+LEN_PENALTY_RANGE = (-10.0, 10.0)  # beam scores divide by length ** len_penalty: no overflow, no 0
+MAX_DIVERSITY_RATE = 1e4  # times a rank up to the vocabulary size, in float32
+MAX_LOGIT_BIAS = 1024  # entries per request
+LOGIT_BIAS_RANGE = 100.0  # each bias in [-100, 100] (OpenAI's range)
+MAX_STOP = 16  # stop strings per request
+MAX_STOP_LEN = 256  # characters per stop string
+MAX_STOP_TOKEN_IDS = 256
+MAX_LOGPROBS = 20
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+
+
 @dataclass(slots=True)
 class SamplingParams:
-    """How one request is decoded. `temperature=0` means greedy."""
+    """How one request is decoded. Temperatures below SAMPLING_EPS (0 included) mean greedy.
+
+    Every field is checked (and normalised: ints to int, numbers to float, `stop` to a list,
+    logit_bias keys to int) when the object is built, so a bad value fails its own request at
+    `add_request` instead of producing NaN or an overflow for the whole batch later.
+    """
 
     max_tokens: int = 16
     temperature: float = 1.0
-    top_k: int = 0  # 0: off
+    top_k: int = 0  # 0: off; larger than the vocabulary: keep everything
     top_p: float = 1.0
     min_p: float = 0.0
     seed: int | None = None
@@ -54,42 +123,98 @@ class SamplingParams:
     logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
-        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens",
-               self.max_tokens, "must be an integer >= 1")
-        _check(math.isfinite(self.temperature) and self.temperature >= 0, "temperature",
-               self.temperature, "must be >= 0 (0 means greedy)")
-        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", self.top_k,
+        _check(_int_in(self.max_tokens, 1), "max_tokens", self.max_tokens, "must be an integer >= 1")
+        self.max_tokens = int(self.max_tokens)
+        _check(_int_in(self.min_tokens, 0, self.max_tokens), "min_tokens", self.min_tokens,
+               f"must be an integer in [0, max_tokens={self.max_tokens}]")
+        self.min_tokens = int(self.min_tokens)
+        _check(_real_in(self.temperature, 0.0, MAX_TEMPERATURE), "temperature", self.temperature,
+               f"must be in [0, {MAX_TEMPERATURE:g}] (below {SAMPLING_EPS:g}, 0 included, means greedy)")
+        self.temperature = float(self.temperature)
+        _check(_int_in(self.top_k, 0), "top_k", self.top_k,
                "must be an integer >= 0 (0 disables top-k)")
-        _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "must be in (0, 1]")
-        _check(0.0 <= self.min_p <= 1.0, "min_p", self.min_p, "must be in [0, 1]")
-        _check(self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty),
-               "repetition_penalty", self.repetition_penalty, "must be > 0 (1.0 disables it)")
-        _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", self.presence_penalty,
-               "must be in [-2, 2]")
-        _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty",
-               self.frequency_penalty, "must be in [-2, 2]")
-        _check(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
-               "min_tokens", self.min_tokens, f"must be in [0, max_tokens={self.max_tokens}]")
-        _check(isinstance(self.n, int) and self.n >= 1, "n", self.n, "must be an integer >= 1")
-        _check(isinstance(self.beam_width, int) and self.beam_width >= 1, "beam_width",
-               self.beam_width, "must be an integer >= 1")
+        self.top_k = int(self.top_k)
+        _check(_is_real(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", self.top_p,
+               "must be in (0, 1] (1 disables top-p)")
+        self.top_p = float(self.top_p)
+        _check(_real_in(self.min_p, 0.0, 1.0), "min_p", self.min_p,
+               "must be in [0, 1] (0 disables min-p)")
+        self.min_p = float(self.min_p)
+        _check(self.seed is None or _int_in(self.seed, *SEED_RANGE), "seed", self.seed,
+               f"must be None or an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
+        if self.seed is not None:
+            self.seed = int(self.seed)
+        self._check_penalties()
+        self._check_stops()
+        self._check_logit_bias()
+        _check(_int_in(self.n, 1), "n", self.n, "must be an integer >= 1")
+        self.n = int(self.n)
+        _check(_int_in(self.beam_width, 1), "beam_width", self.beam_width, "must be an integer >= 1")
+        self.beam_width = int(self.beam_width)
         _check(self.beam_width == 1 or self.n == 1, "beam_width", self.beam_width,
                f"cannot be combined with n={self.n}; beam search returns beam_width sequences")
-        _check(self.beam_search_diversity_rate >= 0, "beam_search_diversity_rate",
-               self.beam_search_diversity_rate, "must be >= 0")
-        _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
-               "logprobs", self.logprobs, "must be None or an integer in [0, 20]")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
-               "must be non-empty strings")
-        _check(self.seed is None or isinstance(self.seed, int), "seed", self.seed,
-               "must be an integer or None")
+        lo, hi = LEN_PENALTY_RANGE
+        _check(_real_in(self.len_penalty, lo, hi), "len_penalty", self.len_penalty,
+               f"must be in [{lo:g}, {hi:g}] (0 disables it)")
+        self.len_penalty = float(self.len_penalty)
+        _check(_real_in(self.beam_search_diversity_rate, 0.0, MAX_DIVERSITY_RATE),
+               "beam_search_diversity_rate", self.beam_search_diversity_rate,
+               f"must be >= 0 and at most {MAX_DIVERSITY_RATE:g} (0 disables it)")
+        self.beam_search_diversity_rate = float(self.beam_search_diversity_rate)
+        _check(self.logprobs is None or _int_in(self.logprobs, 0, MAX_LOGPROBS), "logprobs",
+               self.logprobs, f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+        if self.logprobs is not None:
+            self.logprobs = int(self.logprobs)
+
+    def _check_penalties(self) -> None:
+        lo, hi = REPETITION_PENALTY_RANGE
+        _check(_real_in(self.repetition_penalty, lo, hi), "repetition_penalty", self.repetition_penalty,
+               f"must be > 0, in [{lo:g}, {hi:g}] (1.0 disables it)")
+        self.repetition_penalty = float(self.repetition_penalty)
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(_real_in(value, -2.0, 2.0), name, value, "must be in [-2, 2] (0 disables it)")
+            setattr(self, name, float(value))
+
+    def _check_stops(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        _check(isinstance(self.stop, list | tuple), "stop", self.stop,
+               "must be a string or a list of strings")
+        _check(len(self.stop) <= MAX_STOP, "stop", _Shown(f"<{len(self.stop)} strings>"),
+               f"at most {MAX_STOP} stop strings")
+        for s in self.stop:
+            _check(isinstance(s, str) and s != "", "stop", s, "stop strings must be non-empty strings")
+            _check(len(s) <= MAX_STOP_LEN, "stop", _Shown(f"<a string of {len(s)} characters>"),
+                   f"each stop string has at most {MAX_STOP_LEN} characters")
+        self.stop = list(self.stop)
+        ids = self.stop_token_ids
+        _check(isinstance(ids, list | tuple), "stop_token_ids", ids, "must be a list of token ids")
+        _check(len(ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids", _Shown(f"<{len(ids)} ids>"),
+               f"at most {MAX_STOP_TOKEN_IDS} token ids")
+        for t in ids:
+            _check(_int_in(t, 0), "stop_token_ids", t, "token ids must be integers >= 0")
+        self.stop_token_ids = [int(t) for t in ids]
+
+    def _check_logit_bias(self) -> None:
+        bias = self.logit_bias
+        _check(isinstance(bias, Mapping), "logit_bias", bias, "must be a mapping {token id: bias}")
+        _check(len(bias) <= MAX_LOGIT_BIAS, "logit_bias", _Shown(f"<{len(bias)} entries>"),
+               f"at most {MAX_LOGIT_BIAS} entries")
+        out: dict[int, float] = {}
+        for key, value in bias.items():
+            tok = _token_id(key)
+            _check(tok is not None and tok >= 0, "logit_bias", {key: value},
+                   "keys must be token ids: integers >= 0 (or strings of them)")
+            _check(_real_in(value, -LOGIT_BIAS_RANGE, LOGIT_BIAS_RANGE), "logit_bias", {key: value},
+                   f"biases must be in [{-LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}]")
+            out[tok] = float(value)
+        self.logit_bias = out
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        """Argmax rows: a temperature below SAMPLING_EPS (dividing by it would overflow) or top_k=1."""
+        return self.temperature < SAMPLING_EPS or self.top_k == 1
 
 
 @dataclass(slots=True)
