@@ -58,14 +58,14 @@ def weight_bytes_read(model: torch.nn.Module) -> int:
 
 
 def time_steps(runner: ModelRunner, batch: Batch, iters: int) -> float:
-    """Median milliseconds of `runner.run(batch, [])` (which ends in the tokens' host copy)."""
+    """Median milliseconds of `runner.run(batch)` (which ends in the tokens' host copy)."""
     for _ in range(3):
-        runner.run(batch, [])
+        runner.run(batch)
     times = []
     for _ in range(iters):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
-        runner.run(batch, [])
+        runner.run(batch)
         e.record()
         e.synchronize()
         times.append(s.elapsed_time(e))
@@ -76,10 +76,10 @@ def decode_batch(rows: int, context: int) -> Batch:
     reqs = []
     for i in range(rows):
         r = Request(f"r{i}", [1] * context, SamplingParams(temperature=0.0, max_tokens=1))
-        r.slot, r.num_computed, r.status = i, context, Status.DECODE
+        r.num_computed, r.status = context, Status.DECODE
         r.output_ids.append(7)
         reqs.append(r)
-    return Batch(list(reqs), [], reqs)
+    return Batch(list(reqs), [], reqs, list(range(rows)))
 
 
 def bench_model(name: str, dtype: str, batches: list[int], context: int, iters: int,

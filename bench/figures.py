@@ -124,7 +124,7 @@ class BenchContext(RunContext):
 def reset(eng):
     assert not eng.has_unfinished(), "an engine was handed out with requests in it"
     eng.scheduler.iterations = 0
-    eng.cache.moves = eng.cache.bytes_moved = 0
+    eng.slots.moves = eng.slots.tokens_moved = 0
     return eng
 
 

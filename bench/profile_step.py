@@ -38,11 +38,11 @@ def main() -> None:
     runner = ModelRunner(model, cache, cuda_graphs=False)
     batch = decode_batch(args.batch, args.context)
     for _ in range(3):
-        runner.run(batch, [])
+        runner.run(batch)
     steps = 5
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            runner.run(batch, [])
+            runner.run(batch)
     by_name: dict[str, float] = defaultdict(float)
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:

@@ -54,12 +54,12 @@ def sync(device: torch.device) -> None:
 
 def step_ms(runner: ModelRunner, batch: Batch, iters: int, device: torch.device) -> float:
     for _ in range(3):
-        runner.run(batch, [])
+        runner.run(batch)
     times = []
     for _ in range(iters):
         sync(device)
         t = time.perf_counter()
-        runner.run(batch, [])  # ends in the tokens' device-to-host copy
+        runner.run(batch)  # ends in the tokens' device-to-host copy
         sync(device)
         times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)

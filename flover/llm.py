@@ -23,11 +23,16 @@ class LLM:
                  params: SamplingParams | None = None) -> list[RequestOutput]:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        ids = []
-        for p in prompts:
-            self._counter += 1
-            ids.append(f"llm-{self._counter}")
-            self.engine.add_request(ids[-1], p, params)
+        ids: list[str] = []
+        try:
+            for p in prompts:
+                self._counter += 1
+                self.engine.add_request(f"llm-{self._counter}", p, params)
+                ids.append(f"llm-{self._counter}")
+        except Exception:
+            for rid in ids:  # one refused prompt refuses the call: nothing of it stays queued
+                self.engine.abort(rid)
+            raise
         final: dict[str, RequestOutput] = {}
         for out in self.engine.run_until_done():
             if out.finished:

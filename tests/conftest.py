@@ -78,3 +78,38 @@ def prompts(n: int, seed: int = 0, low: int = 3, high: int = 20) -> list[list[in
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(low, high, (n,), generator=g).tolist()
     return [torch.randint(3, VOCAB, (k,), generator=g).tolist() for k in lens]
+
+
+def _byte_of(i: int) -> int:
+    """The byte token i stands for: printable ASCII, UTF-8 continuation bytes, lead bytes."""
+    if i < 64:
+        return 32 + i
+    if i < 120:
+        return 0x80 + (i - 64)
+    return [0xC3, 0xC5, 0xCE, 0xD0, 0xE2, 0xE3, 0xE4, 0xF0][i - 120]
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    """A byte-level tokenizer for the tiny models' 128 ids: random tokens make real UTF-8
+    pieces, split multi-byte characters and invalid bytes, as a model's output can."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from flover.tokenizer import Tokenizer
+
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):  # GPT-2's bytes_to_unicode
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    char = dict(zip(bs, map(chr, cs), strict=True))
+    order = [_byte_of(i) for i in range(VOCAB)]
+    order += [b for b in range(256) if b not in order]
+    tok = HFTokenizer(models.BPE(vocab={char[b]: i for i, b in enumerate(order)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return Tokenizer(tok, eos_token_ids=[2], bos_token_id=1, chat_template=None)

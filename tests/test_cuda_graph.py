@@ -13,7 +13,7 @@ from flover.config import SamplingParams
 from flover.engine.cuda_graph import DecodeGraphs, bucket_sizes
 from flover.engine.kv_cache import SlotCache
 from flover.engine.runner import ModelRunner
-from flover.engine.scheduler import Batch
+from flover.engine.scheduler import Batch, Chunk
 from flover.engine.sequence import Request, Status
 from flover.weights import load_model
 
@@ -32,11 +32,10 @@ def prefilled_rows(plain: ModelRunner, cache: SlotCache) -> Batch:
     reqs = []
     for i, n in enumerate([5, 17, 9]):
         r = Request(f"r{i}", torch.randint(3, 256, (n,), generator=gen).tolist(), SamplingParams())
-        r.slot = cache.allocate(r)
-        plain.forward_logits(Batch([], [(r, 0, n)]))
+        plain.forward_logits(Batch([], [Chunk(r, i, 0, n)]))
         r.num_computed, r.status = n, Status.DECODE
         reqs.append(r)
-    return Batch([reqs[0], None, reqs[2]], [], [reqs[0], reqs[2]])
+    return Batch([reqs[0], None, reqs[2]], [], [reqs[0], reqs[2]], [0, 2])
 
 
 @pytest.mark.parametrize("capture", CAPTURE)
@@ -51,7 +50,9 @@ def test_padded_decode_matches_plain_forward(preset, capture):
     rows = batch.decode
     expected = plain.forward_logits(batch)
     graphs = DecodeGraphs(model, cache, capture=capture)
+    if capture:
+        graphs.capture_all()  # as the runner does when the engine starts
     assert graphs.bucket(len(rows)) == 4
-    for _ in range(2):  # the second call replays the captured graph
+    for _ in range(2):  # twice: the second refills the same input buffer
         got = graphs.forward_logits(rows)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

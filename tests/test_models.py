@@ -7,7 +7,7 @@ import torch
 from conftest import hf_greedy, hf_model, prompts
 
 from flover import Engine, EngineConfig, SamplingParams
-from flover.engine.scheduler import Batch
+from flover.engine.scheduler import Batch, Chunk
 from flover.engine.sequence import Request
 from flover.models import ModelFormatError
 
@@ -23,9 +23,8 @@ def test_prefill_logits_match_transformers(checkpoint):
     eng, ref = engine(checkpoint), hf_model(checkpoint)
     prompt = prompts(1, seed=3, low=12, high=13)[0]
     req = Request("r", prompt, SamplingParams())
-    req.slot = eng.cache.allocate(req)
     # logits at every prompt position: ask for all rows of one prefill chunk
-    ids, meta, _ = eng.runner.prepare(Batch([], [(req, 0, len(prompt))]))
+    ids, meta, _ = eng.runner.prepare(Batch([], [Chunk(req, eng.slots.allocate(req), 0, len(prompt))]))
     with torch.inference_mode():
         ours = eng.model.logits(eng.model(ids, meta, eng.cache.k, eng.cache.v))
         theirs = ref(torch.tensor([prompt])).logits[0]
@@ -48,9 +47,8 @@ def test_half_precision_runs_close_to_float32(llama_dir, dtype):
     assert e16.model.model.embed_tokens.weight.dtype == getattr(torch, dtype)
     r32 = Request("a", p, params)
     r16 = Request("a", p, params)
-    r32.slot, r16.slot = e32.cache.allocate(r32), e16.cache.allocate(r16)
-    l32 = e32.runner.forward_logits(Batch([], [(r32, 0, len(p))], [r32]))
-    l16 = e16.runner.forward_logits(Batch([], [(r16, 0, len(p))], [r16]))
+    l32 = e32.runner.forward_logits(Batch([], [Chunk(r32, e32.slots.allocate(r32), 0, len(p))], [r32]))
+    l16 = e16.runner.forward_logits(Batch([], [Chunk(r16, e16.slots.allocate(r16), 0, len(p))], [r16]))
     assert torch.isfinite(l16).all()
     torch.testing.assert_close(l16, l32, rtol=0.05, atol=0.1)
 

@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from flover.config import SamplingParams
+from flover.engine.kv_cache import Move, Reorder
 from flover.engine.sequence import Request
 from flover.sampling.penalties import (
+    TokenCounts,
     apply_penalties,
     compute_logprobs,
-    count_tokens,
     logit_bias,
-    uses_penalties,
+    row_penalty,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -59,7 +60,7 @@ def test_min_tokens_already_reached_is_the_fast_path():
     reqs = make_reqs([SamplingParams(min_tokens=2, stop_token_ids=[7])])
     reqs[0].output_ids = [5, 6]
     logits = rand_logits(1)
-    assert not uses_penalties(reqs[0], EOS)
+    assert row_penalty(reqs[0], EOS) is None
     assert apply_penalties(logits, reqs, EOS) is logits
 
 
@@ -72,11 +73,27 @@ def test_input_logits_are_never_modified():
     assert torch.equal(logits, before)
 
 
-def test_count_tokens_counts_prompt_and_output_separately():
-    prompt_counts, output_counts = count_tokens([[1, 1, 3], []], [[3, 3, 3], [0, V + 5, -1]], V, "cpu")
-    assert prompt_counts[0, 1] == 2 and prompt_counts[0, 3] == 1 and prompt_counts[1].sum() == 0
-    assert output_counts[0, 3] == 3 and output_counts[1, 0] == 1
-    assert output_counts[1].sum() == 1  # ids outside [0, V) are not counted
+def test_token_counts_hold_the_prompt_once_and_count_each_output_token():
+    counts = TokenCounts(2, V, "cpu")
+    counts.start(0, [1, 1, 3])
+    counts.start(1, [])
+    counts.add([0, 0, 0, 1, 1, 1], [3, 3, 3, 0, V + 5, -1])
+    prompt, output = counts.rows([0, 1])
+    assert prompt[0, 1] and prompt[0, 3] and prompt[0].sum() == 2 and prompt[1].sum() == 0
+    assert output[0, 3] == 3 and output[1, 0] == 1
+    assert output[1].sum() == 1  # ids outside [0, V) are not counted
+
+
+def test_token_counts_follow_their_rows_through_moves_and_beam_reorders():
+    counts = TokenCounts(3, V, "cpu")
+    for slot, prompt in enumerate([[1], [2], [3]]):
+        counts.start(slot, prompt)
+    counts.add([0, 1, 2], [10, 11, 12])
+    counts.apply(Reorder((1, 1, 0), (0, 1, 2), 4))  # beams 0 and 1 continue beam 1, beam 2 beam 0
+    prompt, output = counts.rows([0, 1, 2])
+    assert output[:, 11].tolist() == [1, 1, 0] and output[2, 10] == 1 and prompt[2, 1]
+    counts.apply(Move(2, 0, 4))
+    assert counts.rows([0])[1][0, 10] == 1 and counts.rows([0])[0][0, 1]
 
 
 def test_repetition_penalty_matches_transformers_per_row():
@@ -201,10 +218,10 @@ def test_logprobs_with_no_row_asking_are_all_none():
 
 
 def test_logprobs_read_the_penalised_logits():
-    reqs = make_reqs([SamplingParams(logit_bias={4: -1e9}, logprobs=1)])
+    reqs = make_reqs([SamplingParams(logit_bias={4: -100.0}, logprobs=1)])
     logits = apply_penalties(rand_logits(1), reqs, EOS)
     got = compute_logprobs(logits, torch.tensor([4]), [1])[0]
-    assert got["logprob"] < -1e8 and got["top_logprobs"][0][0] != 4
+    assert got["logprob"] < -80 and got["top_logprobs"][0][0] != 4
 
 
 def test_a_row_comes_out_the_same_alone_or_fused():

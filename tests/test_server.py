@@ -247,9 +247,9 @@ def test_engine_loop_survives_a_failing_step():
     eng = tiny_engine()
     real_step, calls = eng.step, []
 
-    def step_that_fails_once():
+    def step_that_fails_once():  # the second step: the request is in flight then
         calls.append(1)
-        if len(calls) == 1:
+        if len(calls) == 2:
             raise RuntimeError("boom")
         return real_step()
 
@@ -263,11 +263,17 @@ def test_engine_loop_survives_a_failing_step():
     async def main():
         with pytest.raises(RuntimeError, match="boom"):
             await asyncio.wait_for(run(PROMPT), TIMEOUT)
-        return await asyncio.wait_for(run(PROMPT), TIMEOUT)
+        for _ in range(200):  # the snapshot is fresh after the failure, not after the next step
+            if aeng.stats()["in_flight"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        stale = aeng.stats()
+        return stale, await asyncio.wait_for(run(PROMPT), TIMEOUT)
 
     try:
-        outs = asyncio.run(main())
+        stale, outs = asyncio.run(main())
     finally:
         aeng.shutdown()
+    assert stale["in_flight"] == 0 and stale["slots_used"] == 0 and stale["engine_failures"] == 1
     assert outs[-1].finished and len(outs[-1].token_ids) == 3
     assert aeng.stats()["engine_failures"] == 1 and aeng.stats()["slots_used"] == 0

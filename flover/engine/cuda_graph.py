@@ -111,8 +111,6 @@ class DecodeGraphs:
     def forward_logits(self, decode: list) -> torch.Tensor:
         """decode: row i <-> slot i, None for a padding row. Logits [live rows, vocab]."""
         size = self.bucket(len(decode))
-        if self.capture and size not in self.graphs:
-            self._capture(size)
         live = self._fill(decode, size)
         self.static.copy_(self.host, non_blocking=True)
         if self.capture:

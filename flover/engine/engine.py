@@ -1,7 +1,15 @@
 """The engine: requests in, one fused iteration per `step()`, outputs out.
 
-`Engine` is the online interface (add_request / step / abort); `LLM` is the offline one that
-fuses a list of prompts and returns their completions.
+`step()` is four calls that go one way: the scheduler plans the iteration, the runner
+executes it, the scheduler advances the rows, the output processor turns tokens into text.
+Each hands back data; the engine alone decides which requests end (`_finish`), so no
+formatting code can reach into the scheduler or the cache.
+
+One request's fault stays its own: everything checkable is checked in `add_request`, which
+changes nothing when it refuses; a per-request stage that still fails inside `step()` ends
+that request with finish_reason "error" and its message, and the others get their tokens.
+Only a failure of the shared forward pass fails the requests of that batch; their slots are
+freed and the engine goes on.
 """
 
 from __future__ import annotations
@@ -11,11 +19,11 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from flover.config import ConfigError, EngineConfig, SamplingParams, canonical_dtype
-from flover.engine.kv_cache import SlotCache
-from flover.engine.outputs import CompletionOutput, RequestOutput
+from flover.engine.kv_cache import SlotAllocator, SlotCache
+from flover.engine.outputs import OutputProcessor, RequestOutput
 from flover.engine.runner import ModelRunner
 from flover.engine.scheduler import Scheduler
-from flover.engine.sequence import Group, Request
+from flover.engine.sequence import Request, new_request
 from flover.sampling.beam import BeamSearch
 from flover.weights import load_model
 
@@ -53,7 +61,8 @@ class Engine:
         if model is None and tp > 1:
             model, tokenizer = distributed.load_sharded(cfg.model, self.dtype, group, cfg.seed)
         elif model is None:
-            model, tokenizer = load_model(cfg.model, self.dtype, self.device, cfg.seed)
+            model, loaded = load_model(cfg.model, self.dtype, self.device, cfg.seed)
+            tokenizer = tokenizer or loaded
         elif tp > 1:
             distributed.shard_model(model, group.rank, group.world)  # in place; once
         self.model, self.tokenizer = model, tokenizer
@@ -61,16 +70,17 @@ class Engine:
         if cfg.max_seq_len > mc.max_position:
             raise ConfigError(f"max_seq_len={cfg.max_seq_len} is invalid: the model supports "
                               f"at most {mc.max_position} positions")
-        self.cache = SlotCache(mc.num_layers, cfg.max_concurrency, mc.num_kv_heads,
-                               cfg.max_seq_len, mc.head_dim, self.dtype, self.device,
-                               shuffle=cfg.use_mem_shuffle)
-        self.scheduler = Scheduler(self.cache, cfg.prefill_token_budget)
-        # no CUDA graphs around the all-reduces yet: tensor parallelism runs eagerly
-        self.runner = ModelRunner(model, self.cache, cfg.seed,
-                                  cuda_graphs=cfg.cuda_graphs and tp == 1)
-        self.requests: dict[str, Request] = {}
         self.eos_token_ids = list(mc.eos_token_ids) or (tokenizer.eos_token_ids if tokenizer else [])
-        self._text: dict[str, str] = {}
+        self.slots = SlotAllocator(cfg.max_concurrency, cfg.use_mem_shuffle)
+        self.cache = SlotCache(mc.num_layers, cfg.max_concurrency, mc.num_kv_heads,
+                               cfg.max_seq_len, mc.head_dim, self.dtype, self.device)
+        self.scheduler = Scheduler(self.slots, cfg.prefill_token_budget)
+        # no CUDA graphs around the all-reduces yet: tensor parallelism runs eagerly
+        self.runner = ModelRunner(model, self.cache, self.eos_token_ids, cfg.seed,
+                                  cuda_graphs=cfg.cuda_graphs and tp == 1)
+        self.outputs = OutputProcessor(tokenizer)
+        self.requests: dict[str, Request] = {}  # unfinished requests by id (their head rows)
+        self.failed_batches = 0
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -86,64 +96,60 @@ class Engine:
                     arrival_time: float | None = None) -> Request:
         """Queue a request; raises RequestError (naming the problem) and changes nothing."""
         params = params or SamplingParams()
+        if not isinstance(request_id, str) or not request_id:
+            raise RequestError(f"request_id={request_id!r} is invalid: must be a non-empty string")
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         if not isinstance(params, SamplingParams):
             raise RequestError(f"params must be SamplingParams, got {type(params).__name__}")
-        ids = self.encode(prompt)
+        try:
+            ids = self.encode(prompt)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise RequestError(f"request {request_id!r}: prompt is invalid: {e}") from e
+        self._check(request_id, ids, params)
+        beam = None
+        if params.beam_width > 1:
+            ends = ([] if params.ignore_eos else self.eos_token_ids) + params.stop_token_ids
+            beam = BeamSearch(params.beam_width, params.max_tokens, ends, params.len_penalty,
+                              params.beam_search_diversity_rate)
+        try:
+            head = new_request(request_id, ids, params, arrival_time, beam)
+        except Exception as e:  # noqa: BLE001 - e.g. a seed the generator refuses: this request's
+            raise RequestError(f"request {request_id!r}: {e}") from e
+        self.requests[request_id] = head
+        self.scheduler.add(head)
+        return head
+
+    def _check(self, rid: str, ids: list[int], params: SamplingParams) -> None:
+        """What SamplingParams cannot know alone: the vocabulary, the slots, the slot length."""
         if not ids:
-            raise RequestError(f"request {request_id!r}: the prompt is empty")
+            raise RequestError(f"request {rid!r}: the prompt is empty")
         vocab = self.model.cfg.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"request {request_id!r}: token id {bad[0]} is outside the "
-                               f"vocabulary [0, {vocab})")
+        for name, values in (("prompt token id", ids), ("stop_token_ids", params.stop_token_ids),
+                             ("logit_bias token id", params.logit_bias)):
+            bad = [t for t in values if not 0 <= t < vocab]
+            if bad:
+                raise RequestError(f"request {rid!r}: {name} {bad[0]} is outside the vocabulary "
+                                   f"[0, {vocab})")
         limit = self.config.max_seq_len
         if len(ids) >= limit:
-            raise RequestError(f"request {request_id!r}: prompt of {len(ids)} tokens does not fit "
+            raise RequestError(f"request {rid!r}: prompt of {len(ids)} tokens does not fit "
                                f"max_seq_len={limit} (at most {limit - 1})")
         if len(ids) + params.max_tokens > limit:
             raise RequestError(
-                f"request {request_id!r}: prompt of {len(ids)} tokens + max_tokens="
-                f"{params.max_tokens} exceeds max_seq_len={limit}; at most "
-                f"{limit - len(ids)} new tokens fit")
+                f"request {rid!r}: prompt of {len(ids)} tokens + max_tokens={params.max_tokens} "
+                f"exceeds max_seq_len={limit}; at most {limit - len(ids)} new tokens fit")
         rows = max(params.n, params.beam_width)
-        if rows > self.cache.num_slots:
-            raise RequestError(f"request {request_id!r}: {rows} rows (n or beam_width) do not fit "
-                               f"max_concurrency={self.cache.num_slots} slots")
-        vocab_bias = [t for t in params.logit_bias if not 0 <= t < vocab]
-        if vocab_bias:
-            raise RequestError(f"request {request_id!r}: logit_bias token id {vocab_bias[0]} is "
-                               f"outside the vocabulary [0, {vocab})")
-        req = Request(request_id, ids, params)
-        if arrival_time is not None:
-            req.arrival_time = arrival_time
-        if rows > 1:
-            seed = params.seed
-            forks = [req.fork(i, None if seed is None else hash((seed, i)) & 0x7FFFFFFFFFFF)
-                     for i in range(1, rows)]
-            beam = None
-            if params.beam_width > 1:
-                beam = BeamSearch(params.beam_width, params.max_tokens,
-                                  [] if params.ignore_eos else self.eos_token_ids,
-                                  params.len_penalty, params.beam_search_diversity_rate)
-            req.group = Group(request_id, [req, *forks], beam)
-            for f in forks:
-                f.group = req.group
-        self.requests[request_id] = req
-        for row in req.group.rows if req.group else [req]:
-            self.scheduler.add(row)
-        return req
+        if rows > self.slots.num_slots:
+            raise RequestError(f"request {rid!r}: {rows} rows (n or beam_width) do not fit "
+                               f"max_concurrency={self.slots.num_slots} slots")
 
     def abort(self, request_id: str) -> None:
-        """Finish a request now and free its slot; unknown or finished ids are ignored."""
-        req = self.requests.pop(request_id, None)
-        if req is None:
-            return
-        for row in req.group.rows if req.group else [req]:
-            if not row.finished:
-                self.scheduler.finish(row, "abort")
-        self._forget_text(req)
+        """Finish a request now and free its slots; unknown or finished ids are ignored."""
+        head = self.requests.pop(request_id, None)
+        if head is not None:
+            for row in head.rows:
+                self._finish(row, "abort")
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -151,86 +157,93 @@ class Engine:
     # --- iterations -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """One fused iteration. Returns an output for every request that got a token."""
+        """One fused iteration. Returns an output for every request that got a token, ended
+        or failed in it."""
         batch = self.scheduler.schedule()
         if batch.empty:
             return []
-        tokens, parents = self.runner.run(batch, self.eos_token_ids)
-        advanced = self.scheduler.postprocess(batch, tokens, self.eos_token_ids, parents)
-        heads = list(dict.fromkeys(r.group.rows[0] if r.group else r for r in advanced))
-        outs = [self._output(r) for r in heads]
-        for r, out in zip(heads, outs, strict=True):
+        try:
+            result = self.runner.run(batch)
+        except Exception as e:  # noqa: BLE001 - the shared forward failed: its batch fails
+            self.failed_batches += 1
+            heads = _heads(batch.requests)
+            for head in heads:
+                self._fail(head, f"the batch failed: {type(e).__name__}: {e}")
+            return self._collect(heads, set())
+        advanced = self.scheduler.postprocess(batch, result)
+        ending = {r for r in advanced if r.beam is None and self._natural_end(r) is not None}
+        stopped, detok_failed = self.outputs.process(advanced, result.parents, ending)
+        failed = {**result.failed, **detok_failed}
+        for row, e in failed.items():
+            self._fail(row.rows[0], f"{type(e).__name__}: {e}")
+        for r in stopped:
+            if r.finished:
+                continue
+            if r.beam is not None:
+                r.beam.end(r.index)  # a beam reaching a stop string is a finished hypothesis
+            else:
+                self._finish(r, "stop")
+        for r in advanced:
+            if r.finished:
+                continue
+            if r.beam is not None:
+                if r.beam.done:
+                    self._finish(r, "stop")  # the search has ended: every beam row ends
+            elif (reason := self._natural_end(r)) is not None:
+                self._finish(r, reason)
+        return self._collect(_heads(batch.sample), set(advanced))
+
+    def _natural_end(self, r: Request) -> str | None:
+        """length, EOS or a stop token: what ends a row (not a beam) after its new token."""
+        p, tok = r.params, r.output_ids[-1]
+        if len(r.output_ids) >= p.max_tokens:
+            return "length"
+        if len(r.output_ids) >= p.min_tokens and (
+                tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids)):
+            return "stop"
+        return None
+
+    def _finish(self, row: Request, reason: str) -> None:
+        """The one place a row ends: its slot is freed (the plan moves another into it)."""
+        self.scheduler.finish(row, reason)
+
+    def _fail(self, head: Request, message: str) -> None:
+        if head.error is None:
+            head.error = message
+        for row in head.rows:
+            self._finish(row, "error")
+
+    def _collect(self, heads: list[Request], advanced: set[Request]) -> list[RequestOutput]:
+        outs = []
+        for head in heads:
+            try:
+                out = self.outputs.output(head, advanced)
+            except Exception as e:  # noqa: BLE001 - assembling this request's output failed
+                self._fail(head, f"{type(e).__name__}: {e}")
+                out = RequestOutput(head.request_id, list(head.output_ids), [], True, "error",
+                                    prompt_token_ids=head.prompt_ids, error=head.error)
             if out.finished:
-                self.requests.pop(r.request_id, None)
-                self._forget_text(r)
+                self.requests.pop(head.request_id, None)
+            outs.append(out)
         return outs
 
-    def _forget_text(self, head: Request) -> None:
-        """Drop the decoded text kept for streaming a request's rows (and beams)."""
-        rows = head.group.rows if head.group else [head]
-        for key in [r.request_id for r in rows] + [f"{head.request_id}#beam{i}"
-                                                   for i in range(len(rows))]:
-            self._text.pop(key, None)
-
-    def _output(self, head: Request) -> RequestOutput:
-        """The output of a request (all rows of its group), after this iteration."""
-        group = head.group
-        if group is not None and group.beam is not None and group.beam.done:
-            comps = [self._completion(i, h.tokens, True, None, score=h.score,
-                                      key=f"{head.request_id}#beam{i}")
-                     for i, h in enumerate(group.beam.best())]
-            finished = True
-        else:
-            rows = group.rows if group is not None else [head]
-            comps = [self._completion(r.index, r.output_ids, r.finished, r) for r in rows]
-            finished = all(r.finished for r in rows)
-        first = comps[0]
-        reason = first.finish_reason if finished else None
-        return RequestOutput(head.request_id, first.token_ids, first.token_ids[-1:], finished,
-                             reason, first.text, first.new_text, head.prompt_ids, comps)
-
-    def _completion(self, index: int, ids: list[int], finished: bool, row: Request | None,
-                    score: float | None = None, key: str | None = None) -> CompletionOutput:
-        reason = row.finish_reason if row is not None else (
-            "stop" if ids and ids[-1] in self.eos_token_ids else "length")
-        text = new_text = ""
-        if self.tokenizer is not None:
-            key = row.request_id if row is not None else key
-            text = self.tokenizer.decode(ids)
-            old = self._text.get(key, "")
-            if text.endswith("\ufffd") and not finished:  # an incomplete UTF-8 sequence
-                text = old
-            if row is not None and row.params.stop:
-                text = self._apply_stop(row, text, old)
-                reason = row.finish_reason
-            new_text = text[len(old):] if text.startswith(old) else text
-            self._text[key] = text
-        return CompletionOutput(index, list(ids), text, new_text,
-                                reason if finished or (row and row.finished) else None, score,
-                                list(row.logprobs) if row is not None else [])
-
-    def _apply_stop(self, r: Request, text: str, old: str) -> str:
-        """End the request at the first stop string; the text stops before it."""
-        start = max(0, len(old) - max(len(s) for s in r.params.stop))
-        hits = [i for i in (text.find(s, start) for s in r.params.stop) if i >= 0]
-        if not hits:
-            return text
-        if r.finished:
-            r.finish_reason = "stop"
-        else:
-            self.scheduler.finish(r, "stop")
-        return text[: min(hits)]
-
     def stats(self) -> dict:
-        s = self.scheduler
+        s, slots = self.scheduler, self.slots
         return {
-            "in_flight": len(s.running), "waiting": len(s.waiting),
-            "slots_used": self.cache.size, "slots_live": self.cache.num_live,
-            "max_concurrency": self.cache.num_slots, "shuffle_moves": self.cache.moves,
-            "shuffle_bytes": self.cache.bytes_moved, "iterations": s.iterations,
-            "prefill_tokens": s.prefill_tokens, "decode_rows": s.decode_rows,
+            "in_flight": len(s.running), "waiting": sum(len(h.rows) for h in s.waiting),
+            "slots_used": slots.size, "slots_live": slots.live,
+            "max_concurrency": slots.num_slots, "shuffle_moves": slots.moves,
+            "shuffle_bytes": slots.tokens_moved * self.cache.token_bytes,
+            "iterations": s.iterations, "prefill_tokens": s.prefill_tokens,
+            "decode_rows": s.decode_rows, "failed_batches": self.failed_batches,
         }
 
     def run_until_done(self) -> Iterator[RequestOutput]:
         while self.has_unfinished():
             yield from self.step()
+
+
+def _heads(rows) -> list[Request]:
+    """The requests (head rows) of these rows, each once, in order."""
+    return list(dict.fromkeys(r.rows[0] for r in rows))
+

@@ -1,11 +1,15 @@
-"""The slot KV cache and the memory shuffle.
+"""The slot KV cache and the memory shuffle: who holds which slot, and the tensors.
 
-One fixed slot of `max_seq_len` positions per in-flight request, allocated once. The live
-slots form a block [0, size): a fused decode runs over rows 0..size-1 and reads slot i for
-row i. With the shuffle on, a finished request's slot is filled by moving the block's last
-slot into it (one copy of its filled length), so the block stays dense. With it off, the
-block only shrinks when its top slots are free: finished requests in the middle keep their
-memory and their rows (the original Flover's behaviour without reordering).
+One fixed slot of `max_seq_len` positions per in-flight row, allocated once. The live slots
+form a block [0, size): a fused decode runs over rows 0..size-1 and reads slot i for row i.
+With the shuffle on, a finished row's slot is filled by moving the block's last slot into it
+(one copy of its filled length), so the block stays dense. With it off, the block only
+shrinks when its top slots are free: finished rows in the middle keep their memory and their
+rows (the original Flover's behaviour without reordering).
+
+`SlotAllocator` is the one record of which row holds which slot; it knows no tensors and
+answers with cache operations (data). `SlotCache` holds the tensors and applies those
+operations when the runner executes a plan.
 """
 
 from __future__ import annotations
@@ -15,81 +19,103 @@ from dataclasses import dataclass
 import torch
 
 
-@dataclass(slots=True)
-class Move:
+@dataclass(frozen=True, slots=True)
+class CopyPrefix:
+    """Slot dst takes the first `tokens` positions of slot src (a forked row's prompt)."""
+
     src: int
     dst: int
     tokens: int
 
 
-class SlotCache:
-    def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, max_seq_len: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device,
-                 shuffle: bool = True) -> None:
-        shape = (num_layers, num_slots, num_kv_heads, max_seq_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.num_slots, self.max_seq_len, self.shuffle = num_slots, max_seq_len, shuffle
+@dataclass(frozen=True, slots=True)
+class Reorder:
+    """dst[i] takes src[i]'s first `tokens` positions, all at once (beams among their slots)."""
+
+    src: tuple[int, ...]
+    dst: tuple[int, ...]
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """The memory shuffle: the row of slot src now lives in slot dst."""
+
+    src: int
+    dst: int
+    tokens: int
+
+
+CacheOp = CopyPrefix | Reorder | Move
+
+
+class SlotAllocator:
+    """Which row holds which slot. Rows are any hashable objects with `num_computed`."""
+
+    def __init__(self, num_slots: int, shuffle: bool) -> None:
+        self.num_slots, self.shuffle = num_slots, shuffle
         self.owner: list[object | None] = [None] * num_slots
-        self.filled = [0] * num_slots  # tokens written per slot, kept by the scheduler
+        self._slot: dict[object, int] = {}
         self.size = 0  # the block [0, size) holds every live slot
         self.moves = 0
-        self.bytes_moved = 0
-        self._token_bytes = 2 * num_layers * num_kv_heads * head_dim * self.k.element_size()
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
-
-    @property
-    def num_live(self) -> int:
-        return sum(o is not None for o in self.owner[: self.size])
-
-    def can_allocate(self) -> bool:
-        return self.size < self.num_slots
+        self.tokens_moved = 0
 
     @property
     def free(self) -> int:
-        """Slots a new request can take now (always at the top of the block)."""
+        """Slots a new row can take now (always at the top of the block)."""
         return self.num_slots - self.size
 
-    def copy(self, src: int, dst: int, tokens: int) -> None:
-        """Give slot dst the first `tokens` positions of slot src (a forked row's prompt)."""
-        self.k[:, dst, :, :tokens] = self.k[:, src, :, :tokens]
-        self.v[:, dst, :, :tokens] = self.v[:, src, :, :tokens]
-        self.filled[dst] = tokens
+    @property
+    def live(self) -> int:
+        return len(self._slot)
 
-    def gather(self, src: list[int], dst: list[int], tokens: int) -> None:
-        """dst[i] <- src[i] for all i at once (beams reordering among their own slots)."""
-        s = torch.tensor(src, device=self.k.device)
-        d = torch.tensor(dst, device=self.k.device)
-        self.k[:, d, :, :tokens] = self.k[:, s, :, :tokens]
-        self.v[:, d, :, :tokens] = self.v[:, s, :, :tokens]
+    def slot(self, row: object) -> int:
+        return self._slot[row]
 
-    def allocate(self, owner: object) -> int:
-        """Place a new request at the top of the block."""
-        if not self.can_allocate():
+    def allocate(self, row: object) -> int:
+        """Place a new row at the top of the block."""
+        if self.size == self.num_slots:
             raise RuntimeError("no free KV slot")
         slot = self.size
-        self.owner[slot], self.filled[slot] = owner, 0
+        self.owner[slot], self._slot[row] = row, slot
         self.size += 1
         return slot
 
-    def release(self, slot: int) -> Move | None:
-        """Free a slot; with the shuffle on, move the block's last slot into it."""
-        assert self.owner[slot] is not None, f"slot {slot} is not in use"
-        self.owner[slot], self.filled[slot] = None, 0
+    def release(self, row: object) -> Move | None:
+        """Free a row's slot; with the shuffle on, the block's last row moves into it."""
+        slot = self._slot.pop(row)
+        self.owner[slot] = None
         move = None
-        if self.shuffle and slot != self.size - 1:
-            src = self.size - 1
-            n = self.filled[src]
-            self.k[:, slot, :, :n] = self.k[:, src, :, :n]
-            self.v[:, slot, :, :n] = self.v[:, src, :, :n]
-            self.owner[slot], self.filled[slot] = self.owner[src], n
-            self.owner[src], self.filled[src] = None, 0
+        top = self.size - 1
+        if self.shuffle and slot != top:
+            moved = self.owner[top]
+            move = Move(top, slot, moved.num_computed)
+            self.owner[slot], self.owner[top] = moved, None
+            self._slot[moved] = slot
             self.moves += 1
-            self.bytes_moved += n * self._token_bytes
-            move = Move(src, slot, n)
+            self.tokens_moved += move.tokens
         while self.size and self.owner[self.size - 1] is None:
             self.size -= 1
         return move
+
+
+class SlotCache:
+    """The K and V tensors: [layers, slots, kv heads, max_seq_len, head_dim] each."""
+
+    def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, max_seq_len: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        shape = (num_layers, num_slots, num_kv_heads, max_seq_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_slots, self.max_seq_len = num_slots, max_seq_len
+        self.token_bytes = 2 * num_layers * num_kv_heads * head_dim * self.k.element_size()
+
+    def apply(self, op: CacheOp) -> None:
+        if isinstance(op, Reorder):
+            src = torch.tensor(op.src, device=self.k.device)
+            dst = torch.tensor(op.dst, device=self.k.device)
+        else:
+            src, dst = op.src, op.dst
+        n = op.tokens
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]

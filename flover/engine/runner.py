@@ -1,36 +1,61 @@
-"""Turns a scheduled batch into tensors, runs one forward pass, and samples.
+"""Executes a plan: cache operations, then one forward pass, then every row's next token.
 
 Flat layout of an iteration's tokens: decode rows first (row i reads and writes slot i),
 then each prefill chunk. Padding rows feed token 0 and write their key and value at the
 slot's last position, which no request ever reads: a request needs prompt + max_tokens <=
 max_seq_len, so its last fed token sits at max_seq_len - 2 at most.
+
+Token selection keeps one request's fault its own: each per-request stage (reading its
+penalties and logit bias, its sampling parameters and random draw, its beam step, its
+logprobs) runs for that request alone, and a request whose stage raises is reported failed
+while every other row gets its token. The batched tensor work in between takes only
+validated numbers. Only the cache operations and the forward pass are shared: if they raise,
+the engine fails the batch.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from flover.engine.cuda_graph import DecodeGraphs
 from flover.engine.kv_cache import SlotCache
-from flover.engine.scheduler import Batch
-from flover.engine.sequence import Group
+from flover.engine.scheduler import Batch, StepResult
+from flover.engine.sequence import Group, Request
 from flover.ops.attention import AttentionMetadata, PrefillChunk
-from flover.sampling.penalties import apply_penalties, compute_logprobs
-from flover.sampling.sampler import sample
+from flover.sampling import penalties, sampler
+
+T = TypeVar("T")
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, cache: SlotCache, seed: int = 0,
-                 cuda_graphs: bool = True) -> None:
-        self.model, self.cache = model, cache
+    def __init__(self, model: nn.Module, cache: SlotCache, eos_ids: list[int] | None = None,
+                 seed: int = 0, cuda_graphs: bool = True) -> None:
+        self.model, self.cache, self.eos_ids = model, cache, list(eos_ids or [])
         self.device = cache.k.device
-        self.generator = torch.Generator().manual_seed(seed)
+        self.vocab = model.cfg.vocab_size
+        self.generator = torch.Generator().manual_seed(seed)  # rows without a seed of their own
+        self.counts = penalties.TokenCounts(cache.num_slots, self.vocab, self.device)
         # pure-decode iterations replay a captured graph on the GPU (flover.engine.cuda_graph)
         use_graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs = DecodeGraphs(model, cache) if use_graphs else None
         if self.graphs is not None:
             self.graphs.capture_all()
+
+    @torch.inference_mode()
+    def run(self, batch: Batch) -> StepResult:
+        """Apply the plan's cache operations, run the forward, select every sampled row's token."""
+        for op in batch.cache_ops:
+            self.cache.apply(op)
+            self.counts.apply(op)
+        fed = [(i, r.last_token) for i, r in enumerate(batch.decode)
+               if r is not None and penalties.uses_counts(r)]
+        self.counts.add([i for i, _ in fed], [t for _, t in fed])  # decode row i is slot i
+        logits = self.forward_logits(batch)
+        return self.select(logits, batch.sample, batch.sample_slots)
 
     def prepare(self, batch: Batch) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
         """input ids, attention metadata, and the flat index of each row to sample."""
@@ -44,13 +69,13 @@ class ModelRunner:
                 lengths.append(r.num_computed + 1)
                 logit_rows.append(i)
         chunks = []
-        for r, start, n in batch.prefill:
-            chunks.append(PrefillChunk(r.slot, start, n, len(ids)))
-            ids.extend(r.prompt_ids[start:start + n])
-            slots.extend([r.slot] * n)
-            pos.extend(range(start, start + n))
-            if start + n == len(r.prompt_ids):
-                logit_rows += [len(ids) - 1] * (1 + len(r.forks))
+        for c in batch.prefill:
+            chunks.append(PrefillChunk(c.slot, c.start, c.length, len(ids)))
+            ids.extend(c.row.prompt_ids[c.start:c.start + c.length])
+            slots.extend([c.slot] * c.length)
+            pos.extend(range(c.start, c.start + c.length))
+            if c.completes:
+                logit_rows += [len(ids) - 1] * len(c.row.rows)
         dev = self.device
         meta = AttentionMetadata(
             slot_ids=torch.tensor(slots, device=dev), positions=torch.tensor(pos, device=dev),
@@ -69,31 +94,60 @@ class ModelRunner:
         return self.model.logits(hidden[torch.tensor(rows, device=self.device)])
 
     @torch.inference_mode()
-    def run(self, batch: Batch, eos_ids: list[int]) -> tuple[list[int], dict[Group, list[int]]]:
-        """One iteration: forward, penalties, then every row's next token.
+    def select(self, logits: torch.Tensor, rows: list[Request], slots: list[int]) -> StepResult:
+        """Every row's next token (one device-to-host copy), beams' parents, failed rows."""
+        failed: dict[Request, BaseException] = {}
 
-        Returns the tokens (aligned with batch.sample) and, for each beam search in the
-        batch, the beam each new beam continues. One device-to-host copy of the tokens.
-        """
-        logits = self.forward_logits(batch)
-        if not batch.sample:
-            return [], {}
-        reqs = batch.sample
-        logits = apply_penalties(logits, reqs, eos_ids)
-        tokens = sample(logits, reqs, self.generator)
+        def guard(row: Request, stage: Callable[..., T], *args) -> T | None:
+            try:
+                return stage(*args)
+            except Exception as e:  # noqa: BLE001 - the error belongs to this request alone
+                for r in row.rows:  # a request fails whole, all its rows
+                    failed.setdefault(r, e)
+                return None
+
+        specs = [guard(r, penalties.row_penalty, r, self.eos_ids) for r in rows]
+        for r, s in zip(rows, slots, strict=True):
+            if not r.output_ids and penalties.uses_counts(r):  # first sampled: its history starts
+                guard(r, self.counts.start, s, r.prompt_ids)
+        draws = [guard(r, sampler.row_sampling, r, self.vocab, self.generator) for r in rows]
+        ok = [i for i, r in enumerate(rows) if r not in failed]
+        if not ok:
+            return StepResult([None] * len(rows), {}, failed)
+        if len(ok) < len(rows):
+            logits = logits[torch.tensor(ok, device=logits.device)]
+        x = penalties.apply_penalties(logits, [rows[i] for i in ok], self.eos_ids, self.counts,
+                                      [slots[i] for i in ok], [specs[i] for i in ok])
+        tokens = sampler.sample_rows(x, [draws[i] for i in ok])
+
         parents: dict[Group, list[int]] = {}
-        beam_rows: dict[Group, list[int]] = {}
-        for i, r in enumerate(reqs):
-            if r.is_beam:
-                beam_rows.setdefault(r.group, []).append(i)
-        for group, idx in beam_rows.items():
-            order = sorted(idx, key=lambda i: reqs[i].index)  # rows in beam order
-            logprobs = torch.log_softmax(logits[torch.tensor(order, device=logits.device)], -1)
-            toks, parents[group] = group.beam.step(logprobs)
-            tokens[torch.tensor(order, device=tokens.device)] = torch.tensor(toks, device=tokens.device)
-        if any(r.params.logprobs is not None for r in reqs):
-            for r, lp in zip(reqs, compute_logprobs(logits, tokens, [r.params.logprobs for r in reqs]),
-                             strict=True):
-                if lp is not None:
-                    r.logprobs.append(lp)
-        return tokens.tolist(), parents
+        beams: dict[Group, list[int]] = {}  # group -> positions in `ok`, in beam order
+        for j, i in enumerate(ok):
+            if rows[i].beam is not None:
+                beams.setdefault(rows[i].group, []).append(j)
+        for group, js in beams.items():
+            js.sort(key=lambda j: rows[ok[j]].index)
+            toks = guard(group.rows[0], beam_step, group, x[torch.tensor(js, device=x.device)])
+            if toks is not None:
+                parents[group] = toks[1]
+                tokens[torch.tensor(js, device=tokens.device)] = torch.tensor(toks[0], device=tokens.device)
+
+        ks = [rows[i].params.logprobs for i in ok]
+        lp_rows, k = penalties.logprob_rows(x, tokens, ks)
+        host = tokens.tolist()
+        out: list[int | None] = [None] * len(rows)
+        logprobs: list[dict | None] = [None] * len(rows)
+        for j, i in enumerate(ok):
+            if ks[j] is not None:
+                logprobs[i] = guard(rows[i], penalties.logprob_entry, lp_rows[j], k, ks[j])
+            out[i] = host[j]
+        for i, r in enumerate(rows):  # a row whose request failed at a later stage gets nothing
+            if r in failed:
+                out[i] = None
+        return StepResult(out, {g: p for g, p in parents.items() if g.rows[0] not in failed},
+                          failed, logprobs)
+
+
+def beam_step(group: Group, logits: torch.Tensor) -> tuple[list[int], list[int]]:
+    """One beam search step over the group's rows' penalised logits [k, V], in beam order."""
+    return group.beam.step(torch.log_softmax(logits, -1))

@@ -1,10 +1,12 @@
-"""Temporal fusion: which requests run in the next iteration, and what happens after it.
+"""Temporal fusion: which rows run in the next iteration, and what each row became after it.
 
-Every iteration admits each waiting request while a slot is free (FIFO), gives prompt chunks
-to requests being prefilled under a token budget, and runs one decode row for every request
-that is generating, each at its own position. Rows follow slots: row i is slot i, and a row
-whose slot holds no generating request is a padding row. The scheduler knows requests and
-slots, never tensors.
+Every iteration admits each waiting request while slots are free (FIFO; a request of several
+rows is admitted whole), gives prompt chunks to rows being prefilled under a token budget,
+and runs one decode row for every generating row, each at its own position. Rows follow
+slots: decode row i is slot i, and a row whose slot holds no generating row is a padding row.
+The plan also carries the cache operations decided since the last one (fork copies, beam
+reorders, shuffle moves), for the runner to apply before its forward. The scheduler knows
+rows and slots, never tensors; it finishes a row only when the engine tells it to.
 """
 
 from __future__ import annotations
@@ -13,135 +15,154 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from flover.engine.kv_cache import SlotCache
+from flover.engine.kv_cache import CacheOp, CopyPrefix, Reorder, SlotAllocator
 from flover.engine.sequence import Group, Request, Status
 
 
 @dataclass(slots=True)
+class Chunk:
+    """Prompt tokens [start, start + length) of a row, written into its slot."""
+
+    row: Request
+    slot: int
+    start: int
+    length: int
+
+    @property
+    def completes(self) -> bool:
+        return self.start + self.length == len(self.row.prompt_ids)
+
+
+@dataclass(slots=True)
 class Batch:
+    """One iteration's plan."""
+
     decode: list[Request | None]  # row i <-> slot i; None is a padding row
-    prefill: list[tuple[Request, int, int]]  # (request, first position, number of tokens)
-    sample: list[Request] = field(default_factory=list)  # rows whose logits get sampled, in order
+    prefill: list[Chunk]
+    sample: list[Request] = field(default_factory=list)  # rows whose next token is drawn, in order
+    sample_slots: list[int] = field(default_factory=list)  # their slots
+    cache_ops: list[CacheOp] = field(default_factory=list)  # applied before the forward, in order
 
     @property
     def empty(self) -> bool:
         return not self.decode and not self.prefill
 
+    @property
+    def requests(self) -> list[Request]:
+        """The rows this iteration computes (decode rows and prefill chunks)."""
+        return [r for r in self.decode if r is not None] + [c.row for c in self.prefill]
+
+
+@dataclass(slots=True)
+class StepResult:
+    """What the runner found for a batch, aligned with `batch.sample`."""
+
+    tokens: list[int | None]  # None: that row failed this iteration
+    parents: dict[Group, list[int]] = field(default_factory=dict)  # beam i continues parents[i]
+    failed: dict[Request, BaseException] = field(default_factory=dict)
+    logprobs: list[dict | None] = field(default_factory=list)  # rows that asked for them
+
 
 class Scheduler:
-    def __init__(self, cache: SlotCache, prefill_token_budget: int) -> None:
-        self.cache = cache
+    def __init__(self, slots: SlotAllocator, prefill_token_budget: int) -> None:
+        self.slots = slots
         self.budget = prefill_token_budget
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []  # in admission order
+        self.waiting: deque[Request] = deque()  # requests (head rows), FIFO
+        self.running: list[Request] = []  # rows holding a slot, in admission order
+        self.pending_ops: list[CacheOp] = []  # decided, not yet handed to the runner
         self.iterations = 0
         self.prefill_tokens = 0  # prompt tokens run through the model
         self.decode_rows = 0  # decode rows run (padding rows included)
 
-    def add(self, req: Request) -> None:
-        self.waiting.append(req)
+    def add(self, head: Request) -> None:
+        self.waiting.append(head)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> Batch:
-        # a request with several rows (n samples, beams) is admitted whole or waits
-        while self.waiting and self.cache.free >= self._rows_of(self.waiting[0]):
-            for _ in range(self._rows_of(self.waiting[0])):
-                req = self.waiting.popleft()
-                req.slot = self.cache.allocate(req)
-                req.status = Status.PREFILL
-                req.admit_time = time.perf_counter()
-                self.running.append(req)
+        while self.waiting and self.slots.free >= len(self.waiting[0].rows):
+            head = self.waiting.popleft()
+            now = time.perf_counter()
+            for row in head.rows:
+                self.slots.allocate(row)
+                row.status, row.admit_time = Status.PREFILL, now
+                self.running.append(row)
 
         prefill, budget = [], self.budget
-        for req in self.running:  # forked rows copy their first row's prompt instead
-            if req.status is Status.PREFILL and req.fork_of is None and budget > 0:
-                n = min(len(req.prompt_ids) - req.num_computed, budget)
-                prefill.append((req, req.num_computed, n))
+        for row in self.running:  # forks copy their head's prompt instead
+            if row.status is Status.PREFILL and not row.is_fork and budget > 0:
+                n = min(len(row.prompt_ids) - row.num_computed, budget)
+                prefill.append(Chunk(row, self.slots.slot(row), row.num_computed, n))
                 budget -= n
 
+        decode: list[Request | None] = []
         decoding = [r for r in self.running if r.status is Status.DECODE]
-        rows: list[Request | None] = []
         if decoding:
-            rows = [None] * (max(r.slot for r in decoding) + 1)
+            decode = [None] * (max(self.slots.slot(r) for r in decoding) + 1)
             for r in decoding:
-                rows[r.slot] = r
-        sample = [r for r in rows if r is not None]
-        for r, start, n in prefill:
-            if start + n == len(r.prompt_ids):
-                sample += [r, *r.forks]  # forks sample their first token from r's logits
-        return Batch(rows, prefill, sample)
+                decode[self.slots.slot(r)] = r
+        sample = [r for r in decode if r is not None]
+        for c in prefill:
+            if c.completes:
+                sample += c.row.rows  # forks draw their first token from the head's logits
+        ops, self.pending_ops = self.pending_ops, []
+        return Batch(decode, prefill, sample, [self.slots.slot(r) for r in sample], ops)
 
-    @staticmethod
-    def _rows_of(req: Request) -> int:
-        return len(req.group.rows) if req.group is not None else 1
-
-    def postprocess(self, batch: Batch, tokens: list[int], eos: list[int],
-                    parents: dict[Group, list[int]] | None = None) -> list[Request]:
-        """Advance every request of the batch; returns those that got a new token.
-
-        `parents[g][i]` is the beam that beam i of group g continues (beam search only).
-        """
+    def postprocess(self, batch: Batch, result: StepResult) -> list[Request]:
+        """Advance every row of the batch; returns the rows that got a new token."""
         self.iterations += 1
         self.decode_rows += len(batch.decode)
-        self.prefill_tokens += sum(n for _, _, n in batch.prefill)
+        self.prefill_tokens += sum(c.length for c in batch.prefill)
         for r in batch.decode:
             if r is not None:
                 r.num_computed += 1
-        for r, _, n in batch.prefill:
-            r.num_computed += n
-            if r.num_computed == len(r.prompt_ids):
-                for f in r.forks:
-                    self.cache.copy(r.slot, f.slot, r.num_computed)
-                    f.num_computed = r.num_computed
+        for c in batch.prefill:
+            c.row.num_computed += c.length
+            if c.completes:
+                for f in c.row.forks:
+                    f.num_computed = c.row.num_computed
+                    self.pending_ops.append(CopyPrefix(c.slot, self.slots.slot(f), f.num_computed))
         now = time.perf_counter()
-        for r, tok in zip(batch.sample, tokens, strict=True):
+        advanced = []
+        logprobs = result.logprobs or [None] * len(result.tokens)
+        for r, tok, lp in zip(batch.sample, result.tokens, logprobs, strict=True):
+            if tok is None:
+                continue
             r.output_ids.append(tok)
+            if lp is not None:
+                r.logprobs.append(lp)
             if r.status is Status.PREFILL:
                 r.status, r.first_token_time = Status.DECODE, now
-            if r.is_beam:
-                continue  # the beam search decides when its rows end
-            p = r.params
-            if len(r.output_ids) >= p.max_tokens:
-                r.finish_reason = "length"
-            elif len(r.output_ids) >= p.min_tokens and (
-                    tok in p.stop_token_ids or (not p.ignore_eos and tok in eos)):
-                r.finish_reason = "stop"
-        for group, par in (parents or {}).items():
-            self._reorder_beams(group, par)
-        for r in self.running:
-            self.cache.filled[r.slot] = r.num_computed
-        for r in batch.sample:
-            if r.is_beam:
-                if r.group.beam.done and not r.finished:
-                    self.finish(r, "beam")
-            elif r.finish_reason is not None and not r.finished:
-                self.finish(r, r.finish_reason)
-        return batch.sample
+            advanced.append(r)
+        for group, parents in result.parents.items():
+            self._reorder_beams(group, parents)
+        return advanced
 
     def _reorder_beams(self, group: Group, parents: list[int]) -> None:
-        """Beam i continues beam parents[i]: take its history and its cache."""
+        """Beam i continues beam parents[i]: it takes that beam's history and cache."""
         rows = group.rows
         if parents == list(range(len(rows))):
             return
-        n = rows[0].num_computed
-        self.cache.gather([rows[p].slot for p in parents], [r.slot for r in rows], n)
-        outputs = [rows[p].output_ids[:-1] + [r.output_ids[-1]] for r, p in zip(rows, parents, strict=True)]
+        self.pending_ops.append(Reorder(tuple(self.slots.slot(rows[p]) for p in parents),
+                                        tuple(self.slots.slot(r) for r in rows),
+                                        rows[0].num_computed))
+        outputs = [rows[p].output_ids[:-1] + [r.output_ids[-1]]
+                   for r, p in zip(rows, parents, strict=True)]
         for r, out in zip(rows, outputs, strict=True):
             r.output_ids = out
 
-    def finish(self, req: Request, reason: str) -> None:
-        """End a request now and free its slot (moving another request into it if shuffling)."""
-        req.finish_reason, req.finish_time = reason, time.perf_counter()
-        if req.status is Status.WAITING:
-            self.waiting.remove(req)
-        elif req.status is not Status.FINISHED:
-            self.running.remove(req)
-            move = self.cache.release(req.slot)
+    def finish(self, row: Request, reason: str) -> None:
+        """End a row now and free its slot (another row may move into it)."""
+        if row.finished:
+            return
+        row.finish_reason, row.finish_time = reason, time.perf_counter()
+        if row.status is Status.WAITING:
+            if row.index == 0:
+                self.waiting.remove(row)
+        else:
+            self.running.remove(row)
+            move = self.slots.release(row)
             if move is not None:
-                moved = self.cache.owner[move.dst]
-                assert isinstance(moved, Request) and moved.slot == move.src
-                moved.slot = move.dst
-            req.slot = None
-        req.status = Status.FINISHED
+                self.pending_ops.append(move)
+        row.status = Status.FINISHED

@@ -1,4 +1,9 @@
-"""One request's state as it moves through the engine."""
+"""One request's state as it moves through the engine: its rows and their tokens.
+
+A request is one row of the fused batch, or a `Group` of rows that share its prompt (n
+samples, or the beams of a beam search). The scheduler advances rows; which KV slot a row
+holds is recorded by `kv_cache.SlotAllocator` alone.
+"""
 
 from __future__ import annotations
 
@@ -14,72 +19,92 @@ from flover.sampling.beam import BeamSearch
 
 class Status(enum.Enum):
     WAITING = "waiting"  # queued for a slot
-    PREFILL = "prefill"  # has a slot; prompt (partly) in the cache
+    PREFILL = "prefill"  # has a slot; prompt (partly) in the cache, or waiting to copy it (forks)
     DECODE = "decode"  # generating, one token per iteration
     FINISHED = "finished"
 
 
 @dataclass(slots=True, eq=False)
 class Request:
+    """One row: a request of its own, or row `index` of a group."""
+
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
     arrival_time: float = field(default_factory=time.perf_counter)
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
-    slot: int | None = None
     num_computed: int = 0  # tokens whose keys and values are in the cache
-    finish_reason: str | None = None
-    generator: torch.Generator | None = None  # per-request RNG when seeded
+    finish_reason: str | None = None  # length | stop | abort | error
+    error: str | None = None  # why the request failed (finish_reason "error")
+    generator: torch.Generator | None = None  # its own RNG when seeded
+    admit_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
-    admit_time: float | None = None
     logprobs: list[dict] = field(default_factory=list)
-    group: Group | None = None  # set when the request has several rows (n > 1, beams)
+    group: Group | None = None  # several rows (n > 1, beams)
     index: int = 0  # row index within its group
-    forks: list[Request] = field(default_factory=list)  # rows that copy this row's prompt
-    fork_of: Request | None = None  # the row whose prefill this row copies
-    cumulative_logprob: float = 0.0
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+    text: object | None = None  # its detokenizer (flover.engine.outputs), when there is a tokenizer
 
     @property
     def last_token(self) -> int:
         return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
-
-    def token_at(self, i: int) -> int:
-        p = len(self.prompt_ids)
-        return self.prompt_ids[i] if i < p else self.output_ids[i - p]
 
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
 
     @property
-    def is_beam(self) -> bool:
-        return self.group is not None and self.group.beam is not None
+    def is_fork(self) -> bool:
+        """A row that copies row 0's prompt cache instead of computing it."""
+        return self.index > 0
 
-    def fork(self, index: int, seed: int | None) -> Request:
-        """A sibling row with the same prompt that will copy this row's cache."""
-        row = Request(f"{self.request_id}#{index}", self.prompt_ids, self.params,
-                      self.arrival_time, index=index, fork_of=self)
-        if seed is not None:
-            row.generator = torch.Generator().manual_seed(seed)
-        self.forks.append(row)
-        return row
+    @property
+    def forks(self) -> list[Request]:
+        return self.group.rows[1:] if self.group is not None and self.index == 0 else []
+
+    @property
+    def beam(self) -> BeamSearch | None:
+        return self.group.beam if self.group is not None else None
+
+    @property
+    def rows(self) -> list[Request]:
+        """Every row of the request this row belongs to."""
+        return self.group.rows if self.group is not None else [self]
 
 
 @dataclass(slots=True, eq=False)
 class Group:
     """One user request made of several rows: n samples, or the beams of a beam search."""
 
-    request_id: str
     rows: list[Request]
     beam: BeamSearch | None = None
 
-    @property
-    def finished(self) -> bool:
-        return (self.beam.done if self.beam is not None
-                else all(r.finished for r in self.rows))
+
+def make_generator(seed: int) -> torch.Generator:
+    """A request's own RNG: its draws do not depend on its neighbours in the batch."""
+    return torch.Generator().manual_seed(seed)
+
+
+def new_request(request_id: str, prompt_ids: list[int], params: SamplingParams,
+                arrival_time: float | None, beam: BeamSearch | None) -> Request:
+    """A request with its rows: n samples or beam_width beams share the head's prompt.
+
+    Row i > 0 of a seeded request draws from a generator seeded from (seed, i)."""
+    head = Request(request_id, prompt_ids, params)
+    if arrival_time is not None:
+        head.arrival_time = arrival_time
+    rows = max(params.n, params.beam_width)
+    seed = params.seed
+    if seed is not None:
+        head.generator = make_generator(seed)
+    if rows > 1:
+        forks = [Request(f"{request_id}#{i}", prompt_ids, params, head.arrival_time, index=i)
+                 for i in range(1, rows)]
+        for i, f in enumerate(forks, start=1):
+            if seed is not None:
+                f.generator = make_generator(hash((seed, i)) & 0x7FFFFFFFFFFF)
+        head.group = Group([head, *forks], beam)
+        for f in forks:
+            f.group = head.group
+    return head

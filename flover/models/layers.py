@@ -11,15 +11,12 @@ from flover.models.config import ModelFormatError
 
 
 class RMSNorm(nn.Module):
+    """The norm's parameters; `flover.ops.fused.rms_norm` computes it (fused with the residual)."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
 
 
 class Rotary(nn.Module):

@@ -19,7 +19,7 @@ import torch
 
 from flover.distributed import shared_clock
 from flover.engine import Engine
-from flover.run.context import RunContext, arrive, finish
+from flover.run.context import RunContext, mark_arrived, mark_finished
 from flover.run.ini import RunConfig
 from flover.run.timeline import Record, RunState
 from flover.run.workload import WorkItem
@@ -52,7 +52,7 @@ def run_instances(ctx: RunContext, items: list[WorkItem], state: RunState) -> No
             with state.lock:
                 running[0] -= 1
                 state.slots_used = running[0]
-            finish(state, rec, state.rel(req.finish_time))
+            mark_finished(state, rec, state.rel(req.finish_time))
         except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
             errors.append(e)
 
@@ -62,7 +62,7 @@ def run_instances(ctx: RunContext, items: list[WorkItem], state: RunState) -> No
         if errors:
             break
         rec = recs[it.request_id]
-        arrive(state, rec, "running")
+        mark_arrived(state, rec, "running")
         with state.lock:
             running[0] += 1
             state.slots_used = running[0]
@@ -79,7 +79,7 @@ def run_dynamic(engine: Engine, items: list[WorkItem], cfg: RunConfig, state: Ru
     recs = {r.request_id: r for r in state.records}
     pending = sorted(items, key=lambda it: it.arrival)
     queue: list[WorkItem] = []
-    window, cap = cfg.batch_window / 1000.0, engine.cache.num_slots
+    window, cap = cfg.batch_window / 1000.0, engine.slots.num_slots
     t0 = state.start()
     clock = shared_clock(state.now)  # under tensor parallelism, every rank batches alike
 
@@ -88,7 +88,7 @@ def run_dynamic(engine: Engine, items: list[WorkItem], cfg: RunConfig, state: Ru
         while pending and pending[0].arrival <= arrived:
             it = pending.pop(0)
             queue.append(it)
-            arrive(state, recs[it.request_id])
+            mark_arrived(state, recs[it.request_id])
 
     while pending or queue:
         take_arrivals()
@@ -118,9 +118,9 @@ def run_dynamic(engine: Engine, items: list[WorkItem], cfg: RunConfig, state: Ru
                 if len(out.token_ids) <= own[out.request_id]:  # the rest is padding
                     rec.tokens, rec.text = len(out.token_ids), out.text
             state.iterations += 1
-            state.slots_used = engine.cache.size
+            state.slots_used = engine.slots.size
             state.sample(len(outs))
             take_arrivals()
         end = state.now()
         for rid in reqs:
-            finish(state, recs[rid], end)
+            mark_finished(state, recs[rid], end)

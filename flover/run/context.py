@@ -37,12 +37,12 @@ def new_state(cfg: RunConfig, items: list[WorkItem]) -> RunState:
     return RunState(cfg.mode, recs, slots)
 
 
-def arrive(state: RunState, rec: Record, status: str = "waiting") -> None:
+def mark_arrived(state: RunState, rec: Record, status: str = "waiting") -> None:
     rec.status = status
     state.log(f"{rec.request_id} arrived ({rec.prompt_len} prompt tokens, "
               f"{rec.max_tokens} to generate)")
 
 
-def finish(state: RunState, rec: Record, finish_time: float) -> None:
+def mark_finished(state: RunState, rec: Record, finish_time: float) -> None:
     rec.finish, rec.status = finish_time, "done"
     state.log(f"{rec.request_id} finished: {rec.tokens} tokens in {rec.latency:.2f} s")

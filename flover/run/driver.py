@@ -17,7 +17,7 @@ from flover.distributed import shared_clock
 from flover.engine import Engine
 from flover.engine.sequence import Request
 from flover.run import baselines
-from flover.run.context import RunContext, arrive, finish
+from flover.run.context import RunContext, mark_arrived, mark_finished
 from flover.run.ini import RunConfig
 from flover.run.timeline import RunState
 from flover.run.workload import WorkItem
@@ -77,7 +77,7 @@ def run_engine(engine: Engine, items: list[WorkItem], cfg: RunConfig, state: Run
             live[it.request_id] = engine.add_request(
                 it.request_id, it.prompt_ids, cfg.sampling_params(it.max_tokens, it.seed),
                 arrival_time=t0 + it.arrival)
-            arrive(state, recs[it.request_id])
+            mark_arrived(state, recs[it.request_id])
         if not engine.has_unfinished():
             time.sleep(max(0.0, pending[0].arrival - state.now()))
             continue
@@ -93,7 +93,7 @@ def run_engine(engine: Engine, items: list[WorkItem], cfg: RunConfig, state: Run
                 rec.first_token = state.rel(req.first_token_time)
             if out.finished:
                 del live[out.request_id]
-                finish(state, rec, state.rel(req.finish_time))
+                mark_finished(state, rec, state.rel(req.finish_time))
         state.iterations = engine.scheduler.iterations
-        state.slots_used, state.shuffle_moves = engine.cache.size, engine.cache.moves
+        state.slots_used, state.shuffle_moves = engine.slots.size, engine.slots.moves
         state.sample(len(outs))

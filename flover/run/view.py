@@ -12,7 +12,8 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 
-from rich.console import Console, Group
+from rich.console import Console
+from rich.console import Group as Stack
 from rich.live import Live
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -71,7 +72,7 @@ class LiveView:
         # fit the terminal: 1 header line, the histogram in a panel, the table, 4 events
         room = self.console.size.height - 1 - 2 - 1 - 4 - 2
         height = min(8, max(3, room - len(self.state.records)))
-        return Group(self._header(), self._histogram(width, height),
+        return Stack(self._header(), self._histogram(width, height),
                      self._requests(width, max(4, room - height)), self._events())
 
     def _header(self) -> Text:

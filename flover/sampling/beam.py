@@ -2,11 +2,15 @@
 
 The selection follows transformers' beam search (the default `early_stopping=False`): from
 the k beams' accumulated log-probabilities take the best 2k continuations; those that end
-(EOS, or the length limit) and rank among the first k become finished hypotheses scored
-`sum_logprobs / generated_len ** len_penalty`; the best k that go on become the next beams.
-Search ends when no running beam can beat the worst of k finished hypotheses, or when
-every continuation ends. `diversity_rate` follows FasterTransformer: each beam's candidates
-lose `rank * rate`, rank being their order within that beam, before the beams compete.
+(EOS or a stop token, or the length limit) and rank among the first k become finished
+hypotheses scored `sum_logprobs / generated_len ** len_penalty`; the best k that go on become
+the next beams. A running beam can also be ended from outside (`end`, when its text reaches a
+stop string): it becomes a hypothesis and stops competing. Search ends when no running beam
+can beat the worst of k finished hypotheses, or when every beam has ended. The rows of the
+request stay in the batch until then, and end together.
+
+`diversity_rate` follows FasterTransformer: each beam's candidates lose `rank * rate`, rank
+being their order within that beam, before the beams compete.
 """
 
 from __future__ import annotations
@@ -15,20 +19,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-NEG = -1.0e9
+NEG = -1.0e9  # the score of a beam that cannot continue
 
 
 @dataclass(slots=True)
 class Hypothesis:
     score: float
     tokens: list[int]
+    reason: str  # "stop" (EOS, stop token or stop string) or "length"
 
 
 @dataclass(slots=True)
 class BeamSearch:
     width: int
     max_tokens: int
-    eos_ids: list[int]
+    eos_ids: list[int]  # EOS (unless ignored) and the request's stop tokens
     len_penalty: float = 0.0
     diversity_rate: float = 0.0
     scores: list[float] = field(default_factory=list)  # running beams' sums of log-probs
@@ -45,7 +50,8 @@ class BeamSearch:
     def step(self, logprobs: torch.Tensor) -> tuple[list[int], list[int]]:
         """logprobs [k, V] of the k beams -> (next token, parent beam) for each new beam."""
         k, vocab = logprobs.shape
-        assert k == self.width
+        if k != self.width:
+            raise ValueError(f"beam search of width {self.width} got {k} rows")
         acc = logprobs.float() + torch.tensor(self.scores, device=logprobs.device)[:, None]
         if self.diversity_rate > 0:
             ranks = logprobs.argsort(dim=-1, descending=True).argsort(dim=-1)
@@ -59,25 +65,43 @@ class BeamSearch:
         ends = [t in self.eos_ids or gen_len >= self.max_tokens for t in toks]
 
         if self.improvable:
-            norm = gen_len ** self.len_penalty
             for rank in range(k):
-                if ends[rank]:
-                    seq = self.tokens[parents[rank]] + [toks[rank]]
-                    self.finished.append(Hypothesis(top_scores[rank] / norm, seq))
-            self.finished.sort(key=lambda h: -h.score)
-            del self.finished[k:]
+                if ends[rank] and top_scores[rank] > NEG / 2:
+                    reason = "stop" if toks[rank] in self.eos_ids else "length"
+                    self._add(Hypothesis(top_scores[rank] / gen_len ** self.len_penalty,
+                                         self.tokens[parents[rank]] + [toks[rank]], reason))
 
         going = sorted(range(keep), key=lambda i: -(top_scores[i] + (NEG if ends[i] else 0.0)))[:k]
         new_tokens = [toks[i] for i in going]
         new_parents = [parents[i] for i in going]
         self.scores = [top_scores[i] + (NEG if ends[i] else 0.0) for i in going]
         self.tokens = [self.tokens[p] + [t] for p, t in zip(new_parents, new_tokens, strict=True)]
-
-        if len(self.finished) == k:  # while a hypothesis slot is empty, search can improve
-            best_running = self.scores[0] / (gen_len ** self.len_penalty)
-            self.improvable = self.improvable and best_running > self.finished[-1].score
-        self.done = not self.improvable or all(ends)
+        self._update(all(ends))
         return new_tokens, new_parents
+
+    def end(self, beam: int) -> None:
+        """Running beam `beam` ends here (its text reached a stop string): a hypothesis now."""
+        if self.scores[beam] <= NEG / 2:
+            return  # not a live beam
+        if self.improvable:
+            n = max(1, len(self.tokens[beam]))
+            self._add(Hypothesis(self.scores[beam] / n ** self.len_penalty,
+                                 list(self.tokens[beam]), "stop"))
+        self.scores[beam] = NEG
+        self._update(False)
+
+    def _add(self, h: Hypothesis) -> None:
+        self.finished.append(h)
+        self.finished.sort(key=lambda x: -x.score)
+        del self.finished[self.width:]
+
+    def _update(self, every_continuation_ended: bool) -> None:
+        live = [s for s in self.scores if s > NEG / 2]
+        if live and len(self.finished) == self.width:  # while a slot is empty, search can improve
+            gen_len = len(self.tokens[0])
+            self.improvable = self.improvable and \
+                max(live) / gen_len ** self.len_penalty > self.finished[-1].score
+        self.done = not self.improvable or every_continuation_ended or not live
 
     def best(self) -> list[Hypothesis]:
         """The k best finished hypotheses, best first."""

@@ -1,8 +1,13 @@
 """Penalties, biases and log-probabilities: per-row changes to a fused batch's logits.
 
 Every function works on all rows of a logits tensor [N, V] at once, each row with its own
-parameters; a row whose parameters are neutral comes out bit-identical. Token histories live
-on the host as python lists and are counted on the logits' device with one scatter per call.
+parameters; a row whose parameters are neutral comes out bit-identical. The per-request part
+(reading a row's parameters into a `RowPenalty`) is a function of its own, so that a failure
+there fails that request alone before any batched work starts.
+
+Token histories are counted incrementally in `TokenCounts`, one row per KV slot on the
+logits' device: a row's prompt once when it is first sampled, then each output token as it
+is fed back. Per-step work does not grow with the output's length.
 
 `apply_penalties` applies, in this order (vLLM's): logit_bias, the min_tokens ban,
 repetition_penalty (prompt + generated tokens), then frequency and presence penalties
@@ -11,34 +16,111 @@ repetition_penalty (prompt + generated tokens), then frequency and presence pena
 
 from __future__ import annotations
 
-from array import array
+import math
+from dataclasses import dataclass
 
 import torch
 
+from flover.engine.kv_cache import CacheOp, CopyPrefix, Reorder
 from flover.engine.sequence import Request
 
 
-def count_tokens(prompts: list[list[int]], outputs: list[list[int]], vocab: int,
-                 device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """How often each token occurs in each row's prompt and output: two float32 [N, vocab].
+@dataclass(slots=True)
+class RowPenalty:
+    """One row's non-neutral penalty parameters, read on the host."""
 
-    One zeros and one scatter_add_ of a flat index; ids outside [0, vocab) are not counted.
-    """
-    n = len(prompts)
-    width = vocab + 1  # the last column collects out-of-range ids and is dropped
-    lengths, flat = [], []
-    for p, o in zip(prompts, outputs, strict=True):
-        lengths += [len(p), len(o)]
-        flat += p
-        flat += o
-    tok = _long_tensor(flat, device)
-    tok = torch.where((tok >= 0) & (tok < vocab), tok, vocab)
-    plane = torch.arange(2 * n, device=device) * width  # (row, prompt|output) -> base offset
-    index = tok + plane.repeat_interleave(torch.tensor(lengths, device=device), output_size=len(flat))
-    counts = torch.zeros(2 * n * width, dtype=torch.float32, device=device)
-    counts.scatter_add_(0, index, torch.ones_like(index, dtype=torch.float32))
-    counts = counts.view(n, 2, width)[:, :, :vocab]
-    return counts[:, 0], counts[:, 1]
+    bias: dict[int, float]
+    banned: list[int]
+    repetition: float
+    presence: float
+    frequency: float
+
+    @property
+    def counts(self) -> bool:
+        """Whether this row reads the token counts."""
+        return self.repetition != 1.0 or self.presence != 0.0 or self.frequency != 0.0
+
+
+def uses_counts(req: Request) -> bool:
+    p = req.params
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+def row_logit_bias(req: Request) -> dict[int, float]:
+    return req.params.logit_bias
+
+
+def min_tokens_banned(req: Request, eos_ids: list[int]) -> list[int]:
+    """Token ids a request may not sample yet: its stop ids, and EOS unless it ignores EOS,
+    while fewer than min_tokens have been generated (as MinNewTokensLengthLogitsProcessor)."""
+    p = req.params
+    if len(req.output_ids) >= p.min_tokens:
+        return []
+    return list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids))
+
+
+def row_penalty(req: Request, eos_ids: list[int]) -> RowPenalty | None:
+    """The per-request stage: this row's parameters, or None when it is neutral this step."""
+    p = req.params
+    bias = row_logit_bias(req)
+    banned = min_tokens_banned(req, eos_ids)
+    out = bool(req.output_ids)  # presence and frequency read generated tokens only
+    spec = RowPenalty(bias, banned, p.repetition_penalty, p.presence_penalty if out else 0.0,
+                      p.frequency_penalty if out else 0.0)
+    return spec if bias or banned or spec.counts else None
+
+
+class TokenCounts:
+    """Per-slot token histories on the device: which tokens the prompt holds ([S, V] bool) and
+    how often each was generated ([S, V] float32). Allocated when a row first needs them."""
+
+    def __init__(self, num_slots: int, vocab: int, device: torch.device | str) -> None:
+        self.num_slots, self.vocab, self.device = num_slots, vocab, torch.device(device)
+        self.prompt: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, reqs: list[Request], vocab: int, device: torch.device | str) -> TokenCounts:
+        """Counts from whole histories, row i for reqs[i]: the reference of the incremental path."""
+        counts = cls(len(reqs), vocab, device)
+        for i, r in enumerate(reqs):
+            counts.start(i, r.prompt_ids)
+            counts.add([i] * len(r.output_ids), r.output_ids)
+        return counts
+
+    def start(self, slot: int, prompt_ids: list[int]) -> None:
+        """A row's history is its prompt: set once, when the row is first sampled."""
+        if self.prompt is None:
+            self.prompt = torch.zeros(self.num_slots, self.vocab, dtype=torch.bool, device=self.device)
+            self.output = torch.zeros(self.num_slots, self.vocab, device=self.device)
+        self.prompt[slot] = False
+        self.prompt[slot, _ids(prompt_ids, self.vocab, self.device)] = True
+        self.output[slot] = 0.0
+
+    def add(self, slots: list[int], tokens: list[int]) -> None:
+        """Count one more occurrence of tokens[i] in slots[i] (ids outside the vocabulary are not)."""
+        if self.output is None or not slots:
+            return
+        keep = [(s, t) for s, t in zip(slots, tokens, strict=True) if 0 <= t < self.vocab]
+        if keep:
+            s, t = torch.tensor(keep, device=self.device).unbind(-1)
+            self.output.index_put_((s, t), torch.ones(len(keep), device=self.device), accumulate=True)
+
+    def apply(self, op: CacheOp) -> None:
+        """Histories follow their rows when the shuffle moves them and beams reorder; a fork
+        (CopyPrefix) starts its own history when it is first sampled."""
+        if self.prompt is None or isinstance(op, CopyPrefix):
+            return
+        if isinstance(op, Reorder):
+            src, dst = list(op.src), list(op.dst)
+        else:
+            src, dst = op.src, op.dst
+        self.prompt[dst] = self.prompt[src]
+        self.output[dst] = self.output[src]
+
+    def rows(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.tensor(slots, device=self.device)
+        return self.prompt[idx], self.output[idx]
 
 
 def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
@@ -83,57 +165,43 @@ def ban_tokens(logits: torch.Tensor, banned: list[list[int]]) -> torch.Tensor:
     return out
 
 
-def min_tokens_banned(req: Request, eos_ids: list[int]) -> list[int]:
-    """Token ids a request may not sample yet: its stop ids, and EOS unless it ignores EOS,
-    while fewer than min_tokens have been generated (as MinNewTokensLengthLogitsProcessor)."""
-    p = req.params
-    if len(req.output_ids) >= p.min_tokens:
-        return []
-    return list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids))
+def apply_penalties(logits: torch.Tensor, reqs: list[Request], eos_ids: list[int],
+                    counts: TokenCounts | None = None, slots: list[int] | None = None,
+                    specs: list[RowPenalty | None] | None = None) -> torch.Tensor:
+    """logits [N, V] (row i belongs to reqs[i], whose history is row slots[i] of `counts`)
+    -> penalised logits [N, V].
 
-
-def uses_penalties(req: Request, eos_ids: list[int]) -> bool:
-    """Whether apply_penalties would change this request's row."""
-    p = req.params
-    return (p.repetition_penalty != 1.0 or bool(p.logit_bias)
-            or ((p.presence_penalty != 0.0 or p.frequency_penalty != 0.0) and bool(req.output_ids))
-            or bool(min_tokens_banned(req, eos_ids)))
-
-
-def apply_penalties(logits: torch.Tensor, reqs: list[Request], eos_ids: list[int]) -> torch.Tensor:
-    """logits [N, V] (row i belongs to reqs[i]) -> penalised logits [N, V].
-
-    Returns `logits` itself, untouched and without allocating, when no row uses a penalty,
-    a bias or a pending min_tokens; otherwise a new tensor (the input is never modified) in
-    which only the rows that use them differ.
+    Without `counts`, histories are counted from the requests' token lists (the reference).
+    `specs` are the rows' `row_penalty`, when the caller has read them already. Returns
+    `logits` itself, untouched, when no row uses a penalty, a bias or a pending min_tokens;
+    otherwise a new tensor in which only the rows that use them differ. Values stay finite or
+    -inf, so that sampling never sees NaN.
     """
-    active = [i for i, r in enumerate(reqs) if uses_penalties(r, eos_ids)]
+    if specs is None:
+        specs = [row_penalty(r, eos_ids) for r in reqs]
+    active = [i for i, s in enumerate(specs) if s is not None]
     if not active:
         return logits
-    dev, vocab = logits.device, logits.shape[-1]
-    sub = [reqs[i] for i in active]
+    dev = logits.device
+    sub = [specs[i] for i in active]
     idx = torch.tensor(active, device=dev)
     x = logits[idx]
-    if any(r.params.logit_bias for r in sub):
-        x = logit_bias(x, [r.params.logit_bias for r in sub])
-    banned = [min_tokens_banned(r, eos_ids) for r in sub]
-    if any(banned):
-        x = ban_tokens(x, banned)
-    rep = [r.params.repetition_penalty != 1.0 for r in sub]
-    pf = [(r.params.presence_penalty != 0.0 or r.params.frequency_penalty != 0.0) and bool(r.output_ids)
-          for r in sub]
-    if any(rep) or any(pf):
-        # The prompt is counted only where the repetition penalty reads it; the output wherever used.
-        prompt_counts, output_counts = count_tokens(
-            [r.prompt_ids if u else [] for r, u in zip(sub, rep, strict=True)],
-            [r.output_ids if u or v else [] for r, u, v in zip(sub, rep, pf, strict=True)], vocab, dev)
-        if any(rep):
-            penalty = torch.tensor([r.params.repetition_penalty for r in sub], device=dev)
-            x = repetition_penalty(x, (prompt_counts + output_counts) > 0, penalty)
-        if any(pf):
-            presence = torch.tensor([r.params.presence_penalty for r in sub], device=dev)
-            frequency = torch.tensor([r.params.frequency_penalty for r in sub], device=dev)
-            x = presence_frequency_penalty(x, output_counts, presence, frequency)
+    if any(s.bias for s in sub):
+        x = logit_bias(x, [s.bias for s in sub])
+    if any(s.banned for s in sub):
+        x = ban_tokens(x, [s.banned for s in sub])
+    if any(s.counts for s in sub):
+        if counts is None:
+            counts, slots = TokenCounts.of(reqs, logits.shape[-1], dev), list(range(len(reqs)))
+        prompt, output = counts.rows([slots[i] for i in active])
+        if any(s.repetition != 1.0 for s in sub):
+            penalty = torch.tensor([s.repetition for s in sub], device=dev)
+            x = repetition_penalty(x, prompt | (output > 0), penalty)
+        if any(s.presence != 0.0 or s.frequency != 0.0 for s in sub):
+            presence = torch.tensor([s.presence for s in sub], device=dev)
+            frequency = torch.tensor([s.frequency for s in sub], device=dev)
+            x = presence_frequency_penalty(x, output, presence, frequency)
+    x = torch.nan_to_num(x, nan=-math.inf, posinf=torch.finfo(x.dtype).max, neginf=-math.inf)
     if len(active) == len(reqs):
         return x  # logits[idx] with idx = 0..N-1 is already a fresh copy in row order
     out = logits.clone()
@@ -151,12 +219,21 @@ def compute_logprobs(logits: torch.Tensor, chosen: torch.Tensor,
 
     logits [N, V], chosen [N] token ids, k_per_row[i] None (no logprobs for that row) or k >= 0.
     Returns per row None or {"token_id": int, "logprob": float, "top_logprobs": [(id, logprob),
-    ...]} with the k most likely tokens, best first. One device-to-host copy.
+    ...]} with the k most likely tokens, best first.
     """
+    host, k = logprob_rows(logits, chosen, k_per_row)
+    return [None if ki is None else logprob_entry(row, k, ki)
+            for row, ki in zip(host, k_per_row, strict=True)]
+
+
+def logprob_rows(logits: torch.Tensor, chosen: torch.Tensor,
+                 k_per_row: list[int | None]) -> tuple[list[list[float] | None], int]:
+    """The batched part of compute_logprobs, in one device-to-host copy: per row None or
+    [token, logprob, k ids, k logprobs] with k the largest k asked for (returned too)."""
     rows = [i for i, k in enumerate(k_per_row) if k is not None]
-    out: list[dict | None] = [None] * len(k_per_row)
+    out: list[list[float] | None] = [None] * len(k_per_row)
     if not rows:
-        return out
+        return out, 0
     dev = logits.device
     idx = torch.tensor(rows, device=dev)
     lp = torch.log_softmax(logits[idx].float(), dim=-1)
@@ -167,18 +244,19 @@ def compute_logprobs(logits: torch.Tensor, chosen: torch.Tensor,
     # Ids ride along as float32 (exact below 2**24) so that everything comes back in one copy.
     host = torch.cat([tok[:, None].float(), picked[:, None], top_id.float(), top_lp], dim=-1).tolist()
     for row, i in zip(host, rows, strict=True):
-        ki = k_per_row[i]
-        ids, lps = row[2:2 + k], row[2 + k:]
-        out[i] = {"token_id": int(row[0]), "logprob": row[1],
-                  "top_logprobs": [(int(t), v) for t, v in zip(ids[:ki], lps[:ki], strict=True)]}
-    return out
+        out[i] = row
+    return out, k
 
 
-def _long_tensor(values: list[int], device: torch.device | str) -> torch.Tensor:
-    """A python list of ints as an int64 tensor; via array, about 4x faster than torch.tensor."""
-    if not values:
-        return torch.empty(0, dtype=torch.long, device=device)
-    return torch.frombuffer(array("q", values), dtype=torch.long).to(device)
+def logprob_entry(row: list[float], k: int, ki: int) -> dict:
+    """The per-request stage: one row's logprobs (its k_i best) from its host copy."""
+    ids, lps = row[2:2 + k], row[2 + k:]
+    return {"token_id": int(row[0]), "logprob": row[1],
+            "top_logprobs": [(int(t), v) for t, v in zip(ids[:ki], lps[:ki], strict=True)]}
+
+
+def _ids(values: list[int], vocab: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor([t for t in values if 0 <= t < vocab], dtype=torch.long, device=device)
 
 
 def _sparse(per_row: list[dict[int, float]], vocab: int) -> tuple[list[int], list[int], list[float]]:

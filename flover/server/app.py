@@ -24,7 +24,8 @@ from starlette.exceptions import HTTPException
 
 from flover.config import ConfigError, SamplingParams
 from flover.engine import CompletionOutput, Engine, RequestError, RequestOutput
-from flover.server.async_engine import AsyncEngine, EngineDeadError
+from flover.engine.detokenizer import StopChecker
+from flover.server.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from flover.server.protocol import ChatRequest, CompletionRequest
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -239,6 +240,8 @@ def engine_error(e: Exception, prompt_param: str) -> APIError:
         return APIError(400, msg, param, code)
     if isinstance(e, EngineDeadError):
         return APIError(503, str(e), type="server_error")
+    if isinstance(e, RequestFailedError):
+        return APIError(500, f"the request failed: {e}", type="server_error")
     return APIError(500, f"the engine failed: {type(e).__name__}: {e}", type="server_error")
 
 
@@ -388,6 +391,7 @@ async def _stream(call: Call, gen: AsyncIterator, first, rid: str, created: int,
                   aeng: AsyncEngine) -> AsyncIterator[str]:
     state: dict[int, _Choice] = {}
     last: dict[int, RequestOutput] = {}
+    stops = StopChecker(call.params.stop) if call.params.stop else None
     usage = call.body.stream_options is not None and call.body.stream_options.include_usage
     head = {"id": rid, "object": f"{call.object}.chunk" if call.chat else call.object,
             "created": created, "model": call.model}
@@ -402,7 +406,7 @@ async def _stream(call: Call, gen: AsyncIterator, first, rid: str, created: int,
             s = state.setdefault(k, _Choice())
             if s.done:
                 continue
-            delta = _delta(s, c, call.params.stop)
+            delta = _delta(s, c, stops)
             lps = None
             if call.params.logprobs is not None:
                 lps = _logprobs(call, c.logprobs[s.logprobs:], aeng, s.offset)
@@ -443,14 +447,12 @@ async def _stream(call: Call, gen: AsyncIterator, first, rid: str, created: int,
     yield "data: [DONE]\n\n"
 
 
-def _delta(s: _Choice, c: CompletionOutput, stops: list[str]) -> str:
+def _delta(s: _Choice, c: CompletionOutput, stops: StopChecker | None) -> str:
     """The text of choice c not sent yet. While it runs, text that may be the start of a stop
     string is held back, so that the streamed pieces add up to the final text."""
     text = c.text
-    if c.finish_reason is None and stops:
-        hold = max((k for st in stops for k in range(1, min(len(st), len(text) + 1))
-                    if text.endswith(st[:k])), default=0)
-        text = text[: len(text) - hold]
+    if c.finish_reason is None and stops is not None:
+        text = text[: len(text) - stops.held_back(text)]
     if not text.startswith(s.text):
         return ""
     delta, s.text = text[len(s.text):], text

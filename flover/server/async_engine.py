@@ -4,7 +4,9 @@ One background thread owns the engine (and the GPU): it takes new requests and a
 thread-safe inbox between iterations, runs `step()`, and hands each output to the asyncio
 queue of the request it belongs to with `loop.call_soon_threadsafe`. Request handlers never
 touch the engine. A request refused by `add_request` gets its error back alone; the loop goes
-on. A consumer that stops listening (client gone) aborts its requests, which frees their slots.
+on. A request that fails inside the engine ends with an output whose `error` says why; the
+others go on. A consumer that stops listening (client gone) aborts its requests, which frees
+their slots.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from flover.engine import Engine, RequestOutput
 
 class EngineDeadError(RuntimeError):
     """The engine thread is not running."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine ended this request with an error (its output's `error`); others went on."""
 
 
 @dataclass(slots=True, eq=False)
@@ -116,6 +122,9 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     pending.clear()  # nothing of this call is in the engine
                     raise item
+                if item.error is not None:
+                    pending.discard(item.request_id)  # ended already; the rest is aborted
+                    raise RequestFailedError(item.error)
                 yield index[item.request_id], item
                 if item.finished:
                     pending.discard(item.request_id)
@@ -145,6 +154,7 @@ class AsyncEngine:
             except Exception as e:  # noqa: BLE001 - fail what is in flight, keep serving
                 self.engine_failures += 1
                 self._fail_all(e)
+                self._stats = eng.stats()
                 continue
             for out in outs:
                 sink = self._sinks.get(out.request_id)

@@ -1,0 +1,51 @@
+"""The engine on a GPU, CUDA graphs and Triton kernels included: fusion and isolation.
+
+Skipped without a GPU (CI has none); `bench/gpu_check.sh` runs them on the device.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_engine import finals as run
+
+from flover import Engine, EngineConfig, SamplingParams
+from flover.sampling import sampler
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+WORK = [(0, [5, 6, 7], GREEDY), (0, list(range(3, 40)), GREEDY), (2, [9] * 5, GREEDY),
+        (3, [11, 12], SamplingParams(max_tokens=9, temperature=0.8, seed=3, ignore_eos=True)),
+        (5, [13, 14, 15, 16], SamplingParams(max_tokens=7, n=2, temperature=1.0, seed=4,
+                                              ignore_eos=True))]
+
+
+def engine(model="tiny_llama") -> Engine:
+    return Engine(EngineConfig(model=model, dtype="float32", device="cuda", max_concurrency=8,
+                               max_seq_len=128))
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_gptj"])
+def test_fused_requests_give_their_solo_tokens_under_cuda_graphs(model):
+    fused = run(engine(model), WORK)
+    for i, item in enumerate(WORK):
+        alone = run(engine(model), [(0, item[1], item[2])])["r0"]
+        assert [c.token_ids for c in fused[f"r{i}"].outputs] == [c.token_ids for c in alone.outputs]
+
+
+def test_a_fault_in_one_request_leaves_the_others_exact_under_cuda_graphs(monkeypatch):
+    clean = run(engine(), WORK)
+    real = sampler.row_sampling
+
+    def faulty(req, vocab, shared):
+        if req.request_id.startswith("r3"):
+            raise RuntimeError("injected")
+        return real(req, vocab, shared)
+    monkeypatch.setattr(sampler, "row_sampling", faulty)
+    eng = engine()
+    got = run(eng, WORK)
+    assert got["r3"].finish_reason == "error" and "injected" in got["r3"].error
+    for rid in ("r0", "r1", "r2", "r4"):
+        assert [c.token_ids for c in got[rid].outputs] == [c.token_ids for c in clean[rid].outputs]
+    assert eng.stats()["slots_used"] == 0
