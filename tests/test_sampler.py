@@ -235,3 +235,16 @@ def test_sampled_tokens_come_from_transformers_kept_set():
         for i, t in enumerate(sample(logits, reqs, shared).tolist()):
             assert allowed[i][t] or reqs[i].params.greedy, (i, t)
 
+
+
+def test_uncut_rows_draw_by_inverse_cdf_in_vocabulary_order_and_cut_rows_over_kept_tokens():
+    from flover.sampling.sampler import RowSampling, sample_rows
+
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]] * 2))
+    cdf = [0.1, 0.3, 0.6, 1.0]
+    for u in (0.0, 0.05, 0.15, 0.29, 0.31, 0.7, 0.99):
+        plain = RowSampling(False, 1.0, 0, 1.0, 0.0, u)
+        top2 = RowSampling(False, 1.0, 2, 1.0, 0.0, u)  # keeps 0.4, 0.3 -> 4/7, 3/7, descending
+        got = sample_rows(logits, [plain, top2]).tolist()
+        assert got[0] == next(i for i, c in enumerate(cdf) if c > u + 1e-7)
+        assert got[1] == (3 if u < 4 / 7 else 2)
