@@ -232,3 +232,33 @@ def test_a_row_comes_out_the_same_alone_or_fused():
     fused = apply_penalties(logits, reqs, EOS)
     for i, r in enumerate(reqs):
         assert torch.equal(fused[i:i + 1], apply_penalties(logits[i:i + 1], [r], EOS)), i
+
+
+def test_incremental_counts_equal_counts_from_whole_histories_at_every_step(llama_dir, monkeypatch):
+    """Through a fused run with shuffle moves, forks and beam reorders, the penalised logits
+    from the per-slot counts equal those from counting each row's history from scratch."""
+    from test_engine import engine, finals
+
+    from flover.sampling import penalties
+
+    real, calls = penalties.apply_penalties, {"n": 0}
+
+    def checked(logits, reqs, eos_ids, counts=None, slots=None, specs=None):
+        out = real(logits, reqs, eos_ids, counts, slots, specs)
+        if counts is not None:
+            calls["n"] += 1
+            assert torch.equal(out, real(logits, reqs, eos_ids)), [r.request_id for r in reqs]
+        return out
+    monkeypatch.setattr(penalties, "apply_penalties", checked)
+    ps = [[3, 4, 5, 3], [7, 7, 8], [9, 10], [11, 12, 11], [5, 5, 5, 6], [20, 21]]
+    work = [(0, ps[0], SamplingParams(max_tokens=9, temperature=0.0, presence_penalty=1.5, ignore_eos=True)),
+            (0, ps[1], SamplingParams(max_tokens=4, temperature=0.0, frequency_penalty=1.0, ignore_eos=True)),
+            (1, ps[2], SamplingParams(max_tokens=7, beam_width=2, repetition_penalty=1.4)),
+            (2, ps[3], SamplingParams(max_tokens=6, n=2, temperature=1.0, seed=3, frequency_penalty=0.8,
+                                      ignore_eos=True)),
+            (3, ps[4], SamplingParams(max_tokens=8, temperature=0.0, repetition_penalty=1.3,
+                                      ignore_eos=True)),
+            (5, ps[5], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))]
+    eng = engine(llama_dir, max_concurrency=6)
+    done = finals(eng, work)
+    assert len(done) == 6 and calls["n"] > 10 and eng.stats()["shuffle_moves"] > 0

@@ -51,9 +51,10 @@ class ModelRunner:
         for op in batch.cache_ops:
             self.cache.apply(op)
             self.counts.apply(op)
-        fed = [(i, r.last_token) for i, r in enumerate(batch.decode)
-               if r is not None and penalties.uses_counts(r)]
-        self.counts.add([i for i, _ in fed], [t for _, t in fed])  # decode row i is slot i
+        if self.counts.output is not None:  # some request has used penalties
+            fed = [(i, r.last_token) for i, r in enumerate(batch.decode)
+                   if r is not None and penalties.uses_counts(r)]
+            self.counts.add([i for i, _ in fed], [t for _, t in fed])  # decode row i is slot i
         logits = self.forward_logits(batch)
         return self.select(logits, batch.sample, batch.sample_slots)
 
