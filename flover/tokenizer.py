@@ -5,6 +5,7 @@ Built from a Hugging Face `tokenizer.json` or from the vocabulary inside a GGUF 
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -19,6 +20,22 @@ _PRE_TOKENIZERS = {
         pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]),
 }
+
+
+@functools.cache
+def unicode_to_bytes() -> dict[str, int]:
+    """The inverse of GPT-2's bytes_to_unicode: printable characters stand for themselves,
+    the other bytes (controls, space, ...) for the characters from U+0100 on, in order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)}
+    table, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + n)] = b
+            n += 1
+    return table
 
 
 class Tokenizer:

@@ -96,17 +96,9 @@ def byte_tokenizer():
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers
 
-    from flover.tokenizer import Tokenizer
+    from flover.tokenizer import Tokenizer, unicode_to_bytes
 
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):  # GPT-2's bytes_to_unicode
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    char = dict(zip(bs, map(chr, cs), strict=True))
+    char = {b: c for c, b in unicode_to_bytes().items()}  # GPT-2's bytes_to_unicode
     order = [_byte_of(i) for i in range(VOCAB)]
     order += [b for b in range(256) if b not in order]
     tok = HFTokenizer(models.BPE(vocab={char[b]: i for i, b in enumerate(order)}, merges=[]))

@@ -16,6 +16,7 @@ uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
+import flover  # noqa: E402
 from flover import Engine, EngineConfig, SamplingParams  # noqa: E402
 from flover.server.app import create_app  # noqa: E402
 
@@ -194,9 +195,49 @@ def test_beam_search_returns_the_engines_n_best_beams(tiny):
 def test_models_health_and_stats(tiny):
     models = client(tiny).models.list()
     assert [m.id for m in models.data] == ["tiny_llama"]
+    card = models.data[0].to_dict()
+    assert (card["root"], card["parent"], card["permission"]) == ("tiny_llama", None, [])
     assert httpx.get(f"{tiny}/health", timeout=TIMEOUT).json() == {"status": "ok"}
     stats = httpx.get(f"{tiny}/stats", timeout=TIMEOUT).json()
     assert stats["max_concurrency"] == 4
+    assert httpx.get(f"{tiny}/version", timeout=TIMEOUT).json() == {"version": flover.__version__}
+
+
+def test_completion_top_logprobs_always_hold_the_sampled_token(tiny):
+    c = client(tiny)
+    kw = {"model": "tiny_llama", "prompt": PROMPT, "max_tokens": 8, "temperature": 1.0,
+          "seed": 5, "extra_body": {"ignore_eos": True}}
+    lp = c.completions.create(**kw, logprobs=2).choices[0].logprobs
+    assert len(lp.tokens) == 8
+    for tok, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert top[tok] == value and len(top) in (2, 3)
+    assert any(len(top) == 3 for top in lp.top_logprobs)  # sampled outside the 2 best: k + 1
+    lp = c.completions.create(**kw, logprobs=0).choices[0].logprobs
+    assert lp.top_logprobs == [{t: v} for t, v in zip(lp.tokens, lp.token_logprobs, strict=True)]
+
+
+def test_default_valued_openai_parameters_are_accepted_and_others_refused(tiny):
+    c = client(tiny)
+    kw = {"model": "tiny_llama", "prompt": PROMPT, "max_tokens": 2}
+    out = c.completions.create(**kw, echo=False, extra_body={"response_format": {"type": "text"}})
+    assert out.usage.completion_tokens == 2
+    refused = [({"echo": True}, "echo"),
+               ({"extra_body": {"response_format": {"type": "json_object"}}}, "response_format"),
+               ({"stream": False, "stream_options": {"include_usage": True}}, "stream_options")]
+    for extra, param in refused:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(**kw, **extra)
+        assert e.value.body["param"] == param
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="tiny_llama", messages=[{"role": "user", "content": "hi"}],
+                                  response_format={"type": "json_object"})
+    assert e.value.body["param"] == "response_format"
+
+
+def test_tokenize_routes_refuse_a_model_without_a_tokenizer(tiny):
+    assert post(tiny, "/tokenize", {"prompt": "hi"}).json()["error"]["param"] == "prompt"
+    r = post(tiny, "/detokenize", {"tokens": [1, 2]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
 
 
 # --- chat on the embedded model -----------------------------------------------------------
@@ -239,6 +280,76 @@ def test_stop_string_ends_the_text_before_it_streamed_or_not(smol):
     streamed = "".join(ch.choices[0].delta.content or ""
                        for ch in c.chat.completions.create(**kw, stream=True))
     assert "Paris" not in text and streamed == text
+
+
+SMOL = "SmolLM2-135M-Instruct"
+FRANCE = "Q: What is the capital of France?\nA:"
+
+
+def smiley_bias(url: str) -> dict[str, int]:
+    """A logit_bias that makes the model write 🙂, whose 4 UTF-8 bytes are 2 tokens of 2."""
+    ids = post(url, "/tokenize", {"prompt": "🙂", "add_special_tokens": False}).json()["tokens"]
+    assert len(ids) == 2
+    return {str(t): 100 for t in ids}
+
+
+def test_text_offset_stays_in_the_text_cut_by_a_stop_string(smol):
+    c = client(smol)
+    kw = {"model": SMOL, "prompt": FRANCE, "max_tokens": 20, "temperature": 0, "logprobs": 1,
+          "stop": [" Paris."]}
+    ch = c.completions.create(**kw).choices[0]
+    text, lp = ch.text, ch.logprobs
+    assert ch.finish_reason == "stop" and " Paris." not in text
+    starts = [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert starts[-1] > len(text)  # tokens of the stop string: past the cut text
+    assert lp.text_offset == [min(s, len(text)) for s in starts]
+    streamed = [ch.logprobs for chunk in c.completions.create(**kw, stream=True)
+                for ch in chunk.choices if ch.logprobs]
+    assert [o for s in streamed for o in s.text_offset] == lp.text_offset
+    assert [t for s in streamed for t in s.tokens] == lp.tokens
+
+
+def test_text_offset_of_tokens_that_split_a_character(smol):
+    ch = client(smol).completions.create(
+        model=SMOL, prompt="Smileys: 🙂🙂", max_tokens=8, temperature=0, logprobs=0,
+        logit_bias=smiley_bias(smol)).choices[0]
+    assert ch.text == "🙂" * 4
+    assert ch.logprobs.text_offset == [0, 0, 1, 1, 2, 2, 3, 3]  # both halves start at the 🙂
+
+
+def test_chat_logprob_bytes_rebuild_characters_split_over_tokens(smol):
+    out = client(smol).chat.completions.create(
+        model=SMOL, messages=[{"role": "user", "content": "Send me smileys"}], max_tokens=8,
+        temperature=0, logprobs=True, top_logprobs=1, logit_bias=smiley_bias(smol),
+        response_format={"type": "text"})
+    ch = out.choices[0]
+    assert ch.message.content == "🙂" * 4
+    entries = ch.logprobs.content
+    assert all(e.token.startswith("\ufffd") for e in entries)  # alone, a half decodes to U+FFFD
+    assert bytes(b for e in entries for b in e.bytes).decode() == ch.message.content
+    assert all(e.top_logprobs[0].bytes == e.bytes for e in entries)
+
+
+def test_tokenize_and_detokenize_as_vllm(smol):
+    r = post(smol, "/tokenize", {"prompt": "Hello world"}).json()
+    assert r["count"] == len(r["tokens"]) > 0 and r["max_model_len"] == 512
+    assert post(smol, "/detokenize", {"tokens": r["tokens"]}).json() == {"prompt": "Hello world"}
+    chat = client(smol).chat.completions.create(model=SMOL, messages=QUESTION, max_tokens=1)
+    r = post(smol, "/tokenize", {"messages": QUESTION, "model": SMOL}).json()
+    assert r["count"] == chat.usage.prompt_tokens
+    text = post(smol, "/detokenize", {"tokens": r["tokens"]}).json()["prompt"]
+    assert text.startswith("<|im_start|>") and text.endswith("<|im_start|>assistant\n")
+    r = post(smol, "/tokenize", {"messages": QUESTION, "add_generation_prompt": False}).json()
+    text = post(smol, "/detokenize", {"tokens": r["tokens"]}).json()["prompt"]
+    assert text.endswith("France?<|im_end|>\n")
+    bad = [post(smol, "/tokenize", {"prompt": "a", "messages": QUESTION}),
+           post(smol, "/tokenize", {"prompt": "a", "add_generation_prompt": True}),
+           post(smol, "/detokenize", {"tokens": [1, 10**6]}),
+           post(smol, "/detokenize", {"tokens": [-1]}),
+           post(smol, "/detokenize", {"tokens": [1], "model": "gpt-4"})]
+    assert [r.status_code for r in bad] == [400, 400, 400, 400, 404]
+    assert [r.json()["error"]["param"] for r in bad] == ["messages", "add_generation_prompt",
+                                                         "tokens", "tokens", "model"]
 
 
 def test_engine_loop_survives_a_failing_step():

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API: an ASGI app (FastAPI) over an AsyncEngine.
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with SSE
-streaming), GET /health, GET /stats. A bad request gets a 400 with OpenAI's error body and
+streaming), GET /health, GET /stats, and vLLM's POST /tokenize, POST /detokenize and
+GET /version. A bad request gets a 400 with OpenAI's error body and
 touches no other request; a client that goes away mid-generation frees its slot.
 """
 
@@ -22,11 +23,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from flover import __version__
 from flover.config import ConfigError, SamplingParams
 from flover.engine import CompletionOutput, Engine, RequestError, RequestOutput
-from flover.engine.detokenizer import StopChecker
+from flover.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from flover.server.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
-from flover.server.protocol import ChatRequest, CompletionRequest
+from flover.server.protocol import (
+    ChatMessage,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from flover.server.tokens import TokenView
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 # SamplingParams' field names where the API calls them otherwise
@@ -61,6 +70,7 @@ def create_app(engine: Engine, model_name: str | None = None) -> FastAPI:
     stops with it."""
     name = model_name or model_name_of(engine.config.model)
     aeng = AsyncEngine(engine)
+    view = TokenView(engine.tokenizer)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -99,6 +109,21 @@ def create_app(engine: Engine, model_name: str | None = None) -> FastAPI:
     async def stats() -> dict:
         return aeng.stats()
 
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict:
+        _check_model(body.model, name)
+        ids = tokenize_request(body, engine)
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.config.max_seq_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        _check_model(body.model, name)
+        return {"prompt": detokenize_request(body, engine)}
+
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [_model_card(name, engine)]}
@@ -111,17 +136,19 @@ def create_app(engine: Engine, model_name: str | None = None) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         _check_model(body.model, name)
+        check_defaults_only(body)
         prompts = completion_prompts(body.prompt, engine)
         lp = body.logprobs
         params = sampling_params(body, body.max_tokens if body.max_tokens is not None else 16, lp,
                                  logprobs_name="logprobs")
-        return await _serve(Call("cmpl", "text_completion", name, prompts, params, body), aeng,
-                            request)
+        return await _serve(Call("cmpl", "text_completion", name, prompts, params, body, view),
+                            aeng, request)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
         _check_model(body.model, name)
-        prompt = chat_prompt(body, engine)
+        check_defaults_only(body)
+        prompt = chat_tokens(body.messages, engine)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", "top_logprobs")
         lp = (body.top_logprobs or 0) if body.logprobs else None
@@ -130,8 +157,8 @@ def create_app(engine: Engine, model_name: str | None = None) -> FastAPI:
         if max_tokens is None:  # OpenAI's default: whatever room the context leaves
             max_tokens = max(1, engine.config.max_seq_len - len(prompt))
         params = sampling_params(body, max_tokens, lp, logprobs_name="top_logprobs")
-        return await _serve(Call("chatcmpl", "chat.completion", name, [prompt], params, body),
-                            aeng, request)
+        return await _serve(Call("chatcmpl", "chat.completion", name, [prompt], params, body,
+                                 view), aeng, request)
 
     return app
 
@@ -145,8 +172,24 @@ def _check_model(model: str | None, name: str) -> None:
 
 
 def _model_card(name: str, engine: Engine) -> dict:
+    """OpenAI's model object plus vLLM's fields, which some clients read: `root` (the model
+    behind the id; here the id itself), `parent` (a fine-tune's base: none) and `permission`."""
     return {"id": name, "object": "model", "created": 0, "owned_by": "flover",
+            "root": name, "parent": None, "permission": [],
             "max_model_len": engine.config.max_seq_len}
+
+
+def check_defaults_only(body: CompletionRequest | ChatRequest) -> None:
+    """Refuse, naming the field, what OpenAI accepts but we do not do: a response_format other
+    than text, echo=true, and stream_options without streaming (OpenAI refuses that too)."""
+    fmt = body.response_format
+    if fmt is not None and fmt.type != "text":
+        raise APIError(400, f"response_format type {fmt.type!r} is not supported; only 'text'",
+                       "response_format")
+    if isinstance(body, CompletionRequest) and body.echo:
+        raise APIError(400, "echo=true is not supported", "echo")
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed with stream=true", "stream_options")
 
 
 def completion_prompts(prompt, engine: Engine) -> list[list[int]]:
@@ -168,14 +211,17 @@ def completion_prompts(prompt, engine: Engine) -> list[list[int]]:
     return out
 
 
-def chat_prompt(body: ChatRequest, engine: Engine) -> list[int]:
+def chat_tokens(chat: list[ChatMessage], engine: Engine, add_generation_prompt: bool = True,
+                add_special_tokens: bool = False) -> list[int]:
+    """Messages through the model's chat template -> token ids. The template writes the
+    special tokens itself, hence add_special_tokens=False by default."""
     tok = engine.tokenizer
     if tok is None or not tok.chat_template:
         raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
-    if not body.messages:
+    if not chat:
         raise APIError(400, "messages is empty", "messages")
     messages = []
-    for i, m in enumerate(body.messages):
+    for i, m in enumerate(chat):
         content = m.content or ""
         if isinstance(content, list):  # content parts: only text ones
             if any(part.get("type") != "text" for part in content):
@@ -184,10 +230,41 @@ def chat_prompt(body: ChatRequest, engine: Engine) -> list[int]:
             content = "".join(str(part.get("text", "")) for part in content)
         messages.append({**(m.model_extra or {}), "role": m.role, "content": content})
     try:
-        text = tok.apply_chat_template(messages)
+        text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
     except Exception as e:  # noqa: BLE001 - the template's own complaint, for this request
         raise APIError(400, f"messages: {e}", "messages") from e
-    return tok.encode(text, add_special_tokens=False)
+    return tok.encode(text, add_special_tokens=add_special_tokens)
+
+
+def tokenize_request(body: TokenizeRequest, engine: Engine) -> list[int]:
+    """POST /tokenize: exactly one of prompt and messages, with vLLM's defaults."""
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "give exactly one of prompt and messages",
+                       "prompt" if body.prompt is None else "messages")
+    if body.messages is not None:
+        gen = body.add_generation_prompt
+        return chat_tokens(body.messages, engine, True if gen is None else gen,
+                           bool(body.add_special_tokens))
+    if body.add_generation_prompt is not None:
+        raise APIError(400, "add_generation_prompt applies to messages only",
+                       "add_generation_prompt")
+    if engine.tokenizer is None:
+        raise APIError(400, "this model has no tokenizer", "prompt")
+    return engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens
+                                   is not False)
+
+
+def detokenize_request(body: DetokenizeRequest, engine: Engine) -> str:
+    """POST /detokenize: ids -> text, special tokens kept (as vLLM's); an id the vocabulary
+    does not have is a 400 (the tokenizer would skip it silently)."""
+    tok = engine.tokenizer
+    if tok is None:
+        raise APIError(400, "this model has no tokenizer", "tokens")
+    bad = [t for t in body.tokens if not 0 <= t < tok.vocab_size]
+    if bad:
+        raise APIError(400, f"token ids outside the vocabulary [0, {tok.vocab_size}): "
+                       f"{bad[:8]}", "tokens")
+    return tok.decode(body.tokens, skip_special_tokens=False)
 
 
 def sampling_params(body, max_tokens: int, logprobs: int | None, logprobs_name: str) -> SamplingParams:
@@ -271,6 +348,7 @@ class Call:
     prompts: list[list[int]]
     params: SamplingParams
     body: CompletionRequest | ChatRequest
+    tokens: TokenView
 
     @property
     def chat(self) -> bool:
@@ -288,7 +366,8 @@ class _Choice:
     text: str = ""
     tokens: int = 0
     logprobs: int = 0
-    offset: int = 0  # text_offset of the next token (completions' logprobs)
+    # completions' logprobs: the text of the tokens given logprobs so far, for text_offset
+    text_of: IncrementalDetokenizer | None = None
     started: bool = False
     done: bool = False
 
@@ -310,7 +389,7 @@ async def _serve(call: Call, aeng: AsyncEngine, request: Request):
     rid = f"{call.prefix}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if call.body.stream:
-        return StreamingResponse(_stream(call, gen, first, rid, created, aeng),
+        return StreamingResponse(_stream(call, gen, first, rid, created),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
@@ -328,7 +407,7 @@ async def _serve(call: Call, aeng: AsyncEngine, request: Request):
         raise engine_error(e, prompt_param) from e
     finally:
         await gen.aclose()
-    return JSONResponse(_response(call, last, rid, created, aeng))
+    return JSONResponse(_response(call, last, rid, created))
 
 
 async def until_disconnect(request: Request, aw: Awaitable):
@@ -357,13 +436,14 @@ def _choices(call: Call, i: int, out: RequestOutput) -> list[CompletionOutput]:
     return out.outputs[: call.n] if call.params.beam_width > 1 else out.outputs
 
 
-def _response(call: Call, last: dict[int, RequestOutput], rid: str, created: int,
-              aeng: AsyncEngine) -> dict:
+def _response(call: Call, last: dict[int, RequestOutput], rid: str, created: int) -> dict:
     choices = []
     for i in sorted(last):
         for c in _choices(call, i, last[i]):
             choice: dict = {"index": i * call.n + c.index}
-            lps = _logprobs(call, c.logprobs, aeng, 0) if call.params.logprobs is not None else None
+            lps = None
+            if call.params.logprobs is not None:
+                lps = _logprobs(call, c.logprobs, _text_of(call), len(c.text))
             if call.chat:
                 choice["message"] = {"role": "assistant", "content": c.text}
             else:
@@ -387,8 +467,8 @@ def _reason(reason: str | None) -> str | None:
     return None if reason is None else "length" if reason == "length" else "stop"
 
 
-async def _stream(call: Call, gen: AsyncIterator, first, rid: str, created: int,
-                  aeng: AsyncEngine) -> AsyncIterator[str]:
+async def _stream(call: Call, gen: AsyncIterator, first, rid: str,
+                  created: int) -> AsyncIterator[str]:
     state: dict[int, _Choice] = {}
     last: dict[int, RequestOutput] = {}
     stops = StopChecker(call.params.stop) if call.params.stop else None
@@ -409,9 +489,11 @@ async def _stream(call: Call, gen: AsyncIterator, first, rid: str, created: int,
             delta = _delta(s, c, stops)
             lps = None
             if call.params.logprobs is not None:
-                lps = _logprobs(call, c.logprobs[s.logprobs:], aeng, s.offset)
+                if s.text_of is None:
+                    s.text_of = _text_of(call)
+                # offsets stay within the text sent so far: the final text starts with it
+                lps = _logprobs(call, c.logprobs[s.logprobs:], s.text_of, len(s.text))
                 s.logprobs = len(c.logprobs)
-                s.offset += sum(len(t) for t in lps["tokens"]) if not call.chat else 0
             new_ids = c.token_ids[s.tokens:]
             s.tokens = len(c.token_ids)
             reason = _reason(c.finish_reason)
@@ -459,29 +541,45 @@ def _delta(s: _Choice, c: CompletionOutput, stops: StopChecker | None) -> str:
     return delta
 
 
-def _token_str(aeng: AsyncEngine, token_id: int) -> str:
-    tok = aeng.tokenizer
-    return tok.decode([token_id], skip_special_tokens=False) if tok else f"token_id:{token_id}"
+def _text_of(call: Call) -> IncrementalDetokenizer | None:
+    """A detokenizer like the engine's (same tokenizer and settings), so that the text it
+    builds is the choice's text, for completions' text_offset."""
+    tok = call.tokens.tokenizer
+    return IncrementalDetokenizer(tok) if tok is not None and not call.chat else None
 
 
-def _logprobs(call: Call, entries: list[dict], aeng: AsyncEngine, offset: int) -> dict:
-    """The engine's per-token logprobs in the shape of the API that was called."""
+def _logprobs(call: Call, entries: list[dict], text_of: IncrementalDetokenizer | None,
+              text_len: int) -> dict:
+    """The engine's per-token logprobs in the shape of the API that was called.
+
+    Chat: each token's text and raw bytes (see TokenView), with its k best alternatives.
+    Completions (OpenAI's legacy form): `top_logprobs` holds the k best and always the sampled
+    token (k + 1 entries when it is not among them; logprobs=0 gives it alone); `text_offset`
+    is where each token starts in the returned text: the length of the text the tokens before
+    it completed (`text_of` is fed the entries' tokens as it goes), at most `text_len`, since a
+    stop string may cut the text before tokens that were generated. A token that finishes a
+    character begun by earlier ones starts where that character does.
+    """
+    view = call.tokens
     if call.chat:
         def item(tid: int, lp: float) -> dict:
-            s = _token_str(aeng, tid)
-            return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+            return {"token": view.text(tid), "logprob": lp, "bytes": view.bytes(tid)}
         return {"content": [item(e["token_id"], e["logprob"]) |
                             {"top_logprobs": [item(t, v) for t, v in e["top_logprobs"]]}
                             for e in entries]}
-    tokens = [_token_str(aeng, e["token_id"]) for e in entries]
-    offsets = []
-    for t in tokens:
-        offsets.append(offset)
-        offset += len(t)
+    tokens, offsets, tops = [], [], []
+    for e in entries:
+        tid = e["token_id"]
+        tokens.append(view.text(tid))
+        offsets.append(min(text_of.text_len, text_len) if text_of is not None else 0)
+        if text_of is not None:
+            text_of.append([tid])
+        top = {view.text(t): v for t, v in e["top_logprobs"]}
+        if all(t != tid for t, _ in e["top_logprobs"]):
+            top.setdefault(tokens[-1], e["logprob"])  # (a different token may decode the same)
+        tops.append(top)
     return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{_token_str(aeng, t): v for t, v in e["top_logprobs"]}
-                             for e in entries],
-            "text_offset": offsets}
+            "top_logprobs": tops, "text_offset": offsets}
 
 
 def _sse(obj: dict) -> str:

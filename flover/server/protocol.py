@@ -1,7 +1,9 @@
 """The OpenAI API's request bodies (and our extensions), as pydantic models.
 
 Unknown parameters are refused, so that a typo, or an OpenAI feature we do not have (tools,
-response_format, echo, ...), is an error that names it instead of being silently ignored.
+suffix, ...), is an error that names it instead of being silently ignored. Parameters whose
+default we do have (`response_format` text, `echo` false) are accepted with that value only;
+the app refuses the others with a 400 that names them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,15 @@ from pydantic import BaseModel, ConfigDict
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format; only {"type": "text"} (its default) is served. Other types
+    carry more fields (json_schema, ...): they are allowed here so that the refusal names the
+    type, not the field."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
 
 
 class _Sampling(BaseModel):
@@ -32,7 +43,8 @@ class _Sampling(BaseModel):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     stream: bool = False
-    stream_options: StreamOptions | None = None
+    stream_options: StreamOptions | None = None  # only with stream=true, as OpenAI
+    response_format: ResponseFormat | None = None  # only type "text" (vLLM has it on both routes)
     best_of: int | None = None
     user: str | None = None  # accepted and ignored, as OpenAI's abuse-monitoring id
     # extensions (vLLM's names where it has them)
@@ -51,6 +63,7 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = None  # top alternatives per token; 0: the chosen token's only
+    echo: bool = False  # only false: echoing the prompt is not implemented
 
 
 class ChatMessage(BaseModel):
@@ -64,3 +77,26 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
     logprobs: bool = False
     top_logprobs: int | None = None
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize, as vLLM's: a `prompt`, or chat `messages` through the chat template.
+
+    vLLM's defaults: `add_special_tokens` is true for a prompt and false for messages (the
+    template writes them); `add_generation_prompt` (messages only) is true.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize, as vLLM's: token ids -> text (special tokens kept)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[int]
