@@ -122,12 +122,17 @@ def check_stream(tok, ids: list[int], skip: bool, rng: random.Random | None = No
 
 # --- the invariant ------------------------------------------------------------------------------
 
+def check_random_streams(tok, seed: int, streams: int, longest: int, draw, skip: bool) -> None:
+    """`streams` sequences of 1..longest ids, each id from draw(rng), through check_stream."""
+    rng = random.Random(seed)
+    for _ in range(streams):
+        ids = [draw(rng) for _ in range(rng.randrange(1, longest))]
+        check_stream(tok, ids, skip, rng if rng.random() < 0.5 else None)
+
+
 @pytest.mark.parametrize("skip", [True, False])
 def test_random_ids_from_the_embedded_vocabulary(smol, skip):
-    rng = random.Random(1 + skip)
-    for _ in range(60):
-        ids = [rng.randrange(smol.vocab_size) for _ in range(rng.randrange(1, 120))]
-        check_stream(smol, ids, skip, rng if rng.random() < 0.5 else None)
+    check_random_streams(smol, 1 + skip, 60, 120, lambda rng: rng.randrange(smol.vocab_size), skip)
 
 
 @pytest.mark.parametrize("skip", [True, False])
@@ -136,20 +141,14 @@ def test_random_ids_rich_in_partial_characters(smol, skip):
     frag = [i for i in range(smol.vocab_size) if "\ufffd" in smol.decode([i])]
     special = list(range(17))  # <|endoftext|>, <|im_start|>, <|im_end|>, ...
     assert len(frag) > 100 and smol.decode(special) == ""
-    rng = random.Random(3 + skip)
-    for _ in range(60):
-        ids = [rng.choice(frag) if rng.random() < 0.6 else
-               rng.choice(special) if rng.random() < 0.1 else rng.randrange(smol.vocab_size)
-               for _ in range(rng.randrange(1, 150))]
-        check_stream(smol, ids, skip, rng if rng.random() < 0.5 else None)
+    check_random_streams(smol, 3 + skip, 60, 150, lambda rng: (
+        rng.choice(frag) if rng.random() < 0.6 else
+        rng.choice(special) if rng.random() < 0.1 else rng.randrange(smol.vocab_size)), skip)
 
 
 @pytest.mark.parametrize("skip", [True, False])
 def test_random_bytes_and_specials_of_the_tiny_tokenizer(tiny, skip):
-    rng = random.Random(5 + skip)
-    for _ in range(100):
-        ids = [rng.randrange(tiny.vocab_size) for _ in range(rng.randrange(1, 100))]
-        check_stream(tiny, ids, skip, rng if rng.random() < 0.5 else None)
+    check_random_streams(tiny, 5 + skip, 100, 100, lambda rng: rng.randrange(tiny.vocab_size), skip)
 
 
 @pytest.mark.parametrize("text", MULTILINGUAL)
