@@ -106,8 +106,10 @@ class Scheduler:
         for c in prefill:
             if c.completes:
                 sample += c.row.rows  # forks draw their first token from the head's logits
-        ops, self.pending_ops = self.pending_ops, []
-        return Batch(decode, prefill, sample, [self.slots.slot(r) for r in sample], ops)
+        batch = Batch(decode, prefill, sample, [self.slots.slot(r) for r in sample])
+        if not batch.empty:  # an empty plan is not run: its operations wait for the next one
+            batch.cache_ops, self.pending_ops = self.pending_ops, []
+        return batch
 
     def postprocess(self, batch: Batch, result: StepResult) -> list[Request]:
         """Advance every row of the batch; returns the rows that got a new token."""
