@@ -95,7 +95,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     eng = Engine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                               max_concurrency=args.max_concurrency, max_seq_len=args.max_seq_len))
-    app = create_app(eng, args.served_model_name)
+    app = create_app(eng, args.served_model_name, max_body_bytes=args.max_body_bytes,
+                     max_prompts_per_request=args.max_prompts_per_request,
+                     max_prompt_chars=args.max_prompt_chars, max_waiting=args.max_waiting,
+                     api_key=args.api_key or None, docs=args.enable_docs)
     print(f"flover: serving {app.state.model_name!r} on http://{args.host}:{args.port}/v1",
           file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
@@ -153,6 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies "
+                   "get a 413 (default: 4 MiB)")
+    s.add_argument("--max-prompts-per-request", type=int, default=64, help="the most prompts "
+                   "in one /v1/completions call")
+    s.add_argument("--max-prompt-chars", type=int, default=None, help="the longest text prompt "
+                   "or chat content, refused before tokenising (default: 32 x --max-seq-len)")
+    s.add_argument("--max-waiting", type=int, default=256, help="with this many requests "
+                   "waiting for a slot, new ones get a 429 with Retry-After")
+    # the environment variable keeps the key out of the process list
+    s.add_argument("--api-key", default=os.environ.get("FLOVER_API_KEY"), help="require "
+                   "'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize (default: "
+                   "$FLOVER_API_KEY; unset: no key)")
+    s.add_argument("--enable-docs", action="store_true", help="serve /docs, /redoc and "
+                   "/openapi.json")
     s.set_defaults(func=cmd_serve)
     return p
 

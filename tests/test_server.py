@@ -25,12 +25,13 @@ PROMPT = [5, 17, 42, 99, 7]
 
 
 @contextlib.contextmanager
-def serving(engine: Engine):
-    """The app under uvicorn in a background thread, on a free port of 127.0.0.1."""
+def serving(engine: Engine, **app_kw):
+    """The app (create_app's keywords: app_kw) under uvicorn in a background thread, on a free
+    port of 127.0.0.1."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, **app_kw), host="127.0.0.1", port=port,
                                            log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -57,8 +58,13 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
-def smol():
-    with serving(Engine(EngineConfig(device="cpu", max_concurrency=4, max_seq_len=512))) as url:
+def smol_engine():
+    return Engine(EngineConfig(device="cpu", max_concurrency=4, max_seq_len=512))
+
+
+@pytest.fixture(scope="module")
+def smol(smol_engine):
+    with serving(smol_engine) as url:
         yield url
 
 
@@ -388,3 +394,26 @@ def test_engine_loop_survives_a_failing_step():
     assert stale["in_flight"] == 0 and stale["slots_used"] == 0 and stale["engine_failures"] == 1
     assert outs[-1].finished and len(outs[-1].token_ids) == 3
     assert aeng.stats()["engine_failures"] == 1 and aeng.stats()["slots_used"] == 0
+
+
+def test_tokenising_runs_off_the_event_loop(smol, smol_engine, monkeypatch):
+    tok = smol_engine.tokenizer
+    real_encode, started = tok.encode, threading.Event()
+
+    def slow_encode(*args, **kwargs):
+        started.set()
+        time.sleep(1.0)
+        return real_encode(*args, **kwargs)
+
+    monkeypatch.setattr(tok, "encode", slow_encode)
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.setdefault("r", post(
+        smol, "/v1/completions", {"prompt": FRANCE, "max_tokens": 1})))
+    worker.start()
+    assert started.wait(TIMEOUT)
+    t0 = time.monotonic()
+    health = httpx.get(f"{smol}/health", timeout=TIMEOUT)
+    waited = time.monotonic() - t0
+    worker.join(TIMEOUT)
+    assert health.status_code == 200 and waited < 0.5  # not stuck behind the 1 s encode
+    assert result["r"].status_code == 200

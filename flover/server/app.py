@@ -3,7 +3,9 @@
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with SSE
 streaming), GET /health, GET /stats, and vLLM's POST /tokenize, POST /detokenize and
 GET /version. A bad request gets a 400 with OpenAI's error body and
-touches no other request; a client that goes away mid-generation frees its slot.
+touches no other request; a client that goes away mid-generation frees its slot. Limits
+(body size, prompts per call, prompt length, waiting requests) and the optional API key are
+checked before any tokenising; tokenising and chat templating run off the event loop.
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
+import reprlib
+import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +32,7 @@ from flover import __version__
 from flover.config import ConfigError, SamplingParams
 from flover.engine import CompletionOutput, Engine, RequestError, RequestOutput
 from flover.engine.detokenizer import IncrementalDetokenizer, StopChecker
-from flover.server.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
+from flover.server.async_engine import AsyncEngine, EngineDeadError
 from flover.server.protocol import (
     ChatMessage,
     ChatRequest,
@@ -38,19 +43,127 @@ from flover.server.protocol import (
 from flover.server.tokens import TokenView
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MAX_BODY_BYTES = 4 << 20
+DEFAULT_MAX_PROMPTS_PER_REQUEST = 64
+DEFAULT_MAX_WAITING = 256
+PROMPT_CHARS_PER_SEQ_TOKEN = 32  # default --max-prompt-chars: 4 chars a token, 8x headroom
+RETRY_AFTER_S = 1
+logger = logging.getLogger("flover.server")
 # SamplingParams' field names where the API calls them otherwise
 _API_NAMES = {"len_penalty": "length_penalty"}
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, type: str = "invalid_request_error") -> None:
+                 code: str | None = None, type: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one request may ask for; each is refused with an error naming the field."""
+
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST
+    max_prompt_chars: int = 2048 * PROMPT_CHARS_PER_SEQ_TOKEN
+    max_waiting: int = DEFAULT_MAX_WAITING
+
+
+def internal_error(e: BaseException | str, status: int = 500) -> APIError:
+    """A server-side failure: the client gets an id to quote, the log gets the details."""
+    rid = uuid.uuid4().hex[:12]
+    if isinstance(e, BaseException):
+        logger.error("internal error %s: %s", rid, e, exc_info=e)
+    else:
+        logger.error("internal error %s: %s", rid, e)
+    return APIError(status, f"internal error (request id {rid})", type="server_error")
+
+
+# short reprs of what a client sent, for error messages: a huge or deeply nested value is cut
+_short = reprlib.Repr()  # (Python 3.11's Repr takes no keywords)
+_short.maxlevel, _short.maxstring, _short.maxother = 2, 60, 60
+_short.maxlist = _short.maxtuple = _short.maxdict = 4
+MAX_ECHO_CHARS = 100
+
+
+def short_repr(value: object) -> str:
+    r = _short.repr(value)
+    return r if len(r) <= MAX_ECHO_CHARS else r[: MAX_ECHO_CHARS - 3] + "..."
+
+
+def _protected(path: str) -> bool:
+    """Routes behind --api-key: the OpenAI API and vLLM's tokenizer routes (not /health,
+    /version, /stats)."""
+    return path == "/v1" or path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
+
+
+class Guard:
+    """ASGI middleware in front of every route: the API key, then the body size, both before
+    any route code or JSON parsing runs. The body is read here (at most max_body_bytes of it)
+    and handed on whole; later receive() calls (disconnect watches) go to the server."""
+
+    def __init__(self, app, max_body_bytes: int, api_key: str | None,
+                 on_refuse: Callable[[], None]) -> None:
+        self.app, self.max_body_bytes, self.on_refuse = app, max_body_bytes, on_refuse
+        self.api_key = api_key.encode() if api_key else None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        if self.api_key is not None and _protected(scope["path"]) and not self._authorized(headers):
+            await self._refuse(scope, receive, send, APIError(
+                401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))
+            return
+        too_big = APIError(413, f"the request body is larger than {self.max_body_bytes} bytes",
+                           code="request_too_large")
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+            await self._refuse(scope, receive, send, too_big if length.isdigit() else APIError(
+                400, "invalid Content-Length header"))
+            return
+        chunks: list[bytes] = []
+        size = 0
+        first: dict = {"type": "http.request", "body": b"", "more_body": False}
+        while True:  # also bounds chunked bodies, which carry no Content-Length
+            msg = await receive()
+            if msg["type"] != "http.request":
+                first = msg  # the client left: the route sees that
+                break
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body_bytes:
+                await self._refuse(scope, receive, send, too_big)
+                return
+            if not msg.get("more_body", False):
+                first = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                break
+        replay = [first]
+
+        async def receive_replayed():
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, receive_replayed, send)
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        scheme, _, key = headers.get(b"authorization", b"").partition(b" ")
+        return scheme.lower() == b"bearer" and secrets.compare_digest(key.strip(), self.api_key)
+
+    async def _refuse(self, scope, receive, send, err: APIError) -> None:
+        self.on_refuse()
+        await err.response()(scope, receive, send)
 
 
 class ClientGone(Exception):
@@ -65,12 +178,29 @@ def model_name_of(model: str | None) -> str:
     return p.stem if p.suffix == ".gguf" else (p.name or model)
 
 
-def create_app(engine: Engine, model_name: str | None = None) -> FastAPI:
+def create_app(engine: Engine, model_name: str | None = None, *,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST,
+               max_prompt_chars: int | None = None, max_waiting: int = DEFAULT_MAX_WAITING,
+               api_key: str | None = None, docs: bool = False) -> FastAPI:
     """The ASGI app. Its engine thread starts with the app (or at the first request) and
-    stops with it."""
+    stops with it.
+
+    max_body_bytes: larger bodies get a 413 before any parsing. max_prompts_per_request: the
+    most prompts in one completions call. max_prompt_chars (default 32 x max_seq_len): the
+    longest text prompt or chat content, checked before tokenising. max_waiting: with that many
+    requests waiting for a slot, new ones get a 429. api_key: if set, /v1/*, /tokenize and
+    /detokenize need `Authorization: Bearer <api_key>`. docs: serve /docs, /redoc and
+    /openapi.json.
+    """
     name = model_name or model_name_of(engine.config.model)
     aeng = AsyncEngine(engine)
     view = TokenView(engine.tokenizer)
+    limits = Limits(max_body_bytes, max_prompts_per_request,
+                    max_prompt_chars if max_prompt_chars is not None
+                    else PROMPT_CHARS_PER_SEQ_TOKEN * engine.config.max_seq_len, max_waiting)
+    if min(max_body_bytes, max_prompts_per_request, limits.max_prompt_chars) < 1 or max_waiting < 0:
+        raise ValueError(f"limits must be positive (max_waiting may be 0): {limits}")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -78,15 +208,37 @@ def create_app(engine: Engine, model_name: str | None = None) -> FastAPI:
         yield
         aeng.shutdown()
 
-    app = FastAPI(title="flover", lifespan=lifespan)
+    app = FastAPI(title="flover", lifespan=lifespan, docs_url="/docs" if docs else None,
+                  redoc_url="/redoc" if docs else None,
+                  openapi_url="/openapi.json" if docs else None)
     app.state.engine = aeng
     app.state.model_name = name
+    app.state.limits = limits
+
+    def count_refusal() -> None:
+        aeng.refused += 1
+
+    app.add_middleware(Guard, max_body_bytes=max_body_bytes, api_key=api_key,
+                       on_refuse=count_refusal)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         if exc.status < 500:
             aeng.refused += 1
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return exc.response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return internal_error(exc).response()  # details go to the log, not to the client
+
+    def check_capacity() -> None:
+        """429 while max_waiting requests already wait for a slot: refused, never dropped."""
+        waiting = aeng.waiting()
+        if waiting >= limits.max_waiting:
+            raise APIError(429, f"the server is busy: {waiting} requests are waiting for a slot "
+                           f"(--max-waiting {limits.max_waiting}); retry later",
+                           code="too_many_requests", type="rate_limit_error",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -116,13 +268,13 @@ def create_app(engine: Engine, model_name: str | None = None) -> FastAPI:
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:
         _check_model(body.model, name)
-        ids = tokenize_request(body, engine)
+        ids = await asyncio.to_thread(tokenize_request, body, engine, limits)
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.config.max_seq_len}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:
         _check_model(body.model, name)
-        return {"prompt": detokenize_request(body, engine)}
+        return {"prompt": await asyncio.to_thread(detokenize_request, body, engine)}
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -137,7 +289,11 @@ def create_app(engine: Engine, model_name: str | None = None) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request):
         _check_model(body.model, name)
         check_defaults_only(body)
-        prompts = completion_prompts(body.prompt, engine)
+        check_rows(body, engine)
+        check_completion_prompts(body.prompt, limits)
+        check_capacity()
+        # tokenising may take a while: off the event loop, so /health and streams go on
+        prompts = await asyncio.to_thread(completion_prompts, body.prompt, engine)
         lp = body.logprobs
         params = sampling_params(body, body.max_tokens if body.max_tokens is not None else 16, lp,
                                  logprobs_name="logprobs")
@@ -148,7 +304,10 @@ def create_app(engine: Engine, model_name: str | None = None) -> FastAPI:
     async def chat(body: ChatRequest, request: Request):
         _check_model(body.model, name)
         check_defaults_only(body)
-        prompt = chat_tokens(body.messages, engine)
+        check_rows(body, engine)
+        check_messages(body.messages, limits)
+        check_capacity()
+        prompt = await asyncio.to_thread(chat_tokens, body.messages, engine)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", "top_logprobs")
         lp = (body.top_logprobs or 0) if body.logprobs else None
@@ -192,10 +351,59 @@ def check_defaults_only(body: CompletionRequest | ChatRequest) -> None:
         raise APIError(400, "stream_options is only allowed with stream=true", "stream_options")
 
 
+def check_rows(body: CompletionRequest | ChatRequest, engine: Engine) -> None:
+    """n samples (or beam_width beams) take that many slots at once: more than the engine has
+    can never run, so it is a 400 before anything else (n=10**9 included)."""
+    rows, param = body.n, "n"
+    if body.use_beam_search:
+        rows = body.beam_width or body.best_of or body.n
+        param = "beam_width" if body.beam_width else "best_of" if body.best_of else "n"
+    slots = engine.config.max_concurrency
+    if rows > slots:
+        raise APIError(400, f"{param}={rows} does not fit: the server runs at most {slots} "
+                       f"sequences at once (--max-concurrency)", param)
+
+
+def _prompt_items(prompt) -> list:
+    return [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) \
+        else list(prompt)
+
+
+def check_completion_prompts(prompt, limits: Limits) -> None:
+    """Cheap checks before tokenising: how many prompts, and how long each text is."""
+    items = _prompt_items(prompt)
+    if len(items) > limits.max_prompts_per_request:
+        raise APIError(400, f"prompt: {len(items)} prompts in one request; at most "
+                       f"{limits.max_prompts_per_request} (--max-prompts-per-request)", "prompt")
+    for i, p in enumerate(items):
+        if isinstance(p, str):
+            _check_chars(p, limits, f"prompt[{i}]" if len(items) > 1 else "prompt", "prompt")
+
+
+def check_messages(chat: list[ChatMessage], limits: Limits) -> None:
+    """The messages' text, all together, must be at most max_prompt_chars (checked before the
+    chat template and the tokenizer see it)."""
+    total = 0
+    for m in chat:
+        content = m.content or ""
+        if isinstance(content, list):
+            total += sum(len(str(part.get("text", ""))) for part in content)
+        else:
+            total += len(content)
+        if total > limits.max_prompt_chars:
+            raise APIError(400, f"messages: the content is longer than {limits.max_prompt_chars} "
+                           f"characters (--max-prompt-chars)", "messages")
+
+
+def _check_chars(text: str, limits: Limits, where: str, param: str) -> None:
+    if len(text) > limits.max_prompt_chars:
+        raise APIError(400, f"{where}: {len(text)} characters; at most {limits.max_prompt_chars} "
+                       f"(--max-prompt-chars)", param)
+
+
 def completion_prompts(prompt, engine: Engine) -> list[list[int]]:
     """A prompt: text, token ids, or a list of either -> token ids per prompt."""
-    items = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) \
-        else list(prompt)
+    items = _prompt_items(prompt)
     if not items:
         raise APIError(400, "prompt is empty", "prompt")
     out = []
@@ -236,18 +444,20 @@ def chat_tokens(chat: list[ChatMessage], engine: Engine, add_generation_prompt: 
     return tok.encode(text, add_special_tokens=add_special_tokens)
 
 
-def tokenize_request(body: TokenizeRequest, engine: Engine) -> list[int]:
+def tokenize_request(body: TokenizeRequest, engine: Engine, limits: Limits) -> list[int]:
     """POST /tokenize: exactly one of prompt and messages, with vLLM's defaults."""
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of prompt and messages",
                        "prompt" if body.prompt is None else "messages")
     if body.messages is not None:
+        check_messages(body.messages, limits)
         gen = body.add_generation_prompt
         return chat_tokens(body.messages, engine, True if gen is None else gen,
                            bool(body.add_special_tokens))
     if body.add_generation_prompt is not None:
         raise APIError(400, "add_generation_prompt applies to messages only",
                        "add_generation_prompt")
+    _check_chars(body.prompt, limits, "prompt", "prompt")
     if engine.tokenizer is None:
         raise APIError(400, "this model has no tokenizer", "prompt")
     return engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens
@@ -317,9 +527,7 @@ def engine_error(e: Exception, prompt_param: str) -> APIError:
         return APIError(400, msg, param, code)
     if isinstance(e, EngineDeadError):
         return APIError(503, str(e), type="server_error")
-    if isinstance(e, RequestFailedError):
-        return APIError(500, f"the request failed: {e}", type="server_error")
-    return APIError(500, f"the engine failed: {type(e).__name__}: {e}", type="server_error")
+    return internal_error(e)  # a RequestFailedError or a failed step: its details are logged
 
 
 def validation_error(exc: RequestValidationError) -> APIError:
@@ -329,11 +537,13 @@ def validation_error(exc: RequestValidationError) -> APIError:
         return APIError(400, f"the body is not valid JSON: {err.get('ctx', {}).get('error', '')}")
     param = loc[0] if loc else None
     where = ".".join(loc)
+    if len(where) > MAX_ECHO_CHARS:  # a deeply nested value gives a long path
+        where = where[: MAX_ECHO_CHARS - 3] + "..."
     if err.get("type") == "extra_forbidden":
         return APIError(400, f"{where} is not a supported parameter", param)
     if err.get("type") == "missing":
         return APIError(400, f"{where} is required" if where else "a JSON body is required", param)
-    return APIError(400, f"{where}: {err.get('msg')} (got {err.get('input')!r})", param)
+    return APIError(400, f"{where}: {err.get('msg')} (got {short_repr(err.get('input'))})", param)
 
 
 # --- engine outputs -> responses -----------------------------------------------------------

@@ -50,6 +50,7 @@ class _Add:
     prompts: list[str | list[int]]
     params: SamplingParams
     sink: _Sink
+    rows: int = 0  # slots it asks for, for the waiting count
 
 
 @dataclass(slots=True)
@@ -67,6 +68,9 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._stats = engine.stats()  # a snapshot the engine thread refreshes
+        # rows handed over but not yet taken by the engine thread: each counter has one writer
+        self._rows_posted = 0  # event loop
+        self._rows_taken = 0  # engine thread
         self.requests = 0  # API calls handed to the engine
         self.refused = 0  # calls answered with a 4xx (the app counts them)
         self.engine_failures = 0  # steps that raised (their requests got the error)
@@ -93,6 +97,11 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def waiting(self) -> int:
+        """Rows waiting for a slot: the engine's queue (as of its snapshot) plus those still in
+        the inbox; never blocks. For the server's --max-waiting."""
+        return self._stats["waiting"] + max(0, self._rows_posted - self._rows_taken)
+
     def stats(self) -> dict:
         """The engine's stats as of its last iteration or inbox change (never blocks)."""
         return {**self._stats, "requests": self.requests, "refused": self.refused,
@@ -114,7 +123,9 @@ class AsyncEngine:
         ids = [f"{prefix}-{call}-{i}" for i in range(len(prompts))]
         index = {rid: i for i, rid in enumerate(ids)}
         sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
-        self._inbox.put(_Add(ids, list(prompts), params, sink))
+        rows = len(ids) * max(params.n, params.beam_width)
+        self._rows_posted += rows
+        self._inbox.put(_Add(ids, list(prompts), params, sink, rows))
         pending = set(ids)
         try:
             while pending:
@@ -177,6 +188,7 @@ class AsyncEngine:
                 self.engine.abort(rid)
                 self._sinks.pop(rid, None)
         elif isinstance(msg, _Add):
+            self._rows_taken += msg.rows
             added: list[str] = []
             try:
                 for rid, prompt in zip(msg.request_ids, msg.prompts, strict=True):

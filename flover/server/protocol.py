@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class StreamOptions(BaseModel):
@@ -46,7 +46,8 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None  # only with stream=true, as OpenAI
     response_format: ResponseFormat | None = None  # only type "text" (vLLM has it on both routes)
     best_of: int | None = None
-    user: str | None = None  # accepted and ignored, as OpenAI's abuse-monitoring id
+    # accepted and ignored, as OpenAI's abuse-monitoring id; bounded like OpenAI's
+    user: str | None = Field(default=None, max_length=256)
     # extensions (vLLM's names where it has them)
     top_k: int = 0  # 0 or -1: off
     min_p: float = 0.0
