@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
+import logging
 import os
 import sys
 
@@ -101,8 +103,68 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      api_key=args.api_key or None, docs=args.enable_docs)
     print(f"flover: serving {app.state.model_name!r} on http://{args.host}:{args.port}/v1",
           file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=FLUSH_TIMEOUT_S)
+    _draining_server(uvicorn, config, args.drain_timeout).run()
     return 0
+
+
+# after the drain, how long uvicorn waits for open connections to send their last bytes (the
+# calls have ended by then: only slow readers take that long) before cancelling them
+FLUSH_TIMEOUT_S = 5.0
+
+
+def _draining_server(uvicorn, config, drain_timeout: float):
+    """A uvicorn.Server whose SIGTERM / SIGINT drains before it stops.
+
+    uvicorn alone closes the listening socket at once, then waits for the open connections,
+    streams included, with no way to end them, and re-raises the signal afterwards (exit code
+    -15 / -2). Here the first signal only starts AsyncEngine.drain: the socket stays open so
+    that new requests get a 503 (code server_shutting_down) instead of a refused connection,
+    calls in flight get `drain_timeout` seconds, the rest are cut off with an error. Then
+    uvicorn's own shutdown runs (flush, lifespan: the engine thread stops) and the process
+    exits 0. A second signal cuts the drain short; a third skips the flush too.
+    """
+    log = logging.getLogger("uvicorn.error")
+
+    class DrainingServer(uvicorn.Server):
+        def __init__(self, config) -> None:
+            super().__init__(config)
+            self.signals = 0
+            self._drain: asyncio.Task | None = None
+            self._cut: asyncio.Event | None = None
+
+        def handle_exit(self, sig: int, frame) -> None:
+            # a signal handler interrupts the event loop anywhere: set flags only (no
+            # _captured_signals either, so that uvicorn does not re-raise the signal)
+            self.signals += 1
+            if not self.started:
+                self.should_exit = True  # still starting up: nothing is in flight
+            elif self.should_exit:  # the drain is over and uvicorn is flushing
+                self.force_exit = True
+
+        async def on_tick(self, counter: int) -> bool:
+            """uvicorn calls this every 0.1 s from its main loop: the signal's work starts
+            here, on the event loop."""
+            if self.signals and self._drain is None:
+                self._cut = asyncio.Event()
+                self._drain = asyncio.create_task(self._drain_then_exit())
+            if self.signals >= 2 and self._cut is not None:
+                self._cut.set()
+            return await super().on_tick(counter)
+
+        async def _drain_then_exit(self) -> None:
+            aeng = self.config.app.state.engine
+            log.info("Draining: no new requests; %d in flight get up to %g s (signal again "
+                     "to stop now)", aeng.active, drain_timeout)
+            try:
+                cut = await aeng.drain(drain_timeout, self._cut)
+                if cut:
+                    log.warning("Drain over: cut off %d request(s) still in flight", cut)
+            finally:
+                self.should_exit = True
+
+    return DrainingServer(config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,8 +232,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "$FLOVER_API_KEY; unset: no key)")
     s.add_argument("--enable-docs", action="store_true", help="serve /docs, /redoc and "
                    "/openapi.json")
+    s.add_argument("--drain-timeout", type=_non_negative, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT: new requests get a 503, requests in flight get "
+                   "this long to finish, then the rest are ended with an error (default: 30)")
     s.set_defaults(func=cmd_serve)
     return p
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

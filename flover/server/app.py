@@ -33,6 +33,7 @@ from flover.config import ConfigError, SamplingParams
 from flover.engine import CompletionOutput, Engine, RequestError, RequestOutput
 from flover.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from flover.server.async_engine import AsyncEngine, EngineDeadError
+from flover.server.metrics import install_metrics
 from flover.server.protocol import (
     ChatMessage,
     ChatRequest,
@@ -103,7 +104,7 @@ def short_repr(value: object) -> str:
 
 def _protected(path: str) -> bool:
     """Routes behind --api-key: the OpenAI API and vLLM's tokenizer routes (not /health,
-    /version, /stats)."""
+    /version, /stats, /metrics)."""
     return path == "/v1" or path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
 
 
@@ -214,6 +215,7 @@ def create_app(engine: Engine, model_name: str | None = None, *,
     app.state.engine = aeng
     app.state.model_name = name
     app.state.limits = limits
+    install_metrics(app, aeng, name)  # GET /metrics (Prometheus), open like /stats
 
     def count_refusal() -> None:
         aeng.refused += 1
@@ -254,6 +256,8 @@ def create_app(engine: Engine, model_name: str | None = None, *,
     @app.get("/health")
     async def health() -> JSONResponse:
         ok = aeng.alive or not aeng.started  # not started yet: it starts on demand
+        if aeng.draining:  # a 503, so that load balancers stop sending requests here
+            return JSONResponse({"status": "shutting down"}, status_code=503)
         return JSONResponse({"status": "ok" if ok else "engine thread stopped"},
                             status_code=200 if ok else 503)
 
@@ -525,8 +529,8 @@ def engine_error(e: Exception, prompt_param: str) -> APIError:
         elif "n or beam_width" in msg:
             param = "n"
         return APIError(400, msg, param, code)
-    if isinstance(e, EngineDeadError):
-        return APIError(503, str(e), type="server_error")
+    if isinstance(e, EngineDeadError):  # code: "server_shutting_down" while draining
+        return APIError(503, str(e), type="server_error", code=getattr(e, "code", None))
     return internal_error(e)  # a RequestFailedError or a failed step: its details are logged
 
 

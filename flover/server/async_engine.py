@@ -13,17 +13,26 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from flover.config import SamplingParams
 from flover.engine import Engine, RequestOutput
+from flover.engine.sequence import Request
 
 
 class EngineDeadError(RuntimeError):
     """The engine thread is not running."""
+
+
+class ServerShuttingDownError(EngineDeadError):
+    """The server is draining for shutdown: new calls are refused, and calls still running when
+    the drain timeout ends are cut off with this error (a 503 / a stream's error event)."""
+
+    code = "server_shutting_down"
 
 
 class RequestFailedError(RuntimeError):
@@ -58,12 +67,20 @@ class _Abort:
     request_ids: list[str]
 
 
+@dataclass(slots=True)
+class _FailAll:
+    error: Exception
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, _Sink] = {}  # request id -> its sink; engine thread only
+        self._heads: dict[str, Request] = {}  # request id -> its head row, for on_finished
+        # called on the engine thread as each request ends (head row, finish reason): metrics
+        self.on_finished: Callable[[Request, str | None], None] | None = None
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -74,6 +91,8 @@ class AsyncEngine:
         self.requests = 0  # API calls handed to the engine
         self.refused = 0  # calls answered with a 4xx (the app counts them)
         self.engine_failures = 0  # steps that raised (their requests got the error)
+        self.draining = False  # set by drain(): generate() refuses new calls
+        self.active = 0  # generate() calls not yet finished; event loop only
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -107,6 +126,32 @@ class AsyncEngine:
         return {**self._stats, "requests": self.requests, "refused": self.refused,
                 "engine_failures": self.engine_failures}
 
+    async def drain(self, timeout: float, cut: asyncio.Event | None = None,
+                    poll: float = 0.02) -> int:
+        """Graceful shutdown's first half, before the HTTP server stops: refuse new calls
+        (ServerShuttingDownError, a 503), give the calls in flight up to `timeout` seconds (or
+        until `cut` is set) to finish, then end the rest with ServerShuttingDownError, so that
+        streams get an error event and [DONE] instead of being cut mid-answer. Returns how many
+        calls were cut off. The engine thread keeps running; shutdown() stops it.
+
+        It polls `active` (a counter the event loop alone writes) rather than waiting on an
+        event: a few wake-ups a second for at most `timeout` seconds cost nothing."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.active and loop.time() < deadline and not (cut is not None and cut.is_set()):
+            await asyncio.sleep(poll)
+        left = self.active
+        if left:
+            # FIFO inbox: every call counted in `active` has posted its _Add before this
+            why = "the drain was cut short" if cut is not None and cut.is_set() else \
+                f"the request did not finish within the drain timeout ({timeout:g} s)"
+            self._inbox.put(_FailAll(ServerShuttingDownError(f"the server is shutting down: {why}")))
+            end = loop.time() + 5.0  # the callers see the error at the engine's next iteration
+            while self.active and loop.time() < end:
+                await asyncio.sleep(poll)
+        return left
+
     # --- the API handlers' side ----------------------------------------------------------
 
     async def generate(self, prompts: Sequence[str | list[int]], params: SamplingParams,
@@ -118,6 +163,8 @@ class AsyncEngine:
             self.start()  # e.g. under an ASGI transport that skips the app's lifespan
         if not self.alive:
             raise EngineDeadError("the engine thread is not running")
+        if self.draining:
+            raise ServerShuttingDownError("the server is shutting down: it takes no new requests")
         call = next(self._ids)
         self.requests += 1
         ids = [f"{prefix}-{call}-{i}" for i in range(len(prompts))]
@@ -127,6 +174,7 @@ class AsyncEngine:
         self._rows_posted += rows
         self._inbox.put(_Add(ids, list(prompts), params, sink, rows))
         pending = set(ids)
+        self.active += 1
         try:
             while pending:
                 item = await sink.queue.get()
@@ -140,6 +188,7 @@ class AsyncEngine:
                 if item.finished:
                     pending.discard(item.request_id)
         finally:
+            self.active -= 1
             if pending:
                 self._inbox.put(_Abort(sorted(pending)))
 
@@ -168,6 +217,8 @@ class AsyncEngine:
                 self._stats = eng.stats()
                 continue
             for out in outs:
+                if out.finished:  # counted before the caller can see it: a scrape after agrees
+                    self._ended(out.request_id)
                 sink = self._sinks.get(out.request_id)
                 if sink is not None:
                     sink.put(out)
@@ -182,11 +233,14 @@ class AsyncEngine:
         except queue.Empty:
             return None
 
-    def _handle(self, msg: _Add | _Abort | None) -> None:
-        if isinstance(msg, _Abort):
+    def _handle(self, msg: _Add | _Abort | _FailAll | None) -> None:
+        if isinstance(msg, _FailAll):
+            self._fail_all(msg.error)
+        elif isinstance(msg, _Abort):
             for rid in msg.request_ids:
                 self.engine.abort(rid)
                 self._sinks.pop(rid, None)
+                self._ended(rid)
         elif isinstance(msg, _Add):
             self._rows_taken += msg.rows
             added: list[str] = []
@@ -201,6 +255,7 @@ class AsyncEngine:
                 return
             for rid in added:
                 self._sinks[rid] = msg.sink
+                self._heads[rid] = self.engine.requests[rid]
 
     def _fail_all(self, error: Exception) -> None:
         """Abort every request in flight and hand each caller the error."""
@@ -210,6 +265,17 @@ class AsyncEngine:
                 self.engine.abort(rid)
             except Exception:  # noqa: BLE001, S110 - the engine is already failing
                 pass
+            self._ended(rid, "abort" if isinstance(error, EngineDeadError) else "error")
         self._sinks.clear()
         for sink in sinks:
             sink.put(error)
+
+    def _ended(self, rid: str, reason: str | None = None) -> None:
+        """Hand an ended request to on_finished, once. A failing hook is logged and dropped:
+        metrics must never stop the engine thread."""
+        head = self._heads.pop(rid, None)
+        if head is not None and self.on_finished is not None:
+            try:
+                self.on_finished(head, reason or head.finish_reason)
+            except Exception:  # noqa: BLE001
+                logging.getLogger("flover.server").exception("on_finished failed for %s", rid)
