@@ -46,6 +46,7 @@ class Tokenizer:
         self.bos_token_id = bos_token_id
         self.chat_template = chat_template
         self.add_bos = add_bos
+        self._compiled = None  # the chat template, compiled at first use
 
     @property
     def vocab_size(self) -> int:
@@ -65,21 +66,26 @@ class Tokenizer:
         return self.tok.id_to_token(token_id)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        bos = self.token(self.bos_token_id) if self.bos_token_id is not None else ""
+        eos = self.token(self.eos_token_ids[0]) if self.eos_token_ids else ""
+        return self._template().render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                       bos_token=bos, eos_token=eos)
+
+    def _template(self):
+        """The chat template compiled once (compiling costs more than rendering), sandboxed."""
         if not self.chat_template:
             raise ValueError("this model's tokenizer has no chat template; use generate() "
                              "with plain prompts")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        if getattr(self, "_compiled", None) is None:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        def raise_exception(msg: str):
-            raise ValueError(f"chat template: {msg}")
+            def raise_exception(msg: str):
+                raise ValueError(f"chat template: {msg}")
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        bos = self.token(self.bos_token_id) if self.bos_token_id is not None else ""
-        eos = self.token(self.eos_token_ids[0]) if self.eos_token_ids else ""
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=bos, eos_token=eos)
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = raise_exception
+            self._compiled = env.from_string(self.chat_template)
+        return self._compiled
 
     def save_hf(self, path: Path) -> None:
         """Write tokenizer.json and tokenizer_config.json, as from_hf_dir reads them back."""
