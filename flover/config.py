@@ -121,6 +121,7 @@ class SamplingParams:
     len_penalty: float = 0.0
     beam_search_diversity_rate: float = 0.0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # each prompt token's logprob and the k best (vLLM's name)
 
     def __post_init__(self) -> None:
         _check(_int_in(self.max_tokens, 1), "max_tokens", self.max_tokens, "must be an integer >= 1")
@@ -165,6 +166,11 @@ class SamplingParams:
                self.logprobs, f"must be None or an integer in [0, {MAX_LOGPROBS}]")
         if self.logprobs is not None:
             self.logprobs = int(self.logprobs)
+        _check(self.prompt_logprobs is None or _int_in(self.prompt_logprobs, 0, MAX_LOGPROBS),
+               "prompt_logprobs", self.prompt_logprobs,
+               f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+        if self.prompt_logprobs is not None:
+            self.prompt_logprobs = int(self.prompt_logprobs)
 
     def _check_penalties(self) -> None:
         lo, hi = REPETITION_PENALTY_RANGE

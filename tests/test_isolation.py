@@ -360,3 +360,16 @@ def test_detokenisation_per_step_does_not_grow_with_the_output(tiny):
     out = [o for o in eng.run_until_done() if o.finished][0]
     assert len(out.token_ids) == 250 and out.text == tok.decode(out.token_ids)
     assert counting.longest <= 16
+
+
+def test_a_fault_in_prompt_logprobs_fails_that_request_alone_even_mid_prompt(tiny, monkeypatch):
+    real = runner.ModelRunner._chunk_logprobs
+
+    def chunk_logprobs(self, hidden, offset, start, end, prompt, k, slice_len=256):
+        if start > 0:  # the second chunk of the bad prompt: no token is sampled for it yet
+            raise RuntimeError("injected fault in _chunk_logprobs")
+        return real(self, hidden, offset, start, end, prompt, k, slice_len)
+    monkeypatch.setattr(runner.ModelRunner, "_chunk_logprobs", chunk_logprobs)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, prompt_logprobs=1)
+    done, eng = run_with(tiny, list(range(3, 40)), params, prefill_token_budget=24)
+    assert_isolated(tiny, done, eng, "injected fault in _chunk_logprobs")

@@ -177,3 +177,23 @@ def test_beam_requests_wait_until_enough_slots_are_free(llama_dir):
     assert eng.stats()["in_flight"] == 1 and eng.stats()["waiting"] == 3
     outs = {o.request_id: o for o in eng.run_until_done() if o.finished}
     assert set(outs) == {"g", "b"} and len(outs["b"].outputs) == 3
+
+
+def test_prompt_logprobs_are_log_softmax_of_the_model_logits_over_the_prompt(llama_dir):
+    ref = hf_model(llama_dir)
+    p = prompts(1, seed=28, low=13, high=14)[0]
+    bystander = greedy(6)
+    alone = finals(engine(llama_dir), [(0, [5, 6, 7], bystander)])["r0"].token_ids
+    # a prefill budget of 5 splits the prompt into chunks, fused with a decoding bystander
+    eng = engine(llama_dir, prefill_token_budget=5)
+    done = finals(eng, [(0, [5, 6, 7], bystander), (1, p, SamplingParams(
+        max_tokens=2, temperature=0.0, ignore_eos=True, prompt_logprobs=2))])
+    assert done["r0"].token_ids == alone and done["r0"].prompt_logprobs is None
+    lps = done["r1"].prompt_logprobs
+    assert len(lps) == len(p) and lps[0] is None
+    with torch.no_grad():
+        expected = torch.log_softmax(ref(torch.tensor([p])).logits[0], -1)
+    for i in range(1, len(p)):
+        assert lps[i]["token_id"] == p[i]
+        assert lps[i]["logprob"] == pytest.approx(expected[i - 1, p[i]].item(), abs=1e-4)
+        assert [t for t, _ in lps[i]["top_logprobs"]] == expected[i - 1].topk(2).indices.tolist()

@@ -191,7 +191,7 @@ class Engine:
                     self._finish(r, "stop")  # the search has ended: every beam row ends
             elif (reason := self._natural_end(r)) is not None:
                 self._finish(r, reason)
-        return self._collect(_heads(batch.sample), set(advanced))
+        return self._collect(_heads([*batch.sample, *failed]), set(advanced))
 
     def _natural_end(self, r: Request) -> str | None:
         """length, EOS or a stop token: what ends a row (not a beam) after its new token."""

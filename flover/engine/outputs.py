@@ -41,6 +41,7 @@ class RequestOutput:
     prompt_token_ids: list[int] = field(default_factory=list)
     outputs: list[CompletionOutput] = field(default_factory=list)  # n samples or k beams
     error: str | None = None  # why the request failed (finish_reason "error")
+    prompt_logprobs: list[dict | None] | None = None  # with SamplingParams.prompt_logprobs
 
 
 @dataclass(slots=True)
@@ -96,8 +97,10 @@ class OutputProcessor:
         finished = all(r.finished for r in head.rows)
         first = comps[0] if comps else CompletionOutput(0, [])
         reason = "error" if head.error is not None else (first.finish_reason if finished else None)
+        prompt_lps = list(head.prompt_logprobs) if head.params.prompt_logprobs is not None else None
         return RequestOutput(head.request_id, first.token_ids, first.new_token_ids, finished, reason,
-                             first.text, first.new_text, head.prompt_ids, comps, head.error)
+                             first.text, first.new_text, head.prompt_ids, comps, head.error,
+                             prompt_lps)
 
     def _completion(self, r: Request, advanced: bool) -> CompletionOutput:
         text = new_text = ""

@@ -55,8 +55,53 @@ class ModelRunner:
             fed = [(i, r.last_token) for i, r in enumerate(batch.decode)
                    if r is not None and penalties.uses_counts(r)]
             self.counts.add([i for i, _ in fed], [t for _, t in fed])  # decode row i is slot i
-        logits = self.forward_logits(batch)
-        return self.select(logits, batch.sample, batch.sample_slots)
+        if any(c.row.params.prompt_logprobs is not None for c in batch.prefill):
+            ids, meta, rows = self.prepare(batch)
+            hidden = self.model(ids, meta, self.cache.k, self.cache.v)
+            logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
+            entries, failed = self.prompt_logprobs(batch, hidden)
+        else:
+            logits, entries, failed = self.forward_logits(batch), {}, {}
+        result = self.select(logits, batch.sample, batch.sample_slots)
+        for req, e in failed.items():  # a request whose prompt logprobs failed fails whole
+            for row in req.rows:
+                result.failed.setdefault(row, e)
+        result.tokens = [None if r in result.failed else t
+                         for r, t in zip(batch.sample, result.tokens, strict=True)]
+        result.prompt_logprobs = {r: v for r, v in entries.items() if r not in result.failed}
+        return result
+
+    def prompt_logprobs(self, batch: Batch, hidden: torch.Tensor
+                        ) -> tuple[dict[Request, list[dict]], dict[Request, BaseException]]:
+        """Each asking chunk's prompt tokens' logprobs (the model's own, before penalties):
+        position p's logits score prompt token p + 1. Per request: a failure is its own."""
+        entries: dict[Request, list[dict]] = {}
+        failed: dict[Request, BaseException] = {}
+        offset = len(batch.decode)
+        for c in batch.prefill:
+            k, prompt = c.row.params.prompt_logprobs, c.row.prompt_ids
+            if k is not None:
+                try:
+                    entries[c.row] = self._chunk_logprobs(hidden, offset, c.start,
+                                                          min(c.start + c.length, len(prompt) - 1),
+                                                          prompt, k)
+                except Exception as e:  # noqa: BLE001 - the error belongs to this request alone
+                    failed[c.row] = e
+            offset += c.length
+        return entries, failed
+
+    def _chunk_logprobs(self, hidden: torch.Tensor, offset: int, start: int, end: int,
+                        prompt: list[int], k: int, slice_len: int = 256) -> list[dict]:
+        """Positions [start, end) of a chunk whose first token sits at flat index `offset`,
+        in slices so that a long chunk never holds [length, vocab] logits at once."""
+        out = []
+        for a in range(start, end, slice_len):
+            b = min(a + slice_len, end)
+            idx = torch.arange(offset + a - start, offset + b - start, device=self.device)
+            targets = torch.tensor(prompt[a + 1:b + 1], device=self.device)
+            host, kk = penalties.logprob_rows(self.model.logits(hidden[idx]), targets, [k] * (b - a))
+            out += [penalties.logprob_entry(row, kk, k) for row in host]
+        return out
 
     def prepare(self, batch: Batch) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
         """input ids, attention metadata, and the flat index of each row to sample."""

@@ -61,6 +61,7 @@ class StepResult:
     parents: dict[Group, list[int]] = field(default_factory=dict)  # beam i continues parents[i]
     failed: dict[Request, BaseException] = field(default_factory=dict)
     logprobs: list[dict | None] = field(default_factory=list)  # rows that asked for them
+    prompt_logprobs: dict[Request, list[dict]] = field(default_factory=dict)  # per prefill chunk
 
 
 class Scheduler:
@@ -120,6 +121,9 @@ class Scheduler:
             if r is not None:
                 r.num_computed += 1
         for c in batch.prefill:
+            if c.row.params.prompt_logprobs is not None and c.start == 0:
+                c.row.prompt_logprobs = [None]  # the first prompt token has none
+            c.row.prompt_logprobs += result.prompt_logprobs.get(c.row, [])
             c.row.num_computed += c.length
             if c.completes:
                 for f in c.row.forks:

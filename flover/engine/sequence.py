@@ -42,6 +42,7 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     logprobs: list[dict] = field(default_factory=list)
+    prompt_logprobs: list[dict | None] = field(default_factory=list)  # with params.prompt_logprobs
     group: Group | None = None  # several rows (n > 1, beams)
     index: int = 0  # row index within its group
     text: object | None = None  # its detokenizer (flover.engine.outputs), when there is a tokenizer
