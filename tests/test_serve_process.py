@@ -276,7 +276,7 @@ def hostile_requests() -> list[tuple[str, str, dict]]:
         body(foo=1), body(functions=[]), body(stop=5), body(stop=[1, 2]),
         body(seed="x"), body(seed=2**70), body(stream="maybe"),
         body(stream_options={"include_usage": True}), body(logprobs=100), body(logprobs=-1),
-        body(echo=True), body(suffix="x"), body(presence_penalty=5),
+        body(echo="maybe"), body(suffix="x"), body(presence_penalty=5),
         body(frequency_penalty=-5), body(repetition_penalty=0), body(min_tokens=-1),
         body(min_tokens=100), body(stop_token_ids=[-1]), body(stop_token_ids="x"),
         body(return_token_ids="maybe"), body(response_format={"type": "json_object"}),

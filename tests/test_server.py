@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import socket
 import threading
 import time
@@ -227,8 +228,7 @@ def test_default_valued_openai_parameters_are_accepted_and_others_refused(tiny):
     kw = {"model": "tiny_llama", "prompt": PROMPT, "max_tokens": 2}
     out = c.completions.create(**kw, echo=False, extra_body={"response_format": {"type": "text"}})
     assert out.usage.completion_tokens == 2
-    refused = [({"echo": True}, "echo"),
-               ({"extra_body": {"response_format": {"type": "json_object"}}}, "response_format"),
+    refused = [({"extra_body": {"response_format": {"type": "json_object"}}}, "response_format"),
                ({"stream": False, "stream_options": {"include_usage": True}}, "stream_options")]
     for extra, param in refused:
         with pytest.raises(openai.BadRequestError) as e:
@@ -321,6 +321,71 @@ def test_text_offset_of_tokens_that_split_a_character(smol):
         logit_bias=smiley_bias(smol)).choices[0]
     assert ch.text == "🙂" * 4
     assert ch.logprobs.text_offset == [0, 0, 1, 1, 2, 2, 3, 3]  # both halves start at the 🙂
+
+
+def test_echo_starts_each_text_with_its_prompt_streamed_or_not(smol):
+    c = client(smol)
+    kw = {"model": SMOL, "max_tokens": 8, "temperature": 0}
+    plain = c.completions.create(**kw, prompt=FRANCE)
+    out = c.completions.create(**kw, prompt=FRANCE, echo=True)
+    assert out.choices[0].text == FRANCE + plain.choices[0].text
+    assert out.usage == plain.usage
+    streamed = list(c.completions.create(**kw, prompt=FRANCE, echo=True, stream=True))
+    assert streamed[0].choices[0].text.startswith(FRANCE)
+    assert "".join(ch.choices[0].text for ch in streamed) == out.choices[0].text
+    # token ids: their decoded text; a list of prompts: each choice its own prompt's
+    ids = post(smol, "/tokenize", {"prompt": FRANCE}).json()["tokens"]
+    out = c.completions.create(**kw, prompt=ids, echo=True)
+    assert out.choices[0].text == FRANCE + plain.choices[0].text
+    out = c.completions.create(**kw, prompt=[FRANCE, "Hello"], echo=True)
+    hello = c.completions.create(**kw, prompt="Hello").choices[0].text
+    assert [ch.text for ch in out.choices] == [FRANCE + plain.choices[0].text, "Hello" + hello]
+
+
+def test_echo_with_logprobs_covers_the_prompt_tokens_first(smol):
+    c = client(smol)
+    kw = {"model": SMOL, "prompt": FRANCE, "max_tokens": 8, "temperature": 0, "logprobs": 1}
+    plain = c.completions.create(**kw).choices[0].logprobs
+    out = c.completions.create(**kw, echo=True)
+    ch, usage = out.choices[0], out.usage
+    lp = ch.logprobs
+    n_prompt = usage.prompt_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) \
+        == len(lp.text_offset) == n_prompt + usage.completion_tokens
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for value, top in zip(lp.token_logprobs[1:n_prompt], lp.top_logprobs[1:n_prompt], strict=True):
+        assert isinstance(value, float) and math.isfinite(value) and value <= 0
+        assert len(top) in (1, 2)
+    # all tokens here are whole ASCII characters: they join into the text, offsets increase
+    assert "".join(lp.tokens) == ch.text == FRANCE + c.completions.create(
+        **{**kw, "logprobs": None}).choices[0].text
+    assert lp.text_offset[0] == 0
+    assert all(a < b for a, b in zip(lp.text_offset, lp.text_offset[1:], strict=False))
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    # the completion's part is the one given without echo, shifted by the prompt's text
+    assert lp.tokens[n_prompt:] == plain.tokens
+    assert lp.text_offset[n_prompt:] == [len(FRANCE) + o for o in plain.text_offset]
+    assert lp.token_logprobs[n_prompt:] == pytest.approx(plain.token_logprobs, abs=1e-4)
+    streamed = [chunk.choices[0] for chunk in c.completions.create(**kw, echo=True, stream=True)]
+    assert streamed[0].text.startswith(FRANCE)
+    assert streamed[0].logprobs.token_logprobs[0] is None
+    assert "".join(s.text for s in streamed) == ch.text
+    got = [s.logprobs for s in streamed if s.logprobs]
+    assert [t for g in got for t in g.tokens] == lp.tokens
+    assert [o for g in got for o in g.text_offset] == lp.text_offset
+
+
+def test_echo_of_token_ids_without_a_tokenizer(tiny):
+    c = client(tiny)
+    kw = {"model": "tiny_llama", "prompt": PROMPT, "max_tokens": 4, "temperature": 0,
+          "extra_body": {"ignore_eos": True, "return_token_ids": True}}
+    plain = c.completions.create(**kw).choices[0]
+    ch = c.completions.create(**kw, echo=True).choices[0]
+    assert ch.text == "" and ch.token_ids == plain.token_ids  # token_ids: the generated ones
+    lp = c.completions.create(**kw, echo=True, logprobs=1).choices[0].logprobs
+    assert lp.tokens == [f"token_id:{t}" for t in PROMPT + plain.token_ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:]) and lp.text_offset == [0] * 9
 
 
 def test_chat_logprob_bytes_rebuild_characters_split_over_tokens(smol):

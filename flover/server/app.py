@@ -298,11 +298,14 @@ def create_app(engine: Engine, model_name: str | None = None, *,
         check_capacity()
         # tokenising may take a while: off the event loop, so /health and streams go on
         prompts = await asyncio.to_thread(completion_prompts, body.prompt, engine)
+        echo = await asyncio.to_thread(echo_texts, body.prompt, prompts, engine) \
+            if body.echo else None
         lp = body.logprobs
         params = sampling_params(body, body.max_tokens if body.max_tokens is not None else 16, lp,
-                                 logprobs_name="logprobs")
-        return await _serve(Call("cmpl", "text_completion", name, prompts, params, body, view),
-                            aeng, request)
+                                 logprobs_name="logprobs",
+                                 prompt_logprobs=lp if body.echo else None)
+        return await _serve(Call("cmpl", "text_completion", name, prompts, params, body, view,
+                                 echo), aeng, request)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
@@ -344,13 +347,11 @@ def _model_card(name: str, engine: Engine) -> dict:
 
 def check_defaults_only(body: CompletionRequest | ChatRequest) -> None:
     """Refuse, naming the field, what OpenAI accepts but we do not do: a response_format other
-    than text, echo=true, and stream_options without streaming (OpenAI refuses that too)."""
+    than text, and stream_options without streaming (OpenAI refuses that too)."""
     fmt = body.response_format
     if fmt is not None and fmt.type != "text":
         raise APIError(400, f"response_format type {fmt.type!r} is not supported; only 'text'",
                        "response_format")
-    if isinstance(body, CompletionRequest) and body.echo:
-        raise APIError(400, "echo=true is not supported", "echo")
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed with stream=true", "stream_options")
 
@@ -423,6 +424,14 @@ def completion_prompts(prompt, engine: Engine) -> list[list[int]]:
     return out
 
 
+def echo_texts(prompt, prompts: list[list[int]], engine: Engine) -> list[str]:
+    """echo=true: the text each choice starts with, per prompt. A text prompt is itself; token
+    ids are decoded as the completion's tokens are ("" without a tokenizer, as the text)."""
+    tok = engine.tokenizer
+    return [p if isinstance(p, str) else tok.decode(ids) if tok is not None else ""
+            for p, ids in zip(_prompt_items(prompt), prompts, strict=True)]
+
+
 def chat_tokens(chat: list[ChatMessage], engine: Engine, add_generation_prompt: bool = True,
                 add_special_tokens: bool = False) -> list[int]:
     """Messages through the model's chat template -> token ids. The template writes the
@@ -481,8 +490,10 @@ def detokenize_request(body: DetokenizeRequest, engine: Engine) -> str:
     return tok.decode(body.tokens, skip_special_tokens=False)
 
 
-def sampling_params(body, max_tokens: int, logprobs: int | None, logprobs_name: str) -> SamplingParams:
-    """The request's options as SamplingParams; a bad value is a 400 that names it."""
+def sampling_params(body, max_tokens: int, logprobs: int | None, logprobs_name: str,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
+    """The request's options as SamplingParams; a bad value is a 400 that names it.
+    `prompt_logprobs` (completions' echo with logprobs): the prompt tokens' logprobs too."""
     n = body.n
     beam_width = 1
     if body.use_beam_search:
@@ -500,6 +511,7 @@ def sampling_params(body, max_tokens: int, logprobs: int | None, logprobs_name: 
         bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
     except ValueError as e:
         raise APIError(400, "logit_bias keys must be token ids", "logit_bias") from e
+    extra = {"prompt_logprobs": prompt_logprobs} if prompt_logprobs is not None else {}
     try:
         return SamplingParams(
             max_tokens=max_tokens, temperature=body.temperature, top_k=max(body.top_k, 0),
@@ -508,11 +520,13 @@ def sampling_params(body, max_tokens: int, logprobs: int | None, logprobs_name: 
             stop_token_ids=list(body.stop_token_ids or []), min_tokens=body.min_tokens,
             repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty, logit_bias=bias, n=n,
-            beam_width=beam_width, len_penalty=body.length_penalty, logprobs=logprobs)
+            beam_width=beam_width, len_penalty=body.length_penalty, logprobs=logprobs,
+            **extra)
     except ConfigError as e:
         m = re.match(r"(\w+)=", str(e))
         param = m.group(1) if m else None
-        param = logprobs_name if param == "logprobs" else _API_NAMES.get(param, param)
+        param = logprobs_name if param in ("logprobs", "prompt_logprobs") \
+            else _API_NAMES.get(param, param)
         raise APIError(400, str(e), param) from e
 
 
@@ -563,6 +577,15 @@ class Call:
     params: SamplingParams
     body: CompletionRequest | ChatRequest
     tokens: TokenView
+    echo: list[str] | None = None  # completions' echo=true: each prompt's text
+
+    def echoed(self, i: int) -> str:
+        """The text that prompt i's choices start with ("" without echo)."""
+        return self.echo[i] if self.echo is not None else ""
+
+    @property
+    def echo_logprobs(self) -> bool:
+        return self.echo is not None and self.params.logprobs is not None
 
     @property
     def chat(self) -> bool:
@@ -656,12 +679,15 @@ def _response(call: Call, last: dict[int, RequestOutput], rid: str, created: int
         for c in _choices(call, i, last[i]):
             choice: dict = {"index": i * call.n + c.index}
             lps = None
+            echoed = call.echoed(i)
             if call.params.logprobs is not None:
-                lps = _logprobs(call, c.logprobs, _text_of(call), len(c.text))
+                lps = _logprobs(call, c.logprobs, _text_of(call), len(c.text), len(echoed))
+                if call.echo_logprobs:
+                    lps = _joined(_prompt_logprobs(call, i, last[i]), lps)
             if call.chat:
                 choice["message"] = {"role": "assistant", "content": c.text}
             else:
-                choice["text"] = c.text
+                choice["text"] = echoed + c.text
             choice |= {"logprobs": lps, "finish_reason": _reason(c.finish_reason)}
             if call.body.return_token_ids:
                 choice["token_ids"] = c.token_ids
@@ -700,14 +726,23 @@ async def _stream(call: Call, gen: AsyncIterator, first, rid: str,
             s = state.setdefault(k, _Choice())
             if s.done:
                 continue
+            if not s.started and call.echo_logprobs and not out.finished \
+                    and not _prompt_done(call, i, out):
+                continue  # echo: the first chunk waits for the prompt's logprobs (prefill)
             delta = _delta(s, c, stops)
+            echoed = call.echoed(i)
             lps = None
             if call.params.logprobs is not None:
                 if s.text_of is None:
                     s.text_of = _text_of(call)
                 # offsets stay within the text sent so far: the final text starts with it
-                lps = _logprobs(call, c.logprobs[s.logprobs:], s.text_of, len(s.text))
+                lps = _logprobs(call, c.logprobs[s.logprobs:], s.text_of, len(s.text),
+                                len(echoed))
                 s.logprobs = len(c.logprobs)
+                if call.echo_logprobs and not s.started:
+                    lps = _joined(_prompt_logprobs(call, i, out), lps)
+            if not s.started:
+                delta = echoed + delta  # echo: the first chunk carries the prompt's text
             new_ids = c.token_ids[s.tokens:]
             s.tokens = len(c.token_ids)
             reason = _reason(c.finish_reason)
@@ -763,7 +798,7 @@ def _text_of(call: Call) -> IncrementalDetokenizer | None:
 
 
 def _logprobs(call: Call, entries: list[dict], text_of: IncrementalDetokenizer | None,
-              text_len: int) -> dict:
+              text_len: int, base: int = 0) -> dict:
     """The engine's per-token logprobs in the shape of the API that was called.
 
     Chat: each token's text and raw bytes (see TokenView), with its k best alternatives.
@@ -772,7 +807,8 @@ def _logprobs(call: Call, entries: list[dict], text_of: IncrementalDetokenizer |
     is where each token starts in the returned text: the length of the text the tokens before
     it completed (`text_of` is fed the entries' tokens as it goes), at most `text_len`, since a
     stop string may cut the text before tokens that were generated. A token that finishes a
-    character begun by earlier ones starts where that character does.
+    character begun by earlier ones starts where that character does. `base`: where the text
+    starts in the choice's text (after the echoed prompt).
     """
     view = call.tokens
     if call.chat:
@@ -785,7 +821,7 @@ def _logprobs(call: Call, entries: list[dict], text_of: IncrementalDetokenizer |
     for e in entries:
         tid = e["token_id"]
         tokens.append(view.text(tid))
-        offsets.append(min(text_of.text_len, text_len) if text_of is not None else 0)
+        offsets.append(base + (min(text_of.text_len, text_len) if text_of is not None else 0))
         if text_of is not None:
             text_of.append([tid])
         top = {view.text(t): v for t, v in e["top_logprobs"]}
@@ -794,6 +830,43 @@ def _logprobs(call: Call, entries: list[dict], text_of: IncrementalDetokenizer |
         tops.append(top)
     return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": tops, "text_offset": offsets}
+
+
+def _prompt_done(call: Call, i: int, out: RequestOutput) -> bool:
+    """Whether `out` holds prompt i's logprobs (the engine has them once prefill is done)."""
+    got = out.prompt_logprobs
+    return got is not None and len(got) == len(call.prompts[i])
+
+
+def _prompt_logprobs(call: Call, i: int, out: RequestOutput) -> dict:
+    """Echo with logprobs: prompt i's tokens in completions' logprobs shape. The first token
+    has no logprob: its token_logprobs and top_logprobs entries are None, as OpenAI's.
+    text_offset is over the echoed prompt text (a text prompt as the client sent it)."""
+    ids = call.prompts[i]
+    got = out.prompt_logprobs or []
+    text_of, text_len = _text_of(call), len(call.echoed(i))
+    tokens, lps, tops, offsets = [], [], [], []
+    for j, tid in enumerate(ids):
+        e = got[j] if j < len(got) else None
+        if e is None:
+            tokens.append(call.tokens.text(tid))
+            lps.append(None)
+            tops.append(None)
+            offsets.append(min(text_of.text_len, text_len) if text_of is not None else 0)
+            if text_of is not None:
+                text_of.append([tid])
+            continue
+        one = _logprobs(call, [e], text_of, text_len)
+        tokens += one["tokens"]
+        lps += one["token_logprobs"]
+        tops += one["top_logprobs"]
+        offsets += one["text_offset"]
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+def _joined(first: dict, then: dict) -> dict:
+    return {k: first[k] + then[k] for k in first}
 
 
 def _sse(obj: dict) -> str:

@@ -2,7 +2,7 @@
 
 Unknown parameters are refused, so that a typo, or an OpenAI feature we do not have (tools,
 suffix, ...), is an error that names it instead of being silently ignored. Parameters whose
-default we do have (`response_format` text, `echo` false) are accepted with that value only;
+default we do have (`response_format` text) are accepted with that value only;
 the app refuses the others with a 400 that names them.
 """
 
@@ -64,7 +64,7 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = None  # top alternatives per token; 0: the chosen token's only
-    echo: bool = False  # only false: echoing the prompt is not implemented
+    echo: bool = False  # each choice's text starts with its prompt's (and logprobs cover it)
 
 
 class ChatMessage(BaseModel):
