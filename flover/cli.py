@@ -100,6 +100,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(eng, args.served_model_name, max_body_bytes=args.max_body_bytes,
                      max_prompts_per_request=args.max_prompts_per_request,
                      max_prompt_chars=args.max_prompt_chars, max_waiting=args.max_waiting,
+                     queue_timeout=args.queue_timeout,
                      api_key=args.api_key or None, docs=args.enable_docs)
     print(f"flover: serving {app.state.model_name!r} on http://{args.host}:{args.port}/v1",
           file=sys.stderr)
@@ -226,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "or chat content, refused before tokenising (default: 32 x --max-seq-len)")
     s.add_argument("--max-waiting", type=int, default=256, help="with this many requests "
                    "waiting for a slot, new ones get a 429 with Retry-After")
+    s.add_argument("--queue-timeout", type=float, default=None, metavar="SECONDS",
+                   help="a request that waits longer for a slot gets a 503 with Retry-After "
+                   "(default: no limit)")
     # the environment variable keeps the key out of the process list
     s.add_argument("--api-key", default=os.environ.get("FLOVER_API_KEY"), help="require "
                    "'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize (default: "

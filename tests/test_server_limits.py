@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 import pytest
@@ -144,6 +145,32 @@ def test_overload_is_a_429_with_retry_after_and_nothing_is_dropped(limited):
     assert post(limited, "/v1/completions", short).status_code == 200
 
 
+def test_a_request_waiting_past_the_queue_timeout_gets_503_and_the_runner_goes_on():
+    long = {"prompt": PROMPT, "max_tokens": 300, "ignore_eos": True, "stream": True,
+            "return_token_ids": True}
+    short = {"prompt": PROMPT, "max_tokens": 2, "ignore_eos": True}
+
+    async def run(url):
+        async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as c:
+            async with c.stream("POST", "/v1/completions", json=long) as held:
+                lines = held.aiter_lines()
+                while not (await anext(lines)).startswith("data: "):
+                    pass  # the long request has the only slot
+                timed_out = await c.post("/v1/completions", json=short)
+                ids = [t for line in [line async for line in lines] if line.startswith("data: {")
+                       for t in json.loads(line[6:])["choices"][0]["token_ids"]]
+            return timed_out, ids
+
+    with serving(one_slot_engine(), queue_timeout=0.2) as url:
+        timed_out, ids = asyncio.run(run(url))
+        wait_idle(url)
+        stats = httpx.get(f"{url}/stats", timeout=TIMEOUT).json()
+    err = error(timed_out, 503)
+    assert err["code"] == "queue_timeout" and timed_out.headers["Retry-After"] == "1"
+    assert len(ids) >= 299  # the held stream ran to its end (its first token came before)
+    assert stats["slots_used"] == 0 and stats["waiting"] == 0
+
+
 def test_a_failure_inside_the_engine_answers_internal_error_with_an_id(caplog):
     eng = tiny_engine()
     real_step, calls = eng.step, []
@@ -199,6 +226,7 @@ def test_serve_flags_and_the_api_key_environment_variable(monkeypatch):
     args = build_parser().parse_args(["serve", "--api-key", "k", "--enable-docs",
                                       "--max-waiting", "3"])
     assert (args.api_key, args.enable_docs, args.max_waiting) == ("k", True, 3)
+    assert build_parser().parse_args(["serve"]).queue_timeout is None
 
 
 def test_docs_are_off_unless_asked_for():

@@ -32,7 +32,7 @@ from flover import __version__
 from flover.config import ConfigError, SamplingParams
 from flover.engine import CompletionOutput, Engine, RequestError, RequestOutput
 from flover.engine.detokenizer import IncrementalDetokenizer, StopChecker
-from flover.server.async_engine import AsyncEngine, EngineDeadError
+from flover.server.async_engine import AsyncEngine, EngineDeadError, QueueTimeoutError
 from flover.server.metrics import install_metrics
 from flover.server.protocol import (
     ChatMessage,
@@ -183,7 +183,8 @@ def create_app(engine: Engine, model_name: str | None = None, *,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST,
                max_prompt_chars: int | None = None, max_waiting: int = DEFAULT_MAX_WAITING,
-               api_key: str | None = None, docs: bool = False) -> FastAPI:
+               api_key: str | None = None, docs: bool = False,
+               queue_timeout: float | None = None) -> FastAPI:
     """The ASGI app. Its engine thread starts with the app (or at the first request) and
     stops with it.
 
@@ -192,10 +193,13 @@ def create_app(engine: Engine, model_name: str | None = None, *,
     longest text prompt or chat content, checked before tokenising. max_waiting: with that many
     requests waiting for a slot, new ones get a 429. api_key: if set, /v1/*, /tokenize and
     /detokenize need `Authorization: Bearer <api_key>`. docs: serve /docs, /redoc and
-    /openapi.json.
+    /openapi.json. queue_timeout: a request that waits longer for a slot gets a 503 with
+    Retry-After (None: it waits as long as it takes).
     """
     name = model_name or model_name_of(engine.config.model)
-    aeng = AsyncEngine(engine)
+    if queue_timeout is not None and not queue_timeout > 0:
+        raise ValueError(f"queue_timeout must be > 0 seconds, got {queue_timeout}")
+    aeng = AsyncEngine(engine, queue_timeout)
     view = TokenView(engine.tokenizer)
     limits = Limits(max_body_bytes, max_prompts_per_request,
                     max_prompt_chars if max_prompt_chars is not None
@@ -543,6 +547,9 @@ def engine_error(e: Exception, prompt_param: str) -> APIError:
         elif "n or beam_width" in msg:
             param = "n"
         return APIError(400, msg, param, code)
+    if isinstance(e, QueueTimeoutError):
+        return APIError(503, str(e), type="server_error", code=e.code,
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(e, EngineDeadError):  # code: "server_shutting_down" while draining
         return APIError(503, str(e), type="server_error", code=getattr(e, "code", None))
     return internal_error(e)  # a RequestFailedError or a failed step: its details are logged

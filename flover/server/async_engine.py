@@ -16,6 +16,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
@@ -33,6 +34,12 @@ class ServerShuttingDownError(EngineDeadError):
     the drain timeout ends are cut off with this error (a 503 / a stream's error event)."""
 
     code = "server_shutting_down"
+
+
+class QueueTimeoutError(RuntimeError):
+    """The request waited longer than the queue timeout for a slot; it never ran."""
+
+    code = "queue_timeout"
 
 
 class RequestFailedError(RuntimeError):
@@ -73,8 +80,9 @@ class _FailAll:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, queue_timeout: float | None = None) -> None:
         self.engine = engine
+        self.queue_timeout = queue_timeout  # seconds a request may wait for a slot; None: no limit
         self.tokenizer = engine.tokenizer
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, _Sink] = {}  # request id -> its sink; engine thread only
@@ -206,6 +214,8 @@ class AsyncEngine:
                     self.engine_failures += 1
                     self._fail_all(e)
                 msg = self._next()
+            if self.queue_timeout is not None:
+                self._expire_waiting()
             self._stats = eng.stats()
             if self._stopping or not eng.has_unfinished():
                 continue
@@ -256,6 +266,21 @@ class AsyncEngine:
             for rid in added:
                 self._sinks[rid] = msg.sink
                 self._heads[rid] = self.engine.requests[rid]
+
+    def _expire_waiting(self) -> None:
+        """End the requests that have waited longer than queue_timeout for a slot (the oldest
+        wait longest, so the scan stops at the first that has not)."""
+        now = time.perf_counter()
+        for head in list(self.engine.scheduler.waiting):
+            if now - head.arrival_time <= self.queue_timeout:
+                break
+            rid = head.request_id
+            self.engine.abort(rid)
+            self._ended(rid, "abort")
+            sink = self._sinks.pop(rid, None)
+            if sink is not None:
+                sink.put(QueueTimeoutError(f"waited {now - head.arrival_time:.1f} s for a slot, "
+                                           f"longer than the queue timeout of {self.queue_timeout:g} s"))
 
     def _fail_all(self, error: Exception) -> None:
         """Abort every request in flight and hand each caller the error."""
