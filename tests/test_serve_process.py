@@ -108,6 +108,7 @@ class Stream:
 
     url: str
     body: dict
+    headers: dict = field(default_factory=dict)
     status: int | None = None
     events: list = field(default_factory=list)  # parsed JSON events, then "[DONE]"
     first: threading.Event = field(default_factory=threading.Event)
@@ -123,7 +124,7 @@ class Stream:
     def _read(self) -> None:
         try:
             with httpx.stream("POST", f"{self.url}/v1/completions", json=self.body,
-                              timeout=TIMEOUT) as r:
+                              headers=self.headers, timeout=TIMEOUT) as r:
                 self.status = r.status_code
                 for line in r.iter_lines():
                     if not line.startswith("data: "):
@@ -349,3 +350,47 @@ def test_hostile_requests_get_json_4xx_and_leave_a_concurrent_stream_unchanged()
         assert stats["slots_used"] == 0 and stats["in_flight"] == 0, stats
         rc, _ = server.stop(5)
         assert rc == 0, server.output()
+
+
+def test_limits_overload_queue_timeout_and_metrics_of_the_real_process():
+    """The flags reach the app: each limit refuses with its status and code, a full queue is a
+    429, a request past --queue-timeout a 503, and /metrics parses and counts what ran."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with serve("--max-concurrency", "1", "--max-waiting", "1", "--max-body-bytes", str(MAX_BODY),
+               "--max-prompts-per-request", "2", "--max-prompt-chars", "100",
+               "--queue-timeout", "0.5", "--api-key", "k", "--drain-timeout", "1") as server:
+        auth = {"Authorization": "Bearer k"}
+
+        def post(body: dict, **kw) -> httpx.Response:
+            return httpx.post(f"{server.url}/v1/completions", json=body, timeout=TIMEOUT,
+                              headers=kw.pop("headers", auth), **kw)
+
+        short = {"prompt": PROMPT, "max_tokens": 3, "ignore_eos": True}
+        assert post(short, headers={}).status_code == 401
+        assert post({"prompt": list(range(MAX_BODY // 4)), "max_tokens": 1}).status_code == 413
+        assert post({"prompt": [PROMPT] * 3, "max_tokens": 1}).json()["error"]["param"] == "prompt"
+        assert post({"prompt": "x" * 101, "max_tokens": 1}).json()["error"]["param"] == "prompt"
+        assert post({**short, "n": 2}).json()["error"]["param"] == "n"
+        assert post(short).status_code == 200
+
+        held = Stream(server.url, stream_body(500), headers=auth).start()  # the only slot
+        assert held.first.wait(TIMEOUT)
+        with ThreadPoolExecutor(2) as pool:
+            waiting = pool.submit(post, short)  # waits for the slot ...
+            deadline = time.monotonic() + TIMEOUT
+            while httpx.get(f"{server.url}/stats", timeout=TIMEOUT).json()["waiting"] < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            overload = post(short)  # ... so the queue is full
+            timed_out = waiting.result(TIMEOUT)  # ... and it gives up after 0.5 s
+        assert overload.status_code == 429 and overload.json()["error"]["code"] == "too_many_requests"
+        assert timed_out.status_code == 503 and timed_out.json()["error"]["code"] == "queue_timeout"
+        held.join()
+        assert held.finish_reason == "length"
+        by_reason = {s.labels["finished_reason"]: s.value for f in text_string_to_metric_families(
+            httpx.get(f"{server.url}/metrics", timeout=TIMEOUT).text)
+            for s in f.samples if s.name == "vllm:request_success_total"}
+        assert by_reason["length"] == 2 and by_reason["abort"] == 1  # the timed-out one
+        rc, _ = server.stop(1)
+        assert rc == 0
