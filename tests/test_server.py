@@ -482,3 +482,15 @@ def test_tokenising_runs_off_the_event_loop(smol, smol_engine, monkeypatch):
     worker.join(TIMEOUT)
     assert health.status_code == 200 and waited < 0.5  # not stuck behind the 1 s encode
     assert result["r"].status_code == 200
+
+
+def test_a_lone_surrogate_in_a_prompt_is_a_400_naming_the_field(smol):
+    for path, body, param in [
+            ("/v1/completions", '{"prompt": "abc\\ud800def", "max_tokens": 2}', "prompt"),
+            ("/v1/chat/completions",
+             '{"messages": [{"role": "user", "content": "abc\\ud800def"}], "max_tokens": 2}',
+             "messages")]:
+        r = httpx.post(f"{smol}{path}", content=body, timeout=TIMEOUT,
+                       headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        assert "not valid Unicode" in r.json()["error"]["message"]

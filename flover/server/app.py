@@ -393,21 +393,33 @@ def check_messages(chat: list[ChatMessage], limits: Limits) -> None:
     """The messages' text, all together, must be at most max_prompt_chars (checked before the
     chat template and the tokenizer see it)."""
     total = 0
-    for m in chat:
+    for i, m in enumerate(chat):
         content = m.content or ""
-        if isinstance(content, list):
-            total += sum(len(str(part.get("text", ""))) for part in content)
-        else:
-            total += len(content)
+        texts = [str(part.get("text", "")) for part in content] if isinstance(content, list) \
+            else [content]
+        for text in texts:
+            _check_unicode(text, f"messages[{i}].content", "messages")
+        total += sum(len(t) for t in texts)
         if total > limits.max_prompt_chars:
             raise APIError(400, f"messages: the content is longer than {limits.max_prompt_chars} "
                            f"characters (--max-prompt-chars)", "messages")
 
 
 def _check_chars(text: str, limits: Limits, where: str, param: str) -> None:
+    """Text to tokenise: within the length limit, and Unicode that has a UTF-8 form (JSON's
+    "\\ud800" escapes give lone surrogates, which the tokenizer cannot take)."""
     if len(text) > limits.max_prompt_chars:
         raise APIError(400, f"{where}: {len(text)} characters; at most {limits.max_prompt_chars} "
                        f"(--max-prompt-chars)", param)
+    _check_unicode(text, where, param)
+
+
+def _check_unicode(text: str, where: str, param: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"{where}: not valid Unicode text (a lone surrogate at character "
+                       f"{e.start})", param) from e
 
 
 def completion_prompts(prompt, engine: Engine) -> list[list[int]]:
