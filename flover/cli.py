@@ -104,8 +104,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      api_key=args.api_key or None, docs=args.enable_docs)
     print(f"flover: serving {app.state.model_name!r} on http://{args.host}:{args.port}/v1",
           file=sys.stderr)
+    from flover.server.connections import IdleTimeoutH11
+
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=FLUSH_TIMEOUT_S)
+                            timeout_graceful_shutdown=FLUSH_TIMEOUT_S, http=IdleTimeoutH11,
+                            timeout_keep_alive=args.timeout_keep_alive)
     _draining_server(uvicorn, config, args.drain_timeout).run()
     return 0
 
@@ -227,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "or chat content, refused before tokenising (default: 32 x --max-seq-len)")
     s.add_argument("--max-waiting", type=int, default=256, help="with this many requests "
                    "waiting for a slot, new ones get a 429 with Retry-After")
+    s.add_argument("--timeout-keep-alive", type=float, default=5.0, metavar="SECONDS",
+                   help="close a connection that has sent nothing for this long while no request "
+                   "is being answered: idle keep-alive connections, and clients that never send a "
+                   "whole request (vLLM's flag)")
     s.add_argument("--queue-timeout", type=float, default=None, metavar="SECONDS",
                    help="a request that waits longer for a slot gets a 503 with Retry-After "
                    "(default: no limit)")
