@@ -171,8 +171,9 @@ class Engine:
                 self._fail(head, f"the batch failed: {type(e).__name__}: {e}")
             return self._collect(heads, set())
         advanced = self.scheduler.postprocess(batch, result)
-        ending = {r for r in advanced if r.beam is None and self._natural_end(r) is not None}
-        stopped, detok_failed = self.outputs.process(advanced, result.parents, ending)
+        ending = {r: reason for r in advanced
+                  if r.beam is None and (reason := self._natural_end(r)) is not None}
+        stopped, detok_failed = self.outputs.process(advanced, result.parents, set(ending))
         failed = {**result.failed, **detok_failed}
         for row, e in failed.items():
             self._fail(row.rows[0], f"{type(e).__name__}: {e}")
@@ -189,8 +190,8 @@ class Engine:
             if r.beam is not None:
                 if r.beam.done:
                     self._finish(r, "stop")  # the search has ended: every beam row ends
-            elif (reason := self._natural_end(r)) is not None:
-                self._finish(r, reason)
+            elif r in ending:
+                self._finish(r, ending[r])
         return self._collect(_heads([*batch.sample, *failed]), set(advanced))
 
     def _natural_end(self, r: Request) -> str | None:

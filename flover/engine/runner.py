@@ -56,18 +56,13 @@ class ModelRunner:
                    if r is not None and penalties.uses_counts(r)]
             self.counts.add([i for i, _ in fed], [t for _, t in fed])  # decode row i is slot i
         if any(c.row.params.prompt_logprobs is not None for c in batch.prefill):
-            ids, meta, rows = self.prepare(batch)
-            hidden = self.model(ids, meta, self.cache.k, self.cache.v)
-            logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
+            logits, hidden = self._eager(batch)
             entries, failed = self.prompt_logprobs(batch, hidden)
         else:
             logits, entries, failed = self.forward_logits(batch), {}, {}
-        result = self.select(logits, batch.sample, batch.sample_slots)
-        for req, e in failed.items():  # a request whose prompt logprobs failed fails whole
-            for row in req.rows:
-                result.failed.setdefault(row, e)
-        result.tokens = [None if r in result.failed else t
-                         for r, t in zip(batch.sample, result.tokens, strict=True)]
+        # a request whose prompt logprobs failed fails whole, all its rows
+        result = self.select(logits, batch.sample, batch.sample_slots,
+                             {row: e for req, e in failed.items() for row in req.rows})
         result.prompt_logprobs = {r: v for r, v in entries.items() if r not in result.failed}
         return result
 
@@ -135,14 +130,20 @@ class ModelRunner:
         """Logits [len(batch.sample), vocab] in float32."""
         if self.graphs is not None and batch.decode and not batch.prefill:
             return self.graphs.forward_logits(batch.decode)
+        return self._eager(batch)[0]
+
+    def _eager(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward without graphs: (logits of the rows to sample, every token's hidden state)."""
         ids, meta, rows = self.prepare(batch)
         hidden = self.model(ids, meta, self.cache.k, self.cache.v)
-        return self.model.logits(hidden[torch.tensor(rows, device=self.device)])
+        return self.model.logits(hidden[torch.tensor(rows, device=self.device)]), hidden
 
     @torch.inference_mode()
-    def select(self, logits: torch.Tensor, rows: list[Request], slots: list[int]) -> StepResult:
-        """Every row's next token (one device-to-host copy), beams' parents, failed rows."""
-        failed: dict[Request, BaseException] = {}
+    def select(self, logits: torch.Tensor, rows: list[Request], slots: list[int],
+               failed: dict[Request, BaseException] | None = None) -> StepResult:
+        """Every row's next token (one device-to-host copy), beams' parents, failed rows.
+        `failed`: rows whose request failed already (they get no token)."""
+        failed = dict(failed or {})
 
         def guard(row: Request, stage: Callable[..., T], *args) -> T | None:
             try:
