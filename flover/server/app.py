@@ -394,15 +394,22 @@ def check_messages(chat: list[ChatMessage], limits: Limits) -> None:
     chat template and the tokenizer see it)."""
     total = 0
     for i, m in enumerate(chat):
-        content = m.content or ""
-        texts = [str(part.get("text", "")) for part in content] if isinstance(content, list) \
-            else [content]
-        for text in texts:
-            _check_unicode(text, f"messages[{i}].content", "messages")
-        total += sum(len(t) for t in texts)
+        text = message_text(i, m)
+        _check_unicode(text, f"messages[{i}].content", "messages")
+        total += len(text)
         if total > limits.max_prompt_chars:
             raise APIError(400, f"messages: the content is longer than {limits.max_prompt_chars} "
                            f"characters (--max-prompt-chars)", "messages")
+
+
+def message_text(i: int, m: ChatMessage) -> str:
+    """Message i's content as one text: a string, or its content parts (text ones only) joined."""
+    content = m.content or ""
+    if isinstance(content, list):
+        if any(part.get("type") != "text" for part in content):
+            raise APIError(400, f"messages[{i}].content: only text parts are supported", "messages")
+        content = "".join(str(part.get("text", "")) for part in content)
+    return content
 
 
 def _check_chars(text: str, limits: Limits, where: str, param: str) -> None:
@@ -457,15 +464,8 @@ def chat_tokens(chat: list[ChatMessage], engine: Engine, add_generation_prompt: 
         raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
     if not chat:
         raise APIError(400, "messages is empty", "messages")
-    messages = []
-    for i, m in enumerate(chat):
-        content = m.content or ""
-        if isinstance(content, list):  # content parts: only text ones
-            if any(part.get("type") != "text" for part in content):
-                raise APIError(400, f"messages[{i}].content: only text parts are supported",
-                               "messages")
-            content = "".join(str(part.get("text", "")) for part in content)
-        messages.append({**(m.model_extra or {}), "role": m.role, "content": content})
+    messages = [{**(m.model_extra or {}), "role": m.role, "content": message_text(i, m)}
+                for i, m in enumerate(chat)]
     try:
         text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
     except Exception as e:  # noqa: BLE001 - the template's own complaint, for this request
