@@ -271,11 +271,13 @@ class AsyncEngine:
         """End the requests that have waited longer than queue_timeout for a slot (the oldest
         wait longest, so the scan stops at the first that has not)."""
         now = time.perf_counter()
-        for head in list(self.engine.scheduler.waiting):
-            if now - head.arrival_time <= self.queue_timeout:
-                break
+        waiting = self.engine.scheduler.waiting  # FIFO: the front has waited longest
+        while waiting and now - waiting[0].arrival_time > self.queue_timeout:
+            head = waiting[0]
             rid = head.request_id
-            self.engine.abort(rid)
+            self.engine.abort(rid)  # takes it off the queue
+            if waiting and waiting[0] is head:  # it did not: never spin on the engine thread
+                break
             self._ended(rid, "abort")
             sink = self._sinks.pop(rid, None)
             if sink is not None:
