@@ -230,11 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "or chat content, refused before tokenising (default: 32 x --max-seq-len)")
     s.add_argument("--max-waiting", type=int, default=256, help="with this many requests "
                    "waiting for a slot, new ones get a 429 with Retry-After")
-    s.add_argument("--timeout-keep-alive", type=float, default=5.0, metavar="SECONDS",
+    s.add_argument("--timeout-keep-alive", type=_positive, default=5.0, metavar="SECONDS",
                    help="close a connection that has sent nothing for this long while no request "
                    "is being answered: idle keep-alive connections, and clients that never send a "
                    "whole request (vLLM's flag)")
-    s.add_argument("--queue-timeout", type=float, default=None, metavar="SECONDS",
+    s.add_argument("--queue-timeout", type=_positive, default=None, metavar="SECONDS",
                    help="a request that waits longer for a slot gets a 503 with Retry-After "
                    "(default: no limit)")
     # the environment variable keeps the key out of the process list
@@ -254,6 +254,13 @@ def _non_negative(text: str) -> float:
     value = float(text)
     if not value >= 0 or value == float("inf"):  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _non_negative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
     return value
 
 

@@ -144,6 +144,11 @@ def test_logprobs_is_none_or_an_integer_in_0_20(value):
     refused("logprobs", logprobs=value)
 
 
+@pytest.mark.parametrize("value", [-1, 21, True, 1.0, "2"])
+def test_prompt_logprobs_is_none_or_an_integer_in_0_20(value):
+    refused("prompt_logprobs", prompt_logprobs=value)
+
+
 def test_message_names_field_value_and_what_is_allowed():
     msg = refused("top_p", top_p=NAN)
     assert msg == "top_p=nan is invalid: must be in (0, 1] (1 disables top-p)"

@@ -204,6 +204,17 @@ def test_drain_timeout_flag_defaults_to_30_s_and_refuses_negative_or_nan():
             build_parser().parse_args(["serve", "--drain-timeout", bad])
 
 
+@pytest.mark.parametrize("flag", ["--timeout-keep-alive", "--queue-timeout"])
+def test_timeout_flags_take_positive_seconds_only(flag, capsys):
+    from flover.cli import build_parser
+
+    assert getattr(build_parser().parse_args(["serve", flag, "0.5"]), flag[2:].replace("-", "_")) == 0.5
+    for bad in ("0", "-1", "nan", "inf", "soon"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", flag, bad])
+        assert flag in capsys.readouterr().err
+
+
 def test_sigterm_lets_streams_in_flight_finish_refuses_new_ones_and_exits_0():
     drain, max_tokens = 30.0, 300
     with serve("--max-concurrency", "4", "--drain-timeout", str(drain)) as server:
