@@ -1,0 +1,186 @@
+"""The paged KV cache: blocks taken as rows grow, shared prefixes computed once, preemption.
+
+Every test holds the same contract as the slot layout: each request's greedy tokens equal
+transformers' and its solo run's, whatever runs beside it, and every block goes back.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import hf_greedy, hf_model, prompts
+
+from flover import Engine, EngineConfig, SamplingParams
+from flover.engine.block_manager import BlockAllocator
+
+
+def engine(path, **kw) -> Engine:
+    kw.setdefault("max_concurrency", 4)
+    kw.setdefault("max_seq_len", 64)
+    kw.setdefault("block_size", 8)
+    return Engine(EngineConfig(model=str(path), dtype="float32", device="cpu", kv_layout="pages",
+                               **kw))
+
+
+def greedy(n: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, **kw)
+
+
+def run(eng: Engine, work: list[tuple[int, list[int], SamplingParams]]) -> dict:
+    """Add request i at iteration work[i][0]; step until all finish. id -> final output."""
+    done, it = {}, 0
+    pending = sorted(enumerate(work), key=lambda x: x[1][0])
+    while pending or eng.has_unfinished():
+        while pending and pending[0][1][0] <= it:
+            i, (_, prompt, params) = pending.pop(0)
+            eng.add_request(f"r{i}", prompt, params)
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out
+        it += 1
+    return done
+
+
+def tokens(done: dict) -> dict:
+    return {rid: [c.token_ids for c in out.outputs] for rid, out in done.items()}
+
+
+def assert_pool_empty(eng: Engine) -> None:
+    s = eng.stats()
+    assert s["kv_blocks_used"] == 0 and s["slots_live"] == 0 and s["in_flight"] == 0
+    assert all(r == 0 for r in eng.slots.ref)
+
+
+def test_staggered_chunked_requests_equal_transformers(checkpoint):
+    ref = hf_model(checkpoint)
+    ps = prompts(6, seed=11)
+    lengths = [9, 3, 14, 6, 11, 8]
+    work = [(it, p, greedy(n)) for it, p, n in zip([0, 0, 1, 2, 4, 6], ps, lengths, strict=True)]
+    eng = engine(checkpoint, prefill_token_budget=10)  # chunks prompts across iterations
+    done = run(eng, work)
+    for i, (_, p, params) in enumerate(work):
+        assert done[f"r{i}"].outputs[0].token_ids == hf_greedy(ref, p, params.max_tokens), i
+    assert_pool_empty(eng)
+
+
+def test_pages_give_the_slot_layouts_tokens_for_samples_and_beams(llama_dir):
+    ps = prompts(4, seed=5)
+    work = [(0, ps[0], greedy(10)),
+            (1, ps[1], SamplingParams(max_tokens=9, n=3, temperature=0.9, seed=4, ignore_eos=True)),
+            (2, ps[2], greedy(8, beam_width=3)),
+            (2, ps[3], SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True,
+                                      repetition_penalty=1.4, presence_penalty=0.5))]
+    slots = Engine(EngineConfig(model=str(llama_dir), dtype="float32", device="cpu",
+                                max_concurrency=8, max_seq_len=64))
+    want = tokens(run(slots, work))
+    eng = engine(llama_dir, max_concurrency=8)
+    assert tokens(run(eng, work)) == want
+    assert_pool_empty(eng)
+
+
+def test_forks_share_their_prompt_blocks(llama_dir):
+    eng = engine(llama_dir, max_concurrency=4)
+    prompt = list(range(3, 3 + 21))  # 2 full blocks and a partial one
+    eng.add_request("n4", prompt, SamplingParams(max_tokens=5, n=4, temperature=1.0, seed=1,
+                                                 ignore_eos=True))
+    eng.step()  # the head computes the prompt; every row samples its first token from it
+    eng.step()  # each fork's first decode write copies the partial block (copy on write)
+    rows = eng.scheduler.running
+    tables = [eng.slots.table(r) for r in rows]
+    assert all(t[:2] == tables[0][:2] for t in tables)  # full prompt blocks shared
+    assert len({t[2] for t in tables}) == 4  # the partial block: one copy each
+    assert eng.stats()["kv_blocks_used"] == 2 + 4
+    list(eng.run_until_done())
+    assert_pool_empty(eng)
+
+
+def test_a_pool_too_small_for_all_preempts_the_newest_and_changes_no_token(llama_dir):
+    ps = prompts(4, seed=21, low=10, high=20)
+    work = [(i, p, greedy(24)) for i, p in enumerate(ps)]
+    work.append((1, prompts(1, seed=22)[0], greedy(8, beam_width=2)))
+    work.append((2, prompts(1, seed=23)[0],
+                 SamplingParams(max_tokens=12, n=2, temperature=1.0, seed=7, ignore_eos=True,
+                                frequency_penalty=0.5)))
+    roomy = engine(llama_dir, max_concurrency=8)
+    want = tokens(run(roomy, work))
+    assert roomy.stats()["num_preemptions"] == 0
+    tight = engine(llama_dir, max_concurrency=8, num_kv_blocks=14, enable_prefix_caching=False)
+    assert tokens(run(tight, work)) == want
+    assert tight.stats()["num_preemptions"] > 0
+    assert_pool_empty(tight)
+
+
+def test_a_shared_prefix_is_computed_once_and_changes_no_token(llama_tied_dir):
+    ref = hf_model(llama_tied_dir)
+    prefix = prompts(1, seed=3, low=30, high=31)[0]  # 3 full blocks of 8, and 6 more tokens
+    tails = prompts(3, seed=4, low=2, high=6)
+    work = [(0, prefix + tails[0], greedy(6)), (3, prefix + tails[1], greedy(6)),
+            (4, prefix + tails[2], greedy(6)), (9, prefix[:24], greedy(4))]
+    eng = engine(llama_tied_dir)
+    done = run(eng, work)
+    for i, (_, p, params) in enumerate(work):
+        assert done[f"r{i}"].outputs[0].token_ids == hf_greedy(ref, p, params.max_tokens), i
+    s = eng.stats()
+    # r1, r2 find the prefix's 3 full blocks; r3's whole prompt is 3 cached blocks, yet it
+    # computes its last block's tokens again: its last token's logits are needed
+    assert s["prefix_cache_hits"] == 3 + 3 + 2
+    assert s["prefill_tokens_saved"] == 8 * 8
+    total = sum(len(p) for _, p, _ in work)
+    assert s["prefill_tokens"] == total - 64
+    assert_pool_empty(eng)
+
+
+def test_prefix_caching_off_computes_every_prompt():
+    a = BlockAllocator(10, 4, 2, prefix_caching=False)
+    for row in ("x", "y"):
+        a.add_row(row)
+        assert a.allocate_prompts([(row, list(range(9)), True)]) == [0]
+        a.register(row, list(range(9)), 9)
+    assert a.hits == 0 and a.used == 6
+
+
+def test_unreferenced_blocks_stay_cached_and_the_least_recently_used_go_first():
+    a = BlockAllocator(6, 2, 4, prefix_caching=True)  # 5 usable blocks of 2 tokens
+    old, new = [1, 2, 3, 4, 5], [7, 8, 9]
+    for row, toks in (("old", old), ("new", new)):
+        a.add_row(row)
+        a.allocate_prompts([(row, toks, True)])
+        a.register(row, toks, len(toks))
+        a.remove_row(row)
+    assert a.used == 0 and len(a.cached) == 3  # old's 2 full blocks, new's 1
+    assert len(a.match(old)) == 2 and len(a.match(new + [0])) == 1
+    a.add_row("z")  # 3 fresh blocks: the 2 never cached, then the least recently used one
+    a.allocate_prompts([("z", [20, 21, 22, 23, 24, 25], False)])
+    assert len(a.match(old)) == 1  # old's tail went first (a row frees its tail first)
+    assert len(a.match(new + [0])) == 1  # new's block, used later, survived
+    a.remove_row("z")
+    assert a.used == 0
+
+
+def test_a_request_larger_than_the_pool_is_refused_and_others_go_on(llama_dir):
+    from flover import RequestError
+
+    eng = engine(llama_dir, num_kv_blocks=5)
+    with pytest.raises(RequestError, match="KV blocks"):
+        eng.add_request("big", list(range(3, 30)), greedy(10))
+    eng.add_request("ok", [3, 4, 5], greedy(4))
+    assert [o.finished for o in eng.run_until_done()][-1]
+    assert_pool_empty(eng)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"kv_layout": "paged"}, "kv_layout"),
+    ({"block_size": 12}, "block_size"),
+    ({"num_kv_blocks": 1}, "num_kv_blocks"),
+    ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),
+    ({"enable_prefix_caching": True}, "enable_prefix_caching"),  # with slots
+])
+def test_invalid_kv_settings_name_the_key(kwargs, message):
+    from flover.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        EngineConfig(**kwargs)
+
+
+def test_prefix_caching_is_on_by_default_with_pages_only():
+    assert EngineConfig(kv_layout="pages").enable_prefix_caching is True
+    assert EngineConfig().enable_prefix_caching is False
