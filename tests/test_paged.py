@@ -7,6 +7,7 @@ transformers' and its solo run's, whatever runs beside it, and every block goes 
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import hf_greedy, hf_model, prompts
 
 from flover import Engine, EngineConfig, SamplingParams
@@ -184,3 +185,124 @@ def test_invalid_kv_settings_name_the_key(kwargs, message):
 def test_prefix_caching_is_on_by_default_with_pages_only():
     assert EngineConfig(kv_layout="pages").enable_prefix_caching is True
     assert EngineConfig().enable_prefix_caching is False
+
+
+# --- attention over block tables ------------------------------------------------------------
+
+def scattered_cache(lengths: list[int], kv_heads: int, d: int, bs: int, dtype=torch.float32):
+    """A paged cache whose rows' blocks are scattered, and the same rows as slots."""
+    gen = torch.Generator().manual_seed(0)
+    width = -(-max(lengths) // bs)
+    n_blocks = 1 + len(lengths) * width
+    perm = (torch.randperm(n_blocks - 1, generator=gen) + 1).tolist()
+    tables = torch.tensor([perm[i * width:(i + 1) * width] for i in range(len(lengths))])
+    k_pages = torch.randn(n_blocks, kv_heads, bs, d, generator=gen).to(dtype)
+    v_pages = torch.randn(n_blocks, kv_heads, bs, d, generator=gen).to(dtype)
+    return k_pages, v_pages, tables
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (6, 2), (4, 1)])
+def test_paged_decode_reference_equals_the_slot_reference(heads, kv_heads):
+    from flover.ops.attention import (
+        decode_attention_ref,
+        gather_blocks,
+        paged_decode_attention_ref,
+    )
+
+    d, bs, lengths = 16, 4, [5, 13, 1, 9]
+    k_pages, v_pages, tables = scattered_cache(lengths, kv_heads, d, bs)
+    q = torch.randn(len(lengths), heads, d)
+    lens, max_len = torch.tensor(lengths), max(lengths)
+    got = paged_decode_attention_ref(q, k_pages, v_pages, tables, lens, max_len, 0.3)
+    k_slots, v_slots = gather_blocks(k_pages, tables, max_len), gather_blocks(v_pages, tables, max_len)
+    assert torch.equal(k_slots[1, :, 6], k_pages[tables[1, 1], :, 2])  # position 6 = block 1, 2
+    torch.testing.assert_close(got, decode_attention_ref(q, k_slots, v_slots, lens, max_len, 0.3))
+
+
+def test_paged_prefill_chunk_equals_the_slot_reference():
+    from flover.ops.attention import (
+        PrefillChunk,
+        gather_blocks,
+        paged_prefill_attention_ref,
+        prefill_attention_ref,
+    )
+
+    d, bs = 8, 4
+    k_pages, v_pages, tables = scattered_cache([14], 2, d, bs)
+    q = torch.randn(5, 4, d)
+    chunk = PrefillChunk(0, 9, 5, 0, tables[0, :4])  # positions 9..13, after a cached prefix
+    got = paged_prefill_attention_ref(q, k_pages, v_pages, chunk, 0.25)
+    want = prefill_attention_ref(q, gather_blocks(k_pages, tables, 14),
+                                 gather_blocks(v_pages, tables, 14), chunk, 0.25)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2)])
+def test_paged_triton_decode_equals_the_reference(heads, kv_heads):
+    from flover.ops.attention import paged_decode_attention_ref
+    pytest.importorskip("triton")
+    from flover.ops.paged_attention_triton import paged_decode_attention
+
+    d, bs, lengths = 16, 4, [5, 37, 1, 20]
+    k_pages, v_pages, tables = scattered_cache(lengths, kv_heads, d, bs)
+    q = torch.randn(len(lengths), heads, d)
+    lens, max_len = torch.tensor(lengths), max(lengths)
+    ref = paged_decode_attention_ref(q, k_pages, v_pages, tables, lens, max_len, 0.3)
+    got = paged_decode_attention(q, k_pages, v_pages, tables, lens, max_len, 0.3,
+                                 block_n=8, split_len=16)  # 3 splits for the longest row
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_paged_triton_decode_of_a_row_does_not_depend_on_its_neighbours():
+    """Bitwise: the KV split is fixed by position, never chosen from the batch."""
+    pytest.importorskip("triton")
+    from flover.ops.paged_attention_triton import paged_decode_attention
+
+    d, bs, lengths = 16, 4, [37, 5, 30, 12]
+    k_pages, v_pages, tables = scattered_cache(lengths, 2, d, bs)
+    q = torch.randn(len(lengths), 4, d)
+    lens = torch.tensor(lengths)
+    fused = paged_decode_attention(q, k_pages, v_pages, tables, lens, 64, 0.3, 8, 16)
+    alone = paged_decode_attention(q[:1], k_pages, v_pages, tables[:1], lens[:1], 37, 0.3, 8, 16)
+    assert torch.equal(fused[:1], alone)
+
+
+# --- the decode graphs' paged inputs ---------------------------------------------------------
+
+def test_paged_padded_decode_matches_the_plain_forward():
+    from flover.engine.cuda_graph import PagedDecodeGraphs
+    from flover.engine.kv_cache import PagedCache
+    from flover.engine.runner import ModelRunner
+    from flover.engine.scheduler import Batch
+    from flover.engine.sequence import Request, Status
+    from flover.weights import load_model
+
+    model, _ = load_model("tiny_llama", torch.float32, torch.device("cpu"), seed=1)
+    c = model.cfg
+    cache = PagedCache(c.num_layers, 40, c.num_kv_heads, 8, c.head_dim, torch.float32,
+                       torch.device("cpu"), num_slots=8, max_seq_len=64)
+    plain = ModelRunner(model, cache, cuda_graphs=False)
+    gen = torch.Generator().manual_seed(0)
+    rows, tables, free = [], {}, list(range(39, 0, -1))
+    for i, n in enumerate([5, 17, 9]):
+        r = Request(f"r{i}", torch.randint(3, 256, (n,), generator=gen).tolist(), SamplingParams())
+        r.num_computed, r.status = n, Status.DECODE
+        r.output_ids = [7 + i]
+        tables[r] = [free.pop() for _ in range(-(-(n + 1) // 8))]
+        rows.append(r)
+    from flover.engine.paged_scheduler import PagedChunk
+
+    for r in rows:  # prefill each row's prompt into its blocks
+        r.num_computed = 0
+        plain.forward_logits(Batch([], [PagedChunk(r, 0, 0, len(r.prompt_ids), True)],
+                                   block_tables=tables))
+        r.num_computed = len(r.prompt_ids)
+    batch = Batch(rows, [], rows, [0, 1, 2], decode_slots=[0, 1, 2], block_tables=tables)
+    k0, v0 = cache.k.clone(), cache.v.clone()
+    expected = plain.forward_logits(batch)
+    graphs = PagedDecodeGraphs(model, cache, capture=False)
+    assert graphs.bucket(3) == 4  # one padding row, writing into block 0
+    for _ in range(2):
+        cache.k.copy_(k0), cache.v.copy_(v0)
+        got = graphs.forward_logits(rows, tables)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
