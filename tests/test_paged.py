@@ -306,3 +306,35 @@ def test_paged_padded_decode_matches_the_plain_forward():
         cache.k.copy_(k0), cache.v.copy_(v0)
         got = graphs.forward_logits(rows, tables)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_serve_uses_pages_by_default_and_run_keeps_the_ini_slots():
+    from flover.cli import build_parser
+    from flover.run.ini import RunConfig
+
+    args = build_parser().parse_args(["serve"])
+    assert (args.kv_layout, args.block_size, args.enable_prefix_caching) == ("pages", 16, None)
+    args = build_parser().parse_args(["serve", "--kv-layout", "slots", "--no-enable-prefix-caching",
+                                      "--num-kv-blocks", "64", "--gpu-memory-utilization", "0.5"])
+    assert (args.kv_layout, args.enable_prefix_caching, args.num_kv_blocks,
+            args.gpu_memory_utilization) == ("slots", False, 64, 0.5)
+    assert RunConfig().engine_config().kv_layout == "slots"
+
+
+def test_aborting_a_preempted_request_gives_its_slots_back(llama_dir):
+    eng = engine(llama_dir, num_kv_blocks=9, enable_prefix_caching=False)
+    work = prompts(3, seed=60, low=9, high=12)
+    for i, p in enumerate(work):
+        eng.add_request(f"r{i}", p, greedy(20))
+    while not eng.stats()["num_preemptions"]:
+        eng.step()
+    preempted = [h for h in eng.scheduler.waiting if h.output_ids]
+    assert preempted
+    eng.abort(preempted[0].request_id)
+    done = {o.request_id: o for o in eng.run_until_done() if o.finished}
+    solo = engine(llama_dir)
+    for rid, out in done.items():
+        solo.add_request(rid, work[int(rid[1:])], greedy(20))
+        want = [o for o in solo.run_until_done() if o.finished][0]
+        assert out.outputs[0].token_ids == want.outputs[0].token_ids
+    assert_pool_empty(eng)
