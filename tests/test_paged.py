@@ -130,6 +130,19 @@ def test_a_shared_prefix_is_computed_once_and_changes_no_token(llama_tied_dir):
     assert_pool_empty(eng)
 
 
+def test_requests_arriving_together_wait_for_their_shared_prefix_once(llama_dir):
+    prefix = prompts(1, seed=8, low=40, high=41)[0]  # 5 full blocks of 8
+    tails = prompts(3, seed=9, low=3, high=7)
+    work = [(0, prefix + t, greedy(5)) for t in tails]
+    want = tokens(run(engine(llama_dir, enable_prefix_caching=False), work))
+    eng = engine(llama_dir)
+    assert tokens(run(eng, work)) == want
+    s = eng.stats()
+    assert s["prefix_cache_hits"] == 2 * 5  # the two later ones waited an iteration for it
+    assert s["prefill_tokens"] == sum(len(p) for _, p, _ in work) - 2 * 40
+    assert_pool_empty(eng)
+
+
 def test_prefix_caching_off_computes_every_prompt():
     a = BlockAllocator(10, 4, 2, prefix_caching=False)
     for row in ("x", "y"):

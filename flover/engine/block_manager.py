@@ -60,6 +60,7 @@ class BlockAllocator:
         self.evictable: OrderedDict[int, None] = OrderedDict()  # ref 0 but cached: LRU first
         self.free_slots = list(range(num_slots - 1, -1, -1))
         self.rows: dict[object, RowBlocks] = {}
+        self.computing: dict[int, object] = {}  # key of a full block a row is computing -> row
         self.hits = 0  # blocks found in the prefix cache
         self.tokens_saved = 0  # prompt tokens not recomputed thanks to them
         self.preemptions = 0
@@ -116,6 +117,8 @@ class BlockAllocator:
     def drop_blocks(self, row: object) -> None:
         """Give back a row's blocks and keep its slot (preemption)."""
         rb = self.rows[row]
+        if self.computing:
+            self.computing = {k: r for k, r in self.computing.items() if r is not row}
         for b in reversed(rb.table):  # the tail first: it is the least useful to keep cached
             self._decref(b)
         rb.table, rb.hashes = [], []
@@ -142,6 +145,16 @@ class BlockAllocator:
             out.append(b)
         return out
 
+    def being_computed(self, tokens: list[int]) -> bool:
+        """Whether the first full block of `tokens` missing from the cache is being computed by
+        a row now: a row with these tokens had better wait for it than compute it again."""
+        if not self.prefix_caching:
+            return False
+        for key in self._keys(tokens, (len(tokens) - 1) // self.block_size):
+            if key not in self.cached:
+                return key in self.computing
+        return False
+
     def allocate_prompts(self, work: list[tuple[object, list[int], bool]],
                          reserve: int = 0) -> list[int] | None:
         """Blocks for every (row, tokens, may_hit) at once, or None (nothing changes) when
@@ -162,6 +175,9 @@ class BlockAllocator:
             assert not rb.table
             rb.table = list(h) + [self._take() for _ in range(self.blocks_for(len(t)) - len(h))]
             rb.hashes = [self.key[b] for b in h]
+            if self.prefix_caching:
+                for key in self._keys(t, len(t) // self.block_size)[len(h):]:
+                    self.computing.setdefault(key, row)
             self.hits += len(h)
             self.tokens_saved += len(h) * self.block_size
             saved.append(len(h) * self.block_size)
@@ -177,6 +193,8 @@ class BlockAllocator:
         for i in range(len(rb.hashes), full):
             parent = block_hash(parent, tuple(tokens[i * bs:(i + 1) * bs]))
             rb.hashes.append(parent)
+            if self.computing.get(parent) is row:
+                del self.computing[parent]
             b = rb.table[i]
             if self.key[b] is None and parent not in self.cached:
                 self.key[b], self.cached[parent] = parent, b

@@ -11,7 +11,9 @@ budget, cache operations), with the memory in blocks (`flover.engine.block_manag
   them), then the request decodes on, its rows together (beams step as one).
 - A request is admitted when a row slot is free for each of its rows (`max_concurrency` caps
   the rows in flight) and the pool holds the blocks of its prompt; cached full blocks of
-  the prompt are shared and not computed again.
+  the prompt are shared and not computed again. A request whose next uncached block is being
+  computed by a running row waits for it instead of computing it too (32 requests arriving
+  together with one long shared prefix compute it once).
 """
 
 from __future__ import annotations
@@ -130,6 +132,8 @@ class PagedScheduler(Scheduler):
                 return
             own = [r for r in rows if computes_own(r)]
             work = [(r, tokens_of(r)[:target(r)], r.params.prompt_logprobs is None) for r in own]
+            if self.running and any(hit and self.blocks.being_computed(t) for _, t, hit in work):
+                return  # its prefix is being computed: it waits to share it (FIFO behind it)
             reserve = self.reserve if self.running else 0
             for r in rows:
                 if not self.blocks.has(r):
