@@ -142,6 +142,7 @@ class PagedDecodeGraphs(DecodeGraphs):
         self.static, self.host = self.flat[:6 * n].view(6, n), self.flat_host[:6 * n].view(6, n)
         self.tables = self.flat[6 * n:].view(n, w)
         self.tables_host = self.flat_host[6 * n:].view(n, w)
+        self.written: list[list[int] | None] = [None] * n  # what each table row holds now
 
     def _forward(self, size: int) -> torch.Tensor:
         st = self.static
@@ -154,15 +155,19 @@ class PagedDecodeGraphs(DecodeGraphs):
     def _fill(self, decode: list, size: int, tables: dict | None = None) -> int:
         if self.copied is not None:
             self.copied.synchronize()
-        bs, n, w = self.cache.block_size, len(decode), self.width
+        bs, n = self.cache.block_size, len(decode)
         rows = [[r.last_token, r.num_computed, r.num_computed + 1, i,
                  tables[r][r.num_computed // bs], r.num_computed % bs]
                 for i, r in enumerate(decode)]
         pad = [[0, 0, 1, 0, 0, 0]] * (size - n)
         self.host[:, :size] = torch.tensor(rows + pad, dtype=torch.long).reshape(size, 6).t()
-        self.tables_host[:size] = torch.tensor(
-            [tables[r] + [0] * (w - len(tables[r])) for r in decode] + [[0] * w] * (size - n),
-            dtype=torch.long).reshape(size, w)
+        # table rows persist in the pinned buffer: only those that changed are written. Entries
+        # past a row's length are never read; a padding row reads entry 0, any valid block.
+        for i, r in enumerate(decode):
+            t = tables[r]
+            if self.written[i] != t:
+                self.tables_host[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+                self.written[i] = list(t)
         return n
 
     def forward_logits(self, decode: list, tables: dict | None = None) -> torch.Tensor:
