@@ -351,3 +351,16 @@ def test_aborting_a_preempted_request_gives_its_slots_back(llama_dir):
         want = [o for o in solo.run_until_done() if o.finished][0]
         assert out.outputs[0].token_ids == want.outputs[0].token_ids
     assert_pool_empty(eng)
+
+
+@pytest.mark.parametrize("layout", ["slots", "pages"])
+def test_an_iteration_of_prompt_chunks_that_sample_nothing_runs(llama_dir, layout):
+    """A lone prompt longer than the token budget: its first iterations sample no row."""
+    ref = hf_model(llama_dir)
+    p = prompts(1, seed=70, low=30, high=31)[0]
+    eng = Engine(EngineConfig(model=str(llama_dir), dtype="float32", device="cpu",
+                              max_concurrency=2, max_seq_len=64, kv_layout=layout,
+                              prefill_token_budget=8))
+    done = run(eng, [(0, p, greedy(5))])
+    assert done["r0"].error is None and eng.stats()["failed_batches"] == 0
+    assert done["r0"].outputs[0].token_ids == hf_greedy(ref, p, 5)

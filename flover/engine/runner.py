@@ -177,7 +177,9 @@ class ModelRunner:
         """The forward without graphs: (logits of the rows to sample, every token's hidden state)."""
         ids, meta, rows = self.prepare(batch)
         hidden = self.model(ids, meta, self.cache.k, self.cache.v)
-        return self.model.logits(hidden[torch.tensor(rows, device=self.device)]), hidden
+        # long: a batch of prompt chunks none of which completes samples no row (rows == [])
+        rows = torch.tensor(rows, dtype=torch.long, device=self.device)
+        return self.model.logits(hidden[rows]), hidden
 
     @torch.inference_mode()
     def select(self, logits: torch.Tensor, rows: list[Request], slots: list[int],
