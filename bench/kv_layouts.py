@@ -121,6 +121,7 @@ def check_engines() -> float:
 
 
 def saturation(model, layout: str, slots: int, work, window: float) -> dict:
+    """One layout at saturation; the rows' failed batches, if any, are reported too."""
     if layout == "slots":
         eng = engine(model, max_concurrency=slots, kv_layout="slots", use_mem_shuffle=True)
     else:
@@ -146,10 +147,12 @@ def saturation(model, layout: str, slots: int, work, window: float) -> dict:
     row = {"layout": layout, "kv_bytes": kv_bytes, "steps": len(trace),
            "in_flight_mean": statistics.mean(x[1] for x in steady),
            "in_flight_peak": max(x[1] for x in trace), "tokens_per_s": (nb - na) / (tb - ta),
-           "finished": sum(h.finished for h in heads), "stats": eng.stats()}
-    print(f"saturation {layout:5s}: KV {kv_bytes / 2**30:.1f} GiB, in flight mean "
+           "finished": sum(h.finished for h in heads), "stats": eng.stats(),
+           "errors": sorted({h.error for h in heads if h.error})}
+    print(f"saturation {layout:5s} ({slots} slots' memory): KV {kv_bytes / 2**30:.1f} GiB, in flight mean "
           f"{row['in_flight_mean']:.1f} peak {row['in_flight_peak']}, "
-          f"{row['tokens_per_s']:.0f} output tokens/s, {row['finished']} finished", flush=True)
+          f"{row['tokens_per_s']:.0f} output tokens/s, {row['finished']} finished, "
+          f"{row['stats']['failed_batches']} failed batches {row['errors'][:1]}", flush=True)
     del eng, heads
     free()
     return row
@@ -222,7 +225,8 @@ def decode_steps(model, context: int, batches: list[int], iters: int, bw: float)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--slots", type=int, default=16, help="slot layout: slots of 4096")
+    ap.add_argument("--slots", default="16,8", help="slot layout: slots of 4096 (one run of "
+                    "both layouts for each count)")
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--window", type=float, default=10.0, help="seconds per layout")
     ap.add_argument("--context", type=int, default=1024)
@@ -257,19 +261,20 @@ def main() -> None:
             json.dump(result, f, indent=1, default=str)
 
     section("check", check_kernel)
-    section("saturation", lambda: [saturation(model, lay, args.slots, work, args.window)
-                                   for lay in ("slots", "pages")])
+    section("saturation", lambda: [saturation(model, lay, int(n), work, args.window)
+                                   for n in args.slots.split(",") for lay in ("slots", "pages")])
     section("prefix", lambda: [shared_prefix(model, c, cfg.vocab_size) for c in (False, True)])
     section("decode", lambda: decode_steps(model, args.context, [1, 32], args.iters, bw))
 
     print(f"\n{card}, llama_7b fp16 random weights, max_seq_len {MAX_SEQ_LEN}")
     sat = result.get("saturation")
     if isinstance(sat, list):
-        s, p = sat
-        print(f"saturation  in flight {s['in_flight_mean']:.1f} -> {p['in_flight_mean']:.1f} "
-              f"(x{p['in_flight_mean'] / s['in_flight_mean']:.2f}); tokens/s "
-              f"{s['tokens_per_s']:.0f} -> {p['tokens_per_s']:.0f} "
-              f"(x{p['tokens_per_s'] / s['tokens_per_s']:.2f})")
+        for s, p in zip(sat[::2], sat[1::2], strict=True):
+            print(f"saturation  KV {s['kv_bytes'] / 2**30:.0f} GiB: in flight "
+                  f"{s['in_flight_mean']:.1f} -> {p['in_flight_mean']:.1f} "
+                  f"(x{p['in_flight_mean'] / s['in_flight_mean']:.2f}); tokens/s "
+                  f"{s['tokens_per_s']:.0f} -> {p['tokens_per_s']:.0f} "
+                  f"(x{p['tokens_per_s'] / s['tokens_per_s']:.2f})")
     pre = result.get("prefix")
     if isinstance(pre, list):
         off, on = pre

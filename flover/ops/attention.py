@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from flover.ops import fused
 
@@ -92,15 +93,6 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
                                 gather_blocks(v_cache, tables, max_len), lengths, max_len, scale)
 
 
-def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                chunk: PrefillChunk, scale: float) -> torch.Tensor:
-    """One prompt chunk against its row's blocks, causally (as `prefill_attention_ref`)."""
-    end = chunk.start + chunk.length
-    k, v = gather_blocks(k_cache, chunk.blocks, end), gather_blocks(v_cache, chunk.blocks, end)
-    view = PrefillChunk(0, chunk.start, chunk.length, chunk.offset)
-    return prefill_attention_ref(q, k[None], v[None], view, scale)
-
-
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          lengths: torch.Tensor, max_len: int, scale: float) -> torch.Tensor:
     """q [B, H, D] against slots 0..B-1 of the cache [S, Hkv, L, D], each row up to its length."""
@@ -138,6 +130,24 @@ def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         mask = torch.arange(end, device=q.device)[None, :] <= rows
         out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale)
     return out.transpose(0, 1).to(q.dtype)
+
+
+def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                chunk: PrefillChunk, scale: float) -> torch.Tensor:
+    """One prompt chunk q [n, H, D] against its row's blocks, causally: query i sits at
+    position start + i (the causal mask aligned to the bottom right, which SDPA's fused
+    kernels take, as a chunk after a cached prefix is the common case here)."""
+    n, h, _ = q.shape
+    end = chunk.start + chunk.length
+    k, v = _expand_kv(gather_blocks(k_cache, chunk.blocks, end),
+                      gather_blocks(v_cache, chunk.blocks, end), h, dim=0)
+    qh = q.transpose(0, 1).to(k.dtype)[None]
+    if chunk.start == 0:
+        out = F.scaled_dot_product_attention(qh, k[None], v[None], is_causal=True, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(qh, k[None], v[None], scale=scale,
+                                             attn_mask=causal_lower_right(n, end))
+    return out[0].transpose(0, 1).to(q.dtype)
 
 
 def prefill_attention_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
