@@ -261,9 +261,15 @@ def test_paged_triton_decode_equals_the_reference(heads, kv_heads):
     q = torch.randn(len(lengths), heads, d)
     lens, max_len = torch.tensor(lengths), max(lengths)
     ref = paged_decode_attention_ref(q, k_pages, v_pages, tables, lens, max_len, 0.3)
-    got = paged_decode_attention(q, k_pages, v_pages, tables, lens, max_len, 0.3,
-                                 block_n=8, split_len=16)  # 3 splits for the longest row
+    got = paged_decode_attention(q, k_pages, v_pages, tables, lens, max_len, 0.3, block_n=8,
+                                 min_split=8, max_splits=3)  # 3 splits of 16 for the longest
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_the_split_length_grows_with_the_row_alone():
+    from flover.ops.paged_attention_triton import split_len
+
+    assert [split_len(n) for n in (1, 128, 1024, 1025, 4096)] == [128, 128, 128, 192, 512]
 
 
 def test_paged_triton_decode_of_a_row_does_not_depend_on_its_neighbours():
@@ -275,8 +281,8 @@ def test_paged_triton_decode_of_a_row_does_not_depend_on_its_neighbours():
     k_pages, v_pages, tables = scattered_cache(lengths, 2, d, bs)
     q = torch.randn(len(lengths), 4, d)
     lens = torch.tensor(lengths)
-    fused = paged_decode_attention(q, k_pages, v_pages, tables, lens, 64, 0.3, 8, 16)
-    alone = paged_decode_attention(q[:1], k_pages, v_pages, tables[:1], lens[:1], 37, 0.3, 8, 16)
+    fused = paged_decode_attention(q, k_pages, v_pages, tables, lens, 64, 0.3, 8, 8, 3)
+    alone = paged_decode_attention(q[:1], k_pages, v_pages, tables[:1], lens[:1], 37, 0.3, 8, 8, 3)
     assert torch.equal(fused[:1], alone)
 
 

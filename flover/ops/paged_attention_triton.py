@@ -3,15 +3,17 @@
 Same function as `flover.ops.attention.paged_decode_attention_ref`: row b reads its blocks
 `block_tables[b]` of the cache [blocks, Hkv, block_size, D], positions < lengths[b].
 Two launches, as `attention_triton`:
-1. grid (rows, kv heads, splits): split s covers positions [s * SPLIT, (s + 1) * SPLIT); each
-   program scores BLOCK_N positions at a time against every query head of its kv head's
-   group (looking each position's block up in the row's table), keeping an online softmax,
-   and writes a partial output and its log-sum-exp. Splits past a row's length stop at once.
-2. grid (rows, heads): combines the splits in split order by their log-sum-exp.
-The split length is a constant, never chosen from the batch size: a row's reduction order
-depends on its own length alone, so its output is the same whatever rows run beside it
-(issue #11's batch invariance). `max_len` only sets how many splits are launched, so a CUDA
-graph captures max_len = max_seq_len and replays with any lengths.
+1. grid (rows, kv heads, splits): a row of length L is cut into at most MAX_SPLITS splits of
+   `split_len(L)` positions (a multiple of BLOCK_N, at least MIN_SPLIT); each program scores
+   BLOCK_N positions at a time against every query head of its kv head's group (looking each
+   position's block up in the row's table), keeping an online softmax, and writes a partial
+   output and its log-sum-exp. Splits past a row's length stop at once.
+2. grid (rows, heads): combines the row's splits in split order by their log-sum-exp.
+The split length is a function of the row's own length, never of the batch: a row's
+reduction order is the same whatever rows run beside it (issue #11's batch invariance), and
+short rows still spread over several programs (B=1) while long batches launch at most
+MAX_SPLITS programs per row and kv head. `max_len` only bounds the grid, so a CUDA graph
+captures max_len = max_seq_len and replays with any lengths.
 """
 
 from __future__ import annotations
@@ -20,9 +22,15 @@ import torch
 import triton
 import triton.language as tl
 
-# positions per split: fixed, a multiple of every BLOCK_N used. Short enough that one row at a
-# context of 1,024 still spreads over 8 splits x kv heads programs (B=1 decode on an H200).
-SPLIT_LEN = 128
+MIN_SPLIT = 128  # positions: a multiple of every BLOCK_N used
+MAX_SPLITS = 8
+
+
+def split_len(length: int, block_n: int = 64, min_split: int = MIN_SPLIT,
+              max_splits: int = MAX_SPLITS) -> int:
+    """The split length of a row of `length` positions (the kernel computes the same)."""
+    per = -(-length // max_splits)
+    return max(min_split, -(-per // block_n) * block_n)
 
 
 @triton.jit
@@ -30,14 +38,15 @@ def _paged_split_kernel(Q, K, V, Tables, Lens, OutPart, LsePart,
                         sq_b, sq_h, sk_n, sk_h, sk_l, sv_n, sv_h, sv_l, st_b,
                         so_b, so_h, so_s, sl_b, sl_h, scale,
                         D: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
-                        BS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr):
+                        BS: tl.constexpr, MIN_SPLIT: tl.constexpr, MAX_SPLITS: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
     length = tl.load(Lens + b).to(tl.int32)
-    start = sp * SPLIT
-    end = tl.minimum(start + SPLIT, length)
+    split = tl.maximum(MIN_SPLIT, tl.cdiv(tl.cdiv(length, MAX_SPLITS), BLOCK_N) * BLOCK_N)
+    start = sp * split
+    end = tl.minimum(start + split, length)
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -79,14 +88,17 @@ def _paged_split_kernel(Q, K, V, Tables, Lens, OutPart, LsePart,
 
 @triton.jit
 def _combine_kernel(OutPart, LsePart, Out, Lens, so_b, so_h, so_s, sl_b, sl_h, sout_b, sout_h,
-                    D: tl.constexpr, SPLIT: tl.constexpr, BLOCK_D: tl.constexpr):
+                    D: tl.constexpr, MIN_SPLIT: tl.constexpr, MAX_SPLITS: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Splits folded one by one in split order, only those the row's length reaches: the
     same sequence of operations whatever the number of splits launched."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
     mask_d = d < D
-    used = tl.cdiv(tl.load(Lens + b).to(tl.int32), SPLIT)
+    length = tl.load(Lens + b).to(tl.int32)
+    split = tl.maximum(MIN_SPLIT, tl.cdiv(tl.cdiv(length, MAX_SPLITS), BLOCK_N) * BLOCK_N)
+    used = tl.cdiv(length, split)
     m = tl.load(LsePart + b * sl_b + h * sl_h)  # split 0 is never empty: lengths >= 1
     acc = tl.load(OutPart + b * so_b + h * so_h + d, mask=mask_d, other=0.0)
     w = 1.0
@@ -103,17 +115,18 @@ def _combine_kernel(OutPart, LsePart, Out, Lens, so_b, so_h, so_s, sl_b, sl_h, s
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, lengths: torch.Tensor, max_len: int,
-                           scale: float, block_n: int = 64, split_len: int = SPLIT_LEN) -> torch.Tensor:
+                           scale: float, block_n: int = 64, min_split: int = MIN_SPLIT,
+                           max_splits: int = MAX_SPLITS) -> torch.Tensor:
     """q [B, H, D]; row b reads blocks block_tables[b] of the cache [N, Hkv, bs, D] up to lengths[b]."""
     b, h, d = q.shape
     _, hkv, bs, _ = k_cache.shape
-    assert h % hkv == 0 and k_cache.shape[-1] == d and split_len % block_n == 0
+    assert h % hkv == 0 and k_cache.shape[-1] == d and min_split % block_n == 0
     if q.stride(-1) != 1:
         q = q.contiguous()
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache rows must be contiguous"
     assert block_tables.stride(-1) == 1
     group = h // hkv
-    splits = triton.cdiv(max_len, split_len)
+    splits = min(max_splits, triton.cdiv(max_len, min_split))  # the most any row < max_len uses
     block_d = triton.next_power_of_2(d)
     part = torch.empty((b, h, splits, d), dtype=torch.float32, device=q.device)
     lse = torch.empty((b, h, splits), dtype=torch.float32, device=q.device)
@@ -122,10 +135,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), scale,
-        D=d, G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BS=bs, SPLIT=split_len,
-        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=2)
+        D=d, G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BS=bs, MIN_SPLIT=min_split,
+        MAX_SPLITS=max_splits, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=2)
     out = torch.empty_like(q)
     _combine_kernel[(b, h)](part, lse, out, lengths, part.stride(0), part.stride(1),
                             part.stride(2), lse.stride(0), lse.stride(1), out.stride(0),
-                            out.stride(1), D=d, SPLIT=split_len, BLOCK_D=block_d, num_warps=1)
+                            out.stride(1), D=d, MIN_SPLIT=min_split, MAX_SPLITS=max_splits,
+                            BLOCK_N=block_n, BLOCK_D=block_d, num_warps=1)
     return out
