@@ -135,24 +135,35 @@ def saturation(model, layout: str, slots: int, work, window: float) -> dict:
                                                         ignore_eos=True))
              for i, (p, o) in enumerate(work)]
     t0 = time.perf_counter()
-    trace = []  # (seconds, in flight, output tokens so far)
+    trace = []  # (seconds, in flight, output tokens so far, step ms, prompt tokens in it)
     while eng.has_unfinished():
+        p0, s0 = eng.scheduler.prefill_tokens, time.perf_counter()
         eng.step()
         t = time.perf_counter() - t0
-        trace.append((t, len(eng.scheduler.running), sum(len(h.output_ids) for h in heads)))
+        trace.append((t, len(eng.scheduler.running), sum(len(h.output_ids) for h in heads),
+                      (time.perf_counter() - s0) * 1e3, eng.scheduler.prefill_tokens - p0))
         if t > window:
             break
     steady = [x for x in trace if x[0] >= window / 3]
+    pure = [x[3] for x in steady if x[4] == 0]
+    mixed = [x for x in steady if x[4] > 0]
     (ta, _, na), (tb, _, nb) = steady[0], steady[-1]
     row = {"layout": layout, "kv_bytes": kv_bytes, "steps": len(trace),
            "in_flight_mean": statistics.mean(x[1] for x in steady),
            "in_flight_peak": max(x[1] for x in trace), "tokens_per_s": (nb - na) / (tb - ta),
            "finished": sum(h.finished for h in heads), "stats": eng.stats(),
-           "errors": sorted({h.error for h in heads if h.error})}
+           "errors": sorted({h.error for h in heads if h.error}),
+           "decode_only_steps": len(pure), "decode_only_ms": statistics.mean(pure) if pure else None,
+           "mixed_steps": len(mixed),
+           "mixed_ms": statistics.mean(x[3] for x in mixed) if mixed else None,
+           "mixed_prompt_tokens": statistics.mean(x[4] for x in mixed) if mixed else None}
     print(f"saturation {layout:5s} ({slots} slots' memory): KV {kv_bytes / 2**30:.1f} GiB, in flight mean "
           f"{row['in_flight_mean']:.1f} peak {row['in_flight_peak']}, "
           f"{row['tokens_per_s']:.0f} output tokens/s, {row['finished']} finished, "
-          f"{row['stats']['failed_batches']} failed batches {row['errors'][:1]}", flush=True)
+          f"{row['stats']['failed_batches']} failed batches {row['errors'][:1]}; steady: "
+          f"{len(pure)} decode-only steps of {row['decode_only_ms'] or 0:.1f} ms, {len(mixed)} "
+          f"with prompt chunks of {row['mixed_ms'] or 0:.1f} ms "
+          f"({row['mixed_prompt_tokens'] or 0:.0f} prompt tokens)", flush=True)
     del eng, heads
     free()
     return row
