@@ -147,7 +147,7 @@ def saturation(model, layout: str, slots: int, work, window: float) -> dict:
     steady = [x for x in trace if x[0] >= window / 3]
     pure = [x[3] for x in steady if x[4] == 0]
     mixed = [x for x in steady if x[4] > 0]
-    (ta, _, na), (tb, _, nb) = steady[0], steady[-1]
+    (ta, _, na, _, _), (tb, _, nb, _, _) = steady[0], steady[-1]
     row = {"layout": layout, "kv_bytes": kv_bytes, "steps": len(trace),
            "in_flight_mean": statistics.mean(x[1] for x in steady),
            "in_flight_peak": max(x[1] for x in trace), "tokens_per_s": (nb - na) / (tb - ta),
