@@ -196,7 +196,8 @@ def shared_prefix(model, caching: bool, vocab: int) -> dict:
     return row
 
 
-def decode_steps(model, context: int, batches: list[int], iters: int, bw: float) -> list[dict]:
+def decode_steps(model, context: int, batches: list[int], iters: int, bw: float,
+                 rounds: int = 5) -> list[dict]:
     cfg = model.cfg
     most = max(batches)
     length = context + 8
@@ -211,25 +212,28 @@ def decode_steps(model, context: int, batches: list[int], iters: int, bw: float)
     perm = (torch.randperm(most * width, generator=torch.Generator().manual_seed(0)) + 1).tolist()
     wbytes = weight_bytes_read(model)
     kv_token = slot_cache.token_bytes
+    runners = {"slots": ModelRunner(model, slot_cache, cuda_graphs=True),
+               "pages": ModelRunner(model, paged, cuda_graphs=True)}
     rows = []
-    for layout, cache in (("slots", slot_cache), ("pages", paged)):
-        runner = ModelRunner(model, cache, cuda_graphs=True)
-        for b in batches:
-            batch = decode_batch(b, context)
-            if layout == "pages":
-                batch = Batch(batch.decode, [], batch.sample, batch.sample_slots,
-                              decode_slots=list(range(b)),
-                              block_tables={r: perm[i * width:(i + 1) * width]
-                                            for i, r in enumerate(batch.decode)})
-            floor = (wbytes + b * (context + 1) * kv_token) / bw * 1e3
-            ms = time_steps(runner, batch, iters)
+    for b in batches:
+        batch = decode_batch(b, context)
+        batches_of = {"slots": batch,
+                      "pages": Batch(batch.decode, [], batch.sample, batch.sample_slots,
+                                     decode_slots=list(range(b)),
+                                     block_tables={r: perm[i * width:(i + 1) * width]
+                                                   for i, r in enumerate(batch.decode)})}
+        times = {"slots": [], "pages": []}
+        for _ in range(rounds):  # interleaved: clock and thermal drift hit both alike
+            for layout, runner in runners.items():
+                times[layout].append(time_steps(runner, batches_of[layout], iters))
+        floor = (wbytes + b * (context + 1) * kv_token) / bw * 1e3
+        for layout in runners:
+            ms = statistics.median(times[layout])
             rows.append({"layout": layout, "batch": b, "context": context, "step_ms": ms,
-                         "floor_ms": floor, "over_floor": ms / floor})
-            print(f"decode {layout:5s} B={b:3d} ctx {context}: {ms:.3f} ms, floor {floor:.3f} ms,"
-                  f" x{ms / floor:.3f}", flush=True)
-        del runner
-        free()
-    del slot_cache, paged, cache
+                         "floor_ms": floor, "over_floor": ms / floor, "rounds": times[layout]})
+            print(f"decode {layout:5s} B={b:3d} ctx {context}: {ms:.3f} ms (median of {rounds} "
+                  f"rounds of {iters}), floor {floor:.3f} ms, x{ms / floor:.3f}", flush=True)
+    del runners, slot_cache, paged, c
     free()
     return rows
 
@@ -241,7 +245,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--window", type=float, default=10.0, help="seconds per layout")
     ap.add_argument("--context", type=int, default=1024)
-    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=5, help="decode: interleaved rounds per layout")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sections", default="check,saturation,prefix,decode")
     ap.add_argument("--out", default="kv_layouts.json")
@@ -275,7 +280,8 @@ def main() -> None:
     section("saturation", lambda: [saturation(model, lay, int(n), work, args.window)
                                    for n in args.slots.split(",") for lay in ("slots", "pages")])
     section("prefix", lambda: [shared_prefix(model, c, cfg.vocab_size) for c in (False, True)])
-    section("decode", lambda: decode_steps(model, args.context, [1, 32], args.iters, bw))
+    section("decode", lambda: decode_steps(model, args.context, [1, 32], args.iters, bw,
+                                           args.rounds))
 
     print(f"\n{card}, llama_7b fp16 random weights, max_seq_len {MAX_SEQ_LEN}")
     sat = result.get("saturation")
