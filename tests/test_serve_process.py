@@ -408,7 +408,8 @@ def test_limits_overload_queue_timeout_and_metrics_of_the_real_process():
 
 
 def test_connections_that_send_nothing_or_half_a_request_are_closed_but_requests_are_not_cut():
-    with serve("--timeout-keep-alive", "1", "--drain-timeout", "1") as server:
+    # 0.5 s: 500 tokens of tiny_llama take about 1 s on an idle CPU, must outlast the timeout
+    with serve("--timeout-keep-alive", "0.5", "--drain-timeout", "1") as server:
         port = int(server.url.rsplit(":", 1)[1])
         for payload in (b"", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"):
             with socket.create_connection(("127.0.0.1", port)) as s:
@@ -418,8 +419,8 @@ def test_connections_that_send_nothing_or_half_a_request_are_closed_but_requests
                 assert s.recv(100) == b""  # closed by the server, not by our timeout
                 assert time.monotonic() - t0 < 5
         started = time.monotonic()
-        long = Stream(server.url, stream_body(500)).start().join()  # a silent client, 1 s +
+        long = Stream(server.url, stream_body(500)).start().join()  # a silent client, 0.5 s +
         assert long.finish_reason == "length" and len(long.token_ids) == 500
-        assert long.ended_at - started > 1, "the stream was too short to test the timeout"
+        assert long.ended_at - started > 0.5, "the stream was too short to test the timeout"
         rc, _ = server.stop(1)
         assert rc == 0

@@ -110,6 +110,10 @@ class Engine:
                        + cfg.max_concurrency * mc.vocab_size * 16 + (1 << 30))
         room = int(total * cfg.gpu_memory_utilization) - (total - free) - activations
         blocks = room // block_bytes
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            t = torch.tensor([blocks], device=self.device)  # every rank the same pool
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+            blocks = int(t.item())
         if blocks < per_row + 1:
             raise ConfigError(f"gpu_memory_utilization={cfg.gpu_memory_utilization} leaves room "
                               f"for {max(blocks, 0)} KV blocks; one max_seq_len row needs "

@@ -57,7 +57,7 @@ class ModelRunner:
             slots = batch.decode_slots or range(len(batch.decode))  # slot layout: row i is slot i
             fed = [(s, r.last_token) for s, r in zip(slots, batch.decode, strict=True)
                    if r is not None and penalties.uses_counts(r)]
-            self.counts.add([i for i, _ in fed], [t for _, t in fed])  # decode row i is slot i
+            self.counts.add([i for i, _ in fed], [t for _, t in fed])
         if any(c.row.params.prompt_logprobs is not None for c in batch.prefill):
             logits, hidden = self._eager(batch)
             entries, failed = self.prompt_logprobs(batch, hidden)
