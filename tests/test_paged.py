@@ -18,8 +18,8 @@ def engine(path, **kw) -> Engine:
     kw.setdefault("max_concurrency", 4)
     kw.setdefault("max_seq_len", 64)
     kw.setdefault("block_size", 8)
-    return Engine(EngineConfig(model=str(path), dtype="float32", device="cpu", kv_layout="pages",
-                               **kw))
+    kw.setdefault("kv_layout", "pages")
+    return Engine(EngineConfig(model=str(path), dtype="float32", device="cpu", **kw))
 
 
 def greedy(n: int, **kw) -> SamplingParams:
@@ -370,3 +370,23 @@ def test_an_iteration_of_prompt_chunks_that_sample_nothing_runs(llama_dir, layou
     done = run(eng, [(0, p, greedy(5))])
     assert done["r0"].error is None and eng.stats()["failed_batches"] == 0
     assert done["r0"].outputs[0].token_ids == hf_greedy(ref, p, 5)
+
+
+def test_prompt_logprobs_survive_preemption_and_skip_the_prefix_cache(llama_dir):
+    shared = prompts(1, seed=80, low=16, high=17)[0]  # 2 full blocks of 8
+    asks = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, prompt_logprobs=2)
+    work = [(0, shared + [5, 6], greedy(20)), (1, shared + [7, 8, 9], asks),
+            (1, prompts(1, seed=81, low=12, high=13)[0], greedy(20))]
+
+    def logprobs(eng):
+        done = run(eng, work)
+        return tokens(done), done["r1"].prompt_logprobs
+
+    want = logprobs(engine(llama_dir, max_concurrency=4, kv_layout="slots"))
+    roomy = engine(llama_dir, max_concurrency=4)
+    assert logprobs(roomy) == want
+    assert roomy.stats()["prefix_cache_hits"] == 0  # r1 computes its whole prompt for them
+    tight = engine(llama_dir, max_concurrency=4, num_kv_blocks=10)
+    assert logprobs(tight) == want
+    assert tight.stats()["num_preemptions"] > 0
+    assert_pool_empty(tight)
