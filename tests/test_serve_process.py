@@ -238,13 +238,13 @@ def test_sigterm_lets_streams_in_flight_finish_refuses_new_ones_and_exits_0():
 
 
 def test_a_short_drain_timeout_cuts_streams_off_with_an_error_event_and_exits_0():
-    drain = 0.5  # the streams below need seconds
+    drain = 0.25  # the calls below need more: ~500 tokens take 0.6 s or more on an idle CPU
     with serve("--max-concurrency", "8", "--drain-timeout", str(drain)) as server:
         streams = start_streams(server.url, 4, MAX_SEQ_LEN - len(PROMPT) - 8)
         with ThreadPoolExecutor(1) as pool:  # and a non-streamed call in flight
             blocking = pool.submit(httpx.post, f"{server.url}/v1/completions", timeout=TIMEOUT,
                                    json={**stream_body(400), "stream": False})
-            time.sleep(0.2)
+            time.sleep(0.1)
             rc, took = server.stop(drain)
             shutting_down(blocking.result())
         assert rc == 0, server.output()
