@@ -96,7 +96,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from flover import Engine, EngineConfig
 
     eng = Engine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
-                              max_concurrency=args.max_concurrency, max_seq_len=args.max_seq_len))
+                              max_concurrency=args.max_concurrency, max_seq_len=args.max_seq_len,
+                              kv_layout=args.kv_layout, block_size=args.block_size,
+                              num_kv_blocks=args.num_kv_blocks,
+                              gpu_memory_utilization=args.gpu_memory_utilization,
+                              enable_prefix_caching=args.enable_prefix_caching))
     app = create_app(eng, args.served_model_name, max_body_bytes=args.max_body_bytes,
                      max_prompts_per_request=args.max_prompts_per_request,
                      max_prompt_chars=args.max_prompt_chars, max_waiting=args.max_waiting,
@@ -216,8 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the preset's name, or the checkpoint's folder or file name)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--max-concurrency", type=int, default=8, help="KV slots: requests in flight")
-    s.add_argument("--max-seq-len", type=int, default=2048, help="slot length: prompt + output")
+    s.add_argument("--max-concurrency", type=int, default=8, help="rows in flight at most")
+    s.add_argument("--max-seq-len", type=int, default=2048, help="longest prompt + output")
+    s.add_argument("--kv-layout", choices=["pages", "slots"], default="pages", help="pages: "
+                   "a pool of KV blocks taken as requests grow, shared prefixes cached; slots: "
+                   "one max-seq-len slot per request (the original's)")
+    s.add_argument("--block-size", type=int, default=16, help="positions per KV block (pages)")
+    s.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks in the pool "
+                   "(default: from --gpu-memory-utilization on a GPU, the slots' memory on a CPU)")
+    s.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of the "
+                   "GPU's memory the engine may use, weights and KV pool together (pages)")
+    s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=None, help="reuse the KV blocks of shared prompt prefixes "
+                   "(default: on with pages)")
     s.add_argument("--dtype", default="auto")
     s.add_argument("--device", default="auto")
     s.add_argument("--log-level", default="info",

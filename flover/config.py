@@ -237,6 +237,13 @@ class EngineConfig:
     seed: int = 0
     tensor_para_size: int = 1
     cuda_graphs: bool = True  # replay pure-decode iterations as CUDA graphs (GPU only)
+    # "slots": one max_seq_len slot per row, the memory shuffle (the original's); "pages": a
+    # pool of blocks of block_size positions that rows take as they grow (vLLM's names below)
+    kv_layout: str = "slots"
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: from gpu_memory_utilization (GPU), slots' memory (CPU)
+    gpu_memory_utilization: float = 0.9  # share of the GPU's memory the engine may use in all
+    enable_prefix_caching: bool | None = None  # None: on with pages
 
     def __post_init__(self) -> None:
         _check(isinstance(self.max_concurrency, int) and self.max_concurrency >= 1,
@@ -249,3 +256,17 @@ class EngineConfig:
                "tensor_para_size", self.tensor_para_size, "must be an integer >= 1")
         if self.dtype != "auto":
             self.dtype = canonical_dtype(self.dtype)
+        _check(self.kv_layout in ("slots", "pages"), "kv_layout", self.kv_layout,
+               "expected 'slots' or 'pages'")
+        _check(_is_int(self.block_size) and self.block_size in (8, 16, 32, 64, 128), "block_size",
+               self.block_size, "must be one of 8, 16, 32, 64, 128")
+        _check(self.num_kv_blocks is None or _int_in(self.num_kv_blocks, 2), "num_kv_blocks",
+               self.num_kv_blocks, "must be None or an integer >= 2 (block 0 is reserved)")
+        _check(_is_real(self.gpu_memory_utilization) and 0.0 < self.gpu_memory_utilization <= 1.0,
+               "gpu_memory_utilization", self.gpu_memory_utilization, "must be in (0, 1]")
+        _check(self.enable_prefix_caching in (None, True, False), "enable_prefix_caching",
+               self.enable_prefix_caching, "must be None, True or False")
+        if self.enable_prefix_caching is None:
+            self.enable_prefix_caching = self.kv_layout == "pages"
+        _check(not self.enable_prefix_caching or self.kv_layout == "pages",
+               "enable_prefix_caching", self.enable_prefix_caching, "needs kv_layout='pages'")

@@ -49,7 +49,8 @@ BYSTANDERS = [
 ]
 
 
-_SOLO: dict = {}
+_SOLO: dict = {}  # solo runs use the slot layout: the paged runs' bystanders must equal them
+LAYOUTS = ["slots", "pages"]
 
 
 def solo(tiny, prompt, params) -> list:
@@ -89,6 +90,7 @@ def assert_isolated(tiny, done, eng, message):
         assert done[name].error is None and got == solo(tiny, p, params), name
     stats = eng.stats()
     assert stats["slots_used"] == 0 and stats["in_flight"] == 0 and stats["waiting"] == 0
+    assert stats.get("kv_blocks_used", 0) == 0  # the paged layout's pool is whole again
     assert not eng.requests
     # the engine goes on: a new request after the fault is exact too
     name, p, params = BYSTANDERS[0]
@@ -123,11 +125,12 @@ BAD = SamplingParams(max_tokens=10, temperature=0.8, seed=3, ignore_eos=True, re
     (outputs, "detokenize", 1),
 ])
 @pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_fault_in_a_per_request_stage_fails_that_request_alone(tiny, monkeypatch, module, stage,
-                                                                  args_row, n):
+                                                                  args_row, n, layout):
     monkeypatch.setattr(module, stage, faulty(module, stage, lambda a: is_bad(a[args_row])))
     params = replace(BAD, n=n)
-    done, eng = run_with(tiny, prompts(1, seed=40)[0], params)
+    done, eng = run_with(tiny, prompts(1, seed=40)[0], params, kv_layout=layout)
     assert_isolated(tiny, done, eng, f"injected fault in {stage}")
 
 
@@ -158,11 +161,12 @@ def test_a_fault_in_a_stop_string_check_fails_that_request_alone(tiny, monkeypat
     assert_isolated(tiny, done, eng, "injected fault in find")
 
 
-def test_a_fault_in_a_beam_step_fails_that_beam_search_alone(tiny, monkeypatch):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_fault_in_a_beam_step_fails_that_beam_search_alone(tiny, monkeypatch, layout):
     monkeypatch.setattr(runner, "beam_step", faulty(runner, "beam_step", lambda a: is_bad(a[0].rows[0])))
     beam_ok = ("beams", prompts(1, seed=43)[0], SamplingParams(max_tokens=6, beam_width=2))
     done, eng = run_with(tiny, prompts(1, seed=44)[0], SamplingParams(max_tokens=6, beam_width=3),
-                         extra=[beam_ok], max_concurrency=12)
+                         extra=[beam_ok], max_concurrency=12, kv_layout=layout)
     assert [c.token_ids for c in done["beams"].outputs] == [t for t, _ in solo(tiny, *beam_ok[1:])]
     assert_isolated(tiny, done, eng, "injected fault in beam_step")
 
@@ -179,8 +183,10 @@ def test_a_fault_assembling_one_output_fails_that_request_alone(tiny, monkeypatc
     assert_isolated(tiny, done, eng, "injected fault in _completion")
 
 
-def test_a_failed_forward_fails_its_batch_frees_the_slots_and_the_engine_goes_on(tiny, monkeypatch):
-    eng = engine(tiny, max_concurrency=2)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_failed_forward_fails_its_batch_frees_the_slots_and_the_engine_goes_on(tiny, monkeypatch,
+                                                                                 layout):
+    eng = engine(tiny, max_concurrency=2, kv_layout=layout)
     name, p, params = BYSTANDERS[0]
     eng.add_request("a", p, params)
     eng.add_request("b", prompts(1, seed=46)[0], params)
@@ -201,7 +207,7 @@ def test_a_failed_forward_fails_its_batch_frees_the_slots_and_the_engine_goes_on
     assert eng.stats()["failed_batches"] == 1 and eng.stats()["in_flight"] == 0
     done = {o.request_id: o for o in eng.run_until_done() if o.finished}
     assert [(c.token_ids, c.text) for c in done["waiting"].outputs] == solo(tiny, p, params)
-    assert eng.stats()["slots_used"] == 0
+    assert eng.stats()["slots_used"] == 0 and eng.stats().get("kv_blocks_used", 0) == 0
 
 
 def test_a_generator_that_cannot_be_seeded_refuses_the_request_at_add(tiny, monkeypatch):
@@ -362,7 +368,9 @@ def test_detokenisation_per_step_does_not_grow_with_the_output(tiny):
     assert counting.longest <= 16
 
 
-def test_a_fault_in_prompt_logprobs_fails_that_request_alone_even_mid_prompt(tiny, monkeypatch):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_fault_in_prompt_logprobs_fails_that_request_alone_even_mid_prompt(tiny, monkeypatch,
+                                                                             layout):
     real = runner.ModelRunner._chunk_logprobs
 
     def chunk_logprobs(self, hidden, offset, start, end, prompt, k, slice_len=256):
@@ -371,5 +379,6 @@ def test_a_fault_in_prompt_logprobs_fails_that_request_alone_even_mid_prompt(tin
         return real(self, hidden, offset, start, end, prompt, k, slice_len)
     monkeypatch.setattr(runner.ModelRunner, "_chunk_logprobs", chunk_logprobs)
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, prompt_logprobs=1)
-    done, eng = run_with(tiny, list(range(3, 40)), params, prefill_token_budget=24)
+    done, eng = run_with(tiny, list(range(3, 40)), params, prefill_token_budget=24,
+                         kv_layout=layout)
     assert_isolated(tiny, done, eng, "injected fault in _chunk_logprobs")

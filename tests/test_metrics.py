@@ -121,3 +121,20 @@ def test_metrics_stay_open_under_an_api_key():
         assert httpx.get(f"{url}/v1/models", timeout=TIMEOUT).status_code == 401
         samples = scrape(url)  # no key: still answered (a second app in the process, too)
         assert value(samples, "vllm:request_success_total", finished_reason="stop") == 0
+
+
+def test_paged_engines_export_block_usage_prefix_hits_and_preemptions():
+    from flover import Engine, EngineConfig
+
+    eng = Engine(EngineConfig(model="tiny_llama", device="cpu", max_concurrency=4, max_seq_len=512,
+                              kv_layout="pages", block_size=8))
+    prompt = list(range(3, 40))  # 4 full blocks of 8, and 5 more tokens
+    with serving(eng) as url:
+        assert value(scrape(url), "vllm:prefix_cache_hits_total") == 0
+        for _ in range(2):
+            post(url, "/v1/completions", {"prompt": prompt, "max_tokens": 2, "temperature": 0})
+        wait_idle(url)
+        samples = scrape(url)
+        assert value(samples, "vllm:prefix_cache_hits_total") == 4 * 8  # the second one's
+        assert value(samples, "vllm:num_preemptions_total") == 0
+        assert value(samples, "vllm:kv_cache_usage_perc") == 0  # cached blocks are free to take

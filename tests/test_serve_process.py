@@ -238,13 +238,13 @@ def test_sigterm_lets_streams_in_flight_finish_refuses_new_ones_and_exits_0():
 
 
 def test_a_short_drain_timeout_cuts_streams_off_with_an_error_event_and_exits_0():
-    drain = 0.5  # the streams below need seconds
+    drain = 0.25  # the calls below need more: ~500 tokens take 0.6 s or more on an idle CPU
     with serve("--max-concurrency", "8", "--drain-timeout", str(drain)) as server:
         streams = start_streams(server.url, 4, MAX_SEQ_LEN - len(PROMPT) - 8)
         with ThreadPoolExecutor(1) as pool:  # and a non-streamed call in flight
             blocking = pool.submit(httpx.post, f"{server.url}/v1/completions", timeout=TIMEOUT,
                                    json={**stream_body(400), "stream": False})
-            time.sleep(0.2)
+            time.sleep(0.1)
             rc, took = server.stop(drain)
             shutting_down(blocking.result())
         assert rc == 0, server.output()
@@ -408,7 +408,8 @@ def test_limits_overload_queue_timeout_and_metrics_of_the_real_process():
 
 
 def test_connections_that_send_nothing_or_half_a_request_are_closed_but_requests_are_not_cut():
-    with serve("--timeout-keep-alive", "1", "--drain-timeout", "1") as server:
+    # 0.5 s: 500 tokens of tiny_llama take about 1 s on an idle CPU, must outlast the timeout
+    with serve("--timeout-keep-alive", "0.5", "--drain-timeout", "1") as server:
         port = int(server.url.rsplit(":", 1)[1])
         for payload in (b"", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"):
             with socket.create_connection(("127.0.0.1", port)) as s:
@@ -418,8 +419,8 @@ def test_connections_that_send_nothing_or_half_a_request_are_closed_but_requests
                 assert s.recv(100) == b""  # closed by the server, not by our timeout
                 assert time.monotonic() - t0 < 5
         started = time.monotonic()
-        long = Stream(server.url, stream_body(500)).start().join()  # a silent client, 1 s +
+        long = Stream(server.url, stream_body(500)).start().join()  # a silent client, 0.5 s +
         assert long.finish_reason == "length" and len(long.token_ids) == 500
-        assert long.ended_at - started > 1, "the stream was too short to test the timeout"
+        assert long.ended_at - started > 0.5, "the stream was too short to test the timeout"
         rc, _ = server.stop(1)
         assert rc == 0

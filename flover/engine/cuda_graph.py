@@ -20,7 +20,7 @@ import threading
 import torch
 from torch import nn
 
-from flover.engine.kv_cache import SlotCache
+from flover.engine.kv_cache import PagedCache, SlotCache
 from flover.ops.attention import AttentionMetadata
 
 # Captures share torch's default capture stream, and a capture in global mode forbids other
@@ -121,3 +121,65 @@ class DecodeGraphs:
         else:
             logits = self._forward(size)
         return logits.index_select(0, self.static[3, :live])
+
+
+class PagedDecodeGraphs(DecodeGraphs):
+    """The same for the paged layout: the block table is one more static input.
+
+    Decode rows are dense (row i is the i-th generating row); rows n.. of a bucket are padding
+    rows whose table is all block 0, the block no request holds: they write there and read
+    only it. Per-iteration inputs (ids, positions, lengths, rows to keep, the block and the
+    offset each row writes, then the tables) go in one host-to-device copy.
+    """
+
+    def __init__(self, model: nn.Module, cache: PagedCache, capture: bool = True) -> None:
+        self.width = -(-cache.max_seq_len // cache.block_size)  # blocks of a full-length row
+        super().__init__(model, cache, capture)
+        n, dev, w = cache.num_slots, cache.k.device, self.width
+        # one buffer: 6 rows of n inputs, then the tables [n, width] (each row's contiguous)
+        self.flat = torch.zeros(6 * n + n * w, dtype=torch.long, device=dev)
+        self.flat_host = torch.zeros(6 * n + n * w, dtype=torch.long, pin_memory=capture)
+        self.static, self.host = self.flat[:6 * n].view(6, n), self.flat_host[:6 * n].view(6, n)
+        self.tables = self.flat[6 * n:].view(n, w)
+        self.tables_host = self.flat_host[6 * n:].view(n, w)
+        self.written: list[list[int] | None] = [None] * n  # what each table row holds now
+
+    def _forward(self, size: int) -> torch.Tensor:
+        st = self.static
+        meta = AttentionMetadata(slot_ids=st[4, :size], positions=st[1, :size], num_decode=size,
+                                 decode_lengths=st[2, :size], decode_max_len=self.cache.max_seq_len,
+                                 prefills=[], write_offsets=st[5, :size],
+                                 block_tables=self.tables[:size])
+        return self.model.logits(self.model(st[0, :size], meta, self.cache.k, self.cache.v))
+
+    def _fill(self, decode: list, size: int, tables: dict | None = None) -> int:
+        if self.copied is not None:
+            self.copied.synchronize()
+        bs, n = self.cache.block_size, len(decode)
+        rows = [[r.last_token, r.num_computed, r.num_computed + 1, i,
+                 tables[r][r.num_computed // bs], r.num_computed % bs]
+                for i, r in enumerate(decode)]
+        pad = [[0, 0, 1, 0, 0, 0]] * (size - n)
+        self.host[:, :size] = torch.tensor(rows + pad, dtype=torch.long).reshape(size, 6).t()
+        # table rows persist in the pinned buffer: only those that changed are written. Entries
+        # past a row's length are never read; a padding row reads entry 0, any valid block.
+        for i, r in enumerate(decode):
+            t = tables[r]
+            if self.written[i] != t:
+                self.tables_host[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+                self.written[i] = list(t)
+        return n
+
+    def forward_logits(self, decode: list, tables: dict | None = None) -> torch.Tensor:
+        """decode: the generating rows, dense; tables: each row's blocks. Logits [rows, vocab]."""
+        size = self.bucket(len(decode))
+        live = self._fill(decode, size, tables)
+        self.flat.copy_(self.flat_host, non_blocking=True)
+        if self.capture:
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+            graph, logits = self.graphs[size]
+            graph.replay()
+        else:
+            logits = self._forward(size)
+        return logits[:live].clone()  # the graph's output is overwritten by the next replay

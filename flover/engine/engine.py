@@ -19,8 +19,10 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from flover.config import ConfigError, EngineConfig, SamplingParams, canonical_dtype
-from flover.engine.kv_cache import SlotAllocator, SlotCache
+from flover.engine.block_manager import BlockAllocator
+from flover.engine.kv_cache import PagedCache, SlotAllocator, SlotCache
 from flover.engine.outputs import OutputProcessor, RequestOutput
+from flover.engine.paged_scheduler import PagedScheduler
 from flover.engine.runner import ModelRunner
 from flover.engine.scheduler import Scheduler
 from flover.engine.sequence import Request, new_request
@@ -71,16 +73,52 @@ class Engine:
             raise ConfigError(f"max_seq_len={cfg.max_seq_len} is invalid: the model supports "
                               f"at most {mc.max_position} positions")
         self.eos_token_ids = list(mc.eos_token_ids) or (tokenizer.eos_token_ids if tokenizer else [])
-        self.slots = SlotAllocator(cfg.max_concurrency, cfg.use_mem_shuffle)
-        self.cache = SlotCache(mc.num_layers, cfg.max_concurrency, mc.num_kv_heads,
-                               cfg.max_seq_len, mc.head_dim, self.dtype, self.device)
-        self.scheduler = Scheduler(self.slots, cfg.prefill_token_budget)
+        if cfg.kv_layout == "pages":
+            blocks = cfg.num_kv_blocks or self._pool_blocks()
+            self.slots = BlockAllocator(blocks, cfg.block_size, cfg.max_concurrency,
+                                        cfg.enable_prefix_caching)
+            self.cache = PagedCache(mc.num_layers, blocks, mc.num_kv_heads, cfg.block_size,
+                                    mc.head_dim, self.dtype, self.device, cfg.max_concurrency,
+                                    cfg.max_seq_len)
+            self.scheduler = PagedScheduler(self.slots, cfg.prefill_token_budget)
+        else:
+            self.slots = SlotAllocator(cfg.max_concurrency, cfg.use_mem_shuffle)
+            self.cache = SlotCache(mc.num_layers, cfg.max_concurrency, mc.num_kv_heads,
+                                   cfg.max_seq_len, mc.head_dim, self.dtype, self.device)
+            self.scheduler = Scheduler(self.slots, cfg.prefill_token_budget)
         # no CUDA graphs around the all-reduces yet: tensor parallelism runs eagerly
         self.runner = ModelRunner(model, self.cache, self.eos_token_ids, cfg.seed,
                                   cuda_graphs=cfg.cuda_graphs and tp == 1)
         self.outputs = OutputProcessor(tokenizer)
         self.requests: dict[str, Request] = {}  # unfinished requests by id (their head rows)
         self.failed_batches = 0
+
+    def _pool_blocks(self) -> int:
+        """The paged pool's size: on a GPU, what `gpu_memory_utilization` of its memory leaves
+        after the weights and a margin for activations; on the CPU, the slot layout's memory.
+        Never more than every row at max_seq_len needs (plus the reserved block 0)."""
+        cfg, mc = self.config, self.model.cfg
+        per_row = -(-cfg.max_seq_len // cfg.block_size)
+        most = cfg.max_concurrency * per_row + 1
+        if self.device.type != "cuda":
+            return most
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        block_bytes = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * cfg.block_size * elem
+        free, total = torch.cuda.mem_get_info(self.device)
+        tokens = max(cfg.prefill_token_budget, cfg.max_concurrency)
+        activations = (tokens * (6 * mc.hidden_size + 3 * mc.intermediate_size) * 4
+                       + cfg.max_concurrency * mc.vocab_size * 16 + (1 << 30))
+        room = int(total * cfg.gpu_memory_utilization) - (total - free) - activations
+        blocks = room // block_bytes
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            t = torch.tensor([blocks], device=self.device)  # every rank the same pool
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+            blocks = int(t.item())
+        if blocks < per_row + 1:
+            raise ConfigError(f"gpu_memory_utilization={cfg.gpu_memory_utilization} leaves room "
+                              f"for {max(blocks, 0)} KV blocks; one max_seq_len row needs "
+                              f"{per_row + 1}")
+        return min(blocks, most)
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -143,6 +181,12 @@ class Engine:
         if rows > self.slots.num_slots:
             raise RequestError(f"request {rid!r}: {rows} rows (n or beam_width) do not fit "
                                f"max_concurrency={self.slots.num_slots} slots")
+        if isinstance(self.slots, BlockAllocator):  # it must fit the pool alone, at its longest
+            need = rows * self.slots.blocks_for(len(ids) + params.max_tokens)
+            if need > self.slots.num_blocks - 1:
+                raise RequestError(f"request {rid!r}: {rows} rows of up to "
+                                   f"{len(ids) + params.max_tokens} tokens need {need} KV blocks; "
+                                   f"the pool has {self.slots.num_blocks - 1}")
 
     def abort(self, request_id: str) -> None:
         """Finish a request now and free its slots; unknown or finished ids are ignored."""
@@ -230,6 +274,17 @@ class Engine:
 
     def stats(self) -> dict:
         s, slots = self.scheduler, self.slots
+        if isinstance(slots, BlockAllocator):
+            return {
+                "in_flight": len(s.running), "waiting": sum(len(h.rows) for h in s.waiting),
+                "slots_used": slots.live, "slots_live": slots.live,
+                "max_concurrency": slots.num_slots, "shuffle_moves": 0, "shuffle_bytes": 0,
+                "iterations": s.iterations, "prefill_tokens": s.prefill_tokens,
+                "decode_rows": s.decode_rows, "failed_batches": self.failed_batches,
+                "kv_blocks": slots.num_blocks - 1, "kv_blocks_used": slots.used,
+                "prefix_cache_hits": slots.hits, "prefill_tokens_saved": slots.tokens_saved,
+                "num_preemptions": slots.preemptions,
+            }
         return {
             "in_flight": len(s.running), "waiting": sum(len(h.rows) for h in s.waiting),
             "slots_used": slots.size, "slots_live": slots.live,

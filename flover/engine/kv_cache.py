@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from flover.engine.block_manager import CopyBlocks
+
 
 @dataclass(frozen=True, slots=True)
 class CopyPrefix:
@@ -46,7 +48,7 @@ class Move:
     tokens: int
 
 
-CacheOp = CopyPrefix | Reorder | Move
+CacheOp = CopyPrefix | Reorder | Move | CopyBlocks
 
 
 class SlotAllocator:
@@ -119,3 +121,27 @@ class SlotCache:
         n = op.tokens
         self.k[:, dst, :, :n] = self.k[:, src, :, :n]
         self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+
+
+class PagedCache:
+    """The paged layout's K and V tensors: [layers, blocks, kv heads, block_size, head_dim] each
+    (`flover.engine.block_manager` decides who holds which block). `num_slots` is the number
+    of rows in flight (the sampler's per-row state)."""
+
+    def __init__(self, num_layers: int, num_blocks: int, num_kv_heads: int, block_size: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device, num_slots: int,
+                 max_seq_len: int) -> None:
+        shape = (num_layers, num_blocks, num_kv_heads, block_size, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.num_slots, self.max_seq_len = num_slots, max_seq_len
+        self.token_bytes = 2 * num_layers * num_kv_heads * head_dim * self.k.element_size()
+
+    def apply(self, op: CacheOp) -> None:
+        """Copies on write; a beam `Reorder` moves block tables only (nothing to copy here)."""
+        if isinstance(op, CopyBlocks):
+            src = torch.tensor(op.src, device=self.k.device)
+            dst = torch.tensor(op.dst, device=self.k.device)
+            self.k[:, dst] = self.k[:, src]
+            self.v[:, dst] = self.v[:, src]

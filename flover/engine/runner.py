@@ -21,8 +21,8 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from flover.engine.cuda_graph import DecodeGraphs
-from flover.engine.kv_cache import SlotCache
+from flover.engine.cuda_graph import DecodeGraphs, PagedDecodeGraphs
+from flover.engine.kv_cache import PagedCache, SlotCache
 from flover.engine.scheduler import Batch, StepResult
 from flover.engine.sequence import Group, Request
 from flover.ops.attention import AttentionMetadata, PrefillChunk
@@ -32,7 +32,7 @@ T = TypeVar("T")
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, cache: SlotCache, eos_ids: list[int] | None = None,
+    def __init__(self, model: nn.Module, cache: SlotCache | PagedCache, eos_ids: list[int] | None = None,
                  seed: int = 0, cuda_graphs: bool = True) -> None:
         self.model, self.cache, self.eos_ids = model, cache, list(eos_ids or [])
         self.device = cache.k.device
@@ -41,7 +41,9 @@ class ModelRunner:
         self.counts = penalties.TokenCounts(cache.num_slots, self.vocab, self.device)
         # pure-decode iterations replay a captured graph on the GPU (flover.engine.cuda_graph)
         use_graphs = cuda_graphs and self.device.type == "cuda"
-        self.graphs = DecodeGraphs(model, cache) if use_graphs else None
+        self.paged = isinstance(cache, PagedCache)
+        graphs = PagedDecodeGraphs if self.paged else DecodeGraphs
+        self.graphs = graphs(model, cache) if use_graphs else None
         if self.graphs is not None:
             self.graphs.capture_all()
 
@@ -52,9 +54,10 @@ class ModelRunner:
             self.cache.apply(op)
             self.counts.apply(op)
         if self.counts.output is not None:  # some request has used penalties
-            fed = [(i, r.last_token) for i, r in enumerate(batch.decode)
+            slots = batch.decode_slots or range(len(batch.decode))  # slot layout: row i is slot i
+            fed = [(s, r.last_token) for s, r in zip(slots, batch.decode, strict=True)
                    if r is not None and penalties.uses_counts(r)]
-            self.counts.add([i for i, _ in fed], [t for _, t in fed])  # decode row i is slot i
+            self.counts.add([i for i, _ in fed], [t for _, t in fed])
         if any(c.row.params.prompt_logprobs is not None for c in batch.prefill):
             logits, hidden = self._eager(batch)
             entries, failed = self.prompt_logprobs(batch, hidden)
@@ -100,6 +103,8 @@ class ModelRunner:
 
     def prepare(self, batch: Batch) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
         """input ids, attention metadata, and the flat index of each row to sample."""
+        if self.paged:
+            return self.prepare_paged(batch)
         pad_pos = self.cache.max_seq_len - 1
         ids, slots, pos, lengths, logit_rows = [], [], [], [], []
         for i, r in enumerate(batch.decode):
@@ -125,10 +130,46 @@ class ModelRunner:
             decode_max_len=max(lengths, default=0), prefills=chunks)
         return torch.tensor(ids, device=dev), meta, logit_rows
 
+    def prepare_paged(self, batch: Batch) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
+        """As `prepare`, over block tables: every token is written to its row's block for its
+        position; decode rows are dense (no padding rows)."""
+        bs, tables = self.cache.block_size, batch.block_tables
+        ids, blocks, offs, pos, lengths = [], [], [], [], []
+        for r in batch.decode:
+            p, t = r.num_computed, tables[r]
+            ids.append(r.last_token), pos.append(p), lengths.append(p + 1)
+            blocks.append(t[p // bs]), offs.append(p % bs)
+        logit_rows = list(range(len(batch.decode)))
+        dev = self.device
+        chunks = []
+        for c in batch.prefill:
+            t, end = tables[c.row], c.start + c.length
+            tokens = c.row.prompt_ids + c.row.output_ids if c.row.output_ids else c.row.prompt_ids
+            chunks.append(PrefillChunk(c.slot, c.start, c.length, len(ids),
+                                       torch.tensor(t[:-(-end // bs)], device=dev)))
+            ids.extend(tokens[c.start:end])
+            pos.extend(range(c.start, end))
+            blocks.extend(t[p // bs] for p in range(c.start, end))
+            offs.extend(p % bs for p in range(c.start, end))
+            if c.completes:
+                logit_rows += [len(ids) - 1] * len(c.row.rows)
+        width = max((len(tables[r]) for r in batch.decode), default=0)
+        table = [tables[r] + [0] * (width - len(tables[r])) for r in batch.decode]
+        meta = AttentionMetadata(
+            slot_ids=torch.tensor(blocks, device=dev), positions=torch.tensor(pos, device=dev),
+            num_decode=len(batch.decode),
+            decode_lengths=torch.tensor(lengths, device=dev) if lengths else None,
+            decode_max_len=max(lengths, default=0), prefills=chunks,
+            write_offsets=torch.tensor(offs, device=dev),
+            block_tables=torch.tensor(table, dtype=torch.long, device=dev) if table else None)
+        return torch.tensor(ids, device=dev), meta, logit_rows
+
     @torch.inference_mode()
     def forward_logits(self, batch: Batch) -> torch.Tensor:
         """Logits [len(batch.sample), vocab] in float32."""
         if self.graphs is not None and batch.decode and not batch.prefill:
+            if self.paged:
+                return self.graphs.forward_logits(batch.decode, batch.block_tables)
             return self.graphs.forward_logits(batch.decode)
         return self._eager(batch)[0]
 
@@ -136,7 +177,9 @@ class ModelRunner:
         """The forward without graphs: (logits of the rows to sample, every token's hidden state)."""
         ids, meta, rows = self.prepare(batch)
         hidden = self.model(ids, meta, self.cache.k, self.cache.v)
-        return self.model.logits(hidden[torch.tensor(rows, device=self.device)]), hidden
+        # long: a batch of prompt chunks none of which completes samples no row (rows == [])
+        rows = torch.tensor(rows, dtype=torch.long, device=self.device)
+        return self.model.logits(hidden[rows]), hidden
 
     @torch.inference_mode()
     def select(self, logits: torch.Tensor, rows: list[Request], slots: list[int],

@@ -42,6 +42,9 @@ class Batch:
     sample: list[Request] = field(default_factory=list)  # rows whose next token is drawn, in order
     sample_slots: list[int] = field(default_factory=list)  # their slots
     cache_ops: list[CacheOp] = field(default_factory=list)  # applied before the forward, in order
+    # paged layout (flover.engine.paged_scheduler): decode rows' slots and each row's blocks
+    decode_slots: list[int] | None = None
+    block_tables: dict[Request, list[int]] | None = None
 
     @property
     def empty(self) -> bool:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from flover.ops import fused
 
@@ -23,6 +24,7 @@ class PrefillChunk:
     start: int  # position of the chunk's first token
     length: int  # tokens in this chunk
     offset: int  # index of the chunk's first token in the flat batch
+    blocks: torch.Tensor | None = None  # paged layout: the row's blocks covering [0, start + length)
 
 
 @dataclass(slots=True)
@@ -34,6 +36,10 @@ class AttentionMetadata:
     decode_max_len: int  # max(decode_lengths), known on the host
     prefills: list[PrefillChunk]
     padded: PaddedPrefill | bool | None = None  # built by the first layer (False: none)
+    # paged layout: the cache is [blocks, Hkv, block_size, D]; slot_ids are each token's block,
+    # write_offsets its position in the block, block_tables [num_decode, n] each row's blocks
+    write_offsets: torch.Tensor | None = None
+    block_tables: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -61,11 +67,30 @@ class PaddedPrefill:
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              meta: AttentionMetadata) -> None:
-    """Store this iteration's keys and values: cache[slot, :, pos] = k[token]."""
-    if fused.write_kv(k_cache, v_cache, k, v, meta.slot_ids, meta.positions):
+    """Store this iteration's keys and values: cache[slot, :, pos] = k[token] (paged: slot is
+    the token's block, pos its offset in the block)."""
+    pos = meta.positions if meta.write_offsets is None else meta.write_offsets
+    if fused.write_kv(k_cache, v_cache, k, v, meta.slot_ids, pos):
         return
-    k_cache[meta.slot_ids, :, meta.positions] = k.to(k_cache.dtype)
-    v_cache[meta.slot_ids, :, meta.positions] = v.to(v_cache.dtype)
+    k_cache[meta.slot_ids, :, pos] = k.to(k_cache.dtype)
+    v_cache[meta.slot_ids, :, pos] = v.to(v_cache.dtype)
+
+
+def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
+    """A paged cache [N, Hkv, bs, D] read through block tables [..., n] as [..., Hkv, length, D]."""
+    x = cache[blocks]  # [..., n, Hkv, bs, D]
+    x = x.transpose(-4, -3)  # [..., Hkv, n, bs, D]
+    return x.reshape(*x.shape[:-3], x.shape[-3] * x.shape[-2], x.shape[-1])[..., :length, :]
+
+
+def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, lengths: torch.Tensor, max_len: int,
+                               scale: float) -> torch.Tensor:
+    """q [B, H, D]; row b reads the blocks block_tables[b] of the paged cache up to lengths[b]."""
+    n = -(-max_len // k_cache.shape[2])
+    tables = block_tables[:, :n]
+    return decode_attention_ref(q, gather_blocks(k_cache, tables, max_len),
+                                gather_blocks(v_cache, tables, max_len), lengths, max_len, scale)
 
 
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -107,6 +132,24 @@ def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     return out.transpose(0, 1).to(q.dtype)
 
 
+def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                chunk: PrefillChunk, scale: float) -> torch.Tensor:
+    """One prompt chunk q [n, H, D] against its row's blocks, causally: query i sits at
+    position start + i (the causal mask aligned to the bottom right, which SDPA's fused
+    kernels take, as a chunk after a cached prefix is the common case here)."""
+    n, h, _ = q.shape
+    end = chunk.start + chunk.length
+    k, v = _expand_kv(gather_blocks(k_cache, chunk.blocks, end),
+                      gather_blocks(v_cache, chunk.blocks, end), h, dim=0)
+    qh = q.transpose(0, 1).to(k.dtype)[None]
+    if chunk.start == 0:
+        out = F.scaled_dot_product_attention(qh, k[None], v[None], is_causal=True, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(qh, k[None], v[None], scale=scale,
+                                             attn_mask=causal_lower_right(n, end))
+    return out[0].transpose(0, 1).to(q.dtype)
+
+
 def prefill_attention_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                              p: PaddedPrefill, scale: float) -> torch.Tensor:
     """Several whole prompts in one attention call: [sum of lengths, H, D], in p.index order.
@@ -135,6 +178,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
               v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q [T, H, D], k/v [T, Hkv, D] for the flat batch; returns [T, H, D]."""
     write_kv(k_cache, v_cache, k, v, meta)
+    if meta.block_tables is not None or meta.write_offsets is not None:
+        return paged_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     nd = meta.num_decode
     if nd:
@@ -154,6 +199,27 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
     return out
 
 
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """The paged layout's attention, once this iteration's keys and values are written."""
+    out = torch.empty_like(q)
+    nd = meta.num_decode
+    if nd:
+        out[:nd] = paged_decode_attention(q[:nd], k_cache, v_cache, meta.block_tables,
+                                          meta.decode_lengths, meta.decode_max_len, scale)
+    for c in meta.prefills:
+        out[c.offset:c.offset + c.length] = paged_prefill_attention_ref(
+            q[c.offset:c.offset + c.length], k_cache, v_cache, c, scale)
+    return out
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, lengths, max_len, scale):
+    """Dispatch: the Triton kernel on a GPU when it is available, else the reference."""
+    if q.is_cuda and _triton_paged_decode is not None:
+        return _triton_paged_decode(q, k_cache, v_cache, block_tables, lengths, max_len, scale)
+    return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, lengths, max_len, scale)
+
+
 def decode_attention(q, k_cache, v_cache, lengths, max_len, scale):
     """Dispatch: the Triton kernel on a GPU when it is available, else the reference."""
     if q.is_cuda and _triton_decode is not None:
@@ -165,3 +231,8 @@ try:  # the kernel module imports triton; CPU-only installs go without it
     from flover.ops.attention_triton import decode_attention as _triton_decode
 except Exception:  # noqa: BLE001 - any import failure means: use the reference
     _triton_decode = None
+
+try:
+    from flover.ops.paged_attention_triton import paged_decode_attention as _triton_paged_decode
+except Exception:  # noqa: BLE001 - any import failure means: use the reference
+    _triton_paged_decode = None

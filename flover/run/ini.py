@@ -37,6 +37,11 @@ class RunConfig:
     beam_width: int = 1
     tensor_para_size: int = 1
     pipeline_para_size: int = 1
+    kv_layout: str = "slots"  # ours: the original's slots, or vLLM-style pages
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool | None = None  # None: on with pages
     # [runtime_hyperparameter]
     top_k: int = 1
     top_p: float = 0.0
@@ -82,7 +87,11 @@ class RunConfig:
         return EngineConfig(model=self.model_type, dtype=self.data_type, device=self.device,
                             max_concurrency=requests * self.rows_per_request,
                             max_seq_len=self.max_seq_len, use_mem_shuffle=self.use_mem_shuffle,
-                            seed=self.seed, tensor_para_size=self.tensor_para_size)
+                            seed=self.seed, tensor_para_size=self.tensor_para_size,
+                            kv_layout=self.kv_layout, block_size=self.block_size,
+                            num_kv_blocks=self.num_kv_blocks,
+                            gpu_memory_utilization=self.gpu_memory_utilization,
+                            enable_prefix_caching=self.enable_prefix_caching)
 
     def sampling_params(self, max_tokens: int, seed: int | None = None) -> SamplingParams:
         """The original's top_p=0.0 means 'off' (1.0 here); top_k=1 means greedy."""
@@ -133,6 +142,11 @@ SCHEMA: dict[str, dict[str, tuple[type, Callable, str]]] = {
                              "launch with `torchrun --nproc-per-node K -m flover.cli run FILE.ini`"),
         "pipeline_para_size": (int, lambda v: v == 1,
                                "1 (pipeline parallelism is not supported)"),
+        "kv_layout": _one_of("slots", "pages"),
+        "block_size": (int, lambda v: v in (8, 16, 32, 64, 128), "one of 8, 16, 32, 64, 128"),
+        "num_kv_blocks": _int(2),
+        "gpu_memory_utilization": _float(0.0, 1.0, lo_open=True),
+        "enable_prefix_caching": _BOOL,
     },
     "runtime_hyperparameter": {
         "top_k": _int(0),

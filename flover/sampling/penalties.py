@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flover.engine.kv_cache import CacheOp, CopyPrefix, Reorder
+from flover.engine.kv_cache import CacheOp, Move, Reorder
 from flover.engine.sequence import Request
 
 
@@ -108,9 +108,9 @@ class TokenCounts:
 
     def apply(self, op: CacheOp) -> None:
         """Histories follow their rows when the shuffle moves them and beams reorder; a fork
-        (CopyPrefix) starts its own history when it is first sampled."""
-        if self.prompt is None or isinstance(op, CopyPrefix):
-            return
+        (CopyPrefix) starts its own history when it is first sampled; KV block copies move none."""
+        if self.prompt is None or not isinstance(op, Reorder | Move):
+            return  # a fork, or a copy of KV blocks: no history moves
         if isinstance(op, Reorder):
             src, dst = list(op.src), list(op.dst)
         else:

@@ -53,6 +53,12 @@ _ENGINE_COUNTERS = (
     ("shuffle_bytes", "flover:shuffle_bytes", "Bytes of KV cache copied by the memory shuffle."),
     ("failed_batches", "flover:failed_batches", "Iterations whose shared forward pass failed."),
 )
+_PAGED_COUNTERS = (  # kv_layout="pages" only
+    ("num_preemptions", "vllm:num_preemptions", "Requests preempted when the KV block pool ran "
+     "out (their blocks freed, their tokens recomputed on resume)."),
+    ("prefill_tokens_saved", "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache "
+     "(not computed)."),
+)
 
 
 class _SnapshotCollector(Collector):
@@ -75,9 +81,15 @@ class _SnapshotCollector(Collector):
         yield gauge("vllm:num_requests_waiting", "Rows waiting for a KV slot (including those "
                     "not yet taken by the engine thread).", self.aeng.waiting())
         slots = stats["max_concurrency"]
-        yield gauge("vllm:kv_cache_usage_perc", "Fraction of KV slots in use (slots used / "
-                    "max_concurrency; 1 means full).", stats["slots_used"] / slots if slots else 0.0)
-        for key, name, doc in _ENGINE_COUNTERS:
+        if "kv_blocks" in stats:  # pages: the share of the block pool in use, as vLLM's
+            yield gauge("vllm:kv_cache_usage_perc", "Fraction of KV blocks in use (blocks held "
+                        "by requests / blocks in the pool; 1 means full).",
+                        stats["kv_blocks_used"] / stats["kv_blocks"])
+        else:
+            yield gauge("vllm:kv_cache_usage_perc", "Fraction of KV slots in use (slots used / "
+                        "max_concurrency; 1 means full).",
+                        stats["slots_used"] / slots if slots else 0.0)
+        for key, name, doc in _ENGINE_COUNTERS + (_PAGED_COUNTERS if "kv_blocks" in stats else ()):
             c = CounterMetricFamily(name, doc, labels=["model_name"])
             c.add_metric(label, stats[key])
             yield c
