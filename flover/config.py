@@ -237,6 +237,7 @@ class EngineConfig:
     seed: int = 0
     tensor_para_size: int = 1
     cuda_graphs: bool = True  # replay pure-decode iterations as CUDA graphs (GPU only)
+    batch_invariant: bool = True  # GPU: a request's logits bitwise the same alone or fused
 
     def __post_init__(self) -> None:
         _check(isinstance(self.max_concurrency, int) and self.max_concurrency >= 1,

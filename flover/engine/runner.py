@@ -33,15 +33,17 @@ T = TypeVar("T")
 
 class ModelRunner:
     def __init__(self, model: nn.Module, cache: SlotCache, eos_ids: list[int] | None = None,
-                 seed: int = 0, cuda_graphs: bool = True) -> None:
+                 seed: int = 0, cuda_graphs: bool = True, batch_invariant: bool = False) -> None:
         self.model, self.cache, self.eos_ids = model, cache, list(eos_ids or [])
+        self.batch_invariant = batch_invariant  # attention's per-row kernel (flover.ops.attention)
         self.device = cache.k.device
         self.vocab = model.cfg.vocab_size
         self.generator = torch.Generator().manual_seed(seed)  # rows without a seed of their own
         self.counts = penalties.TokenCounts(cache.num_slots, self.vocab, self.device)
         # pure-decode iterations replay a captured graph on the GPU (flover.engine.cuda_graph)
         use_graphs = cuda_graphs and self.device.type == "cuda"
-        self.graphs = DecodeGraphs(model, cache) if use_graphs else None
+        self.graphs = DecodeGraphs(model, cache, batch_invariant=batch_invariant) \
+            if use_graphs else None
         if self.graphs is not None:
             self.graphs.capture_all()
 
@@ -122,7 +124,8 @@ class ModelRunner:
             slot_ids=torch.tensor(slots, device=dev), positions=torch.tensor(pos, device=dev),
             num_decode=len(batch.decode),
             decode_lengths=torch.tensor(lengths, device=dev) if lengths else None,
-            decode_max_len=max(lengths, default=0), prefills=chunks)
+            decode_max_len=max(lengths, default=0), prefills=chunks,
+            batch_invariant=self.batch_invariant)
         return torch.tensor(ids, device=dev), meta, logit_rows
 
     @torch.inference_mode()

@@ -46,6 +46,7 @@ class RunConfig:
     len_penalty: float = 0.0
     beam_search_diversity_rate: float = 0.0
     enable_custom_all_reduce: bool = False
+    batch_invariant: bool = True  # ours: GPU kernels whose results do not depend on the batch
     interval: float = 100.0  # ms
     arrival: str = "constant"
     use_mem_shuffle: bool = False
@@ -82,7 +83,8 @@ class RunConfig:
         return EngineConfig(model=self.model_type, dtype=self.data_type, device=self.device,
                             max_concurrency=requests * self.rows_per_request,
                             max_seq_len=self.max_seq_len, use_mem_shuffle=self.use_mem_shuffle,
-                            seed=self.seed, tensor_para_size=self.tensor_para_size)
+                            seed=self.seed, tensor_para_size=self.tensor_para_size,
+                            batch_invariant=self.batch_invariant)
 
     def sampling_params(self, max_tokens: int, seed: int | None = None) -> SamplingParams:
         """The original's top_p=0.0 means 'off' (1.0 here); top_k=1 means greedy."""
@@ -145,6 +147,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Callable, str]]] = {
         "data_type": (str, lambda v: v.lower() in DTYPES or v == "auto",
                       "one of fp32, fp16, bf16 (or float32, float16, bfloat16, auto)"),
         "enable_custom_all_reduce": _BOOL,
+        "batch_invariant": _BOOL,
         "interval": _float(0.0),
         "arrival": _one_of(*ARRIVALS),
         "use_mem_shuffle": _BOOL,
