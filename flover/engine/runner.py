@@ -139,7 +139,7 @@ class ModelRunner:
         """The forward without graphs: (logits of the rows to sample, every token's hidden state)."""
         ids, meta, rows = self.prepare(batch)
         hidden = self.model(ids, meta, self.cache.k, self.cache.v)
-        return self.model.logits(hidden[torch.tensor(rows, device=self.device)]), hidden
+        return self.model.logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)]), hidden
 
     @torch.inference_mode()
     def select(self, logits: torch.Tensor, rows: list[Request], slots: list[int],
