@@ -126,6 +126,9 @@ def test_row_attention_is_bitwise_the_same_alone_fused_and_in_a_wider_grid(dtype
                               int(lengths[i]), 0.25, cfg)
         graph = row_attention(q[i:i + 1], k, v, slots[i:i + 1], lengths[i:i + 1], 96, 0.25, cfg)
         assert torch.equal(alone[0], fused[i]) and torch.equal(graph[0], fused[i]), i
+    # many tokens go in slices (bounded partials): the same bits
+    sliced = row_attention(q, k, v, slots, lengths, 90, 0.25, cfg | {"max_partials": 2 * 4 * 3 * 16})
+    assert torch.equal(sliced, fused)
 
 
 def test_row_attention_ignores_positions_past_each_row_length():

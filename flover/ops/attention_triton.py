@@ -238,6 +238,12 @@ def row_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     block_n = cfg["block_n"]
     assert split_len % block_n == 0
     splits = max(1, triton.cdiv(max_len, split_len))
+    # long prompts: slices of tokens, so that the float32 partials stay under ~256 MB
+    step = max(1, cfg.get("max_partials", 64 << 20) // (h * splits * d))
+    if t > step:
+        return torch.cat([row_attention(q[i:i + step], k_cache, v_cache, slots[i:i + step],
+                                        lengths[i:i + step], max_len, scale, config)
+                          for i in range(0, t, step)])
     group = h // hkv
     block_d = triton.next_power_of_2(d)
     part = torch.empty((t, h, splits, d), dtype=torch.float32, device=q.device)
