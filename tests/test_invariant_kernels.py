@@ -109,7 +109,8 @@ def test_row_attention_matches_reference(dtype, heads, kv_heads, head_dim):
     ours = row_attention(q, k, v, slots, lengths, 100, head_dim ** -0.5,
                          config={"block_n": 16, "split_len": 32})
     ref = row_attention_ref(q, k, v, slots, lengths, head_dim ** -0.5)
-    torch.testing.assert_close(ours, ref, rtol=TOL[dtype], atol=TOL[dtype])
+    tol = max(TOL[dtype], 2e-3)  # on a GPU, float32 tl.dot rounds its inputs to tf32
+    torch.testing.assert_close(ours, ref, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,6 +1,6 @@
 """The batch-invariant matrix product y = x @ W^T (+ b) of `flover.ops.linear`, in Triton.
 
-One launch configuration for every number of rows M: tiles of BLOCK_M = 16 rows by BLOCK_N
+One launch configuration for every number of rows M: tiles of BLOCK_M rows by BLOCK_N
 output features, the K axis walked from 0 in steps of BLOCK_K into one float32 accumulator,
 no split-K. A row's output is therefore the same sequence of the same MMA instructions
 whatever M is and whatever the other rows hold: bitwise the same alone or in any batch.
@@ -16,8 +16,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-BLOCK_M = 16  # fixed: the row tile, never chosen from M
 
 
 @triton.jit
@@ -50,7 +48,7 @@ def _linear_kernel(X, W, B, Y, M, N, K, sx_m, sw_n, sy_m,
 
 def default_config() -> dict:
     """Launch parameters for every M (never chosen from M: that is the invariance)."""
-    return {"block_n": 32, "block_k": 256, "num_warps": 4, "num_stages": 4}
+    return {"block_m": 16, "block_n": 32, "block_k": 256, "num_warps": 4, "num_stages": 4}
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -67,10 +65,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if m == 0:
         return y.view(*lead, n)
     cfg = default_config() | (config or {})
-    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, cfg["block_n"]))
+    grid = (triton.cdiv(m, cfg["block_m"]), triton.cdiv(n, cfg["block_n"]))
     _linear_kernel[grid](x2, weight, bias if bias is not None else weight, y, m, n, k,
                          x2.stride(0), weight.stride(0), y.stride(0),
                          HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-                         BLOCK_M=BLOCK_M, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
+                         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y.view(*lead, n)
