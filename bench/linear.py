@@ -106,7 +106,7 @@ def main() -> None:
                     rows.append(r)
                     if best is None or ms < best["ms"]:
                         best = r
-                d = next(r for r in reversed(rows) if r["default"])
+                d = next(r for r in reversed(rows) if r.get("default"))
                 print(f"{dname} {shape:12s} M={b:3d}  triton {d['ms'] * 1e3:7.1f} us "
                       f"({d['bw_frac']:.0%})  cublas {ms_cublas * 1e3:7.1f} us "
                       f"({d['cublas_bw_frac']:.0%})  best {best['ms'] * 1e3:7.1f} us "
