@@ -31,6 +31,7 @@ from flover.engine.scheduler import Batch
 from flover.engine.sequence import Request, Status
 from flover.models.layers import init_random
 from flover.models.presets import preset
+from flover.ops import linear_triton
 from flover.ops.linear import swap_linears
 from flover.weights import allocate
 
@@ -167,6 +168,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--eager", action="store_true", help="also time without CUDA graphs")
     ap.add_argument("--invariance", default="off,on", help="batch invariance off, on or both")
+    ap.add_argument("--linear-configs", default="", help="JSON list of linear_triton launch "
+                    "configs to time instead of its default (tuning)")
     ap.add_argument("--hf-batches", default="", help="e.g. 1,32: transformers generate baseline")
     ap.add_argument("--hf-new-tokens", type=int, default=32)
     ap.add_argument("--out", default="decode_step.json")
@@ -184,11 +187,19 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
 
+    tuning = json.loads(args.linear_configs) if args.linear_configs else [None]
+    default = linear_triton.default_config
     for name in args.models.split(","):
         for dtype in args.dtypes.split(","):
-            rows += bench_model(name, dtype, batches, args.context, args.iters, bw, args.eager,
-                                args.invariance.split(","))
-            save()
+            for i, cfg in enumerate(tuning):
+                if cfg is not None:  # every swapped layer launches with this configuration
+                    linear_triton.default_config = lambda c=cfg: default() | c
+                    print(f"linear config {cfg}", flush=True)
+                modes = args.invariance.split(",") if i == 0 else ["on"]
+                got = bench_model(name, dtype, batches, args.context, args.iters, bw, args.eager,
+                                  modes)
+                rows += [r | {"linear_config": cfg} if cfg else r for r in got]
+                save()
     for b in [int(x) for x in args.hf_batches.split(",") if x]:
         ms = hf_generate_per_step(b, args.context, args.hf_new_tokens)
         gc.collect()
@@ -208,7 +219,7 @@ def main() -> None:
         ratio = r["step_ms"] / base if r["batch_invariant"] and base else float("nan")
         print(f"{r['model']:10s} {r['dtype']:5s} {'on' if r['batch_invariant'] else 'off':3s} "
               f"{r['batch']:3d} {r['step_ms']:8.3f} {r['floor_ms']:8.3f} {r['over_floor']:7.2f} "
-              f"{r.get('eager_ms', float('nan')):8.3f} {ratio:6.3f}")
+              f"{r.get('eager_ms', float('nan')):8.3f} {ratio:6.3f} {r.get('linear_config') or ''}")
     for h in hf:
         print(f"transformers generate llama_7b fp16 B={h['batch']}: "
               f"{h['hf_generate_ms_per_step']:.3f} ms/step")
