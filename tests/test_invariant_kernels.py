@@ -48,10 +48,12 @@ def test_linear_row_is_bitwise_the_same_at_every_batch_size(dtype):
     w, b = _randn(48, 96, gen=gen, dtype=dtype), _randn(48, gen=gen, dtype=dtype)
     row = _randn(1, 96, gen=gen, dtype=dtype)
     alone = linear(row, w, b, config=SMALL)
-    for m, at in [(3, 1), (17, 16), (33, 5), (70, 66)]:  # other tiles, programs, offsets
-        x = _randn(m, 96, gen=gen, dtype=dtype)
-        x[at] = row[0]
-        assert torch.equal(linear(x, w, b, config=SMALL)[at], alone[0]), (m, at)
+    for tiles in (2, 4):  # row tiles sharing a program: 1 to 4 of them below
+        for m, at in [(3, 1), (17, 16), (33, 5), (70, 66)]:  # other tiles, programs, offsets
+            x = _randn(m, 96, gen=gen, dtype=dtype)
+            x[at] = row[0]
+            got = linear(x, w, b, config=SMALL | {"max_m_tiles": tiles})
+            assert torch.equal(got[at], alone[0]), (tiles, m, at)
 
 
 def test_linear_keeps_leading_dimensions_and_takes_no_rows():

@@ -7,9 +7,9 @@ instructions whatever M is and whatever the other rows hold: bitwise the same al
 any batch. cuBLAS, by contrast, picks another kernel (and split-K) for each M.
 
 Small BLOCK_N gives decode (M = 1..64) enough programs to stream the weight at full
-bandwidth. A program takes up to four row tiles (M_TILES, from M), each with its own
-accumulator, so that a batch of 64 reads each weight tile once; M_TILES changes how many
-tiles share a load, never a tile's arithmetic.
+bandwidth. A program takes up to `max_m_tiles` row tiles (M_TILES, from M; at most four),
+each with its own accumulator, so that a decode batch reads each weight tile once per
+program; M_TILES changes how many tiles share a load, never a tile's arithmetic.
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ def _linear_kernel(X, W, B, Y, M, N, K, sx_m, sw_n, sy_m,
 def default_config() -> dict:
     """Launch parameters for every M (never chosen from M: that is the invariance). Picked on
     an H200 by `bench/decode_step.py --linear-configs` (docs/perf/issue-11.md)."""
-    return {"block_m": 16, "block_n": 32, "block_k": 256, "num_warps": 4, "num_stages": 3,
-            "max_m_tiles": 4}
+    return {"block_m": 16, "block_n": 64, "block_k": 256, "num_warps": 4, "num_stages": 4,
+            "max_m_tiles": 2}
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
