@@ -193,7 +193,7 @@ def main() -> None:
         for dtype in args.dtypes.split(","):
             for i, cfg in enumerate(tuning):
                 if cfg is not None:  # every swapped layer launches with this configuration
-                    linear_triton.default_config = lambda c=cfg: default() | c
+                    linear_triton.default_config = lambda *a, c=cfg: default(*a) | c
                     print(f"linear config {cfg}", flush=True)
                 modes = args.invariance.split(",") if i == 0 else ["on"]
                 got = bench_model(name, dtype, batches, args.context, args.iters, bw, args.eager,

@@ -82,11 +82,12 @@ def _linear_kernel(X, W, B, Y, M, N, K, sx_m, sw_n, sy_m,
         _store(Y, acc3, bias, r0 + 3 * BLOCK_M, rn, M, N, sy_m, HAS_BIAS)
 
 
-def default_config() -> dict:
+def default_config(element_size: int = 2) -> dict:
     """Launch parameters for every M (never chosen from M: that is the invariance). Picked on
-    an H200 by `bench/decode_step.py --linear-configs` (docs/perf/issue-11.md)."""
-    return {"block_m": 16, "block_n": 64, "block_k": 256, "num_warps": 4, "num_stages": 4,
-            "max_m_tiles": 2}
+    an H200 by `bench/decode_step.py --linear-configs` (docs/perf/issue-11.md); float32
+    tiles take half the K depth, so that the staged tiles fit in shared memory."""
+    return {"block_m": 16, "block_n": 64, "block_k": 512 // element_size, "num_warps": 4,
+            "num_stages": 4, "max_m_tiles": 2}
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -102,7 +103,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y.view(*lead, n)
-    cfg = default_config() | (config or {})
+    cfg = default_config(x.element_size()) | (config or {})
     # up to max_m_tiles row tiles share each load of a weight tile (decode: one program per
     # weight tile up to 64 rows); the row tile itself, and so each row's arithmetic, is fixed
     m_tiles = min(cfg["max_m_tiles"], triton.cdiv(m, cfg["block_m"]))
