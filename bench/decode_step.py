@@ -8,6 +8,8 @@ same run (bytes read + bytes written). The embedding table is not counted: a ste
 B of its rows. Optionally the transformers `generate` per-step time on the same card (static
 batch, prompt of C tokens, LLaMA-7B shape, fp16): (t(1 + n new tokens) - t(1)) / n.
 
+Each row runs with batch invariance off and on (`--invariance`), in the same run.
+
     python3 bench/decode_step.py --out decode_step.json
 """
 
@@ -29,6 +31,8 @@ from flover.engine.scheduler import Batch
 from flover.engine.sequence import Request, Status
 from flover.models.layers import init_random
 from flover.models.presets import preset
+from flover.ops import linear_triton
+from flover.ops.linear import swap_linears
 from flover.weights import allocate
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -83,7 +87,9 @@ def decode_batch(rows: int, context: int) -> Batch:
 
 
 def bench_model(name: str, dtype: str, batches: list[int], context: int, iters: int,
-                bw: float, eager: bool) -> list[dict]:
+                bw: float, eager: bool, invariance: list[str]) -> list[dict]:
+    """Each batch size's step with batch invariance off (cuBLAS, SDPA) then on (the Triton
+    linear and per-row attention: `EngineConfig.batch_invariant`, the engine's default)."""
     cfg = preset(name)
     model = allocate(cfg, DTYPES[dtype], torch.device("cuda"))
     init_random(model, seed=0)
@@ -94,24 +100,31 @@ def bench_model(name: str, dtype: str, batches: list[int], context: int, iters: 
     cache.v.normal_()
     wbytes = weight_bytes_read(model)
     kv_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * cache.k.element_size()
-    graphs = ModelRunner(model, cache, cuda_graphs=True)
-    plain = ModelRunner(model, cache, cuda_graphs=False) if eager else None
     rows = []
-    for b in batches:
-        batch = decode_batch(b, context)
-        kv = b * (context + 1) * kv_token
-        floor_ms = (wbytes + kv) / bw * 1e3
-        ms = time_steps(graphs, batch, iters)
-        row = {"model": name, "dtype": dtype, "batch": b, "context": context,
-               "weight_bytes": wbytes, "kv_bytes": kv, "floor_ms": floor_ms, "step_ms": ms,
-               "over_floor": ms / floor_ms}
-        if plain is not None:
-            row["eager_ms"] = time_steps(plain, batch, iters)
-        print(f"{name:10s} {dtype:5s} B={b:3d}  step {ms:7.3f} ms  floor {floor_ms:6.3f} ms  "
-              f"x{ms / floor_ms:5.2f}  eager {row.get('eager_ms', float('nan')):7.3f} ms",
-              flush=True)
-        rows.append(row)
-    del model, cache, graphs, plain
+    for mode in sorted(invariance, key=lambda m: m == "on"):  # off first: on swaps the linears
+        on = mode == "on"
+        if on:
+            swap_linears(model)
+        graphs = ModelRunner(model, cache, cuda_graphs=True, batch_invariant=on)
+        plain = ModelRunner(model, cache, cuda_graphs=False, batch_invariant=on) if eager else None
+        for b in batches:
+            batch = decode_batch(b, context)
+            kv = b * (context + 1) * kv_token
+            floor_ms = (wbytes + kv) / bw * 1e3
+            ms = time_steps(graphs, batch, iters)
+            row = {"model": name, "dtype": dtype, "batch": b, "context": context,
+                   "batch_invariant": on, "weight_bytes": wbytes, "kv_bytes": kv,
+                   "floor_ms": floor_ms, "step_ms": ms, "over_floor": ms / floor_ms}
+            if plain is not None:
+                row["eager_ms"] = time_steps(plain, batch, iters)
+            print(f"{name:10s} {dtype:5s} invariant {mode:3s} B={b:3d}  step {ms:7.3f} ms  "
+                  f"floor {floor_ms:6.3f} ms  x{ms / floor_ms:5.2f}  "
+                  f"eager {row.get('eager_ms', float('nan')):7.3f} ms", flush=True)
+            rows.append(row)
+        del graphs, plain
+        gc.collect()
+        torch.cuda.empty_cache()
+    del model, cache
     gc.collect()
     torch.cuda.empty_cache()
     return rows
@@ -154,6 +167,9 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--eager", action="store_true", help="also time without CUDA graphs")
+    ap.add_argument("--invariance", default="off,on", help="batch invariance off, on or both")
+    ap.add_argument("--linear-configs", default="", help="JSON list of linear_triton launch "
+                    "configs to time instead of its default (tuning)")
     ap.add_argument("--hf-batches", default="", help="e.g. 1,32: transformers generate baseline")
     ap.add_argument("--hf-new-tokens", type=int, default=32)
     ap.add_argument("--out", default="decode_step.json")
@@ -171,10 +187,19 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
 
+    tuning = json.loads(args.linear_configs) if args.linear_configs else [None]
+    default = linear_triton.default_config
     for name in args.models.split(","):
         for dtype in args.dtypes.split(","):
-            rows += bench_model(name, dtype, batches, args.context, args.iters, bw, args.eager)
-            save()
+            for i, cfg in enumerate(tuning):
+                if cfg is not None:  # every swapped layer launches with this configuration
+                    linear_triton.default_config = lambda *a, c=cfg: default(*a) | c
+                    print(f"linear config {cfg}", flush=True)
+                modes = args.invariance.split(",") if i == 0 else ["on"]
+                got = bench_model(name, dtype, batches, args.context, args.iters, bw, args.eager,
+                                  modes)
+                rows += [r | {"linear_config": cfg} if cfg else r for r in got]
+                save()
     for b in [int(x) for x in args.hf_batches.split(",") if x]:
         ms = hf_generate_per_step(b, args.context, args.hf_new_tokens)
         gc.collect()
@@ -185,11 +210,16 @@ def main() -> None:
         save()
 
     print(f"\n{card}, copy bandwidth {bw / 1e12:.3f} TB/s, context {args.context}")
-    print(f"{'model':10s} {'dtype':5s} {'B':>3s} {'step ms':>8s} {'floor ms':>8s} "
-          f"{'x floor':>7s} {'eager ms':>8s}")
+    print(f"{'model':10s} {'dtype':5s} {'inv':3s} {'B':>3s} {'step ms':>8s} {'floor ms':>8s} "
+          f"{'x floor':>7s} {'eager ms':>8s} {'on/off':>6s}")
+    off = {(r["model"], r["dtype"], r["batch"]): r["step_ms"] for r in rows
+           if not r["batch_invariant"]}
     for r in rows:
-        print(f"{r['model']:10s} {r['dtype']:5s} {r['batch']:3d} {r['step_ms']:8.3f} "
-              f"{r['floor_ms']:8.3f} {r['over_floor']:7.2f} {r.get('eager_ms', float('nan')):8.3f}")
+        base = off.get((r["model"], r["dtype"], r["batch"]))
+        ratio = r["step_ms"] / base if r["batch_invariant"] and base else float("nan")
+        print(f"{r['model']:10s} {r['dtype']:5s} {'on' if r['batch_invariant'] else 'off':3s} "
+              f"{r['batch']:3d} {r['step_ms']:8.3f} {r['floor_ms']:8.3f} {r['over_floor']:7.2f} "
+              f"{r.get('eager_ms', float('nan')):8.3f} {ratio:6.3f} {r.get('linear_config') or ''}")
     for h in hf:
         print(f"transformers generate llama_7b fp16 B={h['batch']}: "
               f"{h['hf_generate_ms_per_step']:.3f} ms/step")

@@ -17,6 +17,7 @@ from flover.engine.kv_cache import SlotCache
 from flover.engine.runner import ModelRunner
 from flover.models.layers import init_random
 from flover.models.presets import preset
+from flover.ops.linear import swap_linears
 from flover.weights import allocate
 
 
@@ -26,6 +27,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp16")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--batch-invariant", action="store_true",
+                    help="the batch-invariant linear and attention (EngineConfig's default)")
     ap.add_argument("--out", default="profile.json")
     args = ap.parse_args()
     cfg = preset(args.model)
@@ -35,7 +38,9 @@ def main() -> None:
                       cfg.head_dim, DTYPES[args.dtype], torch.device("cuda"))
     cache.k.normal_()
     cache.v.normal_()
-    runner = ModelRunner(model, cache, cuda_graphs=False)
+    if args.batch_invariant:
+        swap_linears(model)
+    runner = ModelRunner(model, cache, cuda_graphs=False, batch_invariant=args.batch_invariant)
     batch = decode_batch(args.batch, args.context)
     for _ in range(3):
         runner.run(batch)
@@ -49,7 +54,8 @@ def main() -> None:
             by_name[e.name[:90]] += e.device_time / steps / 1e3
     total = sum(by_name.values())
     top = sorted(by_name.items(), key=lambda kv: -kv[1])
-    print(f"{args.model} {args.dtype} B={args.batch}: {total:.3f} ms of kernels per step")
+    print(f"{args.model} {args.dtype} B={args.batch} invariant={args.batch_invariant}: "
+          f"{total:.3f} ms of kernels per step")
     for name, ms in top[:18]:
         print(f"{ms:8.3f} ms {100 * ms / total:5.1f}%  {name}")
     with open(args.out, "w") as f:

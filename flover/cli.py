@@ -19,7 +19,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tp = args.tensor_para_size or int(os.environ.get("WORLD_SIZE", "1"))
     eng = Engine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                               max_concurrency=1, max_seq_len=args.max_seq_len,
-                              tensor_para_size=tp))
+                              tensor_para_size=tp, batch_invariant=args.batch_invariant))
     out = sys.stdout if distributed.rank() == 0 else io.StringIO()  # every rank runs; one prints
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
@@ -100,7 +100,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               kv_layout=args.kv_layout, block_size=args.block_size,
                               num_kv_blocks=args.num_kv_blocks,
                               gpu_memory_utilization=args.gpu_memory_utilization,
-                              enable_prefix_caching=args.enable_prefix_caching))
+                              enable_prefix_caching=args.enable_prefix_caching,
+                              batch_invariant=args.batch_invariant))
     app = create_app(eng, args.served_model_name, max_body_bytes=args.max_body_bytes,
                      max_prompts_per_request=args.max_prompts_per_request,
                      max_prompt_chars=args.max_prompt_chars, max_waiting=args.max_waiting,
@@ -192,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto")
     g.add_argument("--max-seq-len", type=int, default=2048)
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPU: batch-invariant kernels (a request's logits bitwise the same "
+                        "alone or fused); --no-batch-invariant uses cuBLAS and SDPA")
     g.add_argument("--tensor-para-size", type=int, default=None, help="ranks to split the "
                    "model over (default: torchrun's WORLD_SIZE, else 1); launch with "
                    "`torchrun --nproc-per-node K -m flover.cli generate ...`")
@@ -235,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: on with pages)")
     s.add_argument("--dtype", default="auto")
     s.add_argument("--device", default="auto")
+    s.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPU: batch-invariant kernels (see flover generate)")
     s.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     s.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies "

@@ -244,6 +244,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # None: from gpu_memory_utilization (GPU), slots' memory (CPU)
     gpu_memory_utilization: float = 0.9  # share of the GPU's memory the engine may use in all
     enable_prefix_caching: bool | None = None  # None: on with pages
+    batch_invariant: bool = True  # GPU: a request's logits bitwise the same alone or fused
 
     def __post_init__(self) -> None:
         _check(isinstance(self.max_concurrency, int) and self.max_concurrency >= 1,

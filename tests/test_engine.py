@@ -51,6 +51,13 @@ def test_fused_staggered_requests_equal_transformers_solo(checkpoint, shuffle):
         assert done[f"r{i}"] == hf_greedy(ref, p, params.max_tokens), f"request r{i}"
 
 
+def test_an_iteration_of_prompt_chunks_that_completes_none_samples_nothing_and_goes_on(llama_dir):
+    prompt = list(range(3, 23))  # 20 tokens under a budget of 6: three iterations sample nothing
+    whole = run_staggered(engine(llama_dir), [(0, prompt, greedy(5))])
+    done = finals(engine(llama_dir, prefill_token_budget=6), [(0, prompt, greedy(5))])
+    assert done["r0"].finish_reason == "length" and done["r0"].token_ids == whole["r0"]
+
+
 def test_staggered_requests_finish_in_far_fewer_iterations_than_their_lengths(llama_dir):
     eng = engine(llama_dir, max_concurrency=8)
     lengths = [20, 18, 16, 20, 12, 15, 20, 19]

@@ -49,3 +49,31 @@ def test_a_fault_in_one_request_leaves_the_others_exact_under_cuda_graphs(monkey
     for rid in ("r0", "r1", "r2", "r4"):
         assert [c.token_ids for c in got[rid].outputs] == [c.token_ids for c in clean[rid].outputs]
     assert eng.stats()["slots_used"] == 0
+
+
+def _logged(model: str, dtype: str, budget: int, work) -> dict[str, list[torch.Tensor]]:
+    """Each request's logits rows, step by step, under batch invariance (the default)."""
+    eng = Engine(EngineConfig(model=model, dtype=dtype, device="cuda", max_concurrency=8,
+                              max_seq_len=128, prefill_token_budget=budget))
+    seen: dict[str, list[torch.Tensor]] = {}
+    real = eng.runner.select
+
+    def spy(logits, rows, slots, failed=None):
+        for i, r in enumerate(rows):
+            seen.setdefault(f"{r.request_id}.{r.index}", []).append(logits[i].clone())
+        return real(logits, rows, slots, failed)
+    eng.runner.select = spy
+    run(eng, work)
+    return seen
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_gptj"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_fused_and_chunked_logits_are_bitwise_the_solo_logits(model, dtype):
+    fused = _logged(model, dtype, 8, WORK)  # budget 8: the longer prompts prefill in chunks
+    for i, item in enumerate(WORK):
+        alone = _logged(model, dtype, 2048, [(0, item[1], item[2])])
+        for key, steps in alone.items():
+            got = fused[key.replace("r0", f"r{i}", 1)]
+            assert len(got) == len(steps)
+            assert all(torch.equal(a, b) for a, b in zip(got, steps, strict=True)), (i, key)

@@ -129,6 +129,7 @@ EFFECTS = [  # (key=value, what it changes, expected)
      _sampling("beam_search_diversity_rate"), 0.5),
     ("runtime_hyperparameter.enable_custom_all_reduce=1", lambda c: c.enable_custom_all_reduce,
      True),
+    ("runtime_hyperparameter.batch_invariant=0", _engine("batch_invariant"), False),
     ("runtime_hyperparameter.interval=250",
      lambda c: [it.arrival for it in build_workload(c, None, 256)][:3], [0.0, 0.25, 0.5]),
     ("runtime_hyperparameter.arrival=poisson",

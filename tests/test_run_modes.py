@@ -114,3 +114,11 @@ def test_requests_with_several_rows_run_in_every_mode(model, mode, rows):
                         "runtime_hyperparameter.top_k=0")
     assert cfg.engine_config().max_concurrency == 2 * cfg.max_concurrency  # slots per request
     assert [r.status for r in state.records] == ["done"] * 5
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["serve"]])
+def test_batch_invariance_is_on_by_default_and_the_flag_turns_it_off(command):
+    from flover.cli import build_parser
+
+    assert build_parser().parse_args(command).batch_invariant is True
+    assert build_parser().parse_args([*command, "--no-batch-invariant"]).batch_invariant is False

@@ -44,8 +44,10 @@ class DecodeGraphs:
     check the padding and buffer logic that way).
     """
 
-    def __init__(self, model: nn.Module, cache: SlotCache, capture: bool = True) -> None:
+    def __init__(self, model: nn.Module, cache: SlotCache, capture: bool = True,
+                 batch_invariant: bool = False) -> None:
         self.model, self.cache, self.capture = model, cache, capture
+        self.batch_invariant = batch_invariant
         n, dev = cache.num_slots, cache.k.device
         self.buckets = bucket_sizes(n)
         # rows: token ids, positions, lengths, logits rows to keep; one copy per iteration
@@ -63,7 +65,7 @@ class DecodeGraphs:
         ids, pos, lens = self.static[0, :size], self.static[1, :size], self.static[2, :size]
         meta = AttentionMetadata(slot_ids=self.slot_ids[:size], positions=pos, num_decode=size,
                                  decode_lengths=lens, decode_max_len=self.cache.max_seq_len,
-                                 prefills=[])
+                                 prefills=[], batch_invariant=self.batch_invariant)
         return self.model.logits(self.model(ids, meta, self.cache.k, self.cache.v))
 
     def capture_all(self) -> None:

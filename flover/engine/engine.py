@@ -26,6 +26,7 @@ from flover.engine.paged_scheduler import PagedScheduler
 from flover.engine.runner import ModelRunner
 from flover.engine.scheduler import Scheduler
 from flover.engine.sequence import Request, new_request
+from flover.ops.linear import swap_linears
 from flover.sampling.beam import BeamSearch
 from flover.weights import load_model
 
@@ -67,6 +68,8 @@ class Engine:
             tokenizer = tokenizer or loaded
         elif tp > 1:
             distributed.shard_model(model, group.rank, group.world)  # in place; once
+        if cfg.batch_invariant and self.device.type == "cuda":
+            swap_linears(model)  # a row's product no longer depends on the batch (flover.ops.linear)
         self.model, self.tokenizer = model, tokenizer
         mc = model.cfg
         if cfg.max_seq_len > mc.max_position:
@@ -88,7 +91,8 @@ class Engine:
             self.scheduler = Scheduler(self.slots, cfg.prefill_token_budget)
         # no CUDA graphs around the all-reduces yet: tensor parallelism runs eagerly
         self.runner = ModelRunner(model, self.cache, self.eos_token_ids, cfg.seed,
-                                  cuda_graphs=cfg.cuda_graphs and tp == 1)
+                                  cuda_graphs=cfg.cuda_graphs and tp == 1,
+                                  batch_invariant=cfg.batch_invariant)
         self.outputs = OutputProcessor(tokenizer)
         self.requests: dict[str, Request] = {}  # unfinished requests by id (their head rows)
         self.failed_batches = 0

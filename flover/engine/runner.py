@@ -32,9 +32,11 @@ T = TypeVar("T")
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, cache: SlotCache | PagedCache, eos_ids: list[int] | None = None,
-                 seed: int = 0, cuda_graphs: bool = True) -> None:
+    def __init__(self, model: nn.Module, cache: SlotCache | PagedCache,
+                 eos_ids: list[int] | None = None, seed: int = 0, cuda_graphs: bool = True,
+                 batch_invariant: bool = False) -> None:
         self.model, self.cache, self.eos_ids = model, cache, list(eos_ids or [])
+        self.batch_invariant = batch_invariant  # attention's per-row kernel (flover.ops.attention)
         self.device = cache.k.device
         self.vocab = model.cfg.vocab_size
         self.generator = torch.Generator().manual_seed(seed)  # rows without a seed of their own
@@ -42,8 +44,12 @@ class ModelRunner:
         # pure-decode iterations replay a captured graph on the GPU (flover.engine.cuda_graph)
         use_graphs = cuda_graphs and self.device.type == "cuda"
         self.paged = isinstance(cache, PagedCache)
-        graphs = PagedDecodeGraphs if self.paged else DecodeGraphs
-        self.graphs = graphs(model, cache) if use_graphs else None
+        if not use_graphs:
+            self.graphs = None
+        elif self.paged:
+            self.graphs = PagedDecodeGraphs(model, cache)
+        else:
+            self.graphs = DecodeGraphs(model, cache, batch_invariant=batch_invariant)
         if self.graphs is not None:
             self.graphs.capture_all()
 
@@ -127,7 +133,8 @@ class ModelRunner:
             slot_ids=torch.tensor(slots, device=dev), positions=torch.tensor(pos, device=dev),
             num_decode=len(batch.decode),
             decode_lengths=torch.tensor(lengths, device=dev) if lengths else None,
-            decode_max_len=max(lengths, default=0), prefills=chunks)
+            decode_max_len=max(lengths, default=0), prefills=chunks,
+            batch_invariant=self.batch_invariant)
         return torch.tensor(ids, device=dev), meta, logit_rows
 
     def prepare_paged(self, batch: Batch) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:

@@ -4,7 +4,10 @@ A fused iteration's tokens are laid out flat: first one token for each of the `n
 decode rows (row i lives in KV slot i: the memory shuffle keeps the live block dense), then
 the prompt chunks of the requests being prefilled. `AttentionMetadata` says where each token
 goes; model code passes it through untouched. This module holds the plain PyTorch path;
-`attention_triton` holds the fast GPU kernel behind the same functions.
+`attention_triton` holds the fast GPU kernel behind the same functions. With
+`batch_invariant` (the default on a GPU) every token, decode row or prompt token, goes
+through one per-row kernel whose KV split is fixed by position: a token's attention is
+then bitwise the same whatever else runs in its iteration.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ class AttentionMetadata:
     # write_offsets its position in the block, block_tables [num_decode, n] each row's blocks
     write_offsets: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
+    batch_invariant: bool = False  # GPU: every token through `row_attention` (see there)
+    rows: tuple[torch.Tensor, torch.Tensor, int] | None = None  # its slots, lengths, max length
 
 
 @dataclass(slots=True)
@@ -174,12 +179,36 @@ def _batchable(chunks: list[PrefillChunk]) -> list[PrefillChunk]:
         else []
 
 
+def row_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slots: torch.Tensor, lengths: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [T, H, D]: token t against slot slots[t] of the cache, positions < lengths[t]."""
+    return decode_attention_ref(q, k_cache[slots], v_cache[slots], lengths,
+                                int(lengths.max()), scale)
+
+
+def _rows(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Every token's slot and KV length, decode rows then prompt tokens (built once)."""
+    if meta.rows is None:
+        nd = meta.num_decode
+        if not meta.prefills:
+            meta.rows = meta.slot_ids[:nd], meta.decode_lengths, meta.decode_max_len
+        else:
+            prompt = meta.positions[nd:] + 1
+            lengths = prompt if not nd else torch.cat([meta.decode_lengths, prompt])
+            end = max(c.start + c.length for c in meta.prefills)
+            meta.rows = meta.slot_ids, lengths, max(meta.decode_max_len, end)
+    return meta.rows
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
               v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q [T, H, D], k/v [T, Hkv, D] for the flat batch; returns [T, H, D]."""
     write_kv(k_cache, v_cache, k, v, meta)
     if meta.block_tables is not None or meta.write_offsets is not None:
         return paged_attention(q, k_cache, v_cache, meta, scale)
+    if meta.batch_invariant and q.is_cuda and _triton_rows is not None:
+        slots, lengths, max_len = _rows(meta)
+        return _triton_rows(q, k_cache, v_cache, slots, lengths, max_len, scale)
     out = torch.empty_like(q)
     nd = meta.num_decode
     if nd:
@@ -229,8 +258,9 @@ def decode_attention(q, k_cache, v_cache, lengths, max_len, scale):
 
 try:  # the kernel module imports triton; CPU-only installs go without it
     from flover.ops.attention_triton import decode_attention as _triton_decode
+    from flover.ops.attention_triton import row_attention as _triton_rows
 except Exception:  # noqa: BLE001 - any import failure means: use the reference
-    _triton_decode = None
+    _triton_decode = _triton_rows = None
 
 try:
     from flover.ops.paged_attention_triton import paged_decode_attention as _triton_paged_decode

@@ -19,17 +19,22 @@ import triton.language as tl
 
 
 @triton.jit
-def _split_kernel(Q, K, V, Lens, OutPart, LsePart,
+def _split_kernel(Q, K, V, Lens, OutPart, LsePart, Slots,
                   sq_b, sq_h, sk_s, sk_h, sk_l, sv_s, sv_h, sv_l,
                   so_b, so_h, so_s, sl_b, sl_h,
                   split_len, scale,
                   D: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A group of G query heads per program, padded to BLOCK_G >= 16 rows for tl.dot."""
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SLOTS: tl.constexpr):
+    """A group of G query heads per program, padded to BLOCK_G >= 16 rows for tl.dot.
+    Row b reads slot b, or slot Slots[b] with HAS_SLOTS."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
     length = tl.load(Lens + b).to(tl.int32)
+    if HAS_SLOTS:
+        slot = tl.load(Slots + b).to(tl.int64)
+    else:
+        slot = b.to(tl.int64)
     start = sp * split_len
     end = tl.minimum(start + split_len, length)
 
@@ -44,8 +49,8 @@ def _split_kernel(Q, K, V, Lens, OutPart, LsePart,
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     s_exp = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    k_base = K + b.to(tl.int64) * sk_s + kvh * sk_h
-    v_base = V + b.to(tl.int64) * sv_s + kvh * sv_h
+    k_base = K + slot * sk_s + kvh * sk_h
+    v_base = V + slot * sv_s + kvh * sv_h
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         mask_n = n < end
@@ -70,7 +75,7 @@ def _split_kernel(Q, K, V, Lens, OutPart, LsePart,
 
 
 @triton.jit
-def _split_kernel_mha(Q, K, V, Lens, OutPart, LsePart,
+def _split_kernel_mha(Q, K, V, Lens, OutPart, LsePart, Slots,
                       sq_b, sq_h, sk_s, sk_h, sk_l, sv_s, sv_h, sv_l,
                       so_b, so_h, so_s, sl_b, sl_h,
                       split_len, scale,
@@ -162,7 +167,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     part = torch.empty((b, h, splits, d), dtype=torch.float32, device=q.device)
     lse = torch.empty((b, h, splits), dtype=torch.float32, device=q.device)
-    args = (q, k_cache, v_cache, lengths, part, lse,
+    args = (q, k_cache, v_cache, lengths, part, lse, lengths,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
@@ -173,10 +178,87 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     else:
         block_g = max(16, triton.next_power_of_2(group))
         _split_kernel[(b, hkv, splits)](*args, D=d, G=group, BLOCK_G=block_g, BLOCK_N=block_n,
-                                        BLOCK_D=block_d, **launch)
+                                        BLOCK_D=block_d, HAS_SLOTS=False, **launch)
     out = torch.empty_like(q)
     _combine_kernel[(b, h)](
         part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0),
         lse.stride(1), out.stride(0), out.stride(1), splits, D=d,
         BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d, num_warps=4)
+    return out
+
+
+# --- batch-invariant attention: the KV split fixed by position --------------------------------
+
+SPLIT_LEN = 128  # positions per split: fixed, never chosen from the batch or from max_len
+
+
+@triton.jit
+def _ordered_combine_kernel(OutPart, LsePart, Lens, Out, so_b, so_h, so_s, sl_b, sl_h,
+                            sout_b, sout_h, split_len,
+                            D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Row b's own splits (those its length reaches), merged one by one in position order."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    length = tl.load(Lens + b).to(tl.int32)
+    n = tl.cdiv(length, split_len)
+    d = tl.arange(0, BLOCK_D)
+    mask_d = d < D
+    lse_row = LsePart + b * sl_b + h * sl_h
+    o_row = OutPart + b * so_b + h * so_h
+    m = tl.load(lse_row)
+    for s in range(1, n):
+        m = tl.maximum(m, tl.load(lse_row + s))
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    den = 0.0
+    for s in range(0, n):
+        w = tl.exp(tl.load(lse_row + s) - m)
+        acc += w * tl.load(o_row + s * so_s + d, mask=mask_d, other=0.0)
+        den += w
+    tl.store(Out + b * sout_b + h * sout_h + d, (acc / den).to(Out.dtype.element_ty), mask=mask_d)
+
+
+def row_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slots: torch.Tensor, lengths: torch.Tensor, max_len: int, scale: float,
+                  config: dict | None = None) -> torch.Tensor:
+    """q [T, H, D]: token t attends to slot slots[t] of the cache [S, Hkv, L, D], positions
+    < lengths[t]. Batch-invariant: token t's result depends on its query, its slot's cache
+    and its length only. The KV range is split every SPLIT_LEN positions from 0 (each split
+    walked in BLOCK_N steps from its start) and the splits are merged in position order, so
+    neither the other tokens nor `max_len` (which only sizes the grid) change a bit of it.
+    A prompt's tokens use it too, one query row each: a token's attention is then the same
+    whether its prompt is prefilled whole, in chunks, alone or beside decode rows."""
+    t, h, d = q.shape
+    hkv = k_cache.shape[1]
+    assert h % hkv == 0 and k_cache.shape[-1] == d
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache rows must be contiguous"
+    cfg = default_config(h // hkv, d) | (config or {})
+    split_len = cfg.get("split_len", SPLIT_LEN)
+    block_n = cfg["block_n"]
+    assert split_len % block_n == 0
+    splits = max(1, triton.cdiv(max_len, split_len))
+    # long prompts: slices of tokens, so that the float32 partials stay under ~256 MB
+    step = max(1, cfg.get("max_partials", 64 << 20) // (h * splits * d))
+    if t > step:
+        return torch.cat([row_attention(q[i:i + step], k_cache, v_cache, slots[i:i + step],
+                                        lengths[i:i + step], max_len, scale, config)
+                          for i in range(0, t, step)])
+    group = h // hkv
+    block_d = triton.next_power_of_2(d)
+    part = torch.empty((t, h, splits, d), dtype=torch.float32, device=q.device)
+    lse = torch.empty((t, h, splits), dtype=torch.float32, device=q.device)
+    _split_kernel[(t, hkv, splits)](
+        q, k_cache, v_cache, lengths, part, lse, slots,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+        split_len, scale, D=d, G=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=block_n, BLOCK_D=block_d, HAS_SLOTS=True,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    out = torch.empty_like(q)
+    _ordered_combine_kernel[(t, h)](
+        part, lse, lengths, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0),
+        lse.stride(1), out.stride(0), out.stride(1), split_len, D=d, BLOCK_D=block_d,
+        num_warps=1)
     return out

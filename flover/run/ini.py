@@ -51,6 +51,7 @@ class RunConfig:
     len_penalty: float = 0.0
     beam_search_diversity_rate: float = 0.0
     enable_custom_all_reduce: bool = False
+    batch_invariant: bool = True  # ours: GPU kernels whose results do not depend on the batch
     interval: float = 100.0  # ms
     arrival: str = "constant"
     use_mem_shuffle: bool = False
@@ -91,7 +92,8 @@ class RunConfig:
                             kv_layout=self.kv_layout, block_size=self.block_size,
                             num_kv_blocks=self.num_kv_blocks,
                             gpu_memory_utilization=self.gpu_memory_utilization,
-                            enable_prefix_caching=self.enable_prefix_caching)
+                            enable_prefix_caching=self.enable_prefix_caching,
+                            batch_invariant=self.batch_invariant)
 
     def sampling_params(self, max_tokens: int, seed: int | None = None) -> SamplingParams:
         """The original's top_p=0.0 means 'off' (1.0 here); top_k=1 means greedy."""
@@ -159,6 +161,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Callable, str]]] = {
         "data_type": (str, lambda v: v.lower() in DTYPES or v == "auto",
                       "one of fp32, fp16, bf16 (or float32, float16, bfloat16, auto)"),
         "enable_custom_all_reduce": _BOOL,
+        "batch_invariant": _BOOL,
         "interval": _float(0.0),
         "arrival": _one_of(*ARRIVALS),
         "use_mem_shuffle": _BOOL,

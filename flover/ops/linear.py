@@ -1,0 +1,80 @@
+"""Batch-invariant linear layers on the GPU: a row's output does not depend on the other rows.
+
+cuBLAS chooses its kernel, tiling and split-K from the batch size, so a request's logits
+change in their last bits when others join its batch. `invariant_linear` runs the Triton
+product of `flover.ops.linear_triton` (one configuration for every batch size) on CUDA
+tensors and F.linear elsewhere; `linear_ref` is what the tests hold the kernel to.
+`swap_linears` puts `InvariantLinear` and `InvariantTiedHead` in place of a loaded model's
+`nn.Linear` and `TiedHead` modules; modules of other types (quantized linears, the
+tensor-parallel wrappers) are left as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flover.models.layers import TiedHead
+
+try:  # the kernel imports triton; CPU-only installs go without it
+    from flover.ops import linear_triton as _k
+except Exception:  # noqa: BLE001 - any import failure means: use the reference
+    _k = None
+
+
+def linear_ref(x: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference the kernel is held to: float32 products and sums, cast back."""
+    y = x.float() @ weight.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def available(t: torch.Tensor) -> bool:
+    return _k is not None and t.is_cuda
+
+
+def invariant_linear(x: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel for CUDA tensors it takes; F.linear for everything else."""
+    if available(x) and weight.stride(-1) == 1 and x.dtype == weight.dtype:
+        return _k.linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class InvariantLinear(nn.Linear):
+    """An nn.Linear (same parameters, same names) whose product is batch-invariant on a GPU."""
+
+    def __init__(self, source: nn.Linear) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = source.in_features, source.out_features
+        self.weight, self.bias = source.weight, source.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return invariant_linear(x, self.weight, self.bias)
+
+
+class InvariantTiedHead(TiedHead):
+    """The tied LM head (still reading its embedding's weight), batch-invariant on a GPU."""
+
+    def __init__(self, source: TiedHead) -> None:
+        nn.Module.__init__(self)
+        self._embedding = source._embedding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return invariant_linear(x, self.weight)
+
+
+def swap_linears(model: nn.Module, only_cuda: bool = True) -> int:
+    """Replace every CUDA `nn.Linear` and `TiedHead` of `model` (exactly those types) by its
+    invariant twin; returns how many. Idempotent; modules of any other type are not touched.
+    `only_cuda=False` swaps CPU modules too (they compute as before: the tests use it)."""
+    swaps = {nn.Linear: InvariantLinear, TiedHead: InvariantTiedHead}
+    targets = [(parent, name, child) for parent in model.modules()
+               for name, child in parent.named_children()
+               if type(child) in swaps and (child.weight.is_cuda or not only_cuda)]
+    for parent, name, child in targets:
+        setattr(parent, name, swaps[type(child)](child))
+    return len(targets)

@@ -1,0 +1,145 @@
+"""Batch-invariant kernels: each equals its PyTorch reference, and a row's result is bitwise
+the same whatever else runs beside it. Under TRITON_INTERPRET=1 on the CPU (small sizes; the
+interpreter has no bfloat16, so bf16 runs only on a GPU), compiled on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+if not torch.cuda.is_available():
+    assert os.environ.get("TRITON_INTERPRET") == "1", "conftest.py sets this before imports"
+triton = pytest.importorskip("triton")
+
+from flover.models.layers import TiedHead  # noqa: E402
+from flover.ops.attention import row_attention_ref  # noqa: E402
+from flover.ops.attention_triton import row_attention  # noqa: E402
+from flover.ops.linear import InvariantLinear, InvariantTiedHead, linear_ref, swap_linears  # noqa: E402
+from flover.ops.linear_triton import linear  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+SMALL = {"block_n": 16, "block_k": 32}  # small tiles keep the interpreter fast
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def _randn(*shape, gen, dtype=torch.float32):
+    return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_reference(dtype, bias):
+    gen = torch.Generator().manual_seed(1)
+    # N and K not multiples of the tiles: masked edges on both
+    w, x = _randn(40, 70, gen=gen, dtype=dtype), _randn(19, 70, gen=gen, dtype=dtype)
+    b = _randn(40, gen=gen, dtype=dtype) if bias else None
+    torch.testing.assert_close(linear(x, w, b, config=SMALL), linear_ref(x, w, b),
+                               rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_row_is_bitwise_the_same_at_every_batch_size(dtype):
+    gen = torch.Generator().manual_seed(2)
+    w, b = _randn(48, 96, gen=gen, dtype=dtype), _randn(48, gen=gen, dtype=dtype)
+    row = _randn(1, 96, gen=gen, dtype=dtype)
+    alone = linear(row, w, b, config=SMALL)
+    for tiles in (2, 4):  # row tiles sharing a program: 1 to 4 of them below
+        for m, at in [(3, 1), (17, 16), (33, 5), (70, 66)]:  # other tiles, programs, offsets
+            x = _randn(m, 96, gen=gen, dtype=dtype)
+            x[at] = row[0]
+            got = linear(x, w, b, config=SMALL | {"max_m_tiles": tiles})
+            assert torch.equal(got[at], alone[0]), (tiles, m, at)
+
+
+def test_linear_keeps_leading_dimensions_and_takes_no_rows():
+    gen = torch.Generator().manual_seed(3)
+    w, x = _randn(16, 32, gen=gen), _randn(2, 3, 32, gen=gen)
+    assert linear(x, w, config=SMALL).shape == (2, 3, 16)
+    assert linear(x[:0, 0], w, config=SMALL).shape == (0, 16)
+
+
+class _Quantized(nn.Module):  # stands in for another branch's linear module: not to be swapped
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(4, 8))
+
+
+def _tiny():
+    m = nn.Module()
+    m.embed = nn.Embedding(10, 8)
+    m.proj = nn.Linear(8, 8)
+    m.q = _Quantized()
+    m.head = TiedHead(m.embed)
+    return m
+
+
+def test_swap_linears_leaves_cpu_models_alone():
+    model = _tiny()
+    assert swap_linears(model) == 0
+    assert type(model.proj) is nn.Linear and type(model.head) is TiedHead
+
+
+def test_swap_linears_replaces_linear_and_tied_head_only_keeping_parameters():
+    model = _tiny()
+    x = torch.randn(3, 8)
+    before = model.head(model.proj(x))
+    names = {n: p for n, p in model.named_parameters()}
+    assert swap_linears(model, only_cuda=False) == 2
+    assert type(model.proj) is InvariantLinear and type(model.head) is InvariantTiedHead
+    assert type(model.q) is _Quantized
+    assert {n: p for n, p in model.named_parameters()} == names  # same names, same tensors
+    assert model.head.weight is model.embed.weight  # still tied
+    assert torch.equal(model.head(model.proj(x)), before)  # CPU tensors: F.linear, unchanged
+    assert swap_linears(model, only_cuda=False) == 0  # idempotent
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 4, 16), (4, 2, 16), (6, 1, 24)])
+def test_row_attention_matches_reference(dtype, heads, kv_heads, head_dim):
+    gen = torch.Generator().manual_seed(heads * 10 + kv_heads)
+    k = _randn(4, kv_heads, 100, head_dim, gen=gen, dtype=dtype)
+    v = _randn(4, kv_heads, 100, head_dim, gen=gen, dtype=dtype)
+    q = _randn(6, heads, head_dim, gen=gen, dtype=dtype)
+    # prompt tokens of one slot beside decode rows of others, lengths across split edges
+    slots = torch.tensor([2, 0, 3, 3, 1, 2], device=DEVICE)
+    lengths = torch.tensor([1, 77, 32, 33, 100, 65], device=DEVICE)
+    ours = row_attention(q, k, v, slots, lengths, 100, head_dim ** -0.5,
+                         config={"block_n": 16, "split_len": 32})
+    ref = row_attention_ref(q, k, v, slots, lengths, head_dim ** -0.5)
+    tol = max(TOL[dtype], 2e-3)  # on a GPU, float32 tl.dot rounds its inputs to tf32
+    torch.testing.assert_close(ours, ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_attention_is_bitwise_the_same_alone_fused_and_in_a_wider_grid(dtype):
+    gen = torch.Generator().manual_seed(5)
+    k, v = _randn(3, 2, 96, 16, gen=gen, dtype=dtype), _randn(3, 2, 96, 16, gen=gen, dtype=dtype)
+    q = _randn(5, 4, 16, gen=gen, dtype=dtype)
+    slots = torch.tensor([0, 1, 2, 2, 2], device=DEVICE)
+    lengths = torch.tensor([90, 7, 40, 41, 42], device=DEVICE)
+    cfg = {"block_n": 16, "split_len": 32}
+    fused = row_attention(q, k, v, slots, lengths, 90, 0.25, cfg)
+    for i in range(5):
+        alone = row_attention(q[i:i + 1], k, v, slots[i:i + 1], lengths[i:i + 1],
+                              int(lengths[i]), 0.25, cfg)
+        graph = row_attention(q[i:i + 1], k, v, slots[i:i + 1], lengths[i:i + 1], 96, 0.25, cfg)
+        assert torch.equal(alone[0], fused[i]) and torch.equal(graph[0], fused[i]), i
+    # many tokens go in slices (bounded partials): the same bits
+    sliced = row_attention(q, k, v, slots, lengths, 90, 0.25, cfg | {"max_partials": 2 * 4 * 3 * 16})
+    assert torch.equal(sliced, fused)
+
+
+def test_row_attention_ignores_positions_past_each_row_length():
+    gen = torch.Generator().manual_seed(6)
+    k, v = _randn(2, 1, 64, 16, gen=gen), _randn(2, 1, 64, 16, gen=gen)
+    q = _randn(2, 2, 16, gen=gen)
+    slots, lengths = torch.tensor([1, 0], device=DEVICE), torch.tensor([5, 40], device=DEVICE)
+    cfg = {"block_n": 16, "split_len": 32}
+    before = row_attention(q, k, v, slots, lengths, 64, 0.25, cfg)
+    k[1, :, 5:], v[1, :, 5:] = float("nan"), float("nan")  # garbage past row 0's length
+    assert torch.equal(row_attention(q, k, v, slots, lengths, 64, 0.25, cfg), before)
