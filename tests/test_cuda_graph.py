@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_engine import engine, greedy, run_staggered
 
 from flover.config import SamplingParams
-from flover.engine.cuda_graph import DecodeGraphs, bucket_sizes
+from flover.engine.cuda_graph import DecodeGraphs, TokenGraphs, bucket_sizes, token_buckets
 from flover.engine.kv_cache import SlotCache
 from flover.engine.runner import ModelRunner
 from flover.engine.scheduler import Batch, Chunk
@@ -56,3 +57,27 @@ def test_padded_decode_matches_plain_forward(preset, capture):
     for _ in range(2):  # twice: the second refills the same input buffer
         got = graphs.forward_logits(rows)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_token_buckets_cover_decode_rows_then_prompt_chunks():
+    assert token_buckets(8, 8 + 200) == [1, 2, 4, 8, 64, 96, 128, 192, 208]
+    assert token_buckets(64, 64 + 2048)[:12] == [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128]
+    assert token_buckets(64, 64 + 2048)[-3:] == [1536, 2048, 2112]
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_every_iteration_through_the_token_graph_path_gives_the_plain_tokens(llama_dir, shuffle):
+    """TokenGraphs' host side (flat tokens, padding, buckets, rows kept) on the CPU: prompt
+    chunks beside decode rows, n samples and a hole in the slots (shuffle off) all replay the
+    static-shaped forward (eagerly here), and every request's tokens equal the plain engine's."""
+    work = [(0, list(range(3, 40)), greedy(9)), (1, [5, 6, 7], greedy(12)),
+            (2, [9] * 21, greedy(4)),
+            (3, [11, 12], SamplingParams(max_tokens=6, n=2, temperature=0.9, seed=5,
+                                         ignore_eos=True))]
+    kw = dict(max_concurrency=5, prefill_token_budget=8, use_mem_shuffle=shuffle)
+    plain = run_staggered(engine(llama_dir, **kw), work)
+    eng = engine(llama_dir, **kw)
+    graphs = TokenGraphs(eng.model, eng.cache, 8, capture=False)
+    eng.runner.graphs = graphs
+    assert run_staggered(eng, work) == plain
+    assert graphs.replays == eng.stats()["iterations"]  # prompt chunks included

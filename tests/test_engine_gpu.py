@@ -51,10 +51,13 @@ def test_a_fault_in_one_request_leaves_the_others_exact_under_cuda_graphs(monkey
     assert eng.stats()["slots_used"] == 0
 
 
-def _logged(model: str, dtype: str, budget: int, work) -> dict[str, list[torch.Tensor]]:
+def _logged(model: str, dtype: str, budget: int, work, graphs: bool = True,
+            engines: list | None = None) -> dict[str, list[torch.Tensor]]:
     """Each request's logits rows, step by step, under batch invariance (the default)."""
     eng = Engine(EngineConfig(model=model, dtype=dtype, device="cuda", max_concurrency=8,
-                              max_seq_len=128, prefill_token_budget=budget))
+                              max_seq_len=128, prefill_token_budget=budget, cuda_graphs=graphs))
+    if engines is not None:
+        engines.append(eng)
     seen: dict[str, list[torch.Tensor]] = {}
     real = eng.runner.select
 
@@ -77,3 +80,17 @@ def test_fused_and_chunked_logits_are_bitwise_the_solo_logits(model, dtype):
             got = fused[key.replace("r0", f"r{i}", 1)]
             assert len(got) == len(steps)
             assert all(torch.equal(a, b) for a, b in zip(got, steps, strict=True)), (i, key)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_mixed_iterations_replay_graphs_bitwise_equal_to_the_eager_forward(dtype):
+    """With invariant kernels every iteration, prompt chunks beside decode rows included,
+    replays a CUDA graph (cuda_graph.TokenGraphs), and its logits are the eager ones bit for bit."""
+    engines: list[Engine] = []
+    graphed = _logged("tiny_llama", dtype, 8, WORK, engines=engines)
+    eager = _logged("tiny_llama", dtype, 8, WORK, graphs=False)
+    assert graphed.keys() == eager.keys()
+    for key, steps in eager.items():
+        assert all(torch.equal(a, b) for a, b in zip(graphed[key], steps, strict=True)), key
+    eng = engines[0]
+    assert eng.runner.graphs.replays == eng.stats()["iterations"]

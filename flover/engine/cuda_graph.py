@@ -1,4 +1,8 @@
-"""CUDA graphs for pure-decode iterations: one graph per batch-size bucket, replayed.
+"""CUDA graphs for the iterations: one graph per size bucket, replayed.
+
+`DecodeGraphs` and `PagedDecodeGraphs` replay pure-decode iterations. `TokenGraphs` replays
+every iteration of the slot layout, prompt chunks included, when the kernels are
+batch-invariant (see its docstring).
 
 A decode iteration launches a few hundred small kernels; replaying them as one graph takes
 the host's launch cost off the critical path. Each bucket size (1, 2, 4, 8, 12, 16, 24, 32,
@@ -44,10 +48,8 @@ class DecodeGraphs:
     check the padding and buffer logic that way).
     """
 
-    def __init__(self, model: nn.Module, cache: SlotCache, capture: bool = True,
-                 batch_invariant: bool = False) -> None:
+    def __init__(self, model: nn.Module, cache: SlotCache, capture: bool = True) -> None:
         self.model, self.cache, self.capture = model, cache, capture
-        self.batch_invariant = batch_invariant
         n, dev = cache.num_slots, cache.k.device
         self.buckets = bucket_sizes(n)
         # rows: token ids, positions, lengths, logits rows to keep; one copy per iteration
@@ -65,7 +67,7 @@ class DecodeGraphs:
         ids, pos, lens = self.static[0, :size], self.static[1, :size], self.static[2, :size]
         meta = AttentionMetadata(slot_ids=self.slot_ids[:size], positions=pos, num_decode=size,
                                  decode_lengths=lens, decode_max_len=self.cache.max_seq_len,
-                                 prefills=[], batch_invariant=self.batch_invariant)
+                                 prefills=[])
         return self.model.logits(self.model(ids, meta, self.cache.k, self.cache.v))
 
     def capture_all(self) -> None:
@@ -185,3 +187,105 @@ class PagedDecodeGraphs(DecodeGraphs):
         else:
             logits = self._forward(size)
         return logits[:live].clone()  # the graph's output is overwritten by the next replay
+
+
+def token_buckets(num_slots: int, max_tokens: int) -> list[int]:
+    """The decode buckets, then steps of a third to a half up to `max_tokens` (prompt chunks)."""
+    sizes = set(bucket_sizes(num_slots))
+    b = 64
+    while b < max_tokens:
+        if b > num_slots:
+            sizes.add(b)
+        b = b * 3 // 2 if b & (b - 1) == 0 else b * 4 // 3  # 64, 96, 128, 192, 256, ...
+    return sorted(s for s in sizes | {max_tokens} if s <= max_tokens)
+
+
+class TokenGraphs:
+    """`forward_logits(...)` for any iteration of the slot layout: decode rows and prompt
+    chunks are one flat list of tokens, each with its slot, position and KV length.
+
+    With batch-invariant kernels a token's result depends on its own inputs only: the linear
+    layers take one tile configuration for every row count and attention runs per token
+    (`row_attention`), so a prompt token is just a row that reads its slot up to its own
+    position. An iteration of T tokens therefore replays the graph of the next bucket up,
+    bitwise the same as the eager forward, and mixed prefill-and-decode iterations leave the
+    host's launch cost behind as decode iterations do. Padding tokens write their key and value
+    at slot 0's last position, which no request reads, and read slot 0 up to length 1; the
+    logits of at most `num_slots` rows are computed (no iteration samples more rows).
+    """
+
+    def __init__(self, model: nn.Module, cache: SlotCache, max_prefill_tokens: int,
+                 capture: bool = True) -> None:
+        self.model, self.cache, self.capture = model, cache, capture
+        n, dev = cache.num_slots, cache.k.device
+        self.max_tokens = n + max_prefill_tokens
+        self.buckets = token_buckets(n, self.max_tokens)
+        # ids, slots, positions, KV lengths, rows to keep: one copy per iteration
+        self.static = torch.zeros((5, self.max_tokens), dtype=torch.long, device=dev)
+        self.host = torch.zeros((5, self.max_tokens), dtype=torch.long, pin_memory=capture)
+        self.copied: torch.cuda.Event | None = None
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+        self.replays = 0  # iterations served from a graph (tests and stats)
+
+    def bucket(self, tokens: int) -> int | None:
+        return next((b for b in self.buckets if b >= tokens), None)
+
+    def _forward(self, size: int) -> torch.Tensor:
+        ids, slots, pos, lens = self.static[:4, :size]
+        keep = self.static[4, :min(size, self.cache.num_slots)]
+        max_len = self.cache.max_seq_len  # sizes the grid only: a token reads its own length
+        meta = AttentionMetadata(slot_ids=slots, positions=pos, num_decode=size,
+                                 decode_lengths=lens, decode_max_len=max_len, prefills=[],
+                                 batch_invariant=True, rows=(slots, lens, max_len))
+        hidden = self.model(ids, meta, self.cache.k, self.cache.v)
+        return self.model.logits(hidden.index_select(0, keep))
+
+    def capture_all(self) -> None:
+        """Capture every bucket now, largest first (the smaller reuse its pool memory)."""
+        for size in reversed(self.buckets):
+            if size not in self.graphs:
+                self._capture(size)
+
+    def _capture(self, size: int) -> None:
+        self._fill([], [], [], [], [], size)  # all padding: writes only slot 0's last position
+        self.static.copy_(self.host)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._forward(size)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with _CAPTURE_LOCK, torch.cuda.graph(graph, pool=self.pool,
+                                             capture_error_mode="thread_local"):
+            logits = self._forward(size)
+        self.pool = graph.pool()
+        self.graphs[size] = (graph, logits)
+
+    def _fill(self, ids: list[int], slots: list[int], pos: list[int], lens: list[int],
+              keep: list[int], size: int) -> None:
+        if self.copied is not None:
+            self.copied.synchronize()  # the last copy out of this buffer has finished
+        pad = size - len(ids)
+        self.host[:, :size] = torch.tensor(
+            [ids + [0] * pad, slots + [0] * pad, pos + [self.cache.max_seq_len - 1] * pad,
+             lens + [1] * pad, keep + [0] * (size - len(keep))], dtype=torch.long)
+
+    def forward_logits(self, ids: list[int], slots: list[int], pos: list[int],
+                       lens: list[int], keep: list[int]) -> torch.Tensor | None:
+        """Logits [len(keep), vocab] of the flat tokens' rows `keep`; None when the iteration
+        is larger than the largest bucket (the caller runs it eagerly)."""
+        size = self.bucket(len(ids))
+        if size is None or len(keep) > min(size, self.cache.num_slots):
+            return None
+        self._fill(ids, slots, pos, lens, keep, size)
+        self.static.copy_(self.host, non_blocking=True)
+        if self.capture:
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+            graph, logits = self.graphs[size]
+            graph.replay()
+        else:
+            logits = self._forward(size)
+        self.replays += 1
+        return logits[:len(keep)].clone()  # the graph's output is overwritten by the next replay

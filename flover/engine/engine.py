@@ -92,7 +92,8 @@ class Engine:
         # no CUDA graphs around the all-reduces yet: tensor parallelism runs eagerly
         self.runner = ModelRunner(model, self.cache, self.eos_token_ids, cfg.seed,
                                   cuda_graphs=cfg.cuda_graphs and tp == 1,
-                                  batch_invariant=cfg.batch_invariant)
+                                  batch_invariant=cfg.batch_invariant,
+                                  max_prefill_tokens=cfg.prefill_token_budget)
         self.outputs = OutputProcessor(tokenizer)
         self.requests: dict[str, Request] = {}  # unfinished requests by id (their head rows)
         self.failed_batches = 0

@@ -21,10 +21,11 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from flover.engine.cuda_graph import DecodeGraphs, PagedDecodeGraphs
+from flover.engine.cuda_graph import DecodeGraphs, PagedDecodeGraphs, TokenGraphs
 from flover.engine.kv_cache import PagedCache, SlotCache
 from flover.engine.scheduler import Batch, StepResult
 from flover.engine.sequence import Group, Request
+from flover.ops import attention
 from flover.ops.attention import AttentionMetadata, PrefillChunk
 from flover.sampling import penalties, sampler
 
@@ -34,7 +35,7 @@ T = TypeVar("T")
 class ModelRunner:
     def __init__(self, model: nn.Module, cache: SlotCache | PagedCache,
                  eos_ids: list[int] | None = None, seed: int = 0, cuda_graphs: bool = True,
-                 batch_invariant: bool = False) -> None:
+                 batch_invariant: bool = False, max_prefill_tokens: int = 2048) -> None:
         self.model, self.cache, self.eos_ids = model, cache, list(eos_ids or [])
         self.batch_invariant = batch_invariant  # attention's per-row kernel (flover.ops.attention)
         self.device = cache.k.device
@@ -48,8 +49,11 @@ class ModelRunner:
             self.graphs = None
         elif self.paged:
             self.graphs = PagedDecodeGraphs(model, cache)
+        elif batch_invariant and attention.row_attention_available():
+            # every iteration, prompt chunks too, replays a graph (flover.engine.cuda_graph)
+            self.graphs = TokenGraphs(model, cache, max_prefill_tokens)
         else:
-            self.graphs = DecodeGraphs(model, cache, batch_invariant=batch_invariant)
+            self.graphs = DecodeGraphs(model, cache)
         if self.graphs is not None:
             self.graphs.capture_all()
 
@@ -107,10 +111,11 @@ class ModelRunner:
             out += [penalties.logprob_entry(row, kk, k) for row in host]
         return out
 
-    def prepare(self, batch: Batch) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
-        """input ids, attention metadata, and the flat index of each row to sample."""
-        if self.paged:
-            return self.prepare_paged(batch)
+    def flat(self, batch: Batch) -> tuple[list[int], list[int], list[int], list[int], list[int],
+                                          list[PrefillChunk]]:
+        """The slot layout's flat iteration on the host: each token's id, slot, position and KV
+        length (decode rows first, then the prompt chunks), the flat index of each row to
+        sample, and the chunks."""
         pad_pos = self.cache.max_seq_len - 1
         ids, slots, pos, lengths, logit_rows = [], [], [], [], []
         for i, r in enumerate(batch.decode):
@@ -126,8 +131,17 @@ class ModelRunner:
             ids.extend(c.row.prompt_ids[c.start:c.start + c.length])
             slots.extend([c.slot] * c.length)
             pos.extend(range(c.start, c.start + c.length))
+            lengths.extend(range(c.start + 1, c.start + c.length + 1))
             if c.completes:
                 logit_rows += [len(ids) - 1] * len(c.row.rows)
+        return ids, slots, pos, lengths, logit_rows, chunks
+
+    def prepare(self, batch: Batch) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
+        """input ids, attention metadata, and the flat index of each row to sample."""
+        if self.paged:
+            return self.prepare_paged(batch)
+        ids, slots, pos, lengths, logit_rows, chunks = self.flat(batch)
+        lengths = lengths[:len(batch.decode)]  # prompt tokens' lengths follow from positions
         dev = self.device
         meta = AttentionMetadata(
             slot_ids=torch.tensor(slots, device=dev), positions=torch.tensor(pos, device=dev),
@@ -174,7 +188,12 @@ class ModelRunner:
     @torch.inference_mode()
     def forward_logits(self, batch: Batch) -> torch.Tensor:
         """Logits [len(batch.sample), vocab] in float32."""
-        if self.graphs is not None and batch.decode and not batch.prefill:
+        if isinstance(self.graphs, TokenGraphs):  # every iteration, prompt chunks too
+            ids, slots, pos, lengths, keep, _ = self.flat(batch)
+            logits = self.graphs.forward_logits(ids, slots, pos, lengths, keep)
+            if logits is not None:
+                return logits
+        elif self.graphs is not None and batch.decode and not batch.prefill:
             if self.paged:
                 return self.graphs.forward_logits(batch.decode, batch.block_tables)
             return self.graphs.forward_logits(batch.decode)

@@ -44,7 +44,9 @@ class AttentionMetadata:
     write_offsets: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
     batch_invariant: bool = False  # GPU: every token through `row_attention` (see there)
-    rows: tuple[torch.Tensor, torch.Tensor, int] | None = None  # its slots, lengths, max length
+    # every token as a row: its slot, its KV length, and the longest (built by `_rows`, or
+    # given by cuda_graph.TokenGraphs, whose tokens are all rows)
+    rows: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
 
 @dataclass(slots=True)
@@ -209,6 +211,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
     if meta.batch_invariant and q.is_cuda and _triton_rows is not None:
         slots, lengths, max_len = _rows(meta)
         return _triton_rows(q, k_cache, v_cache, slots, lengths, max_len, scale)
+    if meta.rows is not None:  # tokens given as rows (cuda_graph.TokenGraphs) without Triton
+        slots, lengths, _ = meta.rows
+        return row_attention_ref(q, k_cache, v_cache, slots, lengths, scale)
     out = torch.empty_like(q)
     nd = meta.num_decode
     if nd:
@@ -247,6 +252,11 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, lengths, max_len, 
     if q.is_cuda and _triton_paged_decode is not None:
         return _triton_paged_decode(q, k_cache, v_cache, block_tables, lengths, max_len, scale)
     return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, lengths, max_len, scale)
+
+
+def row_attention_available() -> bool:
+    """Whether the GPU's per-row (batch-invariant) attention kernel can run here."""
+    return _triton_rows is not None
 
 
 def decode_attention(q, k_cache, v_cache, lengths, max_len, scale):
