@@ -84,7 +84,7 @@ def _linear_kernel(X, W, B, Y, M, N, K, sx_m, sw_n, sy_m,
 
 def default_config(element_size: int = 2) -> dict:
     """Launch parameters for every M (never chosen from M: that is the invariance). Picked on
-    an H200 by `bench/decode_step.py --linear-configs` (docs/perf/issue-11.md); float32
+    an H200 by `bench/decode_step.py --linear-configs` (docs/PERF.md, "Batch invariance"); float32
     tiles take half the K depth, so that the staged tiles fit in shared memory."""
     return {"block_m": 16, "block_n": 64, "block_k": 512 // element_size, "num_warps": 4,
             "num_stages": 4, "max_m_tiles": 2}
