@@ -38,3 +38,30 @@ def test_prompts_of_very_different_lengths_go_one_by_one():
     assert _batchable(chunks) == []  # 3 x 40 padded for 45 real tokens
     assert _batchable(chunks[1:]) == chunks[1:]
     assert _batchable([PrefillChunk(0, 8, 4, 0), PrefillChunk(1, 0, 4, 4)]) == []  # one whole
+
+
+def test_paged_iteration_as_rows_equals_decode_and_prefill_attention():
+    """Under batch invariance on a GPU a paged iteration's prompt tokens become rows of the
+    paged decode kernel (`_paged_rows`). Checked here through the kernel's reference: every
+    token's row (its table, its length) gives what the decode and prefill paths give."""
+    from flover.ops.attention import _paged_rows, paged_attention, paged_decode_attention_ref
+
+    gen = torch.Generator().manual_seed(0)
+    blocks, hkv, bs, d, h = 12, 2, 4, 8, 4
+    k_cache = torch.randn(blocks, hkv, bs, d, generator=gen)
+    v_cache = torch.randn(blocks, hkv, bs, d, generator=gen)
+    # two decode rows (lengths 6 and 9), then a chunk at positions 4..8 and a whole prompt of 3
+    tables = torch.tensor([[1, 2, 0], [3, 4, 5]])
+    chunks = [PrefillChunk(0, 4, 5, 2, torch.tensor([6, 7, 8])),
+              PrefillChunk(0, 0, 3, 7, torch.tensor([9]))]
+    positions = torch.tensor([5, 8, 4, 5, 6, 7, 8, 0, 1, 2])
+    q = torch.randn(len(positions), h, d, generator=gen)
+    meta = AttentionMetadata(slot_ids=torch.zeros(10, dtype=torch.long), positions=positions,
+                             num_decode=2, decode_lengths=torch.tensor([6, 9]), decode_max_len=9,
+                             prefills=chunks, block_tables=tables)
+    expected = paged_attention(q, k_cache, v_cache, meta, d ** -0.5)
+    rows, lengths, max_len = _paged_rows(meta)
+    assert rows.shape == (10, 3) and lengths.tolist() == [6, 9, 5, 6, 7, 8, 9, 1, 2, 3]
+    assert max_len == 9
+    got = paged_decode_attention_ref(q, k_cache, v_cache, rows, lengths, max_len, d ** -0.5)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

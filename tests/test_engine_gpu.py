@@ -52,10 +52,11 @@ def test_a_fault_in_one_request_leaves_the_others_exact_under_cuda_graphs(monkey
 
 
 def _logged(model: str, dtype: str, budget: int, work, graphs: bool = True,
-            engines: list | None = None) -> dict[str, list[torch.Tensor]]:
+            engines: list | None = None, **kw) -> dict[str, list[torch.Tensor]]:
     """Each request's logits rows, step by step, under batch invariance (the default)."""
     eng = Engine(EngineConfig(model=model, dtype=dtype, device="cuda", max_concurrency=8,
-                              max_seq_len=128, prefill_token_budget=budget, cuda_graphs=graphs))
+                              max_seq_len=128, prefill_token_budget=budget, cuda_graphs=graphs,
+                              **kw))
     if engines is not None:
         engines.append(eng)
     seen: dict[str, list[torch.Tensor]] = {}
@@ -94,3 +95,17 @@ def test_mixed_iterations_replay_graphs_bitwise_equal_to_the_eager_forward(dtype
         assert all(torch.equal(a, b) for a, b in zip(graphed[key], steps, strict=True)), key
     eng = engines[0]
     assert eng.runner.graphs.replays == eng.stats()["iterations"]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_paged_fused_chunked_and_prefix_cached_logits_are_bitwise_the_solo_logits(dtype):
+    """Pages: prompt tokens go through the paged decode kernel one row each, so chunks, cached
+    prefixes (r5 shares r1's first 32 tokens) and fusion change no bit of any request's logits."""
+    work = WORK + [(6, list(range(3, 40))[:32] + [7, 8, 9], GREEDY)]
+    pages = dict(kv_layout="pages", num_kv_blocks=64, block_size=16)
+    fused = _logged("tiny_llama", dtype, 8, work, **pages)
+    for i, item in enumerate(work):
+        alone = _logged("tiny_llama", dtype, 2048, [(0, item[1], item[2])], **pages)
+        for key, steps in alone.items():
+            got = fused[key.replace("r0", f"r{i}", 1)]
+            assert all(torch.equal(a, b) for a, b in zip(got, steps, strict=True)), (i, key)

@@ -182,7 +182,8 @@ class ModelRunner:
             decode_lengths=torch.tensor(lengths, device=dev) if lengths else None,
             decode_max_len=max(lengths, default=0), prefills=chunks,
             write_offsets=torch.tensor(offs, device=dev),
-            block_tables=torch.tensor(table, dtype=torch.long, device=dev) if table else None)
+            block_tables=torch.tensor(table, dtype=torch.long, device=dev) if table else None,
+            batch_invariant=self.batch_invariant)
         return torch.tensor(ids, device=dev), meta, logit_rows
 
     @torch.inference_mode()

@@ -233,9 +233,30 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
     return out
 
 
+def _paged_rows(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Every token of a paged iteration as a row of the decode kernel: its block table, its
+    KV length, the longest. A prompt token then reads its row's blocks up to its own position
+    with a KV split fixed by its own length: the same bits whether its prompt is prefilled
+    whole, in chunks, after a cached prefix, alone or beside others (batch invariance)."""
+    if meta.rows is None:
+        nd = meta.num_decode
+        parts = [meta.block_tables] if nd else []
+        parts += [c.blocks.expand(c.length, -1) for c in meta.prefills]
+        width = max(t.shape[1] for t in parts)
+        tables = torch.cat([F.pad(t, (0, width - t.shape[1])) for t in parts])
+        prompt = meta.positions[nd:] + 1
+        lengths = prompt if not nd else torch.cat([meta.decode_lengths, prompt])
+        end = max(c.start + c.length for c in meta.prefills)
+        meta.rows = tables, lengths, max(meta.decode_max_len, end)
+    return meta.rows
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """The paged layout's attention, once this iteration's keys and values are written."""
+    if meta.batch_invariant and meta.prefills and q.is_cuda and _triton_paged_decode is not None:
+        tables, lengths, max_len = _paged_rows(meta)
+        return _triton_paged_decode(q, k_cache, v_cache, tables, lengths, max_len, scale)
     out = torch.empty_like(q)
     nd = meta.num_decode
     if nd:
