@@ -41,34 +41,27 @@ def bucket_sizes(num_slots: int) -> list[int]:
     return sorted({s for s in sizes if s < num_slots} | {num_slots})
 
 
-class DecodeGraphs:
-    """`forward_logits(rows)` for a decode-only batch: replays the bucket's graph.
+class BucketGraphs:
+    """What the graph classes share: one graph per size bucket, captured at start into one
+    memory pool, fed from a pinned host buffer (`host` -> `static`) in one copy per iteration.
+    Subclasses define `_forward(size)` (the static-shaped forward, reading `static`) and
+    `_pad(size)` (fill `host` with padding only, for the warm-up and the capture)."""
 
-    With `capture=False` the same padded, static-shaped forward runs eagerly (the CPU tests
-    check the padding and buffer logic that way).
-    """
+    host: torch.Tensor
+    static: torch.Tensor
+    buckets: list[int]
 
-    def __init__(self, model: nn.Module, cache: SlotCache, capture: bool = True) -> None:
+    def __init__(self, model: nn.Module, cache, capture: bool) -> None:
         self.model, self.cache, self.capture = model, cache, capture
-        n, dev = cache.num_slots, cache.k.device
-        self.buckets = bucket_sizes(n)
-        # rows: token ids, positions, lengths, logits rows to keep; one copy per iteration
-        self.static = torch.zeros((4, n), dtype=torch.long, device=dev)
-        self.host = torch.zeros((4, n), dtype=torch.long, pin_memory=capture)
         self.copied: torch.cuda.Event | None = None
-        self.slot_ids = torch.arange(n, device=dev)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
-    def bucket(self, rows: int) -> int:
-        return next(b for b in self.buckets if b >= rows)
-
     def _forward(self, size: int) -> torch.Tensor:
-        ids, pos, lens = self.static[0, :size], self.static[1, :size], self.static[2, :size]
-        meta = AttentionMetadata(slot_ids=self.slot_ids[:size], positions=pos, num_decode=size,
-                                 decode_lengths=lens, decode_max_len=self.cache.max_seq_len,
-                                 prefills=[])
-        return self.model.logits(self.model(ids, meta, self.cache.k, self.cache.v))
+        raise NotImplementedError
+
+    def _pad(self, size: int) -> None:
+        raise NotImplementedError
 
     def capture_all(self) -> None:
         """Capture every bucket now, largest first (the smaller reuse its pool memory), so that
@@ -79,8 +72,8 @@ class DecodeGraphs:
 
     def _capture(self, size: int) -> None:
         """Warm up on a side stream (Triton compiles, cuBLAS picks), then capture."""
-        self._fill([], size)  # every row a padding row: warm-up writes only last positions
-        self.static.copy_(self.host)
+        self._pad(size)
+        self._upload()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -93,10 +86,59 @@ class DecodeGraphs:
         self.pool = graph.pool()
         self.graphs[size] = (graph, logits)
 
+    def _wait_for_copy(self) -> None:
+        """Before the host buffer is written again: its last copy out has finished."""
+        if self.copied is not None:
+            self.copied.synchronize()
+
+    def _upload(self) -> None:
+        self.static.copy_(self.host, non_blocking=True)
+
+    def _replay(self, size: int) -> torch.Tensor:
+        """Send the filled host buffer and replay the bucket's graph (or run its forward
+        eagerly with capture=False); the logits it leaves."""
+        self._upload()
+        if not self.capture:
+            return self._forward(size)
+        self.copied = torch.cuda.Event()
+        self.copied.record()
+        graph, logits = self.graphs[size]
+        graph.replay()
+        return logits
+
+
+class DecodeGraphs(BucketGraphs):
+    """`forward_logits(rows)` for a decode-only batch: replays the bucket's graph.
+
+    With `capture=False` the same padded, static-shaped forward runs eagerly (the CPU tests
+    check the padding and buffer logic that way).
+    """
+
+    def __init__(self, model: nn.Module, cache: SlotCache, capture: bool = True) -> None:
+        super().__init__(model, cache, capture)
+        n, dev = cache.num_slots, cache.k.device
+        self.buckets = bucket_sizes(n)
+        # rows: token ids, positions, lengths, logits rows to keep; one copy per iteration
+        self.static = torch.zeros((4, n), dtype=torch.long, device=dev)
+        self.host = torch.zeros((4, n), dtype=torch.long, pin_memory=capture)
+        self.slot_ids = torch.arange(n, device=dev)
+
+    def bucket(self, rows: int) -> int:
+        return next(b for b in self.buckets if b >= rows)
+
+    def _forward(self, size: int) -> torch.Tensor:
+        ids, pos, lens = self.static[0, :size], self.static[1, :size], self.static[2, :size]
+        meta = AttentionMetadata(slot_ids=self.slot_ids[:size], positions=pos, num_decode=size,
+                                 decode_lengths=lens, decode_max_len=self.cache.max_seq_len,
+                                 prefills=[])
+        return self.model.logits(self.model(ids, meta, self.cache.k, self.cache.v))
+
+    def _pad(self, size: int) -> None:
+        self._fill([], size)  # every row a padding row: writes only last positions
+
     def _fill(self, decode: list, size: int) -> int:
         """Write the padded inputs into the pinned host buffer; returns the live row count."""
-        if self.copied is not None:
-            self.copied.synchronize()  # the last copy out of this buffer has finished
+        self._wait_for_copy()
         pad_pos = self.cache.max_seq_len - 1
         ids, pos, lens, keep = [], [], [], []
         for i, r in enumerate(decode):
@@ -116,15 +158,7 @@ class DecodeGraphs:
         """decode: row i <-> slot i, None for a padding row. Logits [live rows, vocab]."""
         size = self.bucket(len(decode))
         live = self._fill(decode, size)
-        self.static.copy_(self.host, non_blocking=True)
-        if self.capture:
-            self.copied = torch.cuda.Event()
-            self.copied.record()
-            graph, logits = self.graphs[size]
-            graph.replay()
-        else:
-            logits = self._forward(size)
-        return logits.index_select(0, self.static[3, :live])
+        return self._replay(size).index_select(0, self.static[3, :live])
 
 
 class PagedDecodeGraphs(DecodeGraphs):
@@ -156,9 +190,11 @@ class PagedDecodeGraphs(DecodeGraphs):
                                  block_tables=self.tables[:size])
         return self.model.logits(self.model(st[0, :size], meta, self.cache.k, self.cache.v))
 
+    def _upload(self) -> None:
+        self.flat.copy_(self.flat_host, non_blocking=True)
+
     def _fill(self, decode: list, size: int, tables: dict | None = None) -> int:
-        if self.copied is not None:
-            self.copied.synchronize()
+        self._wait_for_copy()
         bs, n = self.cache.block_size, len(decode)
         rows = [[r.last_token, r.num_computed, r.num_computed + 1, i,
                  tables[r][r.num_computed // bs], r.num_computed % bs]
@@ -178,15 +214,8 @@ class PagedDecodeGraphs(DecodeGraphs):
         """decode: the generating rows, dense; tables: each row's blocks. Logits [rows, vocab]."""
         size = self.bucket(len(decode))
         live = self._fill(decode, size, tables)
-        self.flat.copy_(self.flat_host, non_blocking=True)
-        if self.capture:
-            self.copied = torch.cuda.Event()
-            self.copied.record()
-            graph, logits = self.graphs[size]
-            graph.replay()
-        else:
-            logits = self._forward(size)
-        return logits[:live].clone()  # the graph's output is overwritten by the next replay
+        # the graph's output is overwritten by the next replay
+        return self._replay(size)[:live].clone()
 
 
 def token_buckets(num_slots: int, max_tokens: int) -> list[int]:
@@ -200,7 +229,7 @@ def token_buckets(num_slots: int, max_tokens: int) -> list[int]:
     return sorted(s for s in sizes | {max_tokens} if s <= max_tokens)
 
 
-class TokenGraphs:
+class TokenGraphs(BucketGraphs):
     """`forward_logits(...)` for any iteration of the slot layout: decode rows and prompt
     chunks are one flat list of tokens, each with its slot, position and KV length.
 
@@ -216,16 +245,13 @@ class TokenGraphs:
 
     def __init__(self, model: nn.Module, cache: SlotCache, max_prefill_tokens: int,
                  capture: bool = True) -> None:
-        self.model, self.cache, self.capture = model, cache, capture
+        super().__init__(model, cache, capture)
         n, dev = cache.num_slots, cache.k.device
         self.max_tokens = n + max_prefill_tokens
         self.buckets = token_buckets(n, self.max_tokens)
         # ids, slots, positions, KV lengths, rows to keep: one copy per iteration
         self.static = torch.zeros((5, self.max_tokens), dtype=torch.long, device=dev)
         self.host = torch.zeros((5, self.max_tokens), dtype=torch.long, pin_memory=capture)
-        self.copied: torch.cuda.Event | None = None
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool = None
         self.replays = 0  # iterations served from a graph (tests and stats)
 
     def bucket(self, tokens: int) -> int | None:
@@ -241,31 +267,12 @@ class TokenGraphs:
         hidden = self.model(ids, meta, self.cache.k, self.cache.v)
         return self.model.logits(hidden.index_select(0, keep))
 
-    def capture_all(self) -> None:
-        """Capture every bucket now, largest first (the smaller reuse its pool memory)."""
-        for size in reversed(self.buckets):
-            if size not in self.graphs:
-                self._capture(size)
-
-    def _capture(self, size: int) -> None:
+    def _pad(self, size: int) -> None:
         self._fill([], [], [], [], [], size)  # all padding: writes only slot 0's last position
-        self.static.copy_(self.host)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._forward(size)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with _CAPTURE_LOCK, torch.cuda.graph(graph, pool=self.pool,
-                                             capture_error_mode="thread_local"):
-            logits = self._forward(size)
-        self.pool = graph.pool()
-        self.graphs[size] = (graph, logits)
 
     def _fill(self, ids: list[int], slots: list[int], pos: list[int], lens: list[int],
               keep: list[int], size: int) -> None:
-        if self.copied is not None:
-            self.copied.synchronize()  # the last copy out of this buffer has finished
+        self._wait_for_copy()
         pad = size - len(ids)
         self.host[:, :size] = torch.tensor(
             [ids + [0] * pad, slots + [0] * pad, pos + [self.cache.max_seq_len - 1] * pad,
@@ -279,13 +286,6 @@ class TokenGraphs:
         if size is None or len(keep) > min(size, self.cache.num_slots):
             return None
         self._fill(ids, slots, pos, lens, keep, size)
-        self.static.copy_(self.host, non_blocking=True)
-        if self.capture:
-            self.copied = torch.cuda.Event()
-            self.copied.record()
-            graph, logits = self.graphs[size]
-            graph.replay()
-        else:
-            logits = self._forward(size)
+        logits = self._replay(size)
         self.replays += 1
         return logits[:len(keep)].clone()  # the graph's output is overwritten by the next replay
