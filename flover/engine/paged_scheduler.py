@@ -183,20 +183,7 @@ class PagedScheduler(Scheduler):
                         f.num_computed = row.num_computed
             elif row.output_ids and row.num_computed == target(row):
                 self._ready(row.rows[0])
-        now = time.perf_counter()
-        advanced = []
-        logprobs = result.logprobs or [None] * len(result.tokens)
-        for r, tok, lp in zip(batch.sample, result.tokens, logprobs, strict=True):
-            if tok is None:
-                continue
-            r.output_ids.append(tok)
-            if lp is not None:
-                r.logprobs.append(lp)
-            if r.status is Status.PREFILL:
-                r.status, r.first_token_time = Status.DECODE, now
-            advanced.append(r)
-        for group, parents in result.parents.items():
-            self._reorder_beams(group, parents)
+        advanced = self._take_tokens(batch, result)
         if self.blocks.prefix_caching:
             bs = self.blocks.block_size
             for r in self.running:

@@ -132,6 +132,11 @@ class Scheduler:
                 for f in c.row.forks:
                     f.num_computed = c.row.num_computed
                     self.pending_ops.append(CopyPrefix(c.slot, self.slots.slot(f), f.num_computed))
+        return self._take_tokens(batch, result)
+
+    def _take_tokens(self, batch: Batch, result: StepResult) -> list[Request]:
+        """Append each sampled row's token (and logprobs), start the rows that got their first
+        one, reorder beams; the rows that advanced."""
         now = time.perf_counter()
         advanced = []
         logprobs = result.logprobs or [None] * len(result.tokens)
