@@ -15,6 +15,9 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16":
           "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
+QUANTIZATIONS = ("none", "auto", "int8", "int4")
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names it."""
 
@@ -237,6 +240,9 @@ class EngineConfig:
     seed: int = 0
     tensor_para_size: int = 1
     cuda_graphs: bool = True  # replay pure-decode iterations as CUDA graphs (GPU only)
+    # weight-only: None/"none" full precision; "int8"/"int4" group-wise, quantized at load;
+    # "auto": a GGUF file keeps its own Q4_0/Q4_1/Q8_0 tensors on the CPU (flover/ops/quant.py)
+    quantization: str | None = "auto"
 
     def __post_init__(self) -> None:
         _check(isinstance(self.max_concurrency, int) and self.max_concurrency >= 1,
@@ -249,3 +255,9 @@ class EngineConfig:
                "tensor_para_size", self.tensor_para_size, "must be an integer >= 1")
         if self.dtype != "auto":
             self.dtype = canonical_dtype(self.dtype)
+        _check(self.quantization is None or (isinstance(self.quantization, str) and
+               self.quantization.lower() in QUANTIZATIONS), "quantization", self.quantization,
+               f"expected None or one of {list(QUANTIZATIONS)}")
+        if self.quantization is not None:
+            self.quantization = self.quantization.lower()
+            self.quantization = None if self.quantization == "none" else self.quantization

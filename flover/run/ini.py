@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from flover.config import DTYPES, ConfigError, EngineConfig, SamplingParams
+from flover.config import DTYPES, QUANTIZATIONS, ConfigError, EngineConfig, SamplingParams
 from flover.models.presets import PRESETS
 from flover.weights import DEFAULT_MODEL
 
@@ -37,6 +37,7 @@ class RunConfig:
     beam_width: int = 1
     tensor_para_size: int = 1
     pipeline_para_size: int = 1
+    weight_quantization: str = "auto"  # none | auto | int8 | int4 (EngineConfig.quantization)
     # [runtime_hyperparameter]
     top_k: int = 1
     top_p: float = 0.0
@@ -82,7 +83,8 @@ class RunConfig:
         return EngineConfig(model=self.model_type, dtype=self.data_type, device=self.device,
                             max_concurrency=requests * self.rows_per_request,
                             max_seq_len=self.max_seq_len, use_mem_shuffle=self.use_mem_shuffle,
-                            seed=self.seed, tensor_para_size=self.tensor_para_size)
+                            seed=self.seed, tensor_para_size=self.tensor_para_size,
+                            quantization=self.weight_quantization)
 
     def sampling_params(self, max_tokens: int, seed: int | None = None) -> SamplingParams:
         """The original's top_p=0.0 means 'off' (1.0 here); top_k=1 means greedy."""
@@ -133,6 +135,8 @@ SCHEMA: dict[str, dict[str, tuple[type, Callable, str]]] = {
                              "launch with `torchrun --nproc-per-node K -m flover.cli run FILE.ini`"),
         "pipeline_para_size": (int, lambda v: v == 1,
                                "1 (pipeline parallelism is not supported)"),
+        "weight_quantization": (str, lambda v: v.lower() in QUANTIZATIONS,
+                                "one of " + ", ".join(QUANTIZATIONS)),
     },
     "runtime_hyperparameter": {
         "top_k": _int(0),
