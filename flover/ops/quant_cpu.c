@@ -5,73 +5,104 @@
  * weight j + 16 in its high one), int8 as 32 signed bytes; one float32 scale (and, for int4, one
  * float32 min) per group of `group` weights: w = q * scale (+ min).
  *
- * Each block is dequantised once into 32 floats and multiplied into up to TM activation rows,
- * so a batch of 8 reads the weights once. A row's reduction order (32 lane accumulators over
- * the blocks in order, then a fixed tree) does not depend on M or on the other rows: a request
- * gets the same bits alone and fused. Threads split the output columns (OpenMP; torch's own
- * runtime when torch is loaded first).
+ * Each block is dequantised once into two vectors of 16 floats and multiplied into up to TM
+ * activation rows, two output columns at a time, so a batch of 8 reads the weights once and
+ * each activation load serves two columns. An output's reduction order (16 lane accumulators
+ * over the half-blocks in order, then a fixed tree) depends neither on M nor on the other rows
+ * or columns: a request gets the same bits alone and fused. Threads split the output columns
+ * (OpenMP; torch's own runtime when torch is loaded first). GCC's vector extensions compile to
+ * AVX-512, AVX2 or SSE, whichever -march=native offers.
  */
 #include <stdint.h>
 #include <string.h>
 
 #define TM 8
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint8_t v16u8 __attribute__((vector_size(16)));
 
-static inline float tree_sum32(float *a) {
-    for (int s = 16; s > 0; s >>= 1)
-        for (int j = 0; j < s; j++) a[j] += a[j + s];
-    return a[0];
+static inline v16f load16(const float *p) { v16f v; memcpy(&v, p, sizeof v); return v; }
+
+static inline float tree_sum16(v16f a) {
+    float t[16];
+    memcpy(t, &a, 64);
+    for (int s = 8; s > 0; s >>= 1)
+        for (int j = 0; j < s; j++) t[j] += t[j + s];
+    return t[0];
 }
 
-/* one column n for rows m0..m0+mt of x; w_block fills 32 floats for block b */
-#define ROW_LOOP(...)                                                                 \
-    for (int64_t m0 = 0; m0 < M; m0 += TM) {                                          \
-        const int64_t mt = M - m0 < TM ? M - m0 : TM;                                 \
-        float acc[TM][32];                                                            \
-        memset(acc, 0, sizeof acc);                                                   \
-        for (int64_t b = 0; b < nb; b++) {                                            \
-            float w[32];                                                              \
-            const int64_t g = (b * 32) / group;                                       \
-            __VA_ARGS__                                                               \
-            const float *xb = x + m0 * K + b * 32;                                    \
-            if (mt == TM) {                                                           \
-                for (int m = 0; m < TM; m++)                                          \
-                    for (int j = 0; j < 32; j++) acc[m][j] += w[j] * xb[m * K + j];   \
-            } else {                                                                  \
-                for (int64_t m = 0; m < mt; m++)                                      \
-                    for (int j = 0; j < 32; j++) acc[m][j] += w[j] * xb[m * K + j];   \
-            }                                                                         \
-        }                                                                             \
-        for (int64_t m = 0; m < mt; m++) y[(m0 + m) * N + n] = tree_sum32(acc[m]);    \
+static inline v16f u8_to_f(v16u8 q) { return __builtin_convertvector(__builtin_convertvector(q, v16i), v16f); }
+
+/* int4 block b of row n: weights 0-15 into *w0, 16-31 into *w1 */
+static inline void deq4(const uint8_t *qs, const float *scales, const float *mins, int64_t K,
+                        int shift, int64_t n, int64_t b, v16f *w0, v16f *w1) {
+    const int64_t i = n * ((K / 32) >> shift) + (b >> shift);
+    v16u8 q;
+    memcpy(&q, qs + n * (K / 2) + b * 16, 16);
+    *w0 = u8_to_f(q & 15) * scales[i] + mins[i];
+    *w1 = u8_to_f(q >> 4) * scales[i] + mins[i];
+}
+
+/* int8 through uint8 (q ^ 0x80 = q + 128): GCC vectorises zero extension, not sign extension */
+static inline void deq8(const int8_t *qs, const float *scales, int64_t K, int shift,
+                        int64_t n, int64_t b, v16f *w0, v16f *w1) {
+    const float sc = scales[n * ((K / 32) >> shift) + (b >> shift)];
+    v16u8 q0, q1;
+    memcpy(&q0, qs + n * K + b * 32, 16);
+    memcpy(&q1, qs + n * K + b * 32 + 16, 16);
+    *w0 = __builtin_convertvector(__builtin_convertvector(q0 ^ 0x80, v16i) - 128, v16f) * sc;
+    *w1 = __builtin_convertvector(__builtin_convertvector(q1 ^ 0x80, v16i) - 128, v16f) * sc;
+}
+
+/* rows m0..m0+MT of x against columns n..n+NC-1; DEQ(c, w0, w1) dequantises column n+c's block b */
+#define TILE(MT, NC, DEQ)                                                               \
+    {                                                                                   \
+        v16f a[NC][TM] = {0};                                                           \
+        for (int64_t b = 0; b < nb; b++) {                                              \
+            v16f w0[NC], w1[NC];                                                        \
+            for (int c = 0; c < (NC); c++) DEQ(c, &w0[c], &w1[c]);                      \
+            const float *xb = x + m0 * K + b * 32;                                      \
+            for (int64_t m = 0; m < (MT); m++) {                                        \
+                const v16f x0 = load16(xb + m * K), x1 = load16(xb + m * K + 16);       \
+                for (int c = 0; c < (NC); c++) {                                        \
+                    a[c][m] += w0[c] * x0;                                              \
+                    a[c][m] += w1[c] * x1;                                              \
+                }                                                                       \
+            }                                                                           \
+        }                                                                               \
+        for (int c = 0; c < (NC); c++)                                                  \
+            for (int64_t m = 0; m < (MT); m++) y[(m0 + m) * N + n + c] = tree_sum16(a[c][m]); \
+    }
+
+#define COLUMNS(NC, DEQ)                                                                \
+    for (int64_t m0 = 0; m0 < M; m0 += TM) {                                            \
+        const int64_t mt = M - m0 < TM ? M - m0 : TM;                                   \
+        if (mt == TM) TILE(TM, NC, DEQ)                                                 \
+        else if (mt == 1) TILE(1, NC, DEQ)                                              \
+        else TILE(mt, NC, DEQ)                                                          \
+    }
+
+/* group = 32 << shift (32, 64, 128, 256): the group of block b is b >> shift, no division */
+#define MATMUL(DEQ)                                                                     \
+    const int64_t nb = K / 32;                                                          \
+    int shift = 0;                                                                      \
+    while ((32 << shift) < group) shift++;                                              \
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                  \
+    for (int64_t pair = 0; pair < (N + 1) / 2; pair++) {                                \
+        const int64_t n = 2 * pair;                                                     \
+        if (n + 1 < N) COLUMNS(2, DEQ)                                                  \
+        else COLUMNS(1, DEQ)                                                            \
     }
 
 void flover_int4_mm(const float *x, int64_t M, int64_t K, const uint8_t *qs,
                     const float *scales, const float *mins, int64_t N, int64_t group,
                     float *y, int nthreads) {
-    const int64_t nb = K / 32, ng = K / group;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *q = qs + n * (K / 2);
-        const float *s = scales + n * ng, *z = mins + n * ng;
-        ROW_LOOP(
-            const uint8_t *qb = q + b * 16;
-            const float sc = s[g], mn = z[g];
-            for (int j = 0; j < 16; j++) {
-                w[j] = (float)(qb[j] & 15) * sc + mn;
-                w[j + 16] = (float)(qb[j] >> 4) * sc + mn;
-            })
-    }
+#define DEQ4(c, w0, w1) deq4(qs, scales, mins, K, shift, n + (c), b, w0, w1)
+    MATMUL(DEQ4)
 }
 
 void flover_int8_mm(const float *x, int64_t M, int64_t K, const int8_t *qs,
                     const float *scales, int64_t N, int64_t group, float *y, int nthreads) {
-    const int64_t nb = K / 32, ng = K / group;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const int8_t *q = qs + n * K;
-        const float *s = scales + n * ng;
-        ROW_LOOP(
-            const int8_t *qb = q + b * 32;
-            const float sc = s[g];
-            for (int j = 0; j < 32; j++) w[j] = (float)qb[j] * sc;)
-    }
+#define DEQ8(c, w0, w1) deq8(qs, scales, K, shift, n + (c), b, w0, w1)
+    MATMUL(DEQ8)
 }
