@@ -249,11 +249,12 @@ def quantized_weights(weights: Iterable[tuple[str, torch.Tensor]], model: nn.Mod
     tied_to = getattr(model, "quantized_tied_head_source", None)
     for name, w in weights:
         module = name.removesuffix(".weight")
-        if name.endswith(".weight") and w.ndim == 2 and module not in embeddings:
+        if (name.endswith(".weight") and w.ndim == 2 and module not in embeddings
+                and w.shape[1] % group == 0):  # as quant.linear_targets chose
             yield from quant.quantize(w, bits, group).tensors(module + ".")
             continue
         yield name, w
-        if module == tied_to:
+        if module == tied_to and w.shape[1] % group == 0:
             yield from quant.quantize(w, bits, group).tensors("lm_head.")
 
 
@@ -333,7 +334,7 @@ def _allocate_all(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
 @torch.no_grad()
 def quantize_model(model: nn.Module, bits: int, group: int = quant.DEFAULT_GROUP) -> None:
     """Quantize a loaded model's linears in place, one at a time (random-weight presets)."""
-    for name, mod in quant.linear_targets(model).items():
+    for name, mod in quant.linear_targets(model, group).items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         p = quant.quantize(mod.weight, bits, group)

@@ -163,9 +163,11 @@ class QuantLinear(nn.Module):
                 f"int{self.bits}, group={self.group}")
 
 
-def linear_targets(model: nn.Module) -> dict[str, nn.Module]:
-    """Every nn.Linear and the LM head (tied or not), by qualified name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear | TiedHead)}
+def linear_targets(model: nn.Module, group: int = DEFAULT_GROUP) -> dict[str, nn.Module]:
+    """Every nn.Linear and the LM head (tied or not), by qualified name, whose input width
+    splits into groups of `group` (the others stay in full precision)."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, nn.Linear | TiedHead) and m.weight.shape[1] % group == 0}
 
 
 def swap_linears(model: nn.Module, plan: dict[str, tuple[int, int]], dtype: torch.dtype) -> None:
