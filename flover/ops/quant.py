@@ -4,9 +4,9 @@ One layout for both sources, llama.cpp's blocks of 32 weights along K, so that a
 Q4_0, Q4_1 and Q8_0 tensors are taken as they are (no requantisation, no loss):
 
     int4: qweight uint8 [N, K/2]: per block of 32, byte j = weight j (low nibble) | weight j+16
-          (high nibble), q in [0, 15]; scales, mins float32 [N, K/group]: w = q * scale + min
-          (Q4_1: scale d, min m; Q4_0: w = d * (q - 8), so scale d, min -8d, both exact)
-    int8: qweight int8 [N, K]; scales float32 [N, K/group]: w = q * scale (Q8_0 as is)
+          (high nibble), q in [0, 15]; scales, mins float16 [N, K/group]: w = q * scale + min
+          in float32 (Q4_1: scale d, min m; Q4_0: w = d * (q - 8), so scale d, min -8d, exact)
+    int8: qweight int8 [N, K]; scales float16 [N, K/group]: w = q * scale (Q8_0 as is)
 
 `group` is a multiple of 32 (GGUF: 32). From a full-precision checkpoint, `quantize` makes
 int4 asymmetric (min/max of each group) and int8 symmetric (absmax / 127). Activations and the
@@ -73,26 +73,28 @@ def dequantize(p: Packed) -> torch.Tensor:
     n = p.qweight.shape[0]
     if p.bits == 4:
         q = _unpack_nibbles(p.qweight).float().view(n, -1, p.group)
-        w = q * p.scales[..., None] + p.mins[..., None]
+        w = q * p.scales.float()[..., None] + p.mins.float()[..., None]
     else:
-        w = p.qweight.float().view(n, -1, p.group) * p.scales[..., None]
+        w = p.qweight.float().view(n, -1, p.group) * p.scales.float()[..., None]
     return w.reshape(n, -1)
 
 
 def quantize(w: torch.Tensor, bits: int, group: int = DEFAULT_GROUP) -> Packed:
-    """Group-wise quantization of a full-precision [N, K] matrix (round to nearest)."""
+    """Group-wise quantization of a full-precision [N, K] matrix (round to nearest, against
+    the float16 scale and min that are stored)."""
     n, k = w.shape
     if group % BLOCK or k % group:
         raise ValueError(f"cannot quantize a matrix of {k} columns in groups of {group}")
     g = w.detach().float().reshape(n, k // group, group)
     if bits == 8:
-        scale = g.abs().amax(-1) / 127
-        q = torch.round(g / scale.clamp(min=1e-30)[..., None]).clamp(-127, 127)
+        scale = (g.abs().amax(-1) / 127).half()
+        q = torch.round(g / scale.float().clamp(min=1e-30)[..., None]).clamp(-127, 127)
         return Packed(8, group, q.to(torch.int8).reshape(n, k).contiguous(), scale.contiguous())
-    lo, hi = g.amin(-1), g.amax(-1)
-    scale = (hi - lo) / 15
-    q = torch.round((g - lo[..., None]) / scale.clamp(min=1e-30)[..., None]).clamp(0, 15)
-    return Packed(4, group, _pack_nibbles(q.reshape(n, k)), scale.contiguous(), lo.contiguous())
+    lo, hi = g.amin(-1).half(), g.amax(-1)
+    scale = ((hi - lo.float()) / 15).half()
+    q = torch.round((g - lo.float()[..., None]) / scale.float().clamp(min=1e-30)[..., None])
+    return Packed(4, group, _pack_nibbles(q.clamp(0, 15).reshape(n, k)), scale.contiguous(),
+                  lo.contiguous())
 
 
 # --- GGUF blocks ---------------------------------------------------------------------------
@@ -104,15 +106,15 @@ def from_gguf(kind: str, data: np.ndarray, shape: tuple[int, int]) -> Packed:
     """A GGUF tensor's raw blocks ([rows, bytes per row] uint8) in our layout, bit for bit."""
     n, k = shape
     blocks = np.asarray(data, dtype=np.uint8).reshape(n, k // BLOCK, -1)
-    d = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    d = blocks[..., :2].copy().view(np.float16)[..., 0]
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
     if kind == "Q8_0":
         return Packed(8, BLOCK, t(blocks[..., 2:].copy().view(np.int8).reshape(n, k)), t(d))
     if kind == "Q4_1":
-        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        m = blocks[..., 2:4].copy().view(np.float16)[..., 0]
         return Packed(4, BLOCK, t(blocks[..., 4:].reshape(n, k // 2)), t(d), t(m))
     if kind == "Q4_0":
-        return Packed(4, BLOCK, t(blocks[..., 2:].reshape(n, k // 2)), t(d), t(-8 * d))
+        return Packed(4, BLOCK, t(blocks[..., 2:].reshape(n, k // 2)), t(d), t(d * np.float16(-8)))
     raise ValueError(f"GGUF type {kind} is not kept packed")
 
 
@@ -128,7 +130,7 @@ class QuantLinear(nn.Module):
         if bits not in (4, 8) or group % BLOCK or in_features % group:
             raise ValueError(f"no int{bits} layout for {in_features} columns in groups of {group}")
         self.in_features, self.out_features, self.bits, self.group = in_features, out_features, bits, group
-        p = lambda *s, dt=torch.float32: nn.Parameter(torch.empty(*s, dtype=dt), requires_grad=False)  # noqa: E731
+        p = lambda *s, dt=torch.float16: nn.Parameter(torch.empty(*s, dtype=dt), requires_grad=False)  # noqa: E731
         ng = in_features // group
         if bits == 4:
             self.qweight = p(out_features, in_features // 2, dt=torch.uint8)

@@ -2,8 +2,8 @@
  *
  * Weights stay in llama.cpp's block layout (flover/ops/quant.py describes it): per output row,
  * blocks of 32 weights; int4 as 16 bytes per block (byte j holds weight j in its low nibble and
- * weight j + 16 in its high one), int8 as 32 signed bytes; one float32 scale (and, for int4, one
- * float32 min) per group of `group` weights: w = q * scale (+ min).
+ * weight j + 16 in its high one), int8 as 32 signed bytes; one float16 scale (and, for int4, one
+ * float16 min) per group of `group` weights, as GGUF stores them: w = q * scale (+ min), in float32.
  *
  * Each block is dequantised once into two vectors of 16 floats and multiplied into up to TM
  * activation rows, two output columns at a time, so a batch of 8 reads the weights once and
@@ -21,6 +21,19 @@ typedef float v16f __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
 typedef uint8_t v16u8 __attribute__((vector_size(16)));
 
+#if defined(__FLT16_MAX__)
+static inline float h2f(const uint16_t *p) { _Float16 h; memcpy(&h, p, 2); return (float)h; }
+#else
+static inline float h2f(const uint16_t *p) { /* IEEE half -> float, for compilers without _Float16 */
+    const uint32_t h = *p, sign = (h & 0x8000u) << 16, exp = (h >> 10) & 31, man = h & 0x3ffu;
+    float f;
+    if (exp == 0) { f = (float)man * (1.0f / 16777216.0f); return sign ? -f : f; }
+    const uint32_t bits = sign | (exp == 31 ? 0x7f800000u | (man << 13) : ((exp + 112) << 23) | (man << 13));
+    memcpy(&f, &bits, 4);
+    return f;
+}
+#endif
+
 static inline v16f load16(const float *p) { v16f v; memcpy(&v, p, sizeof v); return v; }
 
 static inline float tree_sum16(v16f a) {
@@ -34,19 +47,20 @@ static inline float tree_sum16(v16f a) {
 static inline v16f u8_to_f(v16u8 q) { return __builtin_convertvector(__builtin_convertvector(q, v16i), v16f); }
 
 /* int4 block b of row n: weights 0-15 into *w0, 16-31 into *w1 */
-static inline void deq4(const uint8_t *qs, const float *scales, const float *mins, int64_t K,
+static inline void deq4(const uint8_t *qs, const uint16_t *scales, const uint16_t *mins, int64_t K,
                         int shift, int64_t n, int64_t b, v16f *w0, v16f *w1) {
     const int64_t i = n * ((K / 32) >> shift) + (b >> shift);
     v16u8 q;
     memcpy(&q, qs + n * (K / 2) + b * 16, 16);
-    *w0 = u8_to_f(q & 15) * scales[i] + mins[i];
-    *w1 = u8_to_f(q >> 4) * scales[i] + mins[i];
+    const float sc = h2f(scales + i), mn = h2f(mins + i);
+    *w0 = u8_to_f(q & 15) * sc + mn;
+    *w1 = u8_to_f(q >> 4) * sc + mn;
 }
 
 /* int8 through uint8 (q ^ 0x80 = q + 128): GCC vectorises zero extension, not sign extension */
-static inline void deq8(const int8_t *qs, const float *scales, int64_t K, int shift,
+static inline void deq8(const int8_t *qs, const uint16_t *scales, int64_t K, int shift,
                         int64_t n, int64_t b, v16f *w0, v16f *w1) {
-    const float sc = scales[n * ((K / 32) >> shift) + (b >> shift)];
+    const float sc = h2f(scales + n * ((K / 32) >> shift) + (b >> shift));
     v16u8 q0, q1;
     memcpy(&q0, qs + n * K + b * 32, 16);
     memcpy(&q1, qs + n * K + b * 32 + 16, 16);
@@ -95,14 +109,14 @@ static inline void deq8(const int8_t *qs, const float *scales, int64_t K, int sh
     }
 
 void flover_int4_mm(const float *x, int64_t M, int64_t K, const uint8_t *qs,
-                    const float *scales, const float *mins, int64_t N, int64_t group,
+                    const uint16_t *scales, const uint16_t *mins, int64_t N, int64_t group,
                     float *y, int nthreads) {
 #define DEQ4(c, w0, w1) deq4(qs, scales, mins, K, shift, n + (c), b, w0, w1)
     MATMUL(DEQ4)
 }
 
 void flover_int8_mm(const float *x, int64_t M, int64_t K, const int8_t *qs,
-                    const float *scales, int64_t N, int64_t group, float *y, int nthreads) {
+                    const uint16_t *scales, int64_t N, int64_t group, float *y, int nthreads) {
 #define DEQ8(c, w0, w1) deq8(qs, scales, K, shift, n + (c), b, w0, w1)
     MATMUL(DEQ8)
 }

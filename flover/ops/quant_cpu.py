@@ -83,7 +83,7 @@ def lib() -> ctypes.CDLL | None:
 
 def int4_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
             group: int) -> torch.Tensor:
-    """x [M, K] float32 contiguous; qweight [N, K/2] uint8; scales, mins [N, K/group] float32."""
+    """x [M, K] float32 contiguous; qweight [N, K/2] uint8; scales, mins [N, K/group] float16."""
     m, k = x.shape
     n = qweight.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
@@ -93,7 +93,7 @@ def int4_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: 
 
 
 def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
-    """x [M, K] float32 contiguous; qweight [N, K] int8; scales [N, K/group] float32."""
+    """x [M, K] float32 contiguous; qweight [N, K] int8; scales [N, K/group] float16."""
     m, k = x.shape
     n = qweight.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
