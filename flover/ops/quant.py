@@ -121,8 +121,9 @@ def from_gguf(kind: str, data: np.ndarray, shape: tuple[int, int]) -> Packed:
 # --- the module ----------------------------------------------------------------------------
 
 class QuantLinear(nn.Module):
-    """y = x @ dequantize(W)^T (+ bias). Float32 on the CPU runs the compiled kernels; any
-    other device or dtype dequantises the matrix and calls F.linear (the reference path)."""
+    """y = x @ dequantize(W)^T (+ bias). Float32 on the CPU runs the compiled kernels, a GPU
+    the Triton kernel (quant_triton.py); anything else dequantises the matrix and calls
+    F.linear (the reference path)."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, group: int = DEFAULT_GROUP,
                  bias: bool = False, dtype: torch.dtype | None = None) -> None:
@@ -153,6 +154,12 @@ class QuantLinear(nn.Module):
                 y = quant_cpu.int4_mm(x2, self.qweight, self.scales, self.mins, self.group)
             else:
                 y = quant_cpu.int8_mm(x2, self.qweight, self.scales, self.group)
+            if self.bias is not None:
+                y = y + self.bias
+        elif x.is_cuda:
+            from flover.ops.quant_triton import quant_mm
+
+            y = quant_mm(x2, self.qweight, self.scales, self.mins, self.bits, self.group)
             if self.bias is not None:
                 y = y + self.bias
         else:
