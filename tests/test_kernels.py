@@ -151,7 +151,7 @@ def test_model_with_fused_kernels_matches_references_on_gpu(preset):
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize(("m", "n", "k", "group"), [(3, 24, 64, 32), (1, 20, 96, 32), (17, 16, 128, 64),
-                                                (2, 16, 1536, 32)])  # 3 chunks of K
+                                                (2, 16, 1536, 32)])  # a long K
 def test_quant_mm_matches_dequantised_reference(bits, m, n, k, group):
     """Weight-only int4/int8 (flover/ops/quant_triton.py) against F.linear on the dequantised
     matrix; rows beyond one M tile (17) and N not a multiple of the tile (20, 24)."""

@@ -3,11 +3,9 @@
 Layout: flover/ops/quant.py (llama.cpp's blocks of 32; float16 scale, and min for int4, per
 group of 32). The reference is `F.linear(x, dequantize(W).to(x.dtype))` with float32 sums.
 
-A program computes a BLOCK_M x BLOCK_N tile of y over one chunk of K (SPLIT_K weights, in
-BLOCK_K steps in order) into a float32 partial; a second kernel sums the chunks of each output
-in order. Tile sizes and the chunking depend on N and K only, never on M, so a row's reduction
-order does not depend on how many rows run (the batch-invariance rule). The chunks give a
-matrix-vector product enough programs to keep the memory system busy. An int4 tile is unpacked as
+A program computes a BLOCK_M x BLOCK_N tile of y over the whole of K, in BLOCK_K steps in
+order: no split-K, and the tile sizes depend on N and K only, so a row's reduction order does
+not depend on how many rows run (the batch-invariance rule). An int4 tile is unpacked as
 bytes -> (low, high) pairs, i.e. weights in the order 0, 16, 1, 17, ... of each block; the
 activations are loaded in that same order instead of shuffling the weights.
 """
@@ -22,18 +20,16 @@ BLOCK_M = 16
 
 
 @triton.jit
-def _quant_mm_kernel(X, Q, S, Z, P, M, N, K, stride_xm,
+def _quant_mm_kernel(X, Q, S, Z, Y, M, N, K, stride_xm, stride_ym,
                      BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                     IEEE: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    chunk = tl.program_id(2)
     p = tl.arange(0, BLOCK_K)
     mask_m, mask_n = rm < M, rn < N
     ng = K // GROUP
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(chunk * SPLIT_K, tl.minimum(K, chunk * SPLIT_K + SPLIT_K), BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         if BITS == 4:
             jb = tl.arange(0, BLOCK_K // 2)
             byte = tl.load(Q + rn[:, None] * (K // 2) + k0 // 2 + jb[None, :],
@@ -57,24 +53,14 @@ def _quant_mm_kernel(X, Q, S, Z, P, M, N, K, stride_xm,
             acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision="ieee")
         else:
             acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-    tl.store(P + chunk * M * N + rm[:, None] * N + rn[None, :], acc,
+    tl.store(Y + rm[:, None] * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit
-def _sum_chunks_kernel(P, Y, MN, CHUNKS: tl.constexpr, BLOCK: tl.constexpr):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = i < MN
-    acc = tl.load(P + i, mask=mask, other=0.0)
-    for c in range(1, CHUNKS):  # in order: the same sum for a row whatever M is
-        acc += tl.load(P + c * MN + i, mask=mask, other=0.0)
-    tl.store(Y + i, acc.to(Y.dtype.element_ty), mask=mask)
-
-
-def _blocks(n: int, k: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, SPLIT_K) from the shape alone, never from M."""
+def _blocks(n: int, k: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) from the shape alone, never from M."""
     block_k = next(b for b in (256, 128, 64, 32) if k % b == 0)
-    return (32 if n >= 8192 else 16), block_k, max(512, block_k)
+    return (32 if n >= 8192 else 16), block_k
 
 
 def quant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -83,14 +69,11 @@ def quant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     m, k = x.shape
     n = qweight.shape[0]
     x = x.contiguous()
-    block_n, block_k, split_k = _blocks(n, k)
-    chunks = triton.cdiv(k, split_k)
-    partial = torch.empty(chunks, m, n, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, block_n), chunks)
-    _quant_mm_kernel[grid](x, qweight, scales, scales if mins is None else mins, partial, m, n, k,
-                           x.stride(0), BITS=bits, GROUP=group, BLOCK_M=BLOCK_M,
-                           BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-                           IEEE=x.dtype == torch.float32, num_warps=4, num_stages=4)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    _sum_chunks_kernel[(triton.cdiv(m * n, 1024),)](partial, y, m * n, CHUNKS=chunks, BLOCK=1024)
+    block_n, block_k = _blocks(n, k)
+    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, block_n))
+    _quant_mm_kernel[grid](x, qweight, scales, scales if mins is None else mins, y, m, n, k,
+                           x.stride(0), y.stride(0), BITS=bits, GROUP=group, BLOCK_M=BLOCK_M,
+                           BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32,
+                           num_warps=4, num_stages=4)
     return y
