@@ -51,9 +51,9 @@ def build() -> Path | None:
     out = _cache_dir() / f"quant_cpu-{key}.so"
     if out.is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp)], check=True,
                        capture_output=True, timeout=120)
         tmp.replace(out)
@@ -73,7 +73,11 @@ def lib() -> ctypes.CDLL | None:
     path = build()
     if path is None:
         return None
-    so = ctypes.CDLL(str(path))
+    try:
+        so = ctypes.CDLL(str(path))
+    except OSError as e:  # e.g. a cache shared with a machine of another CPU
+        log.warning("flover: cannot load %s (%s); using the slower PyTorch reference", path, e)
+        return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     so.flover_int4_mm.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ctypes.c_int]
     so.flover_int8_mm.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, ptr, ctypes.c_int]
