@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-from flover.config import ConfigError, SamplingParams
+from flover.config import QUANTIZATIONS, ConfigError, SamplingParams
 from flover.models import ModelFormatError
 
 
@@ -19,7 +19,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tp = args.tensor_para_size or int(os.environ.get("WORLD_SIZE", "1"))
     eng = Engine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                               max_concurrency=1, max_seq_len=args.max_seq_len,
-                              tensor_para_size=tp, batch_invariant=args.batch_invariant))
+                              tensor_para_size=tp, batch_invariant=args.batch_invariant,
+                              quantization=args.quantization))
     out = sys.stdout if distributed.rank() == 0 else io.StringIO()  # every rank runs; one prints
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
@@ -101,7 +102,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               num_kv_blocks=args.num_kv_blocks,
                               gpu_memory_utilization=args.gpu_memory_utilization,
                               enable_prefix_caching=args.enable_prefix_caching,
-                              batch_invariant=args.batch_invariant))
+                              batch_invariant=args.batch_invariant,
+                              quantization=args.quantization))
     app = create_app(eng, args.served_model_name, max_body_bytes=args.max_body_bytes,
                      max_prompts_per_request=args.max_prompts_per_request,
                      max_prompt_chars=args.max_prompt_chars, max_waiting=args.max_waiting,
@@ -176,6 +178,11 @@ def _draining_server(uvicorn, config, drain_timeout: float):
     return DrainingServer(config)
 
 
+QUANT_HELP = ("weight-only quantization: int8 or int4 (group-wise, quantized at load; a GGUF "
+              "file's blocks of that width kept as they are), auto (a GGUF file keeps its own "
+              "Q4_0/Q4_1/Q8_0 tensors on the CPU), none (full precision)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flover", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -190,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--dtype", default="auto")
+    g.add_argument("--quantization", type=str.lower, default="auto", choices=QUANTIZATIONS,
+                   help=QUANT_HELP)
     g.add_argument("--device", default="auto")
     g.add_argument("--max-seq-len", type=int, default=2048)
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
@@ -238,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=None, help="reuse the KV blocks of shared prompt prefixes "
                    "(default: on with pages)")
     s.add_argument("--dtype", default="auto")
+    s.add_argument("--quantization", type=str.lower, default="auto", choices=QUANTIZATIONS,
+                   help=QUANT_HELP)
     s.add_argument("--device", default="auto")
     s.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
                    help="GPU: batch-invariant kernels (see flover generate)")

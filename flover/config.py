@@ -15,6 +15,9 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16":
           "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
+QUANTIZATIONS = ("none", "auto", "int8", "int4")
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names it."""
 
@@ -245,6 +248,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # share of the GPU's memory the engine may use in all
     enable_prefix_caching: bool | None = None  # None: on with pages
     batch_invariant: bool = True  # GPU: a request's logits bitwise the same alone or fused
+    # weight-only: None/"none" full precision; "int8"/"int4" group-wise, quantized at load;
+    # "auto": a GGUF file keeps its own Q4_0/Q4_1/Q8_0 tensors on the CPU (flover/ops/quant.py)
+    quantization: str | None = "auto"
 
     def __post_init__(self) -> None:
         _check(isinstance(self.max_concurrency, int) and self.max_concurrency >= 1,
@@ -271,3 +277,9 @@ class EngineConfig:
             self.enable_prefix_caching = self.kv_layout == "pages"
         _check(not self.enable_prefix_caching or self.kv_layout == "pages",
                "enable_prefix_caching", self.enable_prefix_caching, "needs kv_layout='pages'")
+        _check(self.quantization is None or (isinstance(self.quantization, str) and
+               self.quantization.lower() in QUANTIZATIONS), "quantization", self.quantization,
+               f"expected None or one of {list(QUANTIZATIONS)}")
+        if self.quantization is not None:
+            self.quantization = self.quantization.lower()
+            self.quantization = None if self.quantization == "none" else self.quantization

@@ -12,7 +12,7 @@ import importlib.util
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from flover.models import ModelConfig, ModelFormatError, build_model
-from flover.models.layers import init_random
+from flover.models.layers import TiedHead, init_random
 from flover.models.presets import PRESETS, preset
+from flover.ops import quant
 from flover.ops.cpu_linear import pack_linears
 from flover.tokenizer import Tokenizer
 
@@ -65,10 +66,14 @@ def _building(dtype: torch.dtype):
             cls.reset_parameters = fn
 
 
-def allocate(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """Build on `meta`, then allocate uninitialised storage on the device; recompute buffers."""
+def allocate(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+             quantized: dict[str, tuple[int, int]] | None = None) -> nn.Module:
+    """Build on `meta`, then allocate uninitialised storage on the device; recompute buffers.
+    `quantized` (module name -> (bits, group)) swaps those linears for QuantLinear first."""
     with _building(dtype):
         model = build_model(cfg)
+        if quantized:
+            quant.swap_linears(model, quantized, dtype)
     model = model.to_empty(device=device)
     for m in model.modules():
         if hasattr(m, "reset_buffers"):
@@ -168,6 +173,91 @@ def gguf_tensors(reader, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]
         yield name, torch.from_numpy(np.require(w, requirements=["C", "W"]))
 
 
+def gguf_weights(reader, cfg: ModelConfig, plan: dict[str, tuple[int, int]],
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Like gguf_tensors, but a tensor whose module is quantized in `plan` comes out packed
+    (name.qweight, .scales, .mins): Q4_0/Q4_1/Q8_0 blocks as they are when their width is the
+    module's, any other type dequantised and quantized to it."""
+    from gguf.quants import dequantize
+
+    tied = cfg.tie_word_embeddings and "lm_head" in plan
+    for t in reader.tensors:
+        name = _GGUF_NAMES.get(t.name) or _gguf_layer_name(t.name)
+        module = _module_of(name, tied)
+        kind = t.tensor_type.name
+        shape = tuple(int(x) for x in reversed(t.shape))
+        heads = (cfg.num_heads if t.name.endswith("attn_q.weight")
+                 else cfg.num_kv_heads if t.name.endswith("attn_k.weight") else None)
+        packed = None
+        if module in plan and quant.GGUF_PACKED.get(kind) == plan[module][0]:
+            packed = quant.from_gguf(kind, t.data, shape)
+            if heads:
+                packed = packed.rows(_unpermute(np.arange(shape[0]), heads))
+        if packed is None or name == "model.embed_tokens.weight":
+            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+            if heads:
+                w = _unpermute(w, heads)
+            w = torch.from_numpy(np.require(w, requirements=["C", "W"]))
+            if module in plan and packed is None:
+                packed = quant.quantize(w, *plan[module])
+            if module not in plan or name == "model.embed_tokens.weight":
+                yield name, w
+        if packed is not None:
+            prefix = "lm_head." if module == "lm_head" else name.removesuffix("weight")
+            yield from packed.tensors(prefix)
+
+
+def _gguf_layer_name(gguf_name: str) -> str:
+    parts = gguf_name.split(".")
+    if len(parts) != 4 or parts[0] != "blk" or parts[2] not in _GGUF_LAYER:
+        raise ModelFormatError(f"unexpected GGUF tensor {gguf_name!r}")
+    return f"model.layers.{parts[1]}.{_GGUF_LAYER[parts[2]]}.{parts[3]}"
+
+
+_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+          "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+
+def _module_of(name: str, tied: bool) -> str | None:
+    """The LLaMA model's linear module that a checkpoint weight fills (None: not a linear)."""
+    if name == "lm_head.weight" or (tied and name == "model.embed_tokens.weight"):
+        return "lm_head"
+    if not name.startswith("model.layers.") or not name.endswith(".weight"):
+        return None
+    parent, _, leaf = name.removesuffix(".weight").rpartition(".")
+    return f"{parent}.{_FUSED.get(leaf, leaf)}" if leaf.endswith("proj") else None
+
+
+def gguf_plan(reader, cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """The GGUF file's own quantization: every linear module whose tensors (q, k and v; gate
+    and up) all have one packed type of the same width keeps it; the others run in float."""
+    kinds: dict[str, set[str]] = {}
+    for t in reader.tensors:
+        name = _GGUF_NAMES.get(t.name) or _gguf_layer_name(t.name)
+        module = _module_of(name, cfg.tie_word_embeddings)
+        if module is not None:
+            kinds.setdefault(module, set()).add(t.tensor_type.name)
+    bits = {m: {quant.GGUF_PACKED.get(k) for k in ks} for m, ks in kinds.items()}
+    return {m: (b.pop(), quant.BLOCK) for m, b in bits.items() if len(b) == 1 and None not in b}
+
+
+def quantized_weights(weights: Iterable[tuple[str, torch.Tensor]], model: nn.Module, bits: int,
+                      group: int = quant.DEFAULT_GROUP) -> Iterator[tuple[str, torch.Tensor]]:
+    """Quantize a full-precision checkpoint's linear weights as they stream by (one tensor at
+    a time): every 2-D `.weight` that is not an embedding; a tied head from the embedding."""
+    embeddings = {n for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    tied_to = getattr(model, "quantized_tied_head_source", None)
+    for name, w in weights:
+        module = name.removesuffix(".weight")
+        if (name.endswith(".weight") and w.ndim == 2 and module not in embeddings
+                and w.shape[1] % group == 0):  # as quant.linear_targets chose
+            yield from quant.quantize(w, bits, group).tensors(module + ".")
+            continue
+        yield name, w
+        if module == tied_to and w.shape[1] % group == 0:
+            yield from quant.quantize(w, bits, group).tensors("lm_head.")
+
+
 def hf_config_dict(cfg: ModelConfig) -> dict:
     """The config.json of a LLaMA-family ModelConfig, as transformers writes it."""
     assert cfg.arch == "llama"
@@ -218,31 +308,96 @@ def convert_gguf(path: Path) -> Path:
     return out
 
 
+# --- quantized models ----------------------------------------------------------------------
+
+def _linear_names(cfg: ModelConfig) -> list[str]:
+    with _building(torch.float32):
+        return list(quant.linear_targets(build_model(cfg)))
+
+
+def _allocate_all(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                  bits: int | None) -> nn.Module:
+    """allocate(), with every linear and the LM head quantized to `bits` when given."""
+    if not bits:
+        return allocate(cfg, dtype, device)
+    with _building(dtype):
+        meta = build_model(cfg)
+    targets = quant.linear_targets(meta)
+    head = next((m for m in targets.values() if isinstance(m, TiedHead)), None)
+    tied_to = None if head is None else next(
+        n for n, m in meta.named_modules() if m is head._embedding[0])
+    model = allocate(cfg, dtype, device, {n: (bits, quant.DEFAULT_GROUP) for n in targets})
+    model.quantized_tied_head_source = tied_to
+    return model
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, bits: int, group: int = quant.DEFAULT_GROUP) -> None:
+    """Quantize a loaded model's linears in place, one at a time (random-weight presets)."""
+    for name, mod in quant.linear_targets(model, group).items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        p = quant.quantize(mod.weight, bits, group)
+        n, k = mod.weight.shape
+        bias = getattr(mod, "bias", None)
+        with torch.device("meta"):
+            q = quant.QuantLinear(k, n, bits, group, bias is not None, mod.weight.dtype)
+        for pname, t in p.tensors(""):
+            setattr(q, pname, nn.Parameter(t, requires_grad=False))
+        if bias is not None:
+            q.bias = nn.Parameter(bias.detach(), requires_grad=False)
+        setattr(parent, attr, q)
+
+
 # --- entry point ---------------------------------------------------------------------------
 
 def load_model(spec: str | None, dtype: torch.dtype, device: torch.device,
-               seed: int = 0) -> tuple[nn.Module, Tokenizer | None]:
-    """A ready model and its tokenizer (None for presets and checkpoints without one)."""
-    model, tokenizer = _load(spec, dtype, device, seed)
+               seed: int = 0, quantization: str | None = None) -> tuple[nn.Module, Tokenizer | None]:
+    """A ready model and its tokenizer (None for presets and checkpoints without one).
+
+    quantization: None or "none" (full precision), "int8" / "int4" (weight-only, group-wise,
+    quantized while loading; a GGUF file's blocks of that width are kept as they are), "auto"
+    (a GGUF file keeps its own Q4_0/Q4_1/Q8_0 tensors packed on the CPU; else full precision).
+    """
+    if quantization == "auto":
+        quantization = "auto" if device.type == "cpu" else None
+    model, tokenizer = _load(spec, dtype, device, seed, None if quantization == "none" else quantization)
     if device.type == "cpu" and dtype == torch.float32 and not os.environ.get("FLOVER_NO_PACK"):
         pack_linears(model)  # oneDNN with packed weights: the fast CPU path (flover.cpu)
     return model, tokenizer
 
 
 def _load(spec: str | None, dtype: torch.dtype, device: torch.device,
-          seed: int) -> tuple[nn.Module, Tokenizer | None]:
+          seed: int, quantization: str | None = None) -> tuple[nn.Module, Tokenizer | None]:
     if spec is None or spec == DEFAULT_MODEL:
         spec = str(default_model_path())
     path = Path(spec).expanduser()
+    bits = {"int8": 8, "int4": 4}.get(quantization)
     if spec in PRESETS:
         model = allocate(preset(spec), dtype, device)
         init_random(model, seed)
+        if bits:
+            quantize_model(model, bits)
         return model, None
     if path.is_dir():
         cfg = hf_config(path)
-        model = allocate(cfg, dtype, device)
-        model.load_weights(hf_tensors(path))
+        model = _allocate_all(cfg, dtype, device, bits)
+        tensors = hf_tensors(path)
+        model.load_weights(quantized_weights(tensors, model, bits) if bits else tensors)
         return model, Tokenizer.from_hf_dir(path, cfg)
+    if path.is_file() and path.suffix == ".gguf" and quantization is not None:
+        import gguf
+
+        try:
+            reader = gguf.GGUFReader(str(path))
+        except Exception as e:  # noqa: BLE001 - any parse failure is a malformed file
+            raise ModelFormatError(f"{path} is not a readable GGUF file: {e}") from e
+        cfg = gguf_config(reader)
+        plan = ({m: (bits, quant.BLOCK) for m in _linear_names(cfg)} if bits
+                else gguf_plan(reader, cfg))
+        model = allocate(cfg, dtype, device, plan)
+        model.load_weights(gguf_weights(reader, cfg, plan))
+        return model, Tokenizer.from_gguf(reader, cfg)
     if path.is_file() and path.suffix == ".gguf":
         return _load(str(convert_gguf(path)), dtype, device, seed)
     preset(spec)  # raises the 'unknown model' error listing what is accepted

@@ -147,3 +147,24 @@ def test_model_with_fused_kernels_matches_references_on_gpu(preset):
         finally:
             fused.ENABLED = True
     torch.testing.assert_close(out[0], out[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize(("m", "n", "k", "group"), [(3, 24, 64, 32), (1, 20, 96, 32), (17, 16, 128, 64),
+                                                (2, 16, 1536, 32)])  # a long K
+def test_quant_mm_matches_dequantised_reference(bits, m, n, k, group):
+    """Weight-only int4/int8 (flover/ops/quant_triton.py) against F.linear on the dequantised
+    matrix; rows beyond one M tile (17) and N not a multiple of the tile (20, 24)."""
+    from flover.ops import quant
+    from flover.ops.quant_triton import quant_mm
+
+    gen = torch.Generator().manual_seed(bits * 1000 + m * 10 + k)
+    p = quant.quantize(torch.randn(n, k, generator=gen) * 0.05, bits, group)
+    x = torch.randn(m, k, generator=gen)
+    ref = torch.nn.functional.linear(x, p.dequantize())
+    t = lambda a: None if a is None else a.to(DEVICE)  # noqa: E731
+    ours = quant_mm(x.to(DEVICE), t(p.qweight), t(p.scales), t(p.mins), bits, group)
+    torch.testing.assert_close(ours.cpu(), ref, rtol=1e-4, atol=1e-5)
+    # a row's result does not depend on the other rows
+    one = quant_mm(x[-1:].to(DEVICE), t(p.qweight), t(p.scales), t(p.mins), bits, group)
+    assert torch.equal(one.cpu(), ours[-1:].cpu())

@@ -61,10 +61,14 @@ class Engine:
             group = distributed.init_distributed(self.device)
             self.device = group.device
         self.dtype = resolve_dtype(cfg.dtype, self.device)
+        if tp > 1 and cfg.quantization in ("int8", "int4"):
+            raise ConfigError(f"quantization={cfg.quantization!r} is invalid with "
+                              f"tensor_para_size={tp}: sharded models load in full precision")
         if model is None and tp > 1:
             model, tokenizer = distributed.load_sharded(cfg.model, self.dtype, group, cfg.seed)
         elif model is None:
-            model, loaded = load_model(cfg.model, self.dtype, self.device, cfg.seed)
+            model, loaded = load_model(cfg.model, self.dtype, self.device, cfg.seed,
+                                       cfg.quantization)
             tokenizer = tokenizer or loaded
         elif tp > 1:
             distributed.shard_model(model, group.rank, group.world)  # in place; once

@@ -22,7 +22,7 @@ class RunContext:
     def load(cls, cfg: RunConfig) -> RunContext:
         device = resolve_device(cfg.device)
         model, tok = load_model(cfg.model_type, resolve_dtype(cfg.data_type, device), device,
-                                cfg.seed)
+                                cfg.seed, cfg.weight_quantization.lower())
         return cls(cfg, model, tok)
 
     def engine(self, slots: int) -> Engine:

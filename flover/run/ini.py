@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from flover.config import DTYPES, ConfigError, EngineConfig, SamplingParams
+from flover.config import DTYPES, QUANTIZATIONS, ConfigError, EngineConfig, SamplingParams
 from flover.models.presets import PRESETS
 from flover.weights import DEFAULT_MODEL
 
@@ -42,6 +42,7 @@ class RunConfig:
     num_kv_blocks: int | None = None
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool | None = None  # None: on with pages
+    weight_quantization: str = "auto"  # none | auto | int8 | int4 (EngineConfig.quantization)
     # [runtime_hyperparameter]
     top_k: int = 1
     top_p: float = 0.0
@@ -93,7 +94,8 @@ class RunConfig:
                             num_kv_blocks=self.num_kv_blocks,
                             gpu_memory_utilization=self.gpu_memory_utilization,
                             enable_prefix_caching=self.enable_prefix_caching,
-                            batch_invariant=self.batch_invariant)
+                            batch_invariant=self.batch_invariant,
+                            quantization=self.weight_quantization)
 
     def sampling_params(self, max_tokens: int, seed: int | None = None) -> SamplingParams:
         """The original's top_p=0.0 means 'off' (1.0 here); top_k=1 means greedy."""
@@ -149,6 +151,8 @@ SCHEMA: dict[str, dict[str, tuple[type, Callable, str]]] = {
         "num_kv_blocks": _int(2),
         "gpu_memory_utilization": _float(0.0, 1.0, lo_open=True),
         "enable_prefix_caching": _BOOL,
+        "weight_quantization": (str, lambda v: v.lower() in QUANTIZATIONS,
+                                "one of " + ", ".join(QUANTIZATIONS)),
     },
     "runtime_hyperparameter": {
         "top_k": _int(0),

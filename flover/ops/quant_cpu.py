@@ -1,0 +1,106 @@
+"""The CPU kernels of weight-only int4/int8 (quant_cpu.c), compiled once and called via ctypes.
+
+Why not PyTorch's own: `torch._weight_int8pack_mm` (per-channel scales only) and
+`torch._weight_int4pack_mm_for_cpu` (groups of 32..256) exist, but on the 2-core AVX-512 CPU we
+measure on they run 4-100x slower than the float32 oneDNN path at M=1 and M=8 (docs/perf/issue-13.md),
+so quantizing through them would make decoding slower, not faster. The C file is ~120 lines of
+plain loops that the compiler vectorises for the host (-O3 -march=native); it is built with the
+system C compiler into the flover cache, keyed by its source, the compiler flags and the CPU.
+Without a compiler, `lib()` is None and QuantLinear uses its PyTorch reference instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("quant_cpu.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+log = logging.getLogger(__name__)
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("FLOVER_CACHE", Path.home() / ".cache" / "flover")) / "kernels"
+
+
+def _cpu_key() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return platform.machine() + flags
+
+
+def build() -> Path | None:
+    """The compiled library's path, compiling it if needed; None without a working compiler."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join(FLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
+    out = _cache_dir() / f"quant_cpu-{key}.so"
+    if out.is_file():
+        return out
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp)], check=True,
+                       capture_output=True, timeout=120)
+        tmp.replace(out)
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("flover: cannot compile the CPU int4/int8 kernels (%s); using the slower "
+                    "PyTorch reference", e)
+        tmp.unlink(missing_ok=True)
+        return None
+    return out
+
+
+@cache
+def lib() -> ctypes.CDLL | None:
+    """The kernels, or None (no compiler, or FLOVER_NO_QUANT_KERNEL set)."""
+    if os.environ.get("FLOVER_NO_QUANT_KERNEL"):
+        return None
+    path = build()
+    if path is None:
+        return None
+    try:
+        so = ctypes.CDLL(str(path))
+    except OSError as e:  # e.g. a cache shared with a machine of another CPU
+        log.warning("flover: cannot load %s (%s); using the slower PyTorch reference", path, e)
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    so.flover_int4_mm.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ctypes.c_int]
+    so.flover_int8_mm.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, ptr, ctypes.c_int]
+    so.flover_int4_mm.restype = so.flover_int8_mm.restype = None
+    return so
+
+
+def int4_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+            group: int) -> torch.Tensor:
+    """x [M, K] float32 contiguous; qweight [N, K/2] uint8; scales, mins [N, K/group] float16."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    lib().flover_int4_mm(x.data_ptr(), m, k, qweight.data_ptr(), scales.data_ptr(),
+                         mins.data_ptr(), n, group, y.data_ptr(), torch.get_num_threads())
+    return y
+
+
+def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    """x [M, K] float32 contiguous; qweight [N, K] int8; scales [N, K/group] float16."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    lib().flover_int8_mm(x.data_ptr(), m, k, qweight.data_ptr(), scales.data_ptr(), n, group,
+                         y.data_ptr(), torch.get_num_threads())
+    return y
