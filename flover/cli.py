@@ -14,13 +14,16 @@ from flover.models import ModelFormatError
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from flover import Engine, EngineConfig, distributed
+    from flover import Engine, EngineConfig
 
     tp = args.tensor_para_size or int(os.environ.get("WORLD_SIZE", "1"))
     eng = Engine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                               max_concurrency=1, max_seq_len=args.max_seq_len,
                               tensor_para_size=tp))
-    out = sys.stdout if distributed.rank() == 0 else io.StringIO()  # every rank runs; one prints
+    if eng.follower:  # tensor parallelism: rank 0 plans, samples and prints
+        eng.follow()
+        return 0
+    out = sys.stdout
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     prompt = args.prompt
@@ -32,6 +35,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out.write(o.new_text if eng.tokenizer else f"{o.new_token_ids[0]} ")
         out.flush()
     out.write("\n")
+    eng.close()
     return 0
 
 
@@ -43,7 +47,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flover.run import report
     from flover.run import view as viz
     from flover.run.context import RunContext, new_state
-    from flover.run.driver import measure_lone, run_workload
+    from flover.run.driver import follow_run, measure_lone, run_workload
     from flover.run.ini import load_config
     from flover.run.workload import build_workload
 
@@ -55,13 +59,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         group = distributed.init_distributed(resolve_device(cfg.device))
         cfg.device = str(group.device)
     main = group is None or group.rank == 0
-    console = Console() if main else Console(file=io.StringIO())
+    console = Console() if main else Console(file=io.StringIO())  # followers print nothing
     with viz.status(console, f"loading {cfg.model_type} ..."):
         if group is None:
             ctx = RunContext.load(cfg)
         else:
             dtype = resolve_dtype(cfg.data_type, group.device)
             ctx = RunContext(cfg, *distributed.load_sharded(cfg.model_type, dtype, group, cfg.seed))
+    if not main:  # tensor parallelism: rank 0 runs the workload and reports; this rank follows
+        follow_run(ctx)
+        return 0
     items = build_workload(cfg, ctx.tokenizer, ctx.model.cfg.vocab_size)
     state = new_state(cfg, items)
     with viz.status(console, f"a lone request first ({cfg.request_output_len} tokens) ..."):
@@ -73,8 +80,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_workload(ctx, items, state)
     metrics = report.summarize(state, device)
     console.print(report.render(metrics))
-    if not main:
-        return 0
     if args.json:
         report.write_json(args.json, state, cfg, metrics)
         console.print(f"wrote {args.json}")
@@ -267,10 +272,14 @@ def _positive(text: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        rc = args.func(args)
     except (ConfigError, ModelFormatError, ValueError) as e:
         print(f"flover: error: {e}", file=sys.stderr)
         return 2
+    if rc == 0:
+        from flover import distributed
+        distributed.leave()  # tensor parallelism: this rank ended well (the others let it go)
+    return rc
 
 
 if __name__ == "__main__":

@@ -7,11 +7,15 @@ Megatron's split of every transformer layer across the `world` ranks of one grou
 - MLP: gate/up (GPT-J: fc_in) column-parallel, down (fc_out) row-parallel;
 - a row-parallel layer's partial products are summed by one all_reduce, then its bias is
   added once; two all-reduces per layer in all;
-- embeddings, norms and the LM head are replicated: every rank computes the same full
-  logits, so every rank samples the same tokens from the same seeds and runs the same
-  scheduler (SPMD: same requests, same batches, no token broadcast). This costs the head's
-  memory on every rank (0.26 GB of LLaMA-7B's 13.5 GB in fp16) and relies on all_reduce
-  giving every rank the same bits, which NCCL's and gloo's sums do (bench/tp_check.py checks).
+- embeddings, norms and the LM head are replicated (0.26 GB of LLaMA-7B's 13.5 GB in fp16).
+
+Rank 0 owns the engine: its scheduler, its clock, its requests, the sampling. Before each
+forward it broadcasts what that forward consumes (`flover.engine.plan.ForwardPlan`: input
+ids, attention metadata, cache operations) over a gloo group (`PlanChannel`); the other ranks
+run `Engine.follow()`, which executes each plan's forward and nothing else, until rank 0's
+`Engine.close()`. A rank that dies ends the run everywhere within seconds: every rank beats a
+heartbeat in torchrun's store and a watchdog thread ends its process when a peer falls silent
+(`Heartbeat`), so no rank waits forever in a collective (NCCL's included) for a dead peer.
 
 The model code knows nothing of ranks: `shard_model` slices the parameters in place, swaps
 the row-parallel Linear modules for `RowParallel` (which adds the all_reduce), sets each
@@ -28,8 +32,12 @@ from __future__ import annotations
 
 import atexit
 import os
-from collections.abc import Callable, Iterator
+import sys
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -55,6 +63,8 @@ class Group:
     world: int
     device: torch.device
     control: object | None = None  # a gloo group for small host-side agreements
+    plans: object | None = None  # a gloo group for rank 0's plans (no timeout: see PlanChannel)
+    heartbeat: Heartbeat | None = None
 
 
 _GROUP: Group | None = None
@@ -107,7 +117,11 @@ def init_distributed(device: str | torch.device = "auto") -> Group:
                                 world_size=world, device_id=dev if kind == "cuda" else None)
         atexit.register(_close)
     control = dist.new_group(backend="gloo") if kind == "cuda" else None
-    _GROUP = Group(rank, world, dev, control)
+    # waiting for rank 0's next plan lasts as long as a server stays idle: no timeout there;
+    # the heartbeat, not a collective's timeout, finds a dead rank
+    plans = dist.new_group(backend="gloo", timeout=PLAN_WAIT)
+    beat = Heartbeat(rank, world).start() if world > 1 else None
+    _GROUP = Group(rank, world, dev, control, plans, beat)
     return _GROUP
 
 
@@ -121,17 +135,106 @@ def rank() -> int:
     return _GROUP.rank if _GROUP is not None else 0
 
 
-def shared_clock(clock: Callable[[], float]) -> Callable[[], float]:
-    """`clock`, read on rank 0 and sent to every rank: decisions taken on the time (which
-    requests have arrived) then agree across ranks. The plain clock without a group."""
-    if _GROUP is None or _GROUP.world == 1:
-        return clock
+def leave() -> None:
+    """Say that this rank's work ended well: the others' watchdogs let it go quietly. Call it
+    last, on success only (a rank that exits without it counts as dead)."""
+    if _GROUP is not None and _GROUP.heartbeat is not None:
+        _GROUP.heartbeat.leave()
 
-    def now() -> float:
-        t = torch.tensor([clock() if _GROUP.rank == 0 else 0.0], dtype=torch.float64)
-        dist.broadcast(t, src=0, group=_GROUP.control)
-        return t.item()
-    return now
+
+# --- rank 0's plans --------------------------------------------------------------------------
+
+PLAN_WAIT = timedelta(days=365)
+
+
+class PlanChannel:
+    """Rank 0 sends one small picklable record per forward; the other ranks receive it.
+
+    One `broadcast_object_list` over the gloo plan group (host memory, even when the model's
+    all-reduces use NCCL). `None` is the end of the engine's run."""
+
+    def __init__(self, group: Group) -> None:
+        self.group = group
+
+    @property
+    def leader(self) -> bool:
+        return self.group.rank == 0
+
+    def send(self, record: object) -> None:
+        assert self.leader, "only rank 0 sends plans"
+        dist.broadcast_object_list([record], src=0, group=self.group.plans)
+
+    def recv(self) -> object:
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=self.group.plans)
+        return box[0]
+
+
+# --- a dead rank ends the run -----------------------------------------------------------------
+
+HEARTBEAT_INTERVAL = 0.5  # s
+HEARTBEAT_TIMEOUT = float(os.environ.get("FLOVER_TP_HEARTBEAT_TIMEOUT", "10"))  # s of silence
+
+
+class Heartbeat:
+    """Every rank adds 1 to its counter in torchrun's store every HEARTBEAT_INTERVAL and
+    watches the others' counters: a peer whose counter has not moved for HEARTBEAT_TIMEOUT
+    seconds (killed, hung, its node gone), or a store that no longer answers, ends this process
+    with a message naming the rank (exit status 1). A peer that called `leave()` is let go.
+
+    It runs on its own thread with its own store connection, so it fires wherever the main
+    thread waits: in a gloo broadcast, in an NCCL all-reduce, inside a CUDA graph."""
+
+    def __init__(self, rank: int, world: int, timeout: float = HEARTBEAT_TIMEOUT) -> None:
+        self.rank, self.world, self.timeout = rank, world, timeout
+        self.store = dist.PrefixStore("flover/heartbeat/", dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+            timeout=timedelta(seconds=max(timeout, 5.0)), wait_for_workers=False))
+        self._left = threading.Event()
+
+    def start(self) -> Heartbeat:
+        threading.Thread(target=self._run, name="flover-heartbeat", daemon=True).start()
+        return self
+
+    def leave(self) -> None:
+        if not self._left.is_set():
+            self._left.set()
+            try:
+                self.store.set(f"left/{self.rank}", "1")
+            except Exception:  # noqa: BLE001 - the others are gone already: nothing to tell
+                pass
+
+    def _run(self) -> None:
+        peers = [r for r in range(self.world) if r != self.rank]
+        seen = {r: (-1, time.monotonic()) for r in peers}  # last count, when it last moved
+        gone: set[int] = set()  # peers that left well
+        while not self._left.wait(HEARTBEAT_INTERVAL):
+            try:
+                self.store.add(f"beat/{self.rank}", 1)
+                now = time.monotonic()
+                for r in peers:
+                    if r in gone or self.store.check([f"left/{r}"]):
+                        gone.add(r)
+                        continue
+                    count = self.store.add(f"beat/{r}", 0)
+                    if count != seen[r][0]:
+                        seen[r] = (count, now)
+                    elif now - seen[r][1] > self.timeout:
+                        self._end(f"rank {r} has stopped answering (no heartbeat for "
+                                  f"{self.timeout:g} s): it died or hung")
+            except Exception as e:  # noqa: BLE001 - the store's host is gone
+                if 0 in gone:  # rank 0 (whose process may host the store) ended the run well
+                    return
+                self._end(f"lost the rendezvous store at {os.environ.get('MASTER_ADDR')}:"
+                          f"{os.environ.get('MASTER_PORT')} ({type(e).__name__}: {e}); the rank "
+                          "or node hosting it has died")
+
+    def _end(self, why: str) -> None:
+        if self._left.is_set():
+            return
+        print(f"flover: error: tensor parallelism: {why}; ending rank {self.rank} too",
+              file=sys.stderr, flush=True)
+        os._exit(1)  # the main thread may be blocked in a collective that never returns
 
 
 # --- the split ---------------------------------------------------------------------------

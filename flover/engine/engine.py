@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from flover import distributed
 from flover.config import ConfigError, EngineConfig, SamplingParams, canonical_dtype
 from flover.engine.kv_cache import SlotAllocator, SlotCache
 from flover.engine.outputs import OutputProcessor, RequestOutput
@@ -51,9 +52,8 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None, *, model=None, tokenizer=None) -> None:
         self.config = cfg = config or EngineConfig()
         self.device = resolve_device(cfg.device)
-        tp = cfg.tensor_para_size
+        tp, group = cfg.tensor_para_size, None
         if tp > 1:  # one process per rank, started by torchrun (flover.distributed)
-            from flover import distributed
             distributed.check_launch(tp)
             group = distributed.init_distributed(self.device)
             self.device = group.device
@@ -75,12 +75,51 @@ class Engine:
         self.cache = SlotCache(mc.num_layers, cfg.max_concurrency, mc.num_kv_heads,
                                cfg.max_seq_len, mc.head_dim, self.dtype, self.device)
         self.scheduler = Scheduler(self.slots, cfg.prefill_token_budget)
-        # no CUDA graphs around the all-reduces yet: tensor parallelism runs eagerly
+        # tensor parallelism: rank 0 plans and sends each forward's inputs; the others follow()
+        self.channel = distributed.PlanChannel(group) if tp > 1 else None
         self.runner = ModelRunner(model, self.cache, self.eos_token_ids, cfg.seed,
-                                  cuda_graphs=cfg.cuda_graphs and tp == 1)
+                                  cuda_graphs=cfg.cuda_graphs, channel=self.leading_channel)
+        self.closed = False
         self.outputs = OutputProcessor(tokenizer)
         self.requests: dict[str, Request] = {}  # unfinished requests by id (their head rows)
         self.failed_batches = 0
+
+    # --- tensor parallelism: rank 0 leads, the other ranks follow --------------------------
+
+    @property
+    def follower(self) -> bool:
+        """A tensor-parallel rank other than 0: it runs `follow()`, never `add_request`/`step`."""
+        return self.channel is not None and not self.channel.leader
+
+    @property
+    def leading_channel(self):
+        return self.channel if self.channel is not None and self.channel.leader else None
+
+    def follow(self) -> int:
+        """On ranks other than 0: run rank 0's forwards, each from the plan it sends, until
+        rank 0's `close()`. Returns the number of forwards run."""
+        if not self.follower:
+            raise RuntimeError("follow() is for tensor-parallel ranks other than 0")
+        n = 0
+        while (plan := self.channel.recv()) is not None:
+            self.runner.follow(plan)
+            n += 1
+        self.closed = True
+        return n
+
+    def close(self) -> None:
+        """On rank 0: end the followers' `follow()` (they return; the engine is done). Once;
+        nothing without tensor parallelism."""
+        if self.leading_channel is not None and not self.closed:
+            self.closed = True
+            self.channel.send(None)
+
+    def _lead(self) -> None:
+        if self.follower:
+            raise RuntimeError(f"rank {self.channel.group.rank} follows rank 0's plans: call "
+                               "follow() there; requests go to rank 0")
+        if self.closed:
+            raise RuntimeError("this engine was closed: its followers have stopped")
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -95,6 +134,7 @@ class Engine:
                     params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> Request:
         """Queue a request; raises RequestError (naming the problem) and changes nothing."""
+        self._lead()
         params = params or SamplingParams()
         if not isinstance(request_id, str) or not request_id:
             raise RequestError(f"request_id={request_id!r} is invalid: must be a non-empty string")
@@ -159,6 +199,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """One fused iteration. Returns an output for every request that got a token, ended
         or failed in it."""
+        self._lead()
         batch = self.scheduler.schedule()
         if batch.empty:
             return []

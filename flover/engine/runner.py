@@ -23,9 +23,10 @@ from torch import nn
 
 from flover.engine.cuda_graph import DecodeGraphs
 from flover.engine.kv_cache import SlotCache
+from flover.engine.plan import ForwardPlan
 from flover.engine.scheduler import Batch, StepResult
 from flover.engine.sequence import Group, Request
-from flover.ops.attention import AttentionMetadata, PrefillChunk
+from flover.ops.attention import AttentionMetadata
 from flover.sampling import penalties, sampler
 
 T = TypeVar("T")
@@ -33,8 +34,9 @@ T = TypeVar("T")
 
 class ModelRunner:
     def __init__(self, model: nn.Module, cache: SlotCache, eos_ids: list[int] | None = None,
-                 seed: int = 0, cuda_graphs: bool = True) -> None:
+                 seed: int = 0, cuda_graphs: bool = True, channel=None) -> None:
         self.model, self.cache, self.eos_ids = model, cache, list(eos_ids or [])
+        self.channel = channel  # tensor parallelism: rank 0 sends each forward's plan on it
         self.device = cache.k.device
         self.vocab = model.cfg.vocab_size
         self.generator = torch.Generator().manual_seed(seed)  # rows without a seed of their own
@@ -100,6 +102,11 @@ class ModelRunner:
 
     def prepare(self, batch: Batch) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
         """input ids, attention metadata, and the flat index of each row to sample."""
+        plan, logit_rows = self.plan(batch)
+        return *plan.inputs(self.device), logit_rows
+
+    def plan(self, batch: Batch) -> tuple[ForwardPlan, list[int]]:
+        """The eager forward's inputs as host lists, and the flat index of each row to sample."""
         pad_pos = self.cache.max_seq_len - 1
         ids, slots, pos, lengths, logit_rows = [], [], [], [], []
         for i, r in enumerate(batch.decode):
@@ -111,32 +118,45 @@ class ModelRunner:
                 logit_rows.append(i)
         chunks = []
         for c in batch.prefill:
-            chunks.append(PrefillChunk(c.slot, c.start, c.length, len(ids)))
+            chunks.append((c.slot, c.start, c.length, len(ids)))
             ids.extend(c.row.prompt_ids[c.start:c.start + c.length])
             slots.extend([c.slot] * c.length)
             pos.extend(range(c.start, c.start + c.length))
             if c.completes:
                 logit_rows += [len(ids) - 1] * len(c.row.rows)
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_ids=torch.tensor(slots, device=dev), positions=torch.tensor(pos, device=dev),
-            num_decode=len(batch.decode),
-            decode_lengths=torch.tensor(lengths, device=dev) if lengths else None,
-            decode_max_len=max(lengths, default=0), prefills=chunks)
-        return torch.tensor(ids, device=dev), meta, logit_rows
+        plan = ForwardPlan(list(batch.cache_ops), ids, slots, pos, len(batch.decode), lengths,
+                           max(lengths, default=0), chunks)
+        return plan, logit_rows
 
     @torch.inference_mode()
     def forward_logits(self, batch: Batch) -> torch.Tensor:
         """Logits [len(batch.sample), vocab] in float32."""
         if self.graphs is not None and batch.decode and not batch.prefill:
+            if self.channel is not None:
+                self.channel.send(ForwardPlan.graph(batch.cache_ops, batch.decode))
             return self.graphs.forward_logits(batch.decode)
         return self._eager(batch)[0]
 
     def _eager(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The forward without graphs: (logits of the rows to sample, every token's hidden state)."""
-        ids, meta, rows = self.prepare(batch)
+        plan, rows = self.plan(batch)
+        ids, meta = plan.inputs(self.device)
+        if self.channel is not None:
+            self.channel.send(plan)
         hidden = self.model(ids, meta, self.cache.k, self.cache.v)
         return self.model.logits(hidden[torch.tensor(rows, device=self.device)]), hidden
+
+    @torch.inference_mode()
+    def follow(self, plan: ForwardPlan) -> None:
+        """A follower rank's part of rank 0's iteration: its cache operations and its forward
+        (whose all-reduces pair with rank 0's); no logits, no sampling."""
+        for op in plan.cache_ops:
+            self.cache.apply(op)
+        if plan.graph_rows is not None:
+            self.graphs.forward_logits(plan.graph_rows)
+        else:
+            ids, meta = plan.inputs(self.device)
+            self.model(ids, meta, self.cache.k, self.cache.v)
 
     @torch.inference_mode()
     def select(self, logits: torch.Tensor, rows: list[Request], slots: list[int],
