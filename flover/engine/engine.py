@@ -101,7 +101,15 @@ class Engine:
         if not self.follower:
             raise RuntimeError("follow() is for tensor-parallel ranks other than 0")
         n = 0
-        while (plan := self.channel.recv()) is not None:
+        while True:
+            try:
+                plan = self.channel.recv()
+            except Exception as e:  # noqa: BLE001 - the group broke: say so, not gloo's words
+                raise RuntimeError(f"tensor parallelism: lost rank 0 while waiting for its next "
+                                   f"plan ({type(e).__name__}: {e}); it died or its node is "
+                                   "gone") from e
+            if plan is None:
+                break
             self.runner.follow(plan)
             n += 1
         self.closed = True
