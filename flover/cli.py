@@ -7,6 +7,7 @@ import asyncio
 import io
 import logging
 import os
+import signal
 import sys
 
 from flover.config import ConfigError, SamplingParams
@@ -100,14 +101,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     from flover import Engine, EngineConfig
 
+    tp = args.tensor_para_size or int(os.environ.get("WORLD_SIZE", "1"))
     eng = Engine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
-                              max_concurrency=args.max_concurrency, max_seq_len=args.max_seq_len))
+                              max_concurrency=args.max_concurrency, max_seq_len=args.max_seq_len,
+                              tensor_para_size=tp))
+    if eng.follower:  # tensor parallelism: rank 0 serves HTTP; this rank runs its forwards
+        # torchrun passes a SIGTERM to every rank: rank 0 drains, then close() ends this one
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        eng.follow()
+        return 0
     app = create_app(eng, args.served_model_name, max_body_bytes=args.max_body_bytes,
                      max_prompts_per_request=args.max_prompts_per_request,
                      max_prompt_chars=args.max_prompt_chars, max_waiting=args.max_waiting,
                      queue_timeout=args.queue_timeout,
                      api_key=args.api_key or None, docs=args.enable_docs)
-    print(f"flover: serving {app.state.model_name!r} on http://{args.host}:{args.port}/v1",
+    ranks = f" (rank 0 of {tp}, pid {os.getpid()})" if tp > 1 else ""
+    print(f"flover: serving {app.state.model_name!r} on http://{args.host}:{args.port}/v1{ranks}",
           file=sys.stderr)
     from flover.server.connections import IdleTimeoutH11
 
@@ -115,6 +125,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             timeout_graceful_shutdown=FLUSH_TIMEOUT_S, http=IdleTimeoutH11,
                             timeout_keep_alive=args.timeout_keep_alive)
     _draining_server(uvicorn, config, args.drain_timeout).run()
+    if not app.state.engine.alive:  # the engine thread has stopped: no step is in flight
+        eng.close()  # tensor parallelism: the followers' follow() returns
     return 0
 
 
@@ -225,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-seq-len", type=int, default=2048, help="slot length: prompt + output")
     s.add_argument("--dtype", default="auto")
     s.add_argument("--device", default="auto")
+    s.add_argument("--tensor-para-size", type=int, default=None, help="ranks to split the "
+                   "model over (default: torchrun's WORLD_SIZE, else 1); launch with "
+                   "`torchrun --nproc-per-node K -m flover.cli serve ...`: rank 0 serves HTTP")
     s.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     s.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies "
