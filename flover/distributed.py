@@ -112,6 +112,8 @@ def init_distributed(device: str | torch.device = "auto") -> Group:
     else:
         raise ConfigError(f"device={device!r} is invalid with tensor parallelism: "
                           "expected cuda or cpu")
+    if kind == "cuda":  # NVLink multicast off: it can take a shared host's GPUs out of service
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if kind == "cuda" else "gloo", rank=rank,
                                 world_size=world, device_id=dev if kind == "cuda" else None)
