@@ -35,6 +35,7 @@ import os
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -48,7 +49,7 @@ from torch import nn
 from flover import weights
 from flover.config import ConfigError
 from flover.models import ModelConfig, ModelFormatError
-from flover.models.layers import init_random, load_named_weights
+from flover.models.layers import load_named_weights
 from flover.models.presets import PRESETS, preset
 from flover.tokenizer import Tokenizer
 
@@ -346,6 +347,70 @@ def shard_model(model: nn.Module, rank: int, world: int, group=None) -> nn.Modul
     return model
 
 
+# --- random weights drawn per shard ---------------------------------------------------------
+
+PIECES = 8  # each part of a split parameter is drawn as 8 pieces, each from its own seed
+
+
+@torch.no_grad()
+def init_random_shard(model: nn.Module, seed: int, rank: int = 0, world: int = 1,
+                      std: float = 0.02) -> None:
+    """Fill a preset's parameters (rank `rank`'s shard of `world`, or the whole model with the
+    defaults) with random weights, drawing only this rank's share: presets start in seconds
+    at any size, and every shard equals the slice of the unsharded model's weights.
+
+    Each split part of a parameter (q, k, v of qkv_proj; gate, up; a row-parallel weight's
+    input columns) is drawn as PIECES pieces along its split dimension, piece q from a
+    generator seeded by (seed, parameter name, part, q); a rank draws the pieces of its share
+    (when `world` divides PIECES and the part's size, else the whole part, then keeps its
+    share). Replicated parameters are drawn whole. Norm weights are 1, biases 0."""
+    full = getattr(model, "full_cfg", model.cfg)
+    for name, p in model.named_parameters():
+        if "norm" in name or name.endswith("ln_1.weight") or name.endswith("ln_f.weight"):
+            p.fill_(1.0)
+            continue
+        if name.endswith("bias"):
+            p.zero_()
+            continue
+        layer = name.split(".")[-2] if "." in name else ""
+        if layer in COLUMN:
+            dim, sizes = 0, _column_sizes(layer, full)
+        elif layer in ROW:
+            dim, sizes = 1, [p.shape[1] * world]
+        else:  # replicated: every rank draws it whole
+            _draw_part(p, 0, p.shape[0], seed, name, 0, 0, 1, std)
+            continue
+        at = 0
+        for j, size in enumerate(sizes):
+            view = p.narrow(dim, at, size // world)
+            _draw_part(view, dim, size, seed, name, j, rank, world, std)
+            at += size // world
+
+
+def _draw_part(out: torch.Tensor, dim: int, size: int, seed: int, name: str, part: int,
+               rank: int, world: int, std: float) -> None:
+    """`out` <- rank's share (along dim) of a part of `size` drawn as pieces."""
+    pieces = PIECES if size % PIECES == 0 else 1
+    per = size // pieces
+    if pieces % world == 0:  # the share is whole pieces: draw those only
+        k = pieces // world
+        for i, q in enumerate(range(rank * k, (rank + 1) * k)):
+            out.narrow(dim, i * per, per).copy_(_piece(out, dim, per, seed, name, part, q, std))
+        return
+    whole = torch.cat([_piece(out, dim, per, seed, name, part, q, std) for q in range(pieces)], dim)
+    out.copy_(whole.narrow(dim, rank * (size // world), size // world))
+
+
+def _piece(like: torch.Tensor, dim: int, length: int, seed: int, name: str, part: int, q: int,
+           std: float) -> torch.Tensor:
+    """One piece, drawn contiguous (its values do not depend on where it is stored)."""
+    shape = list(like.shape)
+    shape[dim] = length
+    key = (seed * 1_000_003 + zlib.crc32(name.encode()) * 1_009 + part * 101 + q) % (1 << 62)
+    gen = torch.Generator(device=like.device).manual_seed(key)
+    return torch.empty(shape, dtype=like.dtype, device=like.device).normal_(0.0, std, generator=gen)
+
+
 # --- loading straight into the shard -------------------------------------------------------
 
 def shard_tensors(tensors: Iterator[tuple[str, torch.Tensor]], rank: int,
@@ -376,10 +441,14 @@ def load_sharded(spec: str | None, dtype: torch.dtype, group: Group,
                  seed: int = 0) -> tuple[nn.Module, object | None]:
     """`flover.weights.load_model` for one rank: its shard and the tokenizer."""
     r, w, dev = group.rank, group.world, group.device
-    if spec in PRESETS:  # random weights: initialise whole (as unsharded), then slice
-        model = weights.allocate(preset(spec), dtype, dev)
-        init_random(model, seed)
-        return shard_model(model, r, w), None
+    if spec in PRESETS:  # random weights: each rank draws its own shard only
+        model = shard_model(weights.allocate(preset(spec), dtype, torch.device("meta")), r, w)
+        model = model.to_empty(device=dev)
+        for m in model.modules():
+            if hasattr(m, "reset_buffers"):
+                m.reset_buffers()
+        init_random_shard(model, seed, r, w)
+        return model, None
     if spec is None or spec == weights.DEFAULT_MODEL:
         spec = str(weights.default_model_path())
     path = Path(spec).expanduser()

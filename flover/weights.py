@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from flover.models import ModelConfig, ModelFormatError, build_model
-from flover.models.layers import init_random
 from flover.models.presets import PRESETS, preset
 from flover.ops.cpu_linear import pack_linears
 from flover.tokenizer import Tokenizer
@@ -236,7 +235,8 @@ def _load(spec: str | None, dtype: torch.dtype, device: torch.device,
     path = Path(spec).expanduser()
     if spec in PRESETS:
         model = allocate(preset(spec), dtype, device)
-        init_random(model, seed)
+        from flover.distributed import init_random_shard  # drawn as tensor-parallel shards are
+        init_random_shard(model, seed)
         return model, None
     if path.is_dir():
         cfg = hf_config(path)

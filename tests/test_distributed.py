@@ -18,7 +18,8 @@ import torch
 import torch.multiprocessing as mp
 
 from flover import ConfigError, Engine, EngineConfig, SamplingParams, distributed
-from flover.distributed import check_launch, shard_model
+from flover.distributed import check_launch, init_random_shard, shard_model
+from flover.models.presets import _llama, preset
 from flover.ops.attention import AttentionMetadata, PrefillChunk
 from flover.weights import allocate
 
@@ -181,3 +182,34 @@ def test_tp_outside_torchrun_explains_how_to_launch(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(ConfigError, match="WORLD_SIZE is 4"):
         check_launch(2)
+
+
+def _whole_then_sliced(cfg, rank: int, world: int):
+    whole = allocate(cfg, torch.float32, torch.device("cpu"))
+    init_random_shard(whole, 3)
+    return shard_model(whole, rank, world)
+
+
+def _drawn_per_shard(cfg, rank: int, world: int):
+    model = shard_model(allocate(cfg, torch.float32, torch.device("meta")), rank, world)
+    model = model.to_empty(device=torch.device("cpu"))
+    init_random_shard(model, 3, rank, world)
+    return model
+
+
+@pytest.mark.parametrize("cfg, world", [
+    (preset("tiny_llama"), 2), (preset("tiny_gptj"), 2), (preset("tiny_gptj"), 4),
+    # parts whose size 8 pieces do not divide (intermediate 100), and 8 pieces that 3 ranks
+    # cannot share (6 heads): each rank draws the whole part and keeps its share
+    (_llama(48, 100, 1, 6, kv_heads=6, vocab=64), 2), (_llama(48, 96, 1, 6, kv_heads=3, vocab=64), 3)])
+def test_a_preset_drawn_per_shard_equals_the_slice_of_the_whole(cfg, world):
+    for rank in range(world):
+        want = _whole_then_sliced(cfg, rank, world).state_dict()
+        got = _drawn_per_shard(cfg, rank, world).state_dict()
+        assert want.keys() == got.keys()
+        for name, t in want.items():
+            assert torch.equal(got[name], t), (rank, name)
+    first = dict(_drawn_per_shard(cfg, 0, world).named_parameters())
+    second = dict(_drawn_per_shard(cfg, world - 1, world).named_parameters())
+    name = next(n for n in first if "qkv_proj.weight" in n)
+    assert not torch.equal(first[name], second[name])  # the shards hold different heads
