@@ -9,7 +9,11 @@ One request's fault stays its own: everything checkable is checked in `add_reque
 changes nothing when it refuses; a per-request stage that still fails inside `step()` ends
 that request with finish_reason "error" and its message, and the others get their tokens.
 Only a failure of the shared forward pass fails the requests of that batch; their slots are
-freed and the engine goes on.
+freed and the engine goes on (under tensor parallelism it ends the run instead: the ranks'
+collectives would be out of step).
+
+Tensor parallelism (flover.distributed): rank 0's engine plans, samples and sends each
+forward's inputs to the other ranks, whose engines only `follow()`.
 """
 
 from __future__ import annotations
@@ -214,6 +218,9 @@ class Engine:
         try:
             result = self.runner.run(batch)
         except Exception as e:  # noqa: BLE001 - the shared forward failed: its batch fails
+            if self.channel is not None:  # the ranks' collectives are out of step: end the run
+                raise RuntimeError(f"tensor parallelism: the forward failed on rank 0, so the "
+                                   f"ranks are out of step: {type(e).__name__}: {e}") from e
             self.failed_batches += 1
             heads = _heads(batch.requests)
             for head in heads:
