@@ -33,11 +33,12 @@ import torch.distributed as dist
 from decode_step import decode_batch  # bench/ is on the path of a script run from it
 
 from flover import Engine, EngineConfig, SamplingParams
-from flover.distributed import init_distributed
+from flover.distributed import init_distributed, init_random_shard
 from flover.engine.runner import ModelRunner
 from flover.engine.scheduler import Batch
-from flover.models.presets import PRESETS
+from flover.models.presets import PRESETS, preset
 from flover.ops.attention import AttentionMetadata, PrefillChunk
+from flover.weights import allocate
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
@@ -80,9 +81,13 @@ def measure(args, tp: int, device: torch.device, graphs: bool) -> dict:
     """Tokens, prompt logits and step times of one engine (tp=1, or tp=k: rank 0 leads and
     times, the other ranks follow its plans)."""
     slots = max(max(args.batches), args.prompts)
+    model = None
+    if tp == 1 and args.model in PRESETS:  # the weights the ranks draw their shards of
+        model = allocate(preset(args.model), getattr(torch, DTYPES[args.dtype]), device)
+        init_random_shard(model, 0)
     eng = Engine(EngineConfig(model=args.model, dtype=DTYPES[args.dtype], device=str(device),
                               max_concurrency=slots, max_seq_len=args.context + 64,
-                              tensor_para_size=tp, seed=0, cuda_graphs=graphs))
+                              tensor_para_size=tp, seed=0, cuda_graphs=graphs), model=model)
     ps = prompts(args.prompts, eng.model.cfg.vocab_size)
     out: dict = {"steps": {}}
     if eng.follower:

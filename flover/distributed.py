@@ -233,11 +233,16 @@ class Heartbeat:
                           "or node hosting it has died")
 
     def _end(self, why: str) -> None:
-        if self._left.is_set():
-            return
-        print(f"flover: error: tensor parallelism: {why}; ending rank {self.rank} too",
-              file=sys.stderr, flush=True)
-        os._exit(1)  # the main thread may be blocked in a collective that never returns
+        if not self._left.is_set():
+            end_run(why)
+
+
+def end_run(why: str) -> None:
+    """End this rank now, with a message (exit status 1): its peers' heartbeats or broken
+    connections end them in turn. For states no rank can recover from."""
+    print(f"flover: error: tensor parallelism: {why}; ending rank {rank()}",
+          file=sys.stderr, flush=True)
+    os._exit(1)  # the main thread may be blocked in a collective that never returns
 
 
 # --- the split ---------------------------------------------------------------------------
@@ -357,7 +362,10 @@ def init_random_shard(model: nn.Module, seed: int, rank: int = 0, world: int = 1
                       std: float = 0.02) -> None:
     """Fill a preset's parameters (rank `rank`'s shard of `world`, or the whole model with the
     defaults) with random weights, drawing only this rank's share: presets start in seconds
-    at any size, and every shard equals the slice of the unsharded model's weights.
+    at any size, and every shard equals the slice of the whole model drawn by this function
+    (world 1). That whole model is not the single-process preset, which `init_random` draws
+    as one stream (kept, so that tp=1's random weights and the tests on them do not change):
+    compare tp=k's tokens against a tp=1 engine over `init_random_shard`'s model.
 
     Each split part of a parameter (q, k, v of qkv_proj; gate, up; a row-parallel weight's
     input columns) is drawn as PIECES pieces along its split dimension, piece q from a

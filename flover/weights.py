@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from flover.models import ModelConfig, ModelFormatError, build_model
+from flover.models.layers import init_random
 from flover.models.presets import PRESETS, preset
 from flover.ops.cpu_linear import pack_linears
 from flover.tokenizer import Tokenizer
@@ -235,8 +236,7 @@ def _load(spec: str | None, dtype: torch.dtype, device: torch.device,
     path = Path(spec).expanduser()
     if spec in PRESETS:
         model = allocate(preset(spec), dtype, device)
-        from flover.distributed import init_random_shard  # drawn as tensor-parallel shards are
-        init_random_shard(model, seed)
+        init_random(model, seed)
         return model, None
     if path.is_dir():
         cfg = hf_config(path)

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -27,6 +28,9 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
 from flover import Engine, EngineConfig, SamplingParams  # noqa: E402
+from flover.distributed import init_random_shard  # noqa: E402
+from flover.models.presets import preset  # noqa: E402
+from flover.weights import allocate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = [5, 17, 42, 99, 7]
@@ -50,8 +54,11 @@ def launches(kind: str, rdzv_port: int) -> list[list[str]]:
 
 
 def greedy_tp1(max_tokens: int) -> list[int]:
+    """One process over the weights tensor-parallel ranks draw their shards of."""
+    model = allocate(preset("tiny_llama"), torch.float32, torch.device("cpu"))
+    init_random_shard(model, 0)
     eng = Engine(EngineConfig(model="tiny_llama", dtype="float32", device="cpu",
-                              max_concurrency=4, max_seq_len=128))
+                              max_concurrency=4, max_seq_len=128), model=model)
     eng.add_request("ref", PROMPT, SamplingParams(max_tokens=max_tokens, temperature=0.0,
                                                   ignore_eos=True))
     return [o for o in eng.run_until_done()][-1].token_ids

@@ -219,8 +219,8 @@ class Engine:
             result = self.runner.run(batch)
         except Exception as e:  # noqa: BLE001 - the shared forward failed: its batch fails
             if self.channel is not None:  # the ranks' collectives are out of step: end the run
-                raise RuntimeError(f"tensor parallelism: the forward failed on rank 0, so the "
-                                   f"ranks are out of step: {type(e).__name__}: {e}") from e
+                distributed.end_run(f"the forward failed on rank 0 ({type(e).__name__}: {e}): "
+                                    "a rank has died, or the ranks' collectives are out of step")
             self.failed_batches += 1
             heads = _heads(batch.requests)
             for head in heads:
