@@ -226,7 +226,9 @@ class Heartbeat:
                         self._end(f"rank {r} has stopped answering (no heartbeat for "
                                   f"{self.timeout:g} s): it died or hung")
             except Exception as e:  # noqa: BLE001 - the store's host is gone
-                if 0 in gone:  # rank 0 (whose process may host the store) ended the run well
+                # rank 0 (whose process or launcher may host the store) ended the run well, or
+                # this rank is about to leave too (its work is done, the host went first)
+                if 0 in gone or self._left.wait(self.timeout):
                     return
                 self._end(f"lost the rendezvous store at {os.environ.get('MASTER_ADDR')}:"
                           f"{os.environ.get('MASTER_PORT')} ({type(e).__name__}: {e}); the rank "
