@@ -1,5 +1,8 @@
 """Tensor parallelism: two CPU processes over gloo give the tokens of one process.
 
+Rank 0 runs the engine (arrivals mid-run, aborts, the memory shuffle); rank 1 only follows
+the plans rank 0 broadcasts. Random presets drawn per shard equal slices of the whole.
+
 The workers are spawned (torch.multiprocessing, `spawn`) rather than started by torchrun:
 the same environment variables, but no launcher process importing torch too. Measured on the
 2-core machine (loaded by other jobs), both models through two ranks: torchrun 14 s; spawn
