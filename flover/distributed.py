@@ -140,14 +140,21 @@ def rank() -> int:
 
 def leave() -> None:
     """Say that this rank's work ended well: the others' watchdogs let it go quietly. Call it
-    last, on success only (a rank that exits without it counts as dead)."""
+    last, on success only (a rank that exits without it counts as dead). Then wait for every
+    rank to leave, so that all tear the process groups down together: a rank that destroys
+    its gloo groups while a peer still holds them open sometimes aborts in C++ ("terminate
+    called without an active exception"); a follower is done long before rank 0 is."""
     if _GROUP is not None and _GROUP.heartbeat is not None:
         _GROUP.heartbeat.leave()
+        try:
+            dist.barrier(group=_GROUP.plans)
+        except Exception:  # noqa: BLE001 - a peer died after its work: nothing left to share
+            pass
 
 
 # --- rank 0's plans --------------------------------------------------------------------------
 
-PLAN_WAIT = timedelta(days=365)
+PLAN_WAIT = timedelta(days=7)
 
 
 class PlanChannel:
@@ -194,18 +201,25 @@ class Heartbeat:
             os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
             timeout=timedelta(seconds=max(timeout, 5.0)), wait_for_workers=False))
         self._left = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def start(self) -> Heartbeat:
-        threading.Thread(target=self._run, name="flover-heartbeat", daemon=True).start()
+        self._thread = threading.Thread(target=self._run, name="flover-heartbeat", daemon=True)
+        self._thread.start()
         return self
 
     def leave(self) -> None:
-        if not self._left.is_set():
-            self._left.set()
-            try:
-                self.store.set(f"left/{self.rank}", "1")
-            except Exception:  # noqa: BLE001 - the others are gone already: nothing to tell
-                pass
+        """Stop beating, tell the others, and close the store connection: the thread must not
+        be inside a store call when the interpreter exits (C++ aborts the process then)."""
+        if self._left.is_set():
+            return
+        try:
+            self.store.set(f"left/{self.rank}", "1")
+        except Exception:  # noqa: BLE001 - the others are gone already: nothing to tell
+            pass
+        self._left.set()
+        self._thread.join(self.timeout)
+        self.store = None
 
     def _run(self) -> None:
         peers = [r for r in range(self.world) if r != self.rank]
