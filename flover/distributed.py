@@ -154,7 +154,7 @@ def leave() -> None:
 
 # --- rank 0's plans --------------------------------------------------------------------------
 
-PLAN_WAIT = timedelta(days=7)
+PLAN_WAIT = timedelta(days=365)  # an idle server: followers wait this long for a plan
 
 
 class PlanChannel:
