@@ -7,16 +7,16 @@ Run under torchrun, one process per GPU (NCCL), a preset with random weights:
 
 1. Rank 0 alone runs the unsharded model (tp=1) while the others wait: greedy tokens of a few
    prompts fused in one engine, the prompt logits, and the decode step time at each batch.
-2. Every rank loads its shard (the same random weights, sliced) and runs the same.
+2. Every rank loads its shard (the same random weights, sliced); rank 0 runs the same
+   requests and timings, the other ranks follow its plans (one forward per plan).
 3. Rank 0 reports: tokens tp=k vs tp=1 (in fp16 a near-tie may flip a token: the first
-   divergence is shown), whether all ranks drew the same tokens (they must: the engine is
-   SPMD and relies on it), the prompt logits' largest difference, and step times.
+   divergence is shown), whether every follower ran exactly rank 0's forwards and computed
+   rank 0's logits bits, the prompt logits' largest difference, and step times.
 
 A decode step is `ModelRunner.run` over B rows at context C (forward, logits, greedy
-argmax, the tokens' host copy), median wall time of --iters. Tensor parallelism runs
-eagerly (the engine captures no CUDA graph around all-reduces), so tp=1 is timed both
-eagerly (the like-for-like number) and with its CUDA graphs (what tp=1 serves with).
-`--graphs` also tries capturing the sharded decode step (NCCL all-reduce inside a graph).
+argmax, the tokens' host copy; at tp=k also the plan's broadcast), median wall time of
+--iters. Both tp=1 and tp=k are timed eagerly (like for like) and with CUDA graphs (at tp=k
+the NCCL all-reduces are captured inside the graph; `--no-graphs` skips that).
 """
 
 from __future__ import annotations
@@ -33,11 +33,12 @@ import torch.distributed as dist
 from decode_step import decode_batch  # bench/ is on the path of a script run from it
 
 from flover import Engine, EngineConfig, SamplingParams
-from flover.distributed import init_distributed
+from flover.distributed import init_distributed, init_random_shard
 from flover.engine.runner import ModelRunner
 from flover.engine.scheduler import Batch
-from flover.models.presets import PRESETS
+from flover.models.presets import PRESETS, preset
 from flover.ops.attention import AttentionMetadata, PrefillChunk
+from flover.weights import allocate
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
@@ -77,31 +78,47 @@ def prompt_logits(eng: Engine, ids: list[int]) -> torch.Tensor:
 
 
 def measure(args, tp: int, device: torch.device, graphs: bool) -> dict:
-    """Tokens, prompt logits and step times of one engine (tp=1 or this rank's shard)."""
+    """Tokens, prompt logits and step times of one engine (tp=1, or tp=k: rank 0 leads and
+    times, the other ranks follow its plans)."""
     slots = max(max(args.batches), args.prompts)
+    model = None
+    if tp == 1 and args.model in PRESETS:  # the weights the ranks draw their shards of
+        model = allocate(preset(args.model), getattr(torch, DTYPES[args.dtype]), device)
+        init_random_shard(model, 0)
     eng = Engine(EngineConfig(model=args.model, dtype=DTYPES[args.dtype], device=str(device),
                               max_concurrency=slots, max_seq_len=args.context + 64,
-                              tensor_para_size=tp, seed=0, cuda_graphs=graphs))
+                              tensor_para_size=tp, seed=0, cuda_graphs=graphs), model=model)
     ps = prompts(args.prompts, eng.model.cfg.vocab_size)
-    for i, p in enumerate(ps):
-        eng.add_request(f"p{i}", p, SamplingParams(max_tokens=args.tokens, temperature=0.0,
-                                                   ignore_eos=True))
-    tokens = {o.request_id: o.token_ids for o in eng.run_until_done() if o.finished}
-    out = {"tokens": [tokens[f"p{i}"] for i in range(len(ps))],
-           "logits": prompt_logits(eng, ps[-1]), "steps": {}}
+    out: dict = {"steps": {}}
+    if eng.follower:
+        out["forwards"] = eng.follow()
+    else:
+        for i, p in enumerate(ps):
+            eng.add_request(f"p{i}", p, SamplingParams(max_tokens=args.tokens, temperature=0.0,
+                                                       ignore_eos=True))
+        tokens = {o.request_id: o.token_ids for o in eng.run_until_done() if o.finished}
+        eng.close()
+        out |= {"tokens": [tokens[f"p{i}"] for i in range(len(ps))],
+                "iterations": eng.stats()["iterations"]}
+    out["logits"] = prompt_logits(eng, ps[-1])  # every rank runs this forward alike
     eng.cache.k.normal_()
     eng.cache.v.normal_()
-    runners = {"eager": ModelRunner(eng.model, eng.cache, cuda_graphs=False)}
-    if device.type == "cuda" and (tp == 1 or args.graphs):
-        runners["graphs"] = ModelRunner(eng.model, eng.cache, cuda_graphs=True)
-    for b in args.batches:
-        batch = decode_batch(b, args.context)
-        for kind, runner in runners.items():
-            try:
-                out["steps"][f"{kind}/{b}"] = step_ms(runner, batch, args.iters, device)
-            except Exception as e:  # noqa: BLE001 - graph capture of collectives may fail
-                out["steps"][f"{kind}/{b}"] = f"failed: {type(e).__name__}: {e}"[:200]
-    del eng, runners
+    kinds = {"eager": False}
+    if device.type == "cuda" and graphs:
+        kinds["graphs"] = True
+    for kind, g in kinds.items():
+        runner = ModelRunner(eng.model, eng.cache, cuda_graphs=g, channel=eng.leading_channel)
+        if eng.follower:
+            while (plan := eng.channel.recv()) is not None:
+                runner.follow(plan)
+            continue
+        for b in args.batches:
+            out["steps"][f"{kind}/{b}"] = step_ms(runner, decode_batch(b, args.context),
+                                                  args.iters, device)
+        if eng.channel is not None:
+            eng.channel.send(None)
+        del runner
+    del eng
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -123,7 +140,8 @@ def main() -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--context", type=int, default=512, help="KV length of the timed rows")
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--graphs", action="store_true", help="also try CUDA graphs at tp=k")
+    ap.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
+                    help="tp=k with CUDA graphs (NCCL all-reduces captured), besides eager")
     ap.add_argument("--out", default=None, help="write the numbers as JSON")
     args = ap.parse_args()
     if args.model in PRESETS:  # the slots hold context + 64 positions
@@ -136,13 +154,15 @@ def main() -> int:
         return 2
     single = measure(args, 1, g.device, graphs=True) if g.rank == 0 else None
     dist.barrier(group=ctrl)
-    shard = measure(args, g.world, g.device, graphs=False)
+    shard = measure(args, g.world, g.device, graphs=args.graphs)
     every = [None] * g.world
-    dist.all_gather_object(every, shard["tokens"], group=ctrl)
+    dist.all_gather_object(every, (shard.get("iterations"), shard.get("forwards"),
+                                   shard["logits"]), group=ctrl)
     if g.rank != 0:
         return 0
 
-    ranks_agree = all(t == every[0] for t in every)
+    # every follower ran one forward per iteration of rank 0's, and got rank 0's logits bits
+    ranks_agree = all(f == every[0][0] and torch.equal(x, every[0][2]) for _, f, x in every[1:])
     rows = [{"prompt": i, "tokens": len(t1), "agree": agree(t1, tk), "equal": t1 == tk}
             for i, (t1, tk) in enumerate(zip(single["tokens"], shard["tokens"], strict=True))]
     diff = (single["logits"] - shard["logits"]).abs().max().item()
@@ -153,7 +173,8 @@ def main() -> int:
     for r in rows:
         state = "equal" if r["equal"] else f"first difference at token {r['agree']}"
         print(f"  prompt {r['prompt']}: {r['tokens']} greedy tokens, tp={k} vs tp=1: {state}")
-    print(f"  all {k} ranks drew the same tokens: {'yes' if ranks_agree else 'NO'}")
+    print(f"  the {k - 1} follower(s) ran one forward per plan, with rank 0's logits bits: "
+          f"{'yes' if ranks_agree else 'NO'}")
     print(f"  prompt logits, largest |tp={k} - tp=1|: {diff:.3g}")
     print(f"  decode step, context {args.context}, median of {args.iters} (ms):")
     print(f"    {'B':>4} {'tp1 graphs':>11} {'tp1 eager':>10} {f'tp{k} eager':>10} "

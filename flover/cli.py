@@ -7,6 +7,7 @@ import asyncio
 import io
 import logging
 import os
+import signal
 import sys
 
 from flover.config import QUANTIZATIONS, ConfigError, SamplingParams
@@ -14,14 +15,17 @@ from flover.models import ModelFormatError
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from flover import Engine, EngineConfig, distributed
+    from flover import Engine, EngineConfig
 
     tp = args.tensor_para_size or int(os.environ.get("WORLD_SIZE", "1"))
     eng = Engine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                               max_concurrency=1, max_seq_len=args.max_seq_len,
                               tensor_para_size=tp, batch_invariant=args.batch_invariant,
                               quantization=args.quantization))
-    out = sys.stdout if distributed.rank() == 0 else io.StringIO()  # every rank runs; one prints
+    if eng.follower:  # tensor parallelism: rank 0 plans, samples and prints
+        eng.follow()
+        return 0
+    out = sys.stdout
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     prompt = args.prompt
@@ -33,6 +37,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out.write(o.new_text if eng.tokenizer else f"{o.new_token_ids[0]} ")
         out.flush()
     out.write("\n")
+    eng.close()
     return 0
 
 
@@ -44,7 +49,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flover.run import report
     from flover.run import view as viz
     from flover.run.context import RunContext, new_state
-    from flover.run.driver import measure_lone, run_workload
+    from flover.run.driver import follow_run, measure_lone, run_workload
     from flover.run.ini import load_config
     from flover.run.workload import build_workload
 
@@ -56,13 +61,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         group = distributed.init_distributed(resolve_device(cfg.device))
         cfg.device = str(group.device)
     main = group is None or group.rank == 0
-    console = Console() if main else Console(file=io.StringIO())
+    console = Console() if main else Console(file=io.StringIO())  # followers print nothing
     with viz.status(console, f"loading {cfg.model_type} ..."):
         if group is None:
             ctx = RunContext.load(cfg)
         else:
             dtype = resolve_dtype(cfg.data_type, group.device)
             ctx = RunContext(cfg, *distributed.load_sharded(cfg.model_type, dtype, group, cfg.seed))
+    if not main:  # tensor parallelism: rank 0 runs the workload and reports; this rank follows
+        follow_run(ctx)
+        return 0
     items = build_workload(cfg, ctx.tokenizer, ctx.model.cfg.vocab_size)
     state = new_state(cfg, items)
     with viz.status(console, f"a lone request first ({cfg.request_output_len} tokens) ..."):
@@ -74,8 +82,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_workload(ctx, items, state)
     metrics = report.summarize(state, device)
     console.print(report.render(metrics))
-    if not main:
-        return 0
     if args.json:
         report.write_json(args.json, state, cfg, metrics)
         console.print(f"wrote {args.json}")
@@ -96,20 +102,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     from flover import Engine, EngineConfig
 
+    tp = args.tensor_para_size or int(os.environ.get("WORLD_SIZE", "1"))
     eng = Engine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                               max_concurrency=args.max_concurrency, max_seq_len=args.max_seq_len,
-                              kv_layout=args.kv_layout, block_size=args.block_size,
+                              kv_layout=args.kv_layout or ("pages" if tp == 1 else "slots"),
+                              block_size=args.block_size,
                               num_kv_blocks=args.num_kv_blocks,
                               gpu_memory_utilization=args.gpu_memory_utilization,
                               enable_prefix_caching=args.enable_prefix_caching,
                               batch_invariant=args.batch_invariant,
-                              quantization=args.quantization))
+                              quantization=args.quantization, tensor_para_size=tp))
+    if eng.follower:  # tensor parallelism: rank 0 serves HTTP; this rank runs its forwards
+        # torchrun passes a SIGTERM to every rank: rank 0 drains, then close() ends this one
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        eng.follow()
+        return 0
     app = create_app(eng, args.served_model_name, max_body_bytes=args.max_body_bytes,
                      max_prompts_per_request=args.max_prompts_per_request,
                      max_prompt_chars=args.max_prompt_chars, max_waiting=args.max_waiting,
                      queue_timeout=args.queue_timeout,
                      api_key=args.api_key or None, docs=args.enable_docs)
-    print(f"flover: serving {app.state.model_name!r} on http://{args.host}:{args.port}/v1",
+    ranks = f" (rank 0 of {tp}, pid {os.getpid()})" if tp > 1 else ""
+    print(f"flover: serving {app.state.model_name!r} on http://{args.host}:{args.port}/v1{ranks}",
           file=sys.stderr)
     from flover.server.connections import IdleTimeoutH11
 
@@ -117,6 +132,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             timeout_graceful_shutdown=FLUSH_TIMEOUT_S, http=IdleTimeoutH11,
                             timeout_keep_alive=args.timeout_keep_alive)
     _draining_server(uvicorn, config, args.drain_timeout).run()
+    if not app.state.engine.alive:  # the engine thread has stopped: no step is in flight
+        eng.close()  # tensor parallelism: the followers' follow() returns
     return 0
 
 
@@ -235,9 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--max-concurrency", type=int, default=8, help="rows in flight at most")
     s.add_argument("--max-seq-len", type=int, default=2048, help="longest prompt + output")
-    s.add_argument("--kv-layout", choices=["pages", "slots"], default="pages", help="pages: "
-                   "a pool of KV blocks taken as requests grow, shared prefixes cached; slots: "
-                   "one max-seq-len slot per request (the original's)")
+    s.add_argument("--kv-layout", choices=["pages", "slots"], default=None, help="pages (the "
+                   "default): a pool of KV blocks taken as requests grow, shared prefixes cached; "
+                   "slots: one max-seq-len slot per request (the original's; the default under "
+                   "tensor parallelism, which pages do not support yet)")
     s.add_argument("--block-size", type=int, default=16, help="positions per KV block (pages)")
     s.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks in the pool "
                    "(default: from --gpu-memory-utilization on a GPU, the slots' memory on a CPU)")
@@ -252,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
                    help="GPU: batch-invariant kernels (see flover generate)")
+    s.add_argument("--tensor-para-size", type=int, default=None, help="ranks to split the "
+                   "model over (default: torchrun's WORLD_SIZE, else 1); launch with "
+                   "`torchrun --nproc-per-node K -m flover.cli serve ...`: rank 0 serves HTTP")
     s.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     s.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies "
@@ -299,10 +320,14 @@ def _positive(text: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        rc = args.func(args)
     except (ConfigError, ModelFormatError, ValueError) as e:
         print(f"flover: error: {e}", file=sys.stderr)
         return 2
+    if rc == 0:
+        from flover import distributed
+        distributed.leave()  # tensor parallelism: this rank ended well (the others let it go)
+    return rc
 
 
 if __name__ == "__main__":

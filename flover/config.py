@@ -277,6 +277,9 @@ class EngineConfig:
             self.enable_prefix_caching = self.kv_layout == "pages"
         _check(not self.enable_prefix_caching or self.kv_layout == "pages",
                "enable_prefix_caching", self.enable_prefix_caching, "needs kv_layout='pages'")
+        _check(self.kv_layout == "slots" or self.tensor_para_size == 1, "kv_layout",
+               self.kv_layout, "must be 'slots' with tensor_para_size > 1 (pages are not yet "
+               "broadcast to the other ranks)")
         _check(self.quantization is None or (isinstance(self.quantization, str) and
                self.quantization.lower() in QUANTIZATIONS), "quantization", self.quantization,
                f"expected None or one of {list(QUANTIZATIONS)}")

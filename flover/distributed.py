@@ -7,11 +7,15 @@ Megatron's split of every transformer layer across the `world` ranks of one grou
 - MLP: gate/up (GPT-J: fc_in) column-parallel, down (fc_out) row-parallel;
 - a row-parallel layer's partial products are summed by one all_reduce, then its bias is
   added once; two all-reduces per layer in all;
-- embeddings, norms and the LM head are replicated: every rank computes the same full
-  logits, so every rank samples the same tokens from the same seeds and runs the same
-  scheduler (SPMD: same requests, same batches, no token broadcast). This costs the head's
-  memory on every rank (0.26 GB of LLaMA-7B's 13.5 GB in fp16) and relies on all_reduce
-  giving every rank the same bits, which NCCL's and gloo's sums do (bench/tp_check.py checks).
+- embeddings, norms and the LM head are replicated (0.26 GB of LLaMA-7B's 13.5 GB in fp16).
+
+Rank 0 owns the engine: its scheduler, its clock, its requests, the sampling. Before each
+forward it broadcasts what that forward consumes (`flover.engine.plan.ForwardPlan`: input
+ids, attention metadata, cache operations) over a gloo group (`PlanChannel`); the other ranks
+run `Engine.follow()`, which executes each plan's forward and nothing else, until rank 0's
+`Engine.close()`. A rank that dies ends the run everywhere within seconds: every rank beats a
+heartbeat in torchrun's store and a watchdog thread ends its process when a peer falls silent
+(`Heartbeat`), so no rank waits forever in a collective (NCCL's included) for a dead peer.
 
 The model code knows nothing of ranks: `shard_model` slices the parameters in place, swaps
 the row-parallel Linear modules for `RowParallel` (which adds the all_reduce), sets each
@@ -28,8 +32,13 @@ from __future__ import annotations
 
 import atexit
 import os
-from collections.abc import Callable, Iterator
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -40,7 +49,7 @@ from torch import nn
 from flover import weights
 from flover.config import ConfigError
 from flover.models import ModelConfig, ModelFormatError
-from flover.models.layers import init_random, load_named_weights
+from flover.models.layers import load_named_weights
 from flover.models.presets import PRESETS, preset
 from flover.tokenizer import Tokenizer
 
@@ -55,6 +64,8 @@ class Group:
     world: int
     device: torch.device
     control: object | None = None  # a gloo group for small host-side agreements
+    plans: object | None = None  # a gloo group for rank 0's plans (no timeout: see PlanChannel)
+    heartbeat: Heartbeat | None = None
 
 
 _GROUP: Group | None = None
@@ -102,12 +113,18 @@ def init_distributed(device: str | torch.device = "auto") -> Group:
     else:
         raise ConfigError(f"device={device!r} is invalid with tensor parallelism: "
                           "expected cuda or cpu")
+    if kind == "cuda":  # NVLink multicast off: it can take a shared host's GPUs out of service
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if kind == "cuda" else "gloo", rank=rank,
                                 world_size=world, device_id=dev if kind == "cuda" else None)
         atexit.register(_close)
     control = dist.new_group(backend="gloo") if kind == "cuda" else None
-    _GROUP = Group(rank, world, dev, control)
+    # waiting for rank 0's next plan lasts as long as a server stays idle: no timeout there;
+    # the heartbeat, not a collective's timeout, finds a dead rank
+    plans = dist.new_group(backend="gloo", timeout=PLAN_WAIT)
+    beat = Heartbeat(rank, world).start() if world > 1 else None
+    _GROUP = Group(rank, world, dev, control, plans, beat)
     return _GROUP
 
 
@@ -121,17 +138,127 @@ def rank() -> int:
     return _GROUP.rank if _GROUP is not None else 0
 
 
-def shared_clock(clock: Callable[[], float]) -> Callable[[], float]:
-    """`clock`, read on rank 0 and sent to every rank: decisions taken on the time (which
-    requests have arrived) then agree across ranks. The plain clock without a group."""
-    if _GROUP is None or _GROUP.world == 1:
-        return clock
+def leave() -> None:
+    """Say that this rank's work ended well: the others' watchdogs let it go quietly. Call it
+    last, on success only (a rank that exits without it counts as dead). Then wait for every
+    rank to leave, so that all tear the process groups down together: a rank that destroys
+    its gloo groups while a peer still holds them open sometimes aborts in C++ ("terminate
+    called without an active exception"); a follower is done long before rank 0 is."""
+    if _GROUP is not None and _GROUP.heartbeat is not None:
+        _GROUP.heartbeat.leave()
+        try:
+            dist.barrier(group=_GROUP.plans)
+        except Exception:  # noqa: BLE001 - a peer died after its work: nothing left to share
+            pass
 
-    def now() -> float:
-        t = torch.tensor([clock() if _GROUP.rank == 0 else 0.0], dtype=torch.float64)
-        dist.broadcast(t, src=0, group=_GROUP.control)
-        return t.item()
-    return now
+
+# --- rank 0's plans --------------------------------------------------------------------------
+
+PLAN_WAIT = timedelta(days=365)  # an idle server: followers wait this long for a plan
+
+
+class PlanChannel:
+    """Rank 0 sends one small picklable record per forward; the other ranks receive it.
+
+    One `broadcast_object_list` over the gloo plan group (host memory, even when the model's
+    all-reduces use NCCL). `None` is the end of the engine's run."""
+
+    def __init__(self, group: Group) -> None:
+        self.group = group
+
+    @property
+    def leader(self) -> bool:
+        return self.group.rank == 0
+
+    def send(self, record: object) -> None:
+        assert self.leader, "only rank 0 sends plans"
+        dist.broadcast_object_list([record], src=0, group=self.group.plans)
+
+    def recv(self) -> object:
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=self.group.plans)
+        return box[0]
+
+
+# --- a dead rank ends the run -----------------------------------------------------------------
+
+HEARTBEAT_INTERVAL = 0.5  # s
+HEARTBEAT_TIMEOUT = float(os.environ.get("FLOVER_TP_HEARTBEAT_TIMEOUT", "10"))  # s of silence
+
+
+class Heartbeat:
+    """Every rank adds 1 to its counter in torchrun's store every HEARTBEAT_INTERVAL and
+    watches the others' counters: a peer whose counter has not moved for HEARTBEAT_TIMEOUT
+    seconds (killed, hung, its node gone), or a store that no longer answers, ends this process
+    with a message naming the rank (exit status 1). A peer that called `leave()` is let go.
+
+    It runs on its own thread with its own store connection, so it fires wherever the main
+    thread waits: in a gloo broadcast, in an NCCL all-reduce, inside a CUDA graph."""
+
+    def __init__(self, rank: int, world: int, timeout: float = HEARTBEAT_TIMEOUT) -> None:
+        self.rank, self.world, self.timeout = rank, world, timeout
+        self.store = dist.PrefixStore("flover/heartbeat/", dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+            timeout=timedelta(seconds=max(timeout, 5.0)), wait_for_workers=False))
+        self._left = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Heartbeat:
+        self._thread = threading.Thread(target=self._run, name="flover-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def leave(self) -> None:
+        """Stop beating, tell the others, and close the store connection: the thread must not
+        be inside a store call when the interpreter exits (C++ aborts the process then)."""
+        if self._left.is_set():
+            return
+        try:
+            self.store.set(f"left/{self.rank}", "1")
+        except Exception:  # noqa: BLE001 - the others are gone already: nothing to tell
+            pass
+        self._left.set()
+        self._thread.join(self.timeout)
+        self.store = None
+
+    def _run(self) -> None:
+        peers = [r for r in range(self.world) if r != self.rank]
+        seen = {r: (-1, time.monotonic()) for r in peers}  # last count, when it last moved
+        gone: set[int] = set()  # peers that left well
+        while not self._left.wait(HEARTBEAT_INTERVAL):
+            try:
+                self.store.add(f"beat/{self.rank}", 1)
+                now = time.monotonic()
+                for r in peers:
+                    if r in gone or self.store.check([f"left/{r}"]):
+                        gone.add(r)
+                        continue
+                    count = self.store.add(f"beat/{r}", 0)
+                    if count != seen[r][0]:
+                        seen[r] = (count, now)
+                    elif now - seen[r][1] > self.timeout:
+                        self._end(f"rank {r} has stopped answering (no heartbeat for "
+                                  f"{self.timeout:g} s): it died or hung")
+            except Exception as e:  # noqa: BLE001 - the store's host is gone
+                # rank 0 (whose process or launcher may host the store) ended the run well, or
+                # this rank is about to leave too (its work is done, the host went first)
+                if 0 in gone or self._left.wait(self.timeout):
+                    return
+                self._end(f"lost the rendezvous store at {os.environ.get('MASTER_ADDR')}:"
+                          f"{os.environ.get('MASTER_PORT')} ({type(e).__name__}: {e}); the rank "
+                          "or node hosting it has died")
+
+    def _end(self, why: str) -> None:
+        if not self._left.is_set():
+            end_run(why)
+
+
+def end_run(why: str) -> None:
+    """End this rank now, with a message (exit status 1): its peers' heartbeats or broken
+    connections end them in turn. For states no rank can recover from."""
+    print(f"flover: error: tensor parallelism: {why}; ending rank {rank()}",
+          file=sys.stderr, flush=True)
+    os._exit(1)  # the main thread may be blocked in a collective that never returns
 
 
 # --- the split ---------------------------------------------------------------------------
@@ -241,6 +368,73 @@ def shard_model(model: nn.Module, rank: int, world: int, group=None) -> nn.Modul
     return model
 
 
+# --- random weights drawn per shard ---------------------------------------------------------
+
+PIECES = 8  # each part of a split parameter is drawn as 8 pieces, each from its own seed
+
+
+@torch.no_grad()
+def init_random_shard(model: nn.Module, seed: int, rank: int = 0, world: int = 1,
+                      std: float = 0.02) -> None:
+    """Fill a preset's parameters (rank `rank`'s shard of `world`, or the whole model with the
+    defaults) with random weights, drawing only this rank's share: presets start in seconds
+    at any size, and every shard equals the slice of the whole model drawn by this function
+    (world 1). That whole model is not the single-process preset, which `init_random` draws
+    as one stream (kept, so that tp=1's random weights and the tests on them do not change):
+    compare tp=k's tokens against a tp=1 engine over `init_random_shard`'s model.
+
+    Each split part of a parameter (q, k, v of qkv_proj; gate, up; a row-parallel weight's
+    input columns) is drawn as PIECES pieces along its split dimension, piece q from a
+    generator seeded by (seed, parameter name, part, q); a rank draws the pieces of its share
+    (when `world` divides PIECES and the part's size, else the whole part, then keeps its
+    share). Replicated parameters are drawn whole. Norm weights are 1, biases 0."""
+    full = getattr(model, "full_cfg", model.cfg)
+    for name, p in model.named_parameters():
+        if "norm" in name or name.endswith("ln_1.weight") or name.endswith("ln_f.weight"):
+            p.fill_(1.0)
+            continue
+        if name.endswith("bias"):
+            p.zero_()
+            continue
+        layer = name.split(".")[-2] if "." in name else ""
+        if layer in COLUMN:
+            dim, sizes = 0, _column_sizes(layer, full)
+        elif layer in ROW:
+            dim, sizes = 1, [p.shape[1] * world]
+        else:  # replicated: every rank draws it whole
+            _draw_part(p, 0, p.shape[0], seed, name, 0, 0, 1, std)
+            continue
+        at = 0
+        for j, size in enumerate(sizes):
+            view = p.narrow(dim, at, size // world)
+            _draw_part(view, dim, size, seed, name, j, rank, world, std)
+            at += size // world
+
+
+def _draw_part(out: torch.Tensor, dim: int, size: int, seed: int, name: str, part: int,
+               rank: int, world: int, std: float) -> None:
+    """`out` <- rank's share (along dim) of a part of `size` drawn as pieces."""
+    pieces = PIECES if size % PIECES == 0 else 1
+    per = size // pieces
+    if pieces % world == 0:  # the share is whole pieces: draw those only
+        k = pieces // world
+        for i, q in enumerate(range(rank * k, (rank + 1) * k)):
+            out.narrow(dim, i * per, per).copy_(_piece(out, dim, per, seed, name, part, q, std))
+        return
+    whole = torch.cat([_piece(out, dim, per, seed, name, part, q, std) for q in range(pieces)], dim)
+    out.copy_(whole.narrow(dim, rank * (size // world), size // world))
+
+
+def _piece(like: torch.Tensor, dim: int, length: int, seed: int, name: str, part: int, q: int,
+           std: float) -> torch.Tensor:
+    """One piece, drawn contiguous (its values do not depend on where it is stored)."""
+    shape = list(like.shape)
+    shape[dim] = length
+    key = (seed * 1_000_003 + zlib.crc32(name.encode()) * 1_009 + part * 101 + q) % (1 << 62)
+    gen = torch.Generator(device=like.device).manual_seed(key)
+    return torch.empty(shape, dtype=like.dtype, device=like.device).normal_(0.0, std, generator=gen)
+
+
 # --- loading straight into the shard -------------------------------------------------------
 
 def shard_tensors(tensors: Iterator[tuple[str, torch.Tensor]], rank: int,
@@ -271,10 +465,14 @@ def load_sharded(spec: str | None, dtype: torch.dtype, group: Group,
                  seed: int = 0) -> tuple[nn.Module, object | None]:
     """`flover.weights.load_model` for one rank: its shard and the tokenizer."""
     r, w, dev = group.rank, group.world, group.device
-    if spec in PRESETS:  # random weights: initialise whole (as unsharded), then slice
-        model = weights.allocate(preset(spec), dtype, dev)
-        init_random(model, seed)
-        return shard_model(model, r, w), None
+    if spec in PRESETS:  # random weights: each rank draws its own shard only
+        model = shard_model(weights.allocate(preset(spec), dtype, torch.device("meta")), r, w)
+        model = model.to_empty(device=dev)
+        for m in model.modules():
+            if hasattr(m, "reset_buffers"):
+                m.reset_buffers()
+        init_random_shard(model, seed, r, w)
+        return model, None
     if spec is None or spec == weights.DEFAULT_MODEL:
         spec = str(weights.default_model_path())
     path = Path(spec).expanduser()

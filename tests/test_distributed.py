@@ -1,5 +1,8 @@
 """Tensor parallelism: two CPU processes over gloo give the tokens of one process.
 
+Rank 0 runs the engine (arrivals mid-run, aborts, the memory shuffle); rank 1 only follows
+the plans rank 0 broadcasts. Random presets drawn per shard equal slices of the whole.
+
 The workers are spawned (torch.multiprocessing, `spawn`) rather than started by torchrun:
 the same environment variables, but no launcher process importing torch too. Measured on the
 2-core machine (loaded by other jobs), both models through two ranks: torchrun 14 s; spawn
@@ -17,8 +20,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from flover import ConfigError, Engine, EngineConfig, SamplingParams
-from flover.distributed import check_launch, shard_model
+from flover import ConfigError, Engine, EngineConfig, SamplingParams, distributed
+from flover.distributed import check_launch, init_random_shard, shard_model
+from flover.models.presets import _llama, preset
 from flover.ops.attention import AttentionMetadata, PrefillChunk
 from flover.weights import allocate
 
@@ -42,40 +46,67 @@ WORK = [(0, _prompt(5, 0), dict(max_tokens=9, temperature=0.0)),
         (0, _prompt(11, 1), dict(max_tokens=4, temperature=0.0)),
         (1, _prompt(3, 2), dict(max_tokens=12, temperature=0.8, top_p=0.9, seed=7)),
         (2, _prompt(8, 3), dict(max_tokens=6, temperature=0.0)),
-        (4, _prompt(6, 4), dict(max_tokens=7, temperature=0.0))]
+        (4, _prompt(6, 4), dict(max_tokens=7, temperature=0.0)),
+        (5, _prompt(4, 5), dict(max_tokens=20, temperature=0.0)),
+        (6, _prompt(7, 6), dict(max_tokens=5, temperature=0.0))]
+# (iteration, request): aborted before that iteration's step: r6 while it waits for a slot, r4
+# while it decodes in slot 0 (the shuffle moves slot 2's row into it)
+ABORTS = [(7, "r6"), (12, "r4")]
 
 
-def scenario(path: str, tp: int) -> dict:
-    """Run WORK fused on an engine of 3 slots; the tokens of each request and the logits
-    of the first prompt at every position."""
-    eng = Engine(EngineConfig(model=path, dtype="float32", device="cpu", max_concurrency=3,
-                              max_seq_len=64, tensor_para_size=tp))
-    tokens, it, pending = {}, 0, list(enumerate(WORK))
-    while pending or eng.has_unfinished():
-        while pending and pending[0][1][0] <= it:
-            i, (_, prompt, params) = pending.pop(0)
-            eng.add_request(f"r{i}", prompt, SamplingParams(ignore_eos=True, **params))
-        for out in eng.step():
-            if out.finished:
-                tokens[out.request_id] = out.token_ids
-        it += 1
+def _config(path: str, tp: int) -> EngineConfig:
+    return EngineConfig(model=path, dtype="float32", device="cpu", max_concurrency=3,
+                        max_seq_len=64, tensor_para_size=tp, use_mem_shuffle=True)
+
+
+def prompt_logits(eng: Engine) -> torch.Tensor:
+    """The first prompt's logits at every position: one forward, run by every rank alike."""
     ids = torch.tensor(WORK[0][1])
     n = len(ids)
     meta = AttentionMetadata(slot_ids=torch.zeros(n, dtype=torch.long), positions=torch.arange(n),
                              num_decode=0, decode_lengths=None, decode_max_len=0,
                              prefills=[PrefillChunk(0, 0, n, 0)])
     with torch.inference_mode():
-        logits = eng.model.logits(eng.model(ids, meta, eng.cache.k, eng.cache.v))
-    return {"tokens": tokens, "logits": logits.clone(), "kv_heads": eng.cache.k.shape[2],
-            "iterations": eng.stats()["iterations"]}
+        return eng.model.logits(eng.model(ids, meta, eng.cache.k, eng.cache.v)).clone()
+
+
+def scenario(path: str, tp: int) -> dict:
+    """Run WORK fused on an engine of 3 slots, with ABORTS: each request's tokens (None when
+    aborted) and the iterations run. Under tensor parallelism rank 0 runs this, the others
+    `follower()`."""
+    eng = Engine(_config(path, tp))
+    tokens, it, pending = {}, 0, list(enumerate(WORK))
+    while pending or eng.has_unfinished():
+        while pending and pending[0][1][0] <= it:
+            i, (_, prompt, params) = pending.pop(0)
+            eng.add_request(f"r{i}", prompt, SamplingParams(ignore_eos=True, **params))
+        for when, rid in ABORTS:
+            if when == it:
+                eng.abort(rid)
+                tokens[rid] = None
+        for out in eng.step():
+            if out.finished:
+                tokens[out.request_id] = out.token_ids
+        it += 1
+    eng.close()
+    return {"tokens": tokens, "logits": prompt_logits(eng), "kv_heads": eng.cache.k.shape[2],
+            "iterations": eng.stats()["iterations"], "moves": eng.stats()["shuffle_moves"]}
+
+
+def follower(path: str, tp: int) -> dict:
+    eng = Engine(_config(path, tp))
+    forwards = eng.follow()
+    return {"forwards": forwards, "logits": prompt_logits(eng)}
 
 
 def _worker(rank: int, port: int, paths: dict[str, str], out: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # two processes share the two cores
-    results = {name: scenario(path, WORLD) for name, path in paths.items()}
+    run = scenario if rank == 0 else follower
+    results = {name: run(path, WORLD) for name, path in paths.items()}
     torch.save(results, Path(out) / f"rank{rank}.pt")
+    distributed.leave()
 
 
 @pytest.fixture(scope="module")
@@ -103,12 +134,14 @@ def tp1_results(llama_dir, gptj_dir):
 
 
 @pytest.mark.parametrize("name", ["llama", "gptj"])
-def test_tp2_greedy_and_seeded_tokens_equal_tp1(tp_results, tp1_results, name):
-    ref = tp1_results[name]
-    assert len(ref["tokens"]) == len(WORK)
-    for r in range(WORLD):
-        assert tp_results[r][name]["tokens"] == ref["tokens"], f"rank {r}"
-        assert tp_results[r][name]["iterations"] == ref["iterations"]
+def test_tp2_through_rank_0s_plans_gives_tp1_tokens(tp_results, tp1_results, name):
+    ref, lead, follow = tp1_results[name], tp_results[0][name], tp_results[1][name]
+    assert sorted(ref["tokens"]) == [f"r{i}" for i in range(len(WORK))]
+    assert ref["tokens"]["r4"] is ref["tokens"]["r6"] is None  # the scenario does what it says
+    assert ref["moves"] > 0
+    assert lead["tokens"] == ref["tokens"]
+    assert lead["iterations"] == ref["iterations"]
+    assert follow["forwards"] == lead["iterations"]  # one forward per plan, none of its own
 
 
 @pytest.mark.parametrize("name", ["llama", "gptj"])
@@ -116,7 +149,7 @@ def test_tp2_logits_close_to_tp1_and_identical_across_ranks(tp_results, tp1_resu
     ref = tp1_results[name]
     got = [tp_results[r][name]["logits"] for r in range(WORLD)]
     torch.testing.assert_close(got[0], ref["logits"], atol=1e-4, rtol=1e-4)
-    assert torch.equal(got[0], got[1])  # same bits: every rank samples the same tokens
+    assert torch.equal(got[0], got[1])  # the all-reduce gives every rank the same bits
 
 
 def test_each_rank_caches_its_share_of_the_kv_heads(tp_results):
@@ -152,3 +185,34 @@ def test_tp_outside_torchrun_explains_how_to_launch(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(ConfigError, match="WORLD_SIZE is 4"):
         check_launch(2)
+
+
+def _whole_then_sliced(cfg, rank: int, world: int):
+    whole = allocate(cfg, torch.float32, torch.device("cpu"))
+    init_random_shard(whole, 3)
+    return shard_model(whole, rank, world)
+
+
+def _drawn_per_shard(cfg, rank: int, world: int):
+    model = shard_model(allocate(cfg, torch.float32, torch.device("meta")), rank, world)
+    model = model.to_empty(device=torch.device("cpu"))
+    init_random_shard(model, 3, rank, world)
+    return model
+
+
+@pytest.mark.parametrize("cfg, world", [
+    (preset("tiny_llama"), 2), (preset("tiny_gptj"), 2), (preset("tiny_gptj"), 4),
+    # parts whose size 8 pieces do not divide (intermediate 100), and 8 pieces that 3 ranks
+    # cannot share (6 heads): each rank draws the whole part and keeps its share
+    (_llama(48, 100, 1, 6, kv_heads=6, vocab=64), 2), (_llama(48, 96, 1, 6, kv_heads=3, vocab=64), 3)])
+def test_a_preset_drawn_per_shard_equals_the_slice_of_the_whole(cfg, world):
+    for rank in range(world):
+        want = _whole_then_sliced(cfg, rank, world).state_dict()
+        got = _drawn_per_shard(cfg, rank, world).state_dict()
+        assert want.keys() == got.keys()
+        for name, t in want.items():
+            assert torch.equal(got[name], t), (rank, name)
+    first = dict(_drawn_per_shard(cfg, 0, world).named_parameters())
+    second = dict(_drawn_per_shard(cfg, world - 1, world).named_parameters())
+    name = next(n for n in first if "qkv_proj.weight" in n)
+    assert not torch.equal(first[name], second[name])  # the shards hold different heads

@@ -257,6 +257,11 @@ class TokenGraphs(BucketGraphs):
     def bucket(self, tokens: int) -> int | None:
         return next((b for b in self.buckets if b >= tokens), None)
 
+    def fits(self, tokens: int, rows: int) -> bool:
+        """Whether an iteration of `tokens` tokens sampling `rows` rows has a graph."""
+        size = self.bucket(tokens)
+        return size is not None and rows <= min(size, self.cache.num_slots)
+
     def _forward(self, size: int) -> torch.Tensor:
         ids, slots, pos, lens = self.static[:4, :size]
         keep = self.static[4, :min(size, self.cache.num_slots)]
@@ -282,9 +287,9 @@ class TokenGraphs(BucketGraphs):
                        lens: list[int], keep: list[int]) -> torch.Tensor | None:
         """Logits [len(keep), vocab] of the flat tokens' rows `keep`; None when the iteration
         is larger than the largest bucket (the caller runs it eagerly)."""
-        size = self.bucket(len(ids))
-        if size is None or len(keep) > min(size, self.cache.num_slots):
+        if not self.fits(len(ids), len(keep)):
             return None
+        size = self.bucket(len(ids))
         self._fill(ids, slots, pos, lens, keep, size)
         logits = self._replay(size)
         self.replays += 1

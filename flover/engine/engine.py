@@ -9,7 +9,11 @@ One request's fault stays its own: everything checkable is checked in `add_reque
 changes nothing when it refuses; a per-request stage that still fails inside `step()` ends
 that request with finish_reason "error" and its message, and the others get their tokens.
 Only a failure of the shared forward pass fails the requests of that batch; their slots are
-freed and the engine goes on.
+freed and the engine goes on (under tensor parallelism it ends the run instead: the ranks'
+collectives would be out of step).
+
+Tensor parallelism (flover.distributed): rank 0's engine plans, samples and sends each
+forward's inputs to the other ranks, whose engines only `follow()`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from flover import distributed
 from flover.config import ConfigError, EngineConfig, SamplingParams, canonical_dtype
 from flover.engine.block_manager import BlockAllocator
 from flover.engine.kv_cache import PagedCache, SlotAllocator, SlotCache
@@ -54,9 +59,8 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None, *, model=None, tokenizer=None) -> None:
         self.config = cfg = config or EngineConfig()
         self.device = resolve_device(cfg.device)
-        tp = cfg.tensor_para_size
+        tp, group = cfg.tensor_para_size, None
         if tp > 1:  # one process per rank, started by torchrun (flover.distributed)
-            from flover import distributed
             distributed.check_launch(tp)
             group = distributed.init_distributed(self.device)
             self.device = group.device
@@ -93,11 +97,14 @@ class Engine:
             self.cache = SlotCache(mc.num_layers, cfg.max_concurrency, mc.num_kv_heads,
                                    cfg.max_seq_len, mc.head_dim, self.dtype, self.device)
             self.scheduler = Scheduler(self.slots, cfg.prefill_token_budget)
-        # no CUDA graphs around the all-reduces yet: tensor parallelism runs eagerly
+        # tensor parallelism: rank 0 plans and sends each forward's inputs; the others follow()
+        self.channel = distributed.PlanChannel(group) if tp > 1 else None
         self.runner = ModelRunner(model, self.cache, self.eos_token_ids, cfg.seed,
-                                  cuda_graphs=cfg.cuda_graphs and tp == 1,
+                                  cuda_graphs=cfg.cuda_graphs,
                                   batch_invariant=cfg.batch_invariant,
-                                  max_prefill_tokens=cfg.prefill_token_budget)
+                                  max_prefill_tokens=cfg.prefill_token_budget,
+                                  channel=self.leading_channel)
+        self.closed = False
         self.outputs = OutputProcessor(tokenizer)
         self.requests: dict[str, Request] = {}  # unfinished requests by id (their head rows)
         self.failed_batches = 0
@@ -129,6 +136,51 @@ class Engine:
                               f"{per_row + 1}")
         return min(blocks, most)
 
+    # --- tensor parallelism: rank 0 leads, the other ranks follow --------------------------
+
+    @property
+    def follower(self) -> bool:
+        """A tensor-parallel rank other than 0: it runs `follow()`, never `add_request`/`step`."""
+        return self.channel is not None and not self.channel.leader
+
+    @property
+    def leading_channel(self):
+        return self.channel if self.channel is not None and self.channel.leader else None
+
+    def follow(self) -> int:
+        """On ranks other than 0: run rank 0's forwards, each from the plan it sends, until
+        rank 0's `close()`. Returns the number of forwards run."""
+        if not self.follower:
+            raise RuntimeError("follow() is for tensor-parallel ranks other than 0")
+        n = 0
+        while True:
+            try:
+                plan = self.channel.recv()
+            except Exception as e:  # noqa: BLE001 - the group broke: say so, not gloo's words
+                raise RuntimeError(f"tensor parallelism: lost rank 0 while waiting for its next "
+                                   f"plan ({type(e).__name__}: {e}); it died or its node is "
+                                   "gone") from e
+            if plan is None:
+                break
+            self.runner.follow(plan)
+            n += 1
+        self.closed = True
+        return n
+
+    def close(self) -> None:
+        """On rank 0: end the followers' `follow()` (they return; the engine is done). Once;
+        nothing without tensor parallelism."""
+        if self.leading_channel is not None and not self.closed:
+            self.closed = True
+            self.channel.send(None)
+
+    def _lead(self) -> None:
+        if self.follower:
+            raise RuntimeError(f"rank {self.channel.group.rank} follows rank 0's plans: call "
+                               "follow() there; requests go to rank 0")
+        if self.closed:
+            raise RuntimeError("this engine was closed: its followers have stopped")
+
     # --- requests ---------------------------------------------------------------------------
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
@@ -142,6 +194,7 @@ class Engine:
                     params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> Request:
         """Queue a request; raises RequestError (naming the problem) and changes nothing."""
+        self._lead()
         params = params or SamplingParams()
         if not isinstance(request_id, str) or not request_id:
             raise RequestError(f"request_id={request_id!r} is invalid: must be a non-empty string")
@@ -212,12 +265,16 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """One fused iteration. Returns an output for every request that got a token, ended
         or failed in it."""
+        self._lead()
         batch = self.scheduler.schedule()
         if batch.empty:
             return []
         try:
             result = self.runner.run(batch)
         except Exception as e:  # noqa: BLE001 - the shared forward failed: its batch fails
+            if self.channel is not None:  # the ranks' collectives are out of step: end the run
+                distributed.end_run(f"the forward failed on rank 0 ({type(e).__name__}: {e}): "
+                                    "a rank has died, or the ranks' collectives are out of step")
             self.failed_batches += 1
             heads = _heads(batch.requests)
             for head in heads:

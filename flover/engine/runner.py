@@ -23,6 +23,7 @@ from torch import nn
 
 from flover.engine.cuda_graph import DecodeGraphs, PagedDecodeGraphs, TokenGraphs
 from flover.engine.kv_cache import PagedCache, SlotCache
+from flover.engine.plan import ForwardPlan
 from flover.engine.scheduler import Batch, StepResult
 from flover.engine.sequence import Group, Request
 from flover.ops import attention
@@ -35,9 +36,11 @@ T = TypeVar("T")
 class ModelRunner:
     def __init__(self, model: nn.Module, cache: SlotCache | PagedCache,
                  eos_ids: list[int] | None = None, seed: int = 0, cuda_graphs: bool = True,
-                 batch_invariant: bool = False, max_prefill_tokens: int = 2048) -> None:
+                 batch_invariant: bool = False, max_prefill_tokens: int = 2048,
+                 channel=None) -> None:
         self.model, self.cache, self.eos_ids = model, cache, list(eos_ids or [])
         self.batch_invariant = batch_invariant  # attention's per-row kernel (flover.ops.attention)
+        self.channel = channel  # tensor parallelism: rank 0 sends each forward's plan on it
         self.device = cache.k.device
         self.vocab = model.cfg.vocab_size
         self.generator = torch.Generator().manual_seed(seed)  # rows without a seed of their own
@@ -136,20 +139,23 @@ class ModelRunner:
                 logit_rows += [len(ids) - 1] * len(c.row.rows)
         return ids, slots, pos, lengths, logit_rows, chunks
 
+    def plan(self, batch: Batch) -> tuple[ForwardPlan, list[int]]:
+        """The slot layout's eager forward as a host record (what tensor parallelism sends to
+        the other ranks), and the flat index of each row to sample."""
+        ids, slots, pos, lengths, logit_rows, chunks = self.flat(batch)
+        lengths = lengths[:len(batch.decode)]  # prompt tokens' lengths follow from positions
+        plan = ForwardPlan(list(batch.cache_ops), ids, slots, pos, len(batch.decode), lengths,
+                           max(lengths, default=0),
+                           [(c.slot, c.start, c.length, c.offset) for c in chunks],
+                           batch_invariant=self.batch_invariant)
+        return plan, logit_rows
+
     def prepare(self, batch: Batch) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
         """input ids, attention metadata, and the flat index of each row to sample."""
         if self.paged:
             return self.prepare_paged(batch)
-        ids, slots, pos, lengths, logit_rows, chunks = self.flat(batch)
-        lengths = lengths[:len(batch.decode)]  # prompt tokens' lengths follow from positions
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_ids=torch.tensor(slots, device=dev), positions=torch.tensor(pos, device=dev),
-            num_decode=len(batch.decode),
-            decode_lengths=torch.tensor(lengths, device=dev) if lengths else None,
-            decode_max_len=max(lengths, default=0), prefills=chunks,
-            batch_invariant=self.batch_invariant)
-        return torch.tensor(ids, device=dev), meta, logit_rows
+        plan, logit_rows = self.plan(batch)
+        return *plan.inputs(self.device), logit_rows
 
     def prepare_paged(self, batch: Batch) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
         """As `prepare`, over block tables: every token is written to its row's block for its
@@ -191,22 +197,47 @@ class ModelRunner:
         """Logits [len(batch.sample), vocab] in float32."""
         if isinstance(self.graphs, TokenGraphs):  # every iteration, prompt chunks too
             ids, slots, pos, lengths, keep, _ = self.flat(batch)
-            logits = self.graphs.forward_logits(ids, slots, pos, lengths, keep)
-            if logits is not None:
-                return logits
+            if self.graphs.fits(len(ids), len(keep)):
+                self._send(ForwardPlan.token_graph(batch.cache_ops, ids, slots, pos, lengths, keep))
+                return self.graphs.forward_logits(ids, slots, pos, lengths, keep)
         elif self.graphs is not None and batch.decode and not batch.prefill:
             if self.paged:
                 return self.graphs.forward_logits(batch.decode, batch.block_tables)
+            self._send(ForwardPlan.graph(batch.cache_ops, batch.decode))
             return self.graphs.forward_logits(batch.decode)
         return self._eager(batch)[0]
 
     def _eager(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The forward without graphs: (logits of the rows to sample, every token's hidden state)."""
-        ids, meta, rows = self.prepare(batch)
+        if self.paged:  # (no tensor parallelism with pages: EngineConfig refuses it)
+            ids, meta, rows = self.prepare_paged(batch)
+        else:
+            plan, rows = self.plan(batch)
+            self._send(plan)
+            ids, meta = plan.inputs(self.device)
         hidden = self.model(ids, meta, self.cache.k, self.cache.v)
         # long: a batch of prompt chunks none of which completes samples no row (rows == [])
         rows = torch.tensor(rows, dtype=torch.long, device=self.device)
         return self.model.logits(hidden[rows]), hidden
+
+    def _send(self, plan: ForwardPlan) -> None:
+        """Tensor parallelism: the other ranks run the same forward from this record."""
+        if self.channel is not None:
+            self.channel.send(plan)
+
+    @torch.inference_mode()
+    def follow(self, plan: ForwardPlan) -> None:
+        """A follower rank's part of rank 0's iteration: its cache operations and its forward
+        (whose all-reduces pair with rank 0's); no logits, no sampling."""
+        for op in plan.cache_ops:
+            self.cache.apply(op)
+        if plan.tokens is not None:
+            self.graphs.forward_logits(*plan.tokens)
+        elif plan.graph_rows is not None:
+            self.graphs.forward_logits(plan.graph_rows)
+        else:
+            ids, meta = plan.inputs(self.device)
+            self.model(ids, meta, self.cache.k, self.cache.v)
 
     @torch.inference_mode()
     def select(self, logits: torch.Tensor, rows: list[Request], slots: list[int],

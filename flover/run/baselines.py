@@ -17,7 +17,6 @@ from contextlib import nullcontext
 
 import torch
 
-from flover.distributed import shared_clock
 from flover.engine import Engine
 from flover.run.context import RunContext, mark_arrived, mark_finished
 from flover.run.ini import RunConfig
@@ -81,7 +80,7 @@ def run_dynamic(engine: Engine, items: list[WorkItem], cfg: RunConfig, state: Ru
     queue: list[WorkItem] = []
     window, cap = cfg.batch_window / 1000.0, engine.slots.num_slots
     t0 = state.start()
-    clock = shared_clock(state.now)  # under tensor parallelism, every rank batches alike
+    clock = state.now  # under tensor parallelism rank 0 alone runs this; the others follow
 
     def take_arrivals() -> None:
         arrived = clock()

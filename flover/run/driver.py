@@ -13,7 +13,6 @@ import time
 from collections import deque
 from dataclasses import replace
 
-from flover.distributed import shared_clock
 from flover.engine import Engine
 from flover.engine.sequence import Request
 from flover.run import baselines
@@ -42,6 +41,7 @@ def measure_lone(ctx: RunContext, item: WorkItem) -> dict:
     req = eng.add_request("lone", item.prompt_ids, params, arrival_time=start)
     for _ in eng.run_until_done():
         pass
+    eng.close()
     n = len(req.output_ids)
     return {"latency": req.finish_time - start, "ttft": req.first_token_time - start,
             "tpot": (req.finish_time - req.first_token_time) / (n - 1) if n > 1 else 0.0,
@@ -51,16 +51,28 @@ def measure_lone(ctx: RunContext, item: WorkItem) -> dict:
 def run_workload(ctx: RunContext, items: list[WorkItem], state: RunState) -> None:
     mode = ctx.cfg.mode
     try:
-        if mode == "fused":
-            run_engine(ctx.engine(ctx.cfg.max_concurrency), items, ctx.cfg, state)
-        elif mode == "serial":
-            run_engine(ctx.engine(1), items, ctx.cfg, state)
-        elif mode == "dynamic":
-            baselines.run_dynamic(ctx.engine(ctx.cfg.max_concurrency), items, ctx.cfg, state)
-        else:
+        if mode == "instances":
             baselines.run_instances(ctx, items, state)
+            return
+        engine = ctx.engine(workload_slots(ctx.cfg))
+        try:
+            run = baselines.run_dynamic if mode == "dynamic" else run_engine
+            run(engine, items, ctx.cfg, state)
+        finally:
+            engine.close()  # tensor parallelism: the other ranks' follow() returns
     finally:
         state.done = True
+
+
+def workload_slots(cfg: RunConfig) -> int:
+    return 1 if cfg.mode == "serial" else cfg.max_concurrency
+
+
+def follow_run(ctx: RunContext) -> None:
+    """A tensor-parallel rank other than 0: build the engines rank 0 builds, in its order
+    (`measure_lone`'s, then `run_workload`'s), and run the forwards of each as it sends them."""
+    ctx.engine(2).follow()
+    ctx.engine(workload_slots(ctx.cfg)).follow()
 
 
 def run_engine(engine: Engine, items: list[WorkItem], cfg: RunConfig, state: RunState) -> None:
@@ -69,7 +81,7 @@ def run_engine(engine: Engine, items: list[WorkItem], cfg: RunConfig, state: Run
     recs = {r.request_id: r for r in state.records}
     live: dict[str, Request] = {}
     t0 = state.start()
-    now = shared_clock(state.now)  # under tensor parallelism, every rank admits alike
+    now = state.now  # under tensor parallelism rank 0 alone runs this; the others follow
     while pending or engine.has_unfinished():
         arrived = now()
         while pending and pending[0].arrival <= arrived:
