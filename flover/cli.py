@@ -91,6 +91,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_kv_layout(asked: str | None, tp: int) -> str:
+    """`flover serve`'s KV layout: pages unless asked otherwise, slots under tensor parallelism
+    (the paged layout is not broadcast to the other ranks yet)."""
+    return asked or ("pages" if tp == 1 else "slots")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -105,7 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     tp = args.tensor_para_size or int(os.environ.get("WORLD_SIZE", "1"))
     eng = Engine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                               max_concurrency=args.max_concurrency, max_seq_len=args.max_seq_len,
-                              kv_layout=args.kv_layout or ("pages" if tp == 1 else "slots"),
+                              kv_layout=serve_kv_layout(args.kv_layout, tp),
                               block_size=args.block_size,
                               num_kv_blocks=args.num_kv_blocks,
                               gpu_memory_utilization=args.gpu_memory_utilization,

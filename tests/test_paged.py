@@ -328,11 +328,14 @@ def test_paged_padded_decode_matches_the_plain_forward():
 
 
 def test_serve_uses_pages_by_default_and_run_keeps_the_ini_slots():
-    from flover.cli import build_parser
+    from flover.cli import build_parser, serve_kv_layout
     from flover.run.ini import RunConfig
 
     args = build_parser().parse_args(["serve"])
-    assert (args.kv_layout, args.block_size, args.enable_prefix_caching) == ("pages", 16, None)
+    assert (args.kv_layout, args.block_size, args.enable_prefix_caching) == (None, 16, None)
+    assert serve_kv_layout(args.kv_layout, 1) == "pages"
+    assert serve_kv_layout(args.kv_layout, 2) == "slots"  # pages are not broadcast to ranks yet
+    assert serve_kv_layout("pages", 1) == "pages"
     args = build_parser().parse_args(["serve", "--kv-layout", "slots", "--no-enable-prefix-caching",
                                       "--num-kv-blocks", "64", "--gpu-memory-utilization", "0.5"])
     assert (args.kv_layout, args.enable_prefix_caching, args.num_kv_blocks,
