@@ -393,3 +393,11 @@ def test_prompt_logprobs_survive_preemption_and_skip_the_prefix_cache(llama_dir)
     assert logprobs(tight) == want
     assert tight.stats()["num_preemptions"] > 0
     assert_pool_empty(tight)
+
+
+def test_pages_with_tensor_parallelism_are_refused_naming_the_field():
+    from flover.config import ConfigError, EngineConfig
+
+    with pytest.raises(ConfigError, match="kv_layout"):
+        EngineConfig(kv_layout="pages", tensor_para_size=2)
+    assert EngineConfig(kv_layout="slots", tensor_para_size=2).kv_layout == "slots"
