@@ -209,7 +209,7 @@ def _dense_weight(mod, k: int) -> torch.Tensor:
 
 def test_embedded_greedy_tokens_agree_with_the_dequantised_model(embedded_pair):
     """The demo prompts, all 12 fused: packed (Q4_1 + Q8_0 kernels) vs dequantised fp32.
-    Measured: 12 of 12 identical over 64 tokens (docs/perf/issue-13.md)."""
+    Measured: 12 of 12 identical over 64 tokens (docs/PERF.md, "Weight-only int8 / int4")."""
     packed, full = embedded_pair
     lines = (Path(__file__).parents[1] / "configs" / "demo_prompts.jsonl").read_text().splitlines()
     convs = [json.loads(line)["messages"] for line in lines]
