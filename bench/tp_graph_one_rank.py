@@ -42,8 +42,12 @@ def row_parallel(model: torch.nn.Module) -> int:
 
 
 def run(model, args, graphs: bool) -> dict:
+    # cuBLAS products in every run (batch_invariant=False): RowParallel multiplies with
+    # F.linear, and an invariant engine would swap the plain model's linears in place, so the
+    # plain and all-reduce runs would differ in their products, not in the all-reduces
     eng = Engine(EngineConfig(max_concurrency=max(args.batches), max_seq_len=args.context + 64,
-                              cuda_graphs=graphs, dtype="float16", device="cuda"), model=model)
+                              cuda_graphs=graphs, dtype="float16", device="cuda",
+                              batch_invariant=False), model=model)
     for i, p in enumerate(prompts(4, model.cfg.vocab_size)):
         eng.add_request(f"p{i}", p, SamplingParams(max_tokens=args.tokens, temperature=0.0,
                                                    ignore_eos=True))

@@ -96,6 +96,11 @@ def test_swap_linears_replaces_linear_and_tied_head_only_keeping_parameters():
     assert model.head.weight is model.embed.weight  # still tied
     assert torch.equal(model.head(model.proj(x)), before)  # CPU tensors: F.linear, unchanged
     assert swap_linears(model, only_cuda=False) == 0  # idempotent
+    assert swap_linears(model, only_cuda=False, invariant=False) == 2  # and back
+    assert type(model.proj) is nn.Linear and type(model.head) is TiedHead
+    assert {n: p for n, p in model.named_parameters()} == names
+    assert model.head.weight is model.embed.weight
+    assert torch.equal(model.head(model.proj(x)), before)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -76,8 +76,8 @@ class Engine:
             tokenizer = tokenizer or loaded
         elif tp > 1:
             distributed.shard_model(model, group.rank, group.world)  # in place; once
-        if cfg.batch_invariant and self.device.type == "cuda":
-            swap_linears(model)  # a row's product no longer depends on the batch (flover.ops.linear)
+        if self.device.type == "cuda":  # invariant: a row's product ignores the batch (ops.linear)
+            swap_linears(model, invariant=cfg.batch_invariant)  # (or back, for a reused model)
         self.model, self.tokenizer = model, tokenizer
         mc = model.cfg
         if cfg.max_seq_len > mc.max_position:

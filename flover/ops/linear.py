@@ -67,11 +67,25 @@ class InvariantTiedHead(TiedHead):
         return invariant_linear(x, self.weight)
 
 
-def swap_linears(model: nn.Module, only_cuda: bool = True) -> int:
+def _plain_linear(source: InvariantLinear) -> nn.Linear:
+    lin = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(lin)
+    lin.in_features, lin.out_features = source.in_features, source.out_features
+    lin.weight, lin.bias = source.weight, source.bias
+    return lin
+
+
+def swap_linears(model: nn.Module, only_cuda: bool = True, invariant: bool = True) -> int:
     """Replace every CUDA `nn.Linear` and `TiedHead` of `model` (exactly those types) by its
     invariant twin; returns how many. Idempotent; modules of any other type are not touched.
-    `only_cuda=False` swaps CPU modules too (they compute as before: the tests use it)."""
-    swaps = {nn.Linear: InvariantLinear, TiedHead: InvariantTiedHead}
+    `only_cuda=False` swaps CPU modules too (they compute as before: the tests use it).
+    `invariant=False` swaps the twins back (an engine without invariance given a model that an
+    invariant engine swapped before)."""
+    if invariant:
+        swaps = {nn.Linear: InvariantLinear, TiedHead: InvariantTiedHead}
+    else:
+        swaps = {InvariantLinear: _plain_linear,
+                 InvariantTiedHead: lambda head: TiedHead(head._embedding[0])}
     targets = [(parent, name, child) for parent in model.modules()
                for name, child in parent.named_children()
                if type(child) in swaps and (child.weight.is_cuda or not only_cuda)]
