@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import hf_greedy, hf_model, prompts
+from test_engine import finals as run
 
 from flover import Engine, EngineConfig, SamplingParams
 from flover.engine.block_manager import BlockAllocator
@@ -24,21 +25,6 @@ def engine(path, **kw) -> Engine:
 
 def greedy(n: int, **kw) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, **kw)
-
-
-def run(eng: Engine, work: list[tuple[int, list[int], SamplingParams]]) -> dict:
-    """Add request i at iteration work[i][0]; step until all finish. id -> final output."""
-    done, it = {}, 0
-    pending = sorted(enumerate(work), key=lambda x: x[1][0])
-    while pending or eng.has_unfinished():
-        while pending and pending[0][1][0] <= it:
-            i, (_, prompt, params) = pending.pop(0)
-            eng.add_request(f"r{i}", prompt, params)
-        for out in eng.step():
-            if out.finished:
-                done[out.request_id] = out
-        it += 1
-    return done
 
 
 def tokens(done: dict) -> dict:
