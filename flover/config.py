@@ -239,7 +239,7 @@ class EngineConfig:
     prefill_token_budget: int = 2048  # prompt tokens per iteration; longer prompts are chunked
     seed: int = 0
     tensor_para_size: int = 1
-    cuda_graphs: bool = True  # replay pure-decode iterations as CUDA graphs (GPU only)
+    cuda_graphs: bool = True  # replay iterations as CUDA graphs (GPU only; see cuda_graph.py)
     # "slots": one max_seq_len slot per row, the memory shuffle (the original's); "pages": a
     # pool of blocks of block_size positions that rows take as they grow (vLLM's names below)
     kv_layout: str = "slots"

@@ -284,11 +284,10 @@ class TokenGraphs(BucketGraphs):
              lens + [1] * pad, keep + [0] * (size - len(keep))], dtype=torch.long)
 
     def forward_logits(self, ids: list[int], slots: list[int], pos: list[int],
-                       lens: list[int], keep: list[int]) -> torch.Tensor | None:
-        """Logits [len(keep), vocab] of the flat tokens' rows `keep`; None when the iteration
-        is larger than the largest bucket (the caller runs it eagerly)."""
-        if not self.fits(len(ids), len(keep)):
-            return None
+                       lens: list[int], keep: list[int]) -> torch.Tensor:
+        """Logits [len(keep), vocab] of the flat tokens' rows `keep`. The iteration must fit
+        (`fits`): the caller runs a larger one eagerly."""
+        assert self.fits(len(ids), len(keep)), "no graph this large: run it eagerly"
         size = self.bucket(len(ids))
         self._fill(ids, slots, pos, lens, keep, size)
         logits = self._replay(size)

@@ -340,25 +340,21 @@ class Engine:
 
     def stats(self) -> dict:
         s, slots = self.scheduler, self.slots
-        if isinstance(slots, BlockAllocator):
-            return {
-                "in_flight": len(s.running), "waiting": sum(len(h.rows) for h in s.waiting),
-                "slots_used": slots.live, "slots_live": slots.live,
-                "max_concurrency": slots.num_slots, "shuffle_moves": 0, "shuffle_bytes": 0,
-                "iterations": s.iterations, "prefill_tokens": s.prefill_tokens,
-                "decode_rows": s.decode_rows, "failed_batches": self.failed_batches,
+        out = {
+            "in_flight": len(s.running), "waiting": sum(len(h.rows) for h in s.waiting),
+            "slots_live": slots.live, "max_concurrency": slots.num_slots,
+            "iterations": s.iterations, "prefill_tokens": s.prefill_tokens,
+            "decode_rows": s.decode_rows, "failed_batches": self.failed_batches,
+        }
+        if isinstance(slots, BlockAllocator):  # no shuffle: blocks are taken anywhere
+            return out | {
+                "slots_used": slots.live, "shuffle_moves": 0, "shuffle_bytes": 0,
                 "kv_blocks": slots.num_blocks - 1, "kv_blocks_used": slots.used,
                 "prefix_cache_hits": slots.hits, "prefill_tokens_saved": slots.tokens_saved,
                 "num_preemptions": slots.preemptions,
             }
-        return {
-            "in_flight": len(s.running), "waiting": sum(len(h.rows) for h in s.waiting),
-            "slots_used": slots.size, "slots_live": slots.live,
-            "max_concurrency": slots.num_slots, "shuffle_moves": slots.moves,
-            "shuffle_bytes": slots.tokens_moved * self.cache.token_bytes,
-            "iterations": s.iterations, "prefill_tokens": s.prefill_tokens,
-            "decode_rows": s.decode_rows, "failed_batches": self.failed_batches,
-        }
+        return out | {"slots_used": slots.size, "shuffle_moves": slots.moves,
+                      "shuffle_bytes": slots.tokens_moved * self.cache.token_bytes}
 
     def run_until_done(self) -> Iterator[RequestOutput]:
         while self.has_unfinished():

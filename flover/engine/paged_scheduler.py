@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from flover.engine.block_manager import BlockAllocator
 from flover.engine.kv_cache import Reorder
 from flover.engine.scheduler import Batch, Chunk, Scheduler, StepResult
-from flover.engine.sequence import Group, Request, Status
+from flover.engine.sequence import Request, Status
 
 
 @dataclass(slots=True)
@@ -191,19 +191,12 @@ class PagedScheduler(Scheduler):
                     self.blocks.register(r, tokens_of(r), r.num_computed)
         return advanced
 
-    def _reorder_beams(self, group: Group, parents: list[int]) -> None:
-        """Beam i continues beam parents[i]: it shares that beam's blocks (copied on write)
-        and takes its history; the sampler's per-row state follows (`Reorder` of slots)."""
-        rows = group.rows
-        if parents == list(range(len(rows))):
-            return
+    def _reorder_cache(self, rows: list[Request], parents: list[int]) -> None:
+        """Beam i shares beam parents[i]'s blocks (copied on write); the sampler's per-row
+        state follows (`Reorder` of slots, no tokens: blocks are not copied)."""
         self.blocks.reorder(rows, parents)
         self.pending_ops.append(Reorder(tuple(self.blocks.slot(rows[p]) for p in parents),
                                         tuple(self.blocks.slot(r) for r in rows), 0))
-        outputs = [rows[p].output_ids[:-1] + [r.output_ids[-1]]
-                   for r, p in zip(rows, parents, strict=True)]
-        for r, out in zip(rows, outputs, strict=True):
-            r.output_ids = out
 
     def finish(self, row: Request, reason: str) -> None:
         if row.finished:

@@ -23,6 +23,7 @@ from torch import nn
 
 from flover.engine.cuda_graph import DecodeGraphs, PagedDecodeGraphs, TokenGraphs
 from flover.engine.kv_cache import PagedCache, SlotCache
+from flover.engine.paged_scheduler import tokens_of
 from flover.engine.plan import ForwardPlan
 from flover.engine.scheduler import Batch, StepResult
 from flover.engine.sequence import Group, Request
@@ -45,7 +46,7 @@ class ModelRunner:
         self.vocab = model.cfg.vocab_size
         self.generator = torch.Generator().manual_seed(seed)  # rows without a seed of their own
         self.counts = penalties.TokenCounts(cache.num_slots, self.vocab, self.device)
-        # pure-decode iterations replay a captured graph on the GPU (flover.engine.cuda_graph)
+        # iterations replay captured graphs on the GPU (flover.engine.cuda_graph)
         use_graphs = cuda_graphs and self.device.type == "cuda"
         self.paged = isinstance(cache, PagedCache)
         if not use_graphs:
@@ -171,7 +172,7 @@ class ModelRunner:
         chunks = []
         for c in batch.prefill:
             t, end = tables[c.row], c.start + c.length
-            tokens = c.row.prompt_ids + c.row.output_ids if c.row.output_ids else c.row.prompt_ids
+            tokens = tokens_of(c.row)  # a resumed row recomputes its outputs too
             chunks.append(PrefillChunk(c.slot, c.start, c.length, len(ids),
                                        torch.tensor(t[:-(-end // bs)], device=dev)))
             ids.extend(tokens[c.start:end])

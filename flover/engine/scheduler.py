@@ -158,13 +158,17 @@ class Scheduler:
         rows = group.rows
         if parents == list(range(len(rows))):
             return
-        self.pending_ops.append(Reorder(tuple(self.slots.slot(rows[p]) for p in parents),
-                                        tuple(self.slots.slot(r) for r in rows),
-                                        rows[0].num_computed))
+        self._reorder_cache(rows, parents)
         outputs = [rows[p].output_ids[:-1] + [r.output_ids[-1]]
                    for r, p in zip(rows, parents, strict=True)]
         for r, out in zip(rows, outputs, strict=True):
             r.output_ids = out
+
+    def _reorder_cache(self, rows: list[Request], parents: list[int]) -> None:
+        """Row i's slot takes row parents[i]'s cache (one `Reorder`, all at once)."""
+        self.pending_ops.append(Reorder(tuple(self.slots.slot(rows[p]) for p in parents),
+                                        tuple(self.slots.slot(r) for r in rows),
+                                        rows[0].num_computed))
 
     def finish(self, row: Request, reason: str) -> None:
         """End a row now and free its slot (another row may move into it)."""

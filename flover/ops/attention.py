@@ -44,8 +44,9 @@ class AttentionMetadata:
     write_offsets: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
     batch_invariant: bool = False  # GPU: every token through `row_attention` (see there)
-    # every token as a row: its slot, its KV length, and the longest (built by `_rows`, or
-    # given by cuda_graph.TokenGraphs, whose tokens are all rows)
+    # every token as a row: its slot (paged: its block table), its KV length, and the longest
+    # (built by `_rows` / `_paged_rows`, or given by cuda_graph.TokenGraphs, whose tokens are
+    # all rows)
     rows: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
 
@@ -195,11 +196,17 @@ def _rows(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, int]:
         if not meta.prefills:
             meta.rows = meta.slot_ids[:nd], meta.decode_lengths, meta.decode_max_len
         else:
-            prompt = meta.positions[nd:] + 1
-            lengths = prompt if not nd else torch.cat([meta.decode_lengths, prompt])
-            end = max(c.start + c.length for c in meta.prefills)
-            meta.rows = meta.slot_ids, lengths, max(meta.decode_max_len, end)
+            meta.rows = meta.slot_ids, *_token_lengths(meta)
     return meta.rows
+
+
+def _token_lengths(meta: AttentionMetadata) -> tuple[torch.Tensor, int]:
+    """Every token's KV length (a prompt token reads up to its own position), the longest."""
+    nd = meta.num_decode
+    prompt = meta.positions[nd:] + 1
+    lengths = prompt if not nd else torch.cat([meta.decode_lengths, prompt])
+    end = max(c.start + c.length for c in meta.prefills)
+    return lengths, max(meta.decode_max_len, end)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -244,10 +251,7 @@ def _paged_rows(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, in
         parts += [c.blocks.expand(c.length, -1) for c in meta.prefills]
         width = max(t.shape[1] for t in parts)
         tables = torch.cat([F.pad(t, (0, width - t.shape[1])) for t in parts])
-        prompt = meta.positions[nd:] + 1
-        lengths = prompt if not nd else torch.cat([meta.decode_lengths, prompt])
-        end = max(c.start + c.length for c in meta.prefills)
-        meta.rows = tables, lengths, max(meta.decode_max_len, end)
+        meta.rows = tables, *_token_lengths(meta)
     return meta.rows
 
 
