@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
-from decode_step import DTYPES
+from decode_step import DTYPES, time_steps
 
 from flover.config import SamplingParams
 from flover.engine.kv_cache import SlotCache
@@ -26,20 +25,6 @@ from flover.models.layers import init_random
 from flover.models.presets import preset
 from flover.ops.linear import swap_linears
 from flover.weights import allocate
-
-
-def timed(runner: ModelRunner, batch: Batch, iters: int) -> float:
-    for _ in range(2):
-        runner.run(batch)
-    times = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        runner.run(batch)
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -64,7 +49,7 @@ def main() -> None:
         for n in lengths:
             r = Request("p", [5] * n, SamplingParams(temperature=0.0, max_tokens=1))
             batch = Batch([], [Chunk(r, 0, 0, n)], [r], [0])
-            ms = timed(runner, batch, args.iters)
+            ms = time_steps(runner, batch, args.iters)
             rows.append({"model": args.model, "dtype": args.dtype, "tokens": n,
                          "batch_invariant": on, "ms": ms})
             print(f"{args.model} {args.dtype} prompt {n:5d}  invariant {'on ' if on else 'off'} "
