@@ -110,7 +110,7 @@ def bench(name: str, model, dtype: str, prompts, max_tokens: int, out: list) -> 
     n = len(prompts)
     mixes = {"staggered": ([i // 3 for i in range(n)], 4096),
              "chunked": ([(i // 16) * 6 for i in range(n)], 48)}
-    for invariant in (False, True):  # off first: on swaps the model's linear layers for good
+    for invariant in (False, True):  # each engine swaps the shared model's linears to its setting
         solo = {}, {}
         eng = engine(model, dtype, invariant, n, 4096)
         for i, p in enumerate(prompts):  # one at a time: alone, prefilled whole

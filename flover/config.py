@@ -263,6 +263,9 @@ class EngineConfig:
                "tensor_para_size", self.tensor_para_size, "must be an integer >= 1")
         if self.dtype != "auto":
             self.dtype = canonical_dtype(self.dtype)
+        for name in ("cuda_graphs", "batch_invariant"):
+            _check(isinstance(getattr(self, name), bool), name, getattr(self, name),
+                   "must be True or False")
         _check(self.kv_layout in ("slots", "pages"), "kv_layout", self.kv_layout,
                "expected 'slots' or 'pages'")
         _check(_is_int(self.block_size) and self.block_size in (8, 16, 32, 64, 128), "block_size",

@@ -197,6 +197,21 @@ def test_invalid_sampling_values_name_the_field(kwargs, message):
         SamplingParams(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"batch_invariant": "yes"}, "batch_invariant='yes' is invalid: must be True or False"),
+    ({"cuda_graphs": 1}, "cuda_graphs=1 is invalid: must be True or False"),
+    ({"kv_layout": "blocks"}, "kv_layout='blocks' is invalid"),
+    ({"block_size": 7}, "block_size=7 is invalid"),
+    ({"quantization": "int3"}, "quantization='int3' is invalid"),
+    ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization=1.5 is invalid"),
+])
+def test_invalid_engine_values_name_the_field(kwargs, message):
+    from flover import ConfigError, EngineConfig
+
+    with pytest.raises(ConfigError, match=message):
+        EngineConfig(**kwargs)
+
+
 def test_llm_generate_fuses_all_prompts_and_keeps_their_order(llama_dir):
     from flover import LLM
 
