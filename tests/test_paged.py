@@ -12,7 +12,7 @@ from conftest import hf_greedy, hf_model, prompts
 from test_engine import finals as run
 
 from flover import Engine, EngineConfig, SamplingParams
-from flover.engine.block_manager import BlockAllocator
+from flover.engine.block_manager import BlockAllocator, block_hash
 
 
 def engine(path, **kw) -> Engine:
@@ -136,6 +136,21 @@ def test_prefix_caching_off_computes_every_prompt():
         assert a.allocate_prompts([(row, list(range(9)), True)]) == [0]
         a.register(row, list(range(9)), 9)
     assert a.hits == 0 and a.used == 6
+
+
+def test_block_keys_are_sha256_of_the_parent_key_and_the_tokens():
+    """A key collision would hand a row another prompt's KV: keys are SHA-256 digests (as
+    vLLM's sha256 option), not Python's 64-bit tuple hash, and chain through the parent."""
+    import hashlib
+    from array import array
+
+    first = block_hash(None, (1, 2, 3, 4))
+    assert first == hashlib.sha256(array("q", [1, 2, 3, 4]).tobytes()).digest()
+    assert block_hash(first, (5, 6, 7, 8)) == hashlib.sha256(
+        first + array("q", [5, 6, 7, 8]).tobytes()).digest()
+    keys = {first, block_hash(None, (1, 2, 3, 5)), block_hash(None, (2, 1, 3, 4)),
+            block_hash(first, (1, 2, 3, 4)), block_hash(block_hash(None, (0,) * 4), (1, 2, 3, 4))}
+    assert len(keys) == 5
 
 
 def test_unreferenced_blocks_stay_cached_and_the_least_recently_used_go_first():

@@ -7,7 +7,9 @@ table lists its blocks in position order; it grows a block at a time as the row 
 Blocks are reference-counted: forks (n samples, beams) share their head's blocks, and a
 row about to write into a block that others share first takes a private copy
 (`CopyBlocks`, copy on write). With prefix caching on, every full block is keyed by a hash
-of its tokens and of everything before them; a new row reuses every cached block of its
+of its tokens and of everything before them (SHA-256 over the parent's key and the block's
+token ids, as vLLM's `sha256` prefix-caching hash: a collision, which would hand a row another
+prompt's keys and values, is not a practical risk); a new row reuses every cached block of its
 tokens, and a block nobody references stays cached (least recently used first) until the
 pool needs it.
 
@@ -18,6 +20,8 @@ Each row also holds an index in [0, max_concurrency): the slot the sampler's per
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -30,9 +34,12 @@ class CopyBlocks:
     dst: tuple[int, ...]
 
 
-def block_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
-    """The key of a full block: its tokens and (through the parent's key) all before them."""
-    return hash((parent, tokens))
+def block_hash(parent: bytes | None, tokens: tuple[int, ...]) -> bytes:
+    """The key of a full block: its tokens and (through the parent's key) all before them.
+    SHA-256, not Python's 64-bit `hash`: two prefixes sharing a key would share KV blocks."""
+    h = hashlib.sha256(parent or b"")
+    h.update(array("q", tokens).tobytes())
+    return h.digest()
 
 
 @dataclass(slots=True)
@@ -41,7 +48,7 @@ class RowBlocks:
 
     slot: int
     table: list[int] = field(default_factory=list)
-    hashes: list[int] = field(default_factory=list)
+    hashes: list[bytes] = field(default_factory=list)
 
 
 class BlockAllocator:
@@ -54,13 +61,13 @@ class BlockAllocator:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.num_slots, self.prefix_caching = num_slots, prefix_caching
         self.ref = [0] * num_blocks
-        self.key: list[int | None] = [None] * num_blocks  # hash of a cached full block
-        self.cached: dict[int, int] = {}  # hash -> block
+        self.key: list[bytes | None] = [None] * num_blocks  # hash of a cached full block
+        self.cached: dict[bytes, int] = {}  # hash -> block
         self.free_blocks: list[int] = list(range(num_blocks - 1, 0, -1))  # never cached
         self.evictable: OrderedDict[int, None] = OrderedDict()  # ref 0 but cached: LRU first
         self.free_slots = list(range(num_slots - 1, -1, -1))
         self.rows: dict[object, RowBlocks] = {}
-        self.computing: dict[int, object] = {}  # key of a full block a row is computing -> row
+        self.computing: dict[bytes, object] = {}  # key of a full block a row is computing -> row
         self.hits = 0  # blocks found in the prefix cache
         self.tokens_saved = 0  # prompt tokens not recomputed thanks to them
         self.preemptions = 0
@@ -125,7 +132,7 @@ class BlockAllocator:
 
     # --- prefix cache -----------------------------------------------------------------------
 
-    def _keys(self, tokens: list[int], blocks: int) -> list[int]:
+    def _keys(self, tokens: list[int], blocks: int) -> list[bytes]:
         keys, parent, bs = [], None, self.block_size
         for i in range(blocks):
             parent = block_hash(parent, tuple(tokens[i * bs:(i + 1) * bs]))
