@@ -16,10 +16,17 @@ from flover import Engine, EngineConfig, SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
-# WORK (staggered, a long prompt, seeded, n=2) and rows that end by a stop token (one wasted
-# token each with async on, dropped)
-STOPS = [(4, [21, 22, 23], SamplingParams(max_tokens=30, temperature=0.0, stop_token_ids=[t]))
-         for t in (5, 17, 40, 77)]
+
+def with_stops(dtype: str, **kw) -> list:
+    """WORK (staggered, a long prompt, seeded, n=2) and rows that end by a stop token, each at
+    a token its prompt does produce (one wasted token each with async on, dropped)."""
+    prompt = [21, 22, 23]
+    plain, _, _ = logged([(0, prompt, SamplingParams(max_tokens=30, temperature=0.0))], False,
+                         dtype, **kw)
+    out = plain["r0"][0][0]
+    return WORK + [(4 + i, prompt, SamplingParams(max_tokens=30, temperature=0.0,
+                                                   stop_token_ids=[out[k]]))
+                   for i, k in enumerate((1, 4, 9)) if k < len(out)]
 
 
 def logged(work, on: bool, dtype: str = "float16", **kw) -> tuple[dict, dict, Engine]:
@@ -41,7 +48,7 @@ def logged(work, on: bool, dtype: str = "float16", **kw) -> tuple[dict, dict, En
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_async_tokens_and_logits_equal_sync_under_cuda_graphs(dtype):
-    work = WORK + STOPS
+    work = with_stops(dtype)
     sync_tokens, sync_logits, _ = logged(work, False, dtype)
     tokens, logits, eng = logged(work, True, dtype)
     assert eng.async_scheduling and eng.runner.graphs.replays == eng.stats()["iterations"]
@@ -55,7 +62,8 @@ def test_async_tokens_and_logits_equal_sync_under_cuda_graphs(dtype):
 def test_async_decode_graphs_without_batch_invariance_give_the_sync_tokens():
     """--no-batch-invariant: decode iterations replay DecodeGraphs (fed on the device), mixed
     ones run eagerly (their input ids patched on the device too)."""
-    work = WORK + STOPS
+    work = with_stops("float32", batch_invariant=False)
     sync_tokens, _, _ = logged(work, False, "float32", batch_invariant=False)
     tokens, _, eng = logged(work, True, "float32", batch_invariant=False)
-    assert tokens == sync_tokens
+    assert eng.async_scheduling and tokens == sync_tokens
+    assert {t[1] for t in tokens.values()} == {"length", "stop"}
