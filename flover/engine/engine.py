@@ -3,7 +3,9 @@
 `step()` is four calls that go one way: the scheduler plans the iteration, the runner
 executes it, the scheduler advances the rows, the output processor turns tokens into text.
 Each hands back data; the engine alone decides which requests end (`_finish`), so no
-formatting code can reach into the scheduler or the cache.
+formatting code can reach into the scheduler or the cache. With async scheduling (vLLM's
+name) the runner's launch of iteration i+1 comes before the reading of iteration i's tokens,
+so that the host's work overlaps the device's (see `step`).
 
 One request's fault stays its own: everything checkable is checked in `add_request`, which
 changes nothing when it refuses; a per-request stage that still fails inside `step()` ends

@@ -11,6 +11,10 @@ logprobs) runs for that request alone, and a request whose stage raises is repor
 while every other row gets its token. The batched tensor work in between takes only
 validated numbers. Only the cache operations and the forward pass are shared: if they raise,
 the engine fails the batch.
+
+`run` is `launch` (everything up to the tokens' copy to pinned host memory, which it does not
+wait for) then `finish` (wait for that copy alone, then the per-request logprob entries); the
+engine calls them apart under async scheduling, launching the next iteration in between.
 """
 
 from __future__ import annotations

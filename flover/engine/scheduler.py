@@ -7,6 +7,11 @@ slots: decode row i is slot i, and a row whose slot holds no generating row is a
 The plan also carries the cache operations decided since the last one (fork copies, beam
 reorders, shuffle moves), for the runner to apply before its forward. The scheduler knows
 rows and slots, never tensors; it finishes a row only when the engine tells it to.
+
+A plan's bookkeeping comes in two halves: `launched` when its forward is queued (positions,
+PREFILL -> DECODE, one pending token per sampled row), `postprocess` when its tokens reach the
+host. Between them the next plan can be made (async scheduling): a row whose token is pending
+feeds it from the device, and one whose last allowed token is pending is not run again.
 """
 
 from __future__ import annotations
