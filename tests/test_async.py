@@ -218,3 +218,17 @@ def test_async_scheduling_is_off_by_default_on_the_cpu_and_refused_where_unsuppo
         EngineConfig(async_scheduling=True, kv_layout="pages")
     assert replace(EngineConfig(kv_layout="pages"), async_scheduling=False).async_scheduling is False
 
+
+
+def test_the_ini_key_and_the_cli_flag_reach_the_engine_config():
+    from flover.cli import build_parser
+    from flover.run.ini import load_config
+
+    for value, expected in (("1", True), ("0", False)):
+        cfg = load_config(None, [f"runtime_hyperparameter.async_scheduling={value}"])
+        assert cfg.engine_config().async_scheduling is expected
+    assert load_config(None, []).engine_config().async_scheduling is None  # auto
+    parse = build_parser().parse_args
+    assert parse(["generate", "--prompt", "x"]).async_scheduling is None
+    assert parse(["generate", "--prompt", "x", "--async-scheduling"]).async_scheduling is True
+    assert parse(["serve", "--no-async-scheduling"]).async_scheduling is False
