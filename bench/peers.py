@@ -13,6 +13,7 @@ runs after a first that captures the graphs).
 
     python3 bench/peers.py --out DIR
     python3 bench/peers.py --quick --device cpu     # tiny shapes, a smoke test
+    python3 bench/peers.py --flover-only --out DIR  # flover, async scheduling on and off
 """
 
 from __future__ import annotations
@@ -44,8 +45,11 @@ VARIANTS = [  # (attention, CUDA graphs (None: transformers' default), async bat
 ]  # transformers >= 5.23 names 'paged|sdpa' 'sdpa'; flash needs a package the GPU image lacks
 
 
-def flover_fused(model_name: str, dtype: str, device: str, n: int, new: int) -> tuple[dict, list]:
-    cfg = load_config(None, [
+def flover_fused(model_name: str, dtype: str, device: str, n: int, new: int,
+                 async_scheduling: bool | None = None) -> tuple[dict, list]:
+    sets = [] if async_scheduling is None else [
+        f"runtime_hyperparameter.async_scheduling={int(async_scheduling)}"]
+    cfg = load_config(None, sets + [
         f"model_specification.model_type={model_name}", f"model_specification.data_type={dtype}",
         f"model_specification.device={device}", f"model_specification.max_concurrency={n}",
         "model_specification.max_seq_len=512", "model_specification.fixed_input_len=8",
@@ -71,10 +75,12 @@ def flover_fused(model_name: str, dtype: str, device: str, n: int, new: int) -> 
             torch.cuda.synchronize()
         runs.append(report.summarize(state, dev))
     m = sorted(runs[1:], key=lambda r: r["total_time_s"])[1]
-    out = {"engine": "flover fused", "tokens": m["output_tokens"], "time_s": m["total_time_s"],
+    name = "flover fused" + {None: "", True: " (async scheduling)", False: " (sync)"}[async_scheduling]
+    out = {"engine": name, "tokens": m["output_tokens"], "time_s": m["total_time_s"],
            "tokens_per_s": m["tokens_per_s"], "first_run_time_s": runs[0]["total_time_s"],
            "times_s": [r["total_time_s"] for r in runs],
-           "peak_memory_bytes": m["peak_memory_bytes"], "iterations": m["iterations"]}
+           "peak_memory_bytes": m["peak_memory_bytes"], "iterations": m["iterations"],
+           "ms_per_iteration": 1000 * m["total_time_s"] / max(m["iterations"], 1)}
     prompts = [it.prompt_ids for it in items]
     del ctx, loaded
     gc.collect()
@@ -178,6 +184,8 @@ def main() -> None:
     ap.add_argument("--cap-s", type=float, default=45.0, help="longest full run of one variant")
     ap.add_argument("--quick", action="store_true", help="tiny_llama shapes, 4 x 16 tokens")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--flover-only", action="store_true", help="flover with async scheduling "
+                    "on and off, no transformers peers")
     args = ap.parse_args()
     if args.quick:
         args.model, args.requests, args.tokens = "tiny_llama", 4, 16
@@ -198,6 +206,15 @@ def main() -> None:
         print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
         (path / "peers.json").write_text(json.dumps(res, indent=1) + "\n")
 
+    if args.flover_only:  # the engine with each setting of async scheduling, nothing else
+        for on in (True, False):
+            save(flover_fused(args.model, dtype, args.device, args.requests, args.tokens, on)[0])
+            if gpu:
+                torch.cuda.empty_cache()
+        for r in res["runs"]:
+            print(f"{r['engine']:40s} {r['tokens']:7d} {r['time_s']:8.3f} s "
+                  f"{r['tokens_per_s']:9.1f} tok/s {r['ms_per_iteration']:7.3f} ms/iteration")
+        return
     row, prompts = flover_fused(args.model, dtype, args.device, args.requests, args.tokens)
     save(row)
     if gpu:

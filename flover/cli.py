@@ -21,6 +21,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     eng = Engine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                               max_concurrency=1, max_seq_len=args.max_seq_len,
                               tensor_para_size=tp, batch_invariant=args.batch_invariant,
+                              async_scheduling=args.async_scheduling,
                               quantization=args.quantization))
     if eng.follower:  # tensor parallelism: rank 0 plans, samples and prints
         eng.follow()
@@ -117,6 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               gpu_memory_utilization=args.gpu_memory_utilization,
                               enable_prefix_caching=args.enable_prefix_caching,
                               batch_invariant=args.batch_invariant,
+                              async_scheduling=args.async_scheduling,
                               quantization=args.quantization, tensor_para_size=tp))
     if eng.follower:  # tensor parallelism: rank 0 serves HTTP; this rank runs its forwards
         # torchrun passes a SIGTERM to every rank: rank 0 drains, then close() ends this one
@@ -205,6 +207,10 @@ QUANT_HELP = ("weight-only quantization: int8 or int4 (group-wise, quantized at 
               "file's blocks of that width kept as they are), auto (a GGUF file keeps its own "
               "Q4_0/Q4_1/Q8_0 tensors on the CPU), none (full precision)")
 
+ASYNC_HELP = ("launch each iteration before reading the previous one's tokens, so that the host's "
+              "work overlaps the GPU's (vLLM's flag; default: on with CUDA and --kv-layout slots "
+              "on one rank; beams, counting penalties and prompt logprobs step synchronously)")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flover", description=__doc__)
@@ -228,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
                    help="GPU: batch-invariant kernels (a request's logits bitwise the same "
                         "alone or fused); --no-batch-invariant uses cuBLAS and SDPA")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help=ASYNC_HELP)
     g.add_argument("--tensor-para-size", type=int, default=None, help="ranks to split the "
                    "model over (default: torchrun's WORLD_SIZE, else 1); launch with "
                    "`torchrun --nproc-per-node K -m flover.cli generate ...`")
@@ -276,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
                    help="GPU: batch-invariant kernels (see flover generate)")
+    s.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help=ASYNC_HELP)
     s.add_argument("--tensor-para-size", type=int, default=None, help="ranks to split the "
                    "model over (default: torchrun's WORLD_SIZE, else 1); launch with "
                    "`torchrun --nproc-per-node K -m flover.cli serve ...`: rank 0 serves HTTP")

@@ -240,6 +240,9 @@ class EngineConfig:
     seed: int = 0
     tensor_para_size: int = 1
     cuda_graphs: bool = True  # replay iterations as CUDA graphs (GPU only; see cuda_graph.py)
+    # vLLM's name: launch iteration i+1 before reading iteration i's tokens (the host's work
+    # overlaps the GPU's); None: on where it helps (CUDA, the slot layout, one rank)
+    async_scheduling: bool | None = None
     # "slots": one max_seq_len slot per row, the memory shuffle (the original's); "pages": a
     # pool of blocks of block_size positions that rows take as they grow (vLLM's names below)
     kv_layout: str = "slots"
@@ -266,6 +269,8 @@ class EngineConfig:
         for name in ("cuda_graphs", "batch_invariant"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name),
                    "must be True or False")
+        _check(self.async_scheduling is None or isinstance(self.async_scheduling, bool),
+               "async_scheduling", self.async_scheduling, "must be None, True or False")
         _check(self.kv_layout in ("slots", "pages"), "kv_layout", self.kv_layout,
                "expected 'slots' or 'pages'")
         _check(_is_int(self.block_size) and self.block_size in (8, 16, 32, 64, 128), "block_size",
@@ -283,6 +288,9 @@ class EngineConfig:
         _check(self.kv_layout == "slots" or self.tensor_para_size == 1, "kv_layout",
                self.kv_layout, "must be 'slots' with tensor_para_size > 1 (pages are not yet "
                "broadcast to the other ranks)")
+        _check(not self.async_scheduling or (self.kv_layout == "slots" and self.tensor_para_size == 1),
+               "async_scheduling", self.async_scheduling, "needs kv_layout='slots' and "
+               "tensor_para_size=1 (a preempted row or a follower rank needs every token on the host)")
         _check(self.quantization is None or (isinstance(self.quantization, str) and
                self.quantization.lower() in QUANTIZATIONS), "quantization", self.quantization,
                f"expected None or one of {list(QUANTIZATIONS)}")

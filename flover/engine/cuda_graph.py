@@ -94,10 +94,13 @@ class BucketGraphs:
     def _upload(self) -> None:
         self.static.copy_(self.host, non_blocking=True)
 
-    def _replay(self, size: int) -> torch.Tensor:
+    def _replay(self, size: int, feed=None) -> torch.Tensor:
         """Send the filled host buffer and replay the bucket's graph (or run its forward
-        eagerly with capture=False); the logits it leaves."""
+        eagerly with capture=False); the logits it leaves. `feed` (async scheduling): (flat
+        indices, token ids) on the device, written over the uploaded input ids."""
         self._upload()
+        if feed is not None:
+            self.static[0].index_copy_(0, *feed)
         if not self.capture:
             return self._forward(size)
         self.copied = torch.cuda.Event()
@@ -154,11 +157,11 @@ class DecodeGraphs(BucketGraphs):
         self.host[3, :len(keep)] = torch.tensor(keep, dtype=torch.long)
         return len(keep)
 
-    def forward_logits(self, decode: list) -> torch.Tensor:
+    def forward_logits(self, decode: list, feed=None) -> torch.Tensor:
         """decode: row i <-> slot i, None for a padding row. Logits [live rows, vocab]."""
         size = self.bucket(len(decode))
         live = self._fill(decode, size)
-        return self._replay(size).index_select(0, self.static[3, :live])
+        return self._replay(size, feed).index_select(0, self.static[3, :live])
 
 
 class PagedDecodeGraphs(DecodeGraphs):
@@ -284,12 +287,12 @@ class TokenGraphs(BucketGraphs):
              lens + [1] * pad, keep + [0] * (size - len(keep))], dtype=torch.long)
 
     def forward_logits(self, ids: list[int], slots: list[int], pos: list[int],
-                       lens: list[int], keep: list[int]) -> torch.Tensor:
+                       lens: list[int], keep: list[int], feed=None) -> torch.Tensor:
         """Logits [len(keep), vocab] of the flat tokens' rows `keep`. The iteration must fit
         (`fits`): the caller runs a larger one eagerly."""
         assert self.fits(len(ids), len(keep)), "no graph this large: run it eagerly"
         size = self.bucket(len(ids))
         self._fill(ids, slots, pos, lens, keep, size)
-        logits = self._replay(size)
+        logits = self._replay(size, feed)
         self.replays += 1
         return logits[:len(keep)].clone()  # the graph's output is overwritten by the next replay

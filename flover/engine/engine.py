@@ -3,7 +3,9 @@
 `step()` is four calls that go one way: the scheduler plans the iteration, the runner
 executes it, the scheduler advances the rows, the output processor turns tokens into text.
 Each hands back data; the engine alone decides which requests end (`_finish`), so no
-formatting code can reach into the scheduler or the cache.
+formatting code can reach into the scheduler or the cache. With async scheduling (vLLM's
+name) the runner's launch of iteration i+1 comes before the reading of iteration i's tokens,
+so that the host's work overlaps the device's (see `step`).
 
 One request's fault stays its own: everything checkable is checked in `add_request`, which
 changes nothing when it refuses; a per-request stage that still fails inside `step()` ends
@@ -28,8 +30,8 @@ from flover.engine.block_manager import BlockAllocator
 from flover.engine.kv_cache import PagedCache, SlotAllocator, SlotCache
 from flover.engine.outputs import OutputProcessor, RequestOutput
 from flover.engine.paged_scheduler import PagedScheduler
-from flover.engine.runner import ModelRunner
-from flover.engine.scheduler import Scheduler
+from flover.engine.runner import InFlight, ModelRunner
+from flover.engine.scheduler import Batch, Scheduler
 from flover.engine.sequence import Request, new_request
 from flover.ops.linear import swap_linears
 from flover.sampling.beam import BeamSearch
@@ -108,6 +110,11 @@ class Engine:
         self.outputs = OutputProcessor(tokenizer)
         self.requests: dict[str, Request] = {}  # unfinished requests by id (their head rows)
         self.failed_batches = 0
+        self.async_scheduling = (cfg.async_scheduling if cfg.async_scheduling is not None
+                                 else self.device.type == "cuda" and cfg.kv_layout == "slots"
+                                 and tp == 1)
+        self.inflight: InFlight | None = None  # launched, its tokens not read (async scheduling)
+        self.host_bound: set[str] = set()  # unfinished requests that need host tokens each step
 
     def _pool_blocks(self) -> int:
         """The paged pool's size: on a GPU, what `gpu_memory_utilization` of its memory leaves
@@ -217,6 +224,8 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - e.g. a seed the generator refuses: this request's
             raise RequestError(f"request {request_id!r}: {e}") from e
         self.requests[request_id] = head
+        if needs_host(params):
+            self.host_bound.add(request_id)
         self.scheduler.add(head)
         return head
 
@@ -253,38 +262,76 @@ class Engine:
     def abort(self, request_id: str) -> None:
         """Finish a request now and free its slots; unknown or finished ids are ignored."""
         head = self.requests.pop(request_id, None)
+        self.host_bound.discard(request_id)
         if head is not None:
             for row in head.rows:
                 self._finish(row, "abort")
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.inflight is not None or self.scheduler.has_unfinished()
 
     # --- iterations -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """One fused iteration. Returns an output for every request that got a token, ended
-        or failed in it."""
+        or failed in it.
+
+        With async scheduling the step launches the next iteration before it reads the tokens
+        of the one in flight (its decode rows take those tokens on the device), then finishes
+        the one in flight while the device runs the next: outputs come one step later. A row
+        found ended then has computed one wasted token in the next iteration; it is dropped.
+        While an unfinished request needs every token on the host before the next forward
+        (beams, penalties that count tokens, prompt logprobs), the engine drains the pipeline
+        and steps synchronously."""
         self._lead()
+        prev, self.inflight = self.inflight, None
+        if prev is not None and not self._overlap():  # drain: finish it, launch nothing
+            return self._complete(prev)
         batch = self.scheduler.schedule()
         if batch.empty:
-            return []
+            return self._complete(prev) if prev is not None else []
         try:
-            result = self.runner.run(batch)
+            flight = self.runner.launch(batch, prev)
         except Exception as e:  # noqa: BLE001 - the shared forward failed: its batch fails
-            if self.channel is not None:  # the ranks' collectives are out of step: end the run
-                distributed.end_run(f"the forward failed on rank 0 ({type(e).__name__}: {e}): "
-                                    "a rank has died, or the ranks' collectives are out of step")
-            self.failed_batches += 1
-            heads = _heads(batch.requests)
-            for head in heads:
-                self._fail(head, f"the batch failed: {type(e).__name__}: {e}")
-            return self._collect(heads, set())
+            outs = self._complete(prev) if prev is not None else []
+            return outs + self._fail_batch(batch, e)
+        self.scheduler.launched(batch)
+        outs = self._complete(prev) if prev is not None else []
+        if self._overlap():
+            self.inflight = flight
+            return outs
+        return outs + self._complete(flight)
+
+    def _overlap(self) -> bool:
+        """Whether the next iteration may be launched before this one's tokens are read."""
+        return self.async_scheduling and not self.host_bound
+
+    def _fail_batch(self, batch: Batch, e: BaseException) -> list[RequestOutput]:
+        if self.channel is not None:  # the ranks' collectives are out of step: end the run
+            distributed.end_run(f"the forward failed on rank 0 ({type(e).__name__}: {e}): "
+                                "a rank has died, or the ranks' collectives are out of step")
+        self.failed_batches += 1
+        heads = [h for h in _heads(batch.requests) if not all(r.finished for r in h.rows)]
+        for head in heads:
+            self._fail(head, f"the batch failed: {type(e).__name__}: {e}")
+        return self._collect(heads, set())
+
+    def _complete(self, flight: InFlight) -> list[RequestOutput]:
+        """Read a launched iteration's tokens and act on them: stops, text, outputs. Rows that
+        ended since its launch (async scheduling) get nothing from it."""
+        batch = flight.batch
+        live = [r for r in batch.sample if not r.finished]
+        try:
+            result = self.runner.finish(flight)
+        except Exception as e:  # noqa: BLE001 - the device work failed: its batch fails
+            for r in batch.sample:
+                r.pending -= 1
+            return self._fail_batch(batch, e)
         advanced = self.scheduler.postprocess(batch, result)
         ending = {r: reason for r in advanced
                   if r.beam is None and (reason := self._natural_end(r)) is not None}
         stopped, detok_failed = self.outputs.process(advanced, result.parents, set(ending))
-        failed = {**result.failed, **detok_failed}
+        failed = {r: e for r, e in {**result.failed, **detok_failed}.items() if not r.finished}
         for row, e in failed.items():
             self._fail(row.rows[0], f"{type(e).__name__}: {e}")
         for r in stopped:
@@ -302,7 +349,7 @@ class Engine:
                     self._finish(r, "stop")  # the search has ended: every beam row ends
             elif r in ending:
                 self._finish(r, ending[r])
-        return self._collect(_heads([*batch.sample, *failed]), set(advanced))
+        return self._collect(_heads([*live, *failed]), set(advanced))
 
     def _natural_end(self, r: Request) -> str | None:
         """length, EOS or a stop token: what ends a row (not a beam) after its new token."""
@@ -335,6 +382,7 @@ class Engine:
                                     prompt_token_ids=head.prompt_ids, error=head.error)
             if out.finished:
                 self.requests.pop(head.request_id, None)
+                self.host_bound.discard(head.request_id)
             outs.append(out)
         return outs
 
@@ -359,6 +407,14 @@ class Engine:
     def run_until_done(self) -> Iterator[RequestOutput]:
         while self.has_unfinished():
             yield from self.step()
+
+
+def needs_host(params: SamplingParams) -> bool:
+    """Whether a request's next forward needs its last token on the host: beams (their
+    reorders), penalties that count tokens, prompt logprobs (read from the hidden states)."""
+    return (params.beam_width > 1 or params.prompt_logprobs is not None
+            or params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
+            or params.frequency_penalty != 0.0)
 
 
 def _heads(rows) -> list[Request]:

@@ -163,7 +163,7 @@ class PagedScheduler(Scheduler):
             for r in rows:
                 r.status = Status.DECODE
 
-    def postprocess(self, batch: Batch, result: StepResult) -> list[Request]:
+    def launched(self, batch: Batch) -> None:
         self.iterations += 1
         self.decode_rows += len(batch.decode)
         self.prefill_tokens += sum(c.length for c in batch.prefill)
@@ -171,10 +171,6 @@ class PagedScheduler(Scheduler):
             r.num_computed += 1
         for c in batch.prefill:
             row = c.row
-            if not row.output_ids:  # a resumed row has its prompt logprobs already
-                if row.params.prompt_logprobs is not None and c.start == 0:
-                    row.prompt_logprobs = [None]
-                row.prompt_logprobs += result.prompt_logprobs.get(row, [])
             row.num_computed += c.length
             if c.completes:
                 for f in row.forks:
@@ -183,6 +179,15 @@ class PagedScheduler(Scheduler):
                         f.num_computed = row.num_computed
             elif row.output_ids and row.num_computed == target(row):
                 self._ready(row.rows[0])
+        self._launch_rows(batch)
+
+    def postprocess(self, batch: Batch, result: StepResult) -> list[Request]:
+        for c in batch.prefill:
+            row = c.row
+            if not row.output_ids:  # a resumed row has its prompt logprobs already
+                if row.params.prompt_logprobs is not None and c.start == 0:
+                    row.prompt_logprobs = [None]
+                row.prompt_logprobs += result.prompt_logprobs.get(row, [])
         advanced = self._take_tokens(batch, result)
         if self.blocks.prefix_caching:
             bs = self.blocks.block_size

@@ -11,11 +11,16 @@ logprobs) runs for that request alone, and a request whose stage raises is repor
 while every other row gets its token. The batched tensor work in between takes only
 validated numbers. Only the cache operations and the forward pass are shared: if they raise,
 the engine fails the batch.
+
+`run` is `launch` (everything up to the tokens' copy to pinned host memory, which it does not
+wait for) then `finish` (wait for that copy alone, then the per-request logprob entries); the
+engine calls them apart under async scheduling, launching the next iteration in between.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
@@ -64,6 +69,14 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: Batch) -> StepResult:
         """Apply the plan's cache operations, run the forward, select every sampled row's token."""
+        return self.finish(self.launch(batch))
+
+    @torch.inference_mode()
+    def launch(self, batch: Batch, prev: InFlight | None = None) -> InFlight:
+        """Queue the iteration on the device (cache operations, forward, sampling) and start
+        its tokens' copy to the host; `finish` waits for them. Decode rows whose last token is
+        still in flight (`Request.pending`) take it from `prev`'s sampled tokens on the device
+        (async scheduling): the host need not wait for `prev` before launching this one."""
         for op in batch.cache_ops:
             self.cache.apply(op)
             self.counts.apply(op)
@@ -72,16 +85,46 @@ class ModelRunner:
             fed = [(s, r.last_token) for s, r in zip(slots, batch.decode, strict=True)
                    if r is not None and penalties.uses_counts(r)]
             self.counts.add([i for i, _ in fed], [t for _, t in fed])
+        feed = self._feed(batch, prev)
         if any(c.row.params.prompt_logprobs is not None for c in batch.prefill):
-            logits, hidden = self._eager(batch)
+            logits, hidden = self._eager(batch, feed)
             entries, failed = self.prompt_logprobs(batch, hidden)
         else:
-            logits, entries, failed = self.forward_logits(batch), {}, {}
+            logits = self.forward_logits(batch) if feed is None else self.forward_logits(batch, feed)
+            entries, failed = {}, {}
         # a request whose prompt logprobs failed fails whole, all its rows
-        result = self.select(logits, batch.sample, batch.sample_slots,
-                             {row: e for req, e in failed.items() for row in req.rows})
-        result.prompt_logprobs = {r: v for r, v in entries.items() if r not in result.failed}
+        flight = self.launch_select(logits, batch.sample, batch.sample_slots,
+                                    {row: e for req, e in failed.items() for row in req.rows})
+        flight.batch = batch
+        flight.prompt_logprobs = entries
+        return flight
+
+    @torch.inference_mode()
+    def finish(self, flight: InFlight) -> StepResult:
+        """Wait for a launched iteration's tokens; its StepResult."""
+        result = self.finish_select(flight)
+        result.prompt_logprobs = {r: v for r, v in flight.prompt_logprobs.items()
+                                  if r not in result.failed}
         return result
+
+    def _feed(self, batch: Batch, prev: InFlight | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Where the decode rows whose last token is in flight find it: (their flat indices,
+        those tokens), on the device; None when every input id is on the host."""
+        if prev is None:
+            return None
+        pairs = [(i, prev.index[r]) for i, r in enumerate(batch.decode)
+                 if r is not None and r.pending]
+        if not pairs:
+            return None
+        idx = self._long([[i for i, _ in pairs], [j for _, j in pairs]])
+        return idx[0], prev.tokens.index_select(0, idx[1])
+
+    def _long(self, values: list) -> torch.Tensor:
+        """A small int64 tensor on the device, copied from pinned memory without a host wait."""
+        t = torch.tensor(values, dtype=torch.long)
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def prompt_logprobs(self, batch: Batch, hidden: torch.Tensor
                         ) -> tuple[dict[Request, list[dict]], dict[Request, BaseException]]:
@@ -194,21 +237,21 @@ class ModelRunner:
         return torch.tensor(ids, device=dev), meta, logit_rows
 
     @torch.inference_mode()
-    def forward_logits(self, batch: Batch) -> torch.Tensor:
-        """Logits [len(batch.sample), vocab] in float32."""
+    def forward_logits(self, batch: Batch, feed=None) -> torch.Tensor:
+        """Logits [len(batch.sample), vocab] in float32. `feed`: see `_feed`."""
         if isinstance(self.graphs, TokenGraphs):  # every iteration, prompt chunks too
             ids, slots, pos, lengths, keep, _ = self.flat(batch)
             if self.graphs.fits(len(ids), len(keep)):
                 self._send(ForwardPlan.token_graph(batch.cache_ops, ids, slots, pos, lengths, keep))
-                return self.graphs.forward_logits(ids, slots, pos, lengths, keep)
+                return self.graphs.forward_logits(ids, slots, pos, lengths, keep, feed=feed)
         elif self.graphs is not None and batch.decode and not batch.prefill:
             if self.paged:
                 return self.graphs.forward_logits(batch.decode, batch.block_tables)
             self._send(ForwardPlan.graph(batch.cache_ops, batch.decode))
-            return self.graphs.forward_logits(batch.decode)
-        return self._eager(batch)[0]
+            return self.graphs.forward_logits(batch.decode, feed=feed)
+        return self._eager(batch, feed)[0]
 
-    def _eager(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _eager(self, batch: Batch, feed=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The forward without graphs: (logits of the rows to sample, every token's hidden state)."""
         if self.paged:  # (no tensor parallelism with pages: EngineConfig refuses it)
             ids, meta, rows = self.prepare_paged(batch)
@@ -216,6 +259,8 @@ class ModelRunner:
             plan, rows = self.plan(batch)
             self._send(plan)
             ids, meta = plan.inputs(self.device)
+        if feed is not None:
+            ids.index_copy_(0, *feed)
         hidden = self.model(ids, meta, self.cache.k, self.cache.v)
         # long: a batch of prompt chunks none of which completes samples no row (rows == [])
         rows = torch.tensor(rows, dtype=torch.long, device=self.device)
@@ -245,6 +290,12 @@ class ModelRunner:
                failed: dict[Request, BaseException] | None = None) -> StepResult:
         """Every row's next token (one device-to-host copy), beams' parents, failed rows.
         `failed`: rows whose request failed already (they get no token)."""
+        return self.finish_select(self.launch_select(logits, rows, slots, failed))
+
+    @torch.inference_mode()
+    def launch_select(self, logits: torch.Tensor, rows: list[Request], slots: list[int],
+                      failed: dict[Request, BaseException] | None = None) -> InFlight:
+        """`select` up to the tokens' copy to the host, which it starts without waiting."""
         failed = dict(failed or {})
 
         def guard(row: Request, stage: Callable[..., T], *args) -> T | None:
@@ -261,15 +312,16 @@ class ModelRunner:
                 guard(r, self.counts.start, s, r.prompt_ids)
         draws = [guard(r, sampler.row_sampling, r, self.vocab, self.generator) for r in rows]
         ok = [i for i, r in enumerate(rows) if r not in failed]
+        flight = InFlight(rows, ok, failed)
         if not ok:
-            return StepResult([None] * len(rows), {}, failed)
+            flight.tokens = torch.zeros(len(rows), dtype=torch.long, device=self.device)
+            return flight
         if len(ok) < len(rows):
             logits = logits[torch.tensor(ok, device=logits.device)]
         x = penalties.apply_penalties(logits, [rows[i] for i in ok], self.eos_ids, self.counts,
                                       [slots[i] for i in ok], [specs[i] for i in ok])
         tokens = sampler.sample_rows(x, [draws[i] for i in ok])
 
-        parents: dict[Group, list[int]] = {}
         beams: dict[Group, list[int]] = {}  # group -> positions in `ok`, in beam order
         for j, i in enumerate(ok):
             if rows[i].beam is not None:
@@ -278,23 +330,75 @@ class ModelRunner:
             js.sort(key=lambda j: rows[ok[j]].index)
             toks = guard(group.rows[0], beam_step, group, x[torch.tensor(js, device=x.device)])
             if toks is not None:
-                parents[group] = toks[1]
+                flight.parents[group] = toks[1]
                 tokens[torch.tensor(js, device=tokens.device)] = torch.tensor(toks[0], device=tokens.device)
 
-        ks = [rows[i].params.logprobs for i in ok]
-        lp_rows, k = penalties.logprob_rows(x, tokens, ks)
-        host = tokens.tolist()
+        flight.ks = [rows[i].params.logprobs for i in ok]
+        flight.lp_rows, flight.k = penalties.logprob_rows(x, tokens, flight.ks)
+        if len(ok) < len(rows):  # every row has a device token (the next launch may gather it)
+            full = torch.zeros(len(rows), dtype=torch.long, device=self.device)
+            tokens = full.index_copy_(0, torch.tensor(ok, device=self.device), tokens)
+        flight.tokens = tokens
+        if self.device.type == "cuda":  # the copy to the host waits for this iteration only
+            flight.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            flight.host.copy_(tokens, non_blocking=True)
+            flight.copied = torch.cuda.Event()
+            flight.copied.record()
+        else:
+            flight.host = tokens
+        return flight
+
+    def finish_select(self, flight: InFlight) -> StepResult:
+        """`select`'s end: wait for the tokens on the host, each row's logprobs."""
+        rows, ok, failed = flight.rows, flight.ok, flight.failed
+        if not ok:
+            return StepResult([None] * len(rows), {}, failed)
+        if flight.copied is not None:
+            flight.copied.synchronize()
+        host = flight.host.tolist()
+
+        def guard(row: Request, stage: Callable[..., T], *args) -> T | None:
+            try:
+                return stage(*args)
+            except Exception as e:  # noqa: BLE001 - the error belongs to this request alone
+                for r in row.rows:
+                    failed.setdefault(r, e)
+                return None
+
         out: list[int | None] = [None] * len(rows)
         logprobs: list[dict | None] = [None] * len(rows)
         for j, i in enumerate(ok):
-            if ks[j] is not None:
-                logprobs[i] = guard(rows[i], penalties.logprob_entry, lp_rows[j], k, ks[j])
-            out[i] = host[j]
+            if flight.ks[j] is not None:
+                logprobs[i] = guard(rows[i], penalties.logprob_entry, flight.lp_rows[j],
+                                    flight.k, flight.ks[j])
+            out[i] = host[i]
         for i, r in enumerate(rows):  # a row whose request failed at a later stage gets nothing
             if r in failed:
                 out[i] = None
-        return StepResult(out, {g: p for g, p in parents.items() if g.rows[0] not in failed},
+        return StepResult(out, {g: p for g, p in flight.parents.items() if g.rows[0] not in failed},
                           failed, logprobs)
+
+
+@dataclass(slots=True, eq=False)
+class InFlight:
+    """An iteration launched on the device whose tokens the host has not read yet."""
+
+    rows: list[Request]  # the rows sampled, in order
+    ok: list[int]  # the indices of those not failed
+    failed: dict[Request, BaseException]
+    tokens: torch.Tensor | None = None  # [len(rows)] on the device (0 for a failed row)
+    host: torch.Tensor | None = None  # their copy on the host (pinned on a GPU)
+    copied: torch.cuda.Event | None = None  # when `host` is filled (GPU)
+    parents: dict[Group, list[int]] = field(default_factory=dict)
+    ks: list[int | None] = field(default_factory=list)  # logprobs asked, rows `ok`
+    lp_rows: list = field(default_factory=list)
+    k: int = 0
+    batch: Batch | None = None
+    prompt_logprobs: dict[Request, list[dict]] = field(default_factory=dict)
+    index: dict[Request, int] = field(default_factory=dict)  # a sampled row -> its token's index
+
+    def __post_init__(self) -> None:
+        self.index = {r: i for i, r in enumerate(self.rows)}
 
 
 def beam_step(group: Group, logits: torch.Tensor) -> tuple[list[int], list[int]]:

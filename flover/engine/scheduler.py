@@ -7,6 +7,11 @@ slots: decode row i is slot i, and a row whose slot holds no generating row is a
 The plan also carries the cache operations decided since the last one (fork copies, beam
 reorders, shuffle moves), for the runner to apply before its forward. The scheduler knows
 rows and slots, never tensors; it finishes a row only when the engine tells it to.
+
+A plan's bookkeeping comes in two halves: `launched` when its forward is queued (positions,
+PREFILL -> DECODE, one pending token per sampled row), `postprocess` when its tokens reach the
+host. Between them the next plan can be made (async scheduling): a row whose token is pending
+feeds it from the device, and one whose last allowed token is pending is not run again.
 """
 
 from __future__ import annotations
@@ -67,6 +72,13 @@ class StepResult:
     prompt_logprobs: dict[Request, list[dict]] = field(default_factory=dict)  # per prefill chunk
 
 
+def last_launched(row: Request) -> bool:
+    """Whether a row's last token (max_tokens) is already launched (async scheduling): it
+    ends by length when that token arrives and must not be run once more (its next position
+    may lie past its slot's end)."""
+    return row.pending > 0 and row.num_generated >= row.params.max_tokens
+
+
 class Scheduler:
     def __init__(self, slots: SlotAllocator, prefill_token_budget: int) -> None:
         self.slots = slots
@@ -101,7 +113,7 @@ class Scheduler:
                 budget -= n
 
         decode: list[Request | None] = []
-        decoding = [r for r in self.running if r.status is Status.DECODE]
+        decoding = [r for r in self.running if r.status is Status.DECODE and not last_launched(r)]
         if decoding:
             decode = [None] * (max(self.slots.slot(r) for r in decoding) + 1)
             for r in decoding:
@@ -115,8 +127,10 @@ class Scheduler:
             batch.cache_ops, self.pending_ops = self.pending_ops, []
         return batch
 
-    def postprocess(self, batch: Batch, result: StepResult) -> list[Request]:
-        """Advance every row of the batch; returns the rows that got a new token."""
+    def launched(self, batch: Batch) -> None:
+        """The batch's forward is on its way: advance what the plan alone decides (cache
+        positions, forks' prompt copies, PREFILL -> DECODE, one pending token per sampled row),
+        so that the next plan can be made before this one's tokens reach the host."""
         self.iterations += 1
         self.decode_rows += len(batch.decode)
         self.prefill_tokens += sum(c.length for c in batch.prefill)
@@ -124,30 +138,42 @@ class Scheduler:
             if r is not None:
                 r.num_computed += 1
         for c in batch.prefill:
-            if c.row.params.prompt_logprobs is not None and c.start == 0:
-                c.row.prompt_logprobs = [None]  # the first prompt token has none
-            c.row.prompt_logprobs += result.prompt_logprobs.get(c.row, [])
             c.row.num_computed += c.length
             if c.completes:
                 for f in c.row.forks:
                     f.num_computed = c.row.num_computed
                     self.pending_ops.append(CopyPrefix(c.slot, self.slots.slot(f), f.num_computed))
+        self._launch_rows(batch)
+
+    def _launch_rows(self, batch: Batch) -> None:
+        for r in batch.sample:
+            r.pending += 1
+            if r.status is Status.PREFILL:
+                r.status = Status.DECODE
+
+    def postprocess(self, batch: Batch, result: StepResult) -> list[Request]:
+        """The launched batch's tokens have arrived: returns the rows that got a new token."""
+        for c in batch.prefill:
+            if c.row.params.prompt_logprobs is not None and c.start == 0:
+                c.row.prompt_logprobs = [None]  # the first prompt token has none
+            c.row.prompt_logprobs += result.prompt_logprobs.get(c.row, [])
         return self._take_tokens(batch, result)
 
     def _take_tokens(self, batch: Batch, result: StepResult) -> list[Request]:
-        """Append each sampled row's token (and logprobs), start the rows that got their first
-        one, reorder beams; the rows that advanced."""
+        """Append each sampled row's token (and logprobs), reorder beams; the rows that
+        advanced. A row that ended after the launch (async scheduling) drops its token."""
         now = time.perf_counter()
         advanced = []
         logprobs = result.logprobs or [None] * len(result.tokens)
         for r, tok, lp in zip(batch.sample, result.tokens, logprobs, strict=True):
-            if tok is None:
+            r.pending -= 1
+            if tok is None or r.finished:
                 continue
             r.output_ids.append(tok)
             if lp is not None:
                 r.logprobs.append(lp)
-            if r.status is Status.PREFILL:
-                r.status, r.first_token_time = Status.DECODE, now
+            if r.first_token_time is None:
+                r.first_token_time = now
             advanced.append(r)
         for group, parents in result.parents.items():
             self._reorder_beams(group, parents)

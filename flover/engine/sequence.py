@@ -34,7 +34,8 @@ class Request:
     arrival_time: float = field(default_factory=time.perf_counter)
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
-    num_computed: int = 0  # tokens whose keys and values are in the cache
+    num_computed: int = 0  # tokens whose keys and values are in the cache (or being written)
+    pending: int = 0  # sampled tokens launched on the device, not yet in output_ids (async)
     finish_reason: str | None = None  # length | stop | abort | error
     error: str | None = None  # why the request failed (finish_reason "error")
     generator: torch.Generator | None = None  # its own RNG when seeded
@@ -50,6 +51,11 @@ class Request:
     @property
     def last_token(self) -> int:
         return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    @property
+    def num_generated(self) -> int:
+        """Tokens generated so far, those still on their way to the host included."""
+        return len(self.output_ids) + self.pending
 
     @property
     def finished(self) -> bool:

@@ -53,6 +53,8 @@ class RunConfig:
     beam_search_diversity_rate: float = 0.0
     enable_custom_all_reduce: bool = False
     batch_invariant: bool = True  # ours: GPU kernels whose results do not depend on the batch
+    async_scheduling: bool | None = None  # vLLM's: launch the next iteration before reading
+    # this one's tokens; None: on with CUDA and the slot layout on one rank
     interval: float = 100.0  # ms
     arrival: str = "constant"
     use_mem_shuffle: bool = False
@@ -95,6 +97,7 @@ class RunConfig:
                             gpu_memory_utilization=self.gpu_memory_utilization,
                             enable_prefix_caching=self.enable_prefix_caching,
                             batch_invariant=self.batch_invariant,
+                            async_scheduling=self.async_scheduling,
                             quantization=self.weight_quantization)
 
     def sampling_params(self, max_tokens: int, seed: int | None = None) -> SamplingParams:
@@ -166,6 +169,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Callable, str]]] = {
                       "one of fp32, fp16, bf16 (or float32, float16, bfloat16, auto)"),
         "enable_custom_all_reduce": _BOOL,
         "batch_invariant": _BOOL,
+        "async_scheduling": _BOOL,
         "interval": _float(0.0),
         "arrival": _one_of(*ARRIVALS),
         "use_mem_shuffle": _BOOL,

@@ -54,7 +54,7 @@ def min_tokens_banned(req: Request, eos_ids: list[int]) -> list[int]:
     """Token ids a request may not sample yet: its stop ids, and EOS unless it ignores EOS,
     while fewer than min_tokens have been generated (as MinNewTokensLengthLogitsProcessor)."""
     p = req.params
-    if len(req.output_ids) >= p.min_tokens:
+    if req.num_generated >= p.min_tokens:  # (async scheduling: the launched ones count)
         return []
     return list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids))
 
