@@ -288,9 +288,9 @@ class EngineConfig:
         _check(self.kv_layout == "slots" or self.tensor_para_size == 1, "kv_layout",
                self.kv_layout, "must be 'slots' with tensor_para_size > 1 (pages are not yet "
                "broadcast to the other ranks)")
-        _check(not self.async_scheduling or (self.kv_layout == "slots" and self.tensor_para_size == 1),
-               "async_scheduling", self.async_scheduling, "needs kv_layout='slots' and "
-               "tensor_para_size=1 (a preempted row or a follower rank needs every token on the host)")
+        _check(not self.async_scheduling or self.tensor_para_size == 1, "async_scheduling",
+               self.async_scheduling, "needs tensor_para_size=1 (the follower ranks are sent "
+               "every input id from the host)")
         _check(self.quantization is None or (isinstance(self.quantization, str) and
                self.quantization.lower() in QUANTIZATIONS), "quantization", self.quantization,
                f"expected None or one of {list(QUANTIZATIONS)}")

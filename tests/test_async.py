@@ -16,6 +16,7 @@ from test_isolation import engine, faulty
 
 from flover import ConfigError, EngineConfig, SamplingParams
 from flover.engine import outputs
+from flover.engine.block_manager import BlockAllocator
 from flover.sampling import sampler
 from flover.weights import load_model
 
@@ -95,18 +96,62 @@ MATRIX = [
 ]
 
 
-@pytest.mark.parametrize("shuffle", [True, False])
-def test_async_on_equals_off_across_the_feature_matrix(tiny, shuffle):
-    kw = dict(max_concurrency=4, prefill_token_budget=8, use_mem_shuffle=shuffle)
+LAYOUTS = {"slots, shuffle": dict(use_mem_shuffle=True), "slots": dict(use_mem_shuffle=False),
+           "pages": dict(kv_layout="pages", block_size=8)}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_async_on_equals_off_across_the_feature_matrix(tiny, layout):
+    kw = dict(max_concurrency=4, prefill_token_budget=8, **LAYOUTS[layout])
     off, sync = run(tiny, MATRIX, False, **kw)
     on, eng = run(tiny, MATRIX, True, **kw)
     assert same(on, off)
     assert sync.overlapped == 0 and eng.overlapped > 20  # the pipeline was really used
     reasons = {o[0][0] for o in on.values()}
     assert {"length", "stop"} <= reasons  # rows ended by length and by stops
-    if shuffle:
+    if layout == "slots, shuffle":
         assert eng.stats()["shuffle_moves"] > 0
+    if layout == "pages":
+        assert eng.stats()["kv_blocks_used"] == 0
     assert eng.stats()["slots_used"] == 0 and not eng.requests and not eng.has_unfinished()
+
+
+def test_pages_preempt_only_with_the_pipeline_drained_and_change_no_output(tiny):
+    """A pool too small for every row preempts the newest request; a preempted row
+    recomputes all its tokens, so the engine reads the iteration in flight before a plan
+    that may preempt. Prefix-cache hits (a shared prefix arriving later) stay the same too."""
+    shared = P[0][:8]
+    work = [(i, shared + P[i + 1][:4], greedy(14, ignore_eos=True)) for i in range(4)]
+    work += [(1, P[6], SamplingParams(max_tokens=12, temperature=0.8, seed=2, n=2, ignore_eos=True))]
+    kw = dict(max_concurrency=6, kv_layout="pages", block_size=8, num_kv_blocks=13,
+              prefill_token_budget=8)
+    off, sync = run(tiny, work, False, **kw)
+    on, eng = run(tiny, work, True, **kw)
+    assert same(on, off)
+    s_on, s_off = eng.stats(), sync.stats()
+    assert s_on["num_preemptions"] > 0 and s_off["num_preemptions"] > 0
+    assert s_on["prefix_cache_hits"] > 0 and s_off["prefix_cache_hits"] > 0
+    assert eng.overlapped > 10 and s_on["kv_blocks_used"] == 0 and not eng.has_unfinished()
+
+
+def test_a_request_preempted_with_its_token_in_flight_resumes_only_once_it_is_read():
+    """Resumed before its token arrived, a row would recompute its prompt and draw its first
+    token a second time: it waits at the front of the queue until the token is read."""
+    from flover.engine.paged_scheduler import PagedScheduler
+    from flover.engine.scheduler import StepResult
+    from flover.engine.sequence import new_request
+
+    s = PagedScheduler(BlockAllocator(20, 8, 4, prefix_caching=True), 64)
+    head = new_request("a", list(range(10)), greedy(5), None, None)
+    s.add(head)
+    first = s.schedule()
+    s.launched(first)  # the prompt, its first token in flight
+    s._preempt(head)
+    assert head.pending == 1 and s.schedule().empty  # the pool has room: it still waits
+    s.postprocess(first, StepResult([7]))
+    again = s.schedule()
+    assert [(c.row, c.length, c.completes) for c in again.prefill] == [(head, 10, False)]
+    assert head.output_ids == [7]
 
 
 def test_a_row_ending_by_length_is_not_run_once_more(tiny):
@@ -214,9 +259,10 @@ def test_async_scheduling_is_off_by_default_on_the_cpu_and_refused_where_unsuppo
     assert engine(tiny, async_scheduling=True).async_scheduling is True
     with pytest.raises(ConfigError, match="async_scheduling"):
         EngineConfig(async_scheduling="yes")
-    with pytest.raises(ConfigError, match="async_scheduling.*kv_layout='slots'"):
-        EngineConfig(async_scheduling=True, kv_layout="pages")
-    assert replace(EngineConfig(kv_layout="pages"), async_scheduling=False).async_scheduling is False
+    with pytest.raises(ConfigError, match="async_scheduling.*tensor_para_size=1"):
+        EngineConfig(async_scheduling=True, tensor_para_size=2)
+    assert EngineConfig(async_scheduling=True, kv_layout="pages").async_scheduling is True
+    assert replace(EngineConfig(), async_scheduling=False).async_scheduling is False
 
 
 

@@ -67,3 +67,14 @@ def test_async_decode_graphs_without_batch_invariance_give_the_sync_tokens():
     tokens, _, eng = logged(work, True, "float32", batch_invariant=False)
     assert eng.async_scheduling and tokens == sync_tokens
     assert {t[1] for t in tokens.values()} == {"length", "stop"}
+
+
+def test_async_paged_decode_graphs_give_the_sync_tokens_through_preemption():
+    """kv_layout=pages: decode iterations replay PagedDecodeGraphs fed on the device, mixed ones
+    run eagerly; a pool too small for every row preempts with iterations in flight."""
+    kw = dict(kv_layout="pages", block_size=8, num_kv_blocks=16)
+    work = with_stops("float16", **kw)
+    sync_tokens, _, sync = logged(work, False, "float16", **kw)
+    tokens, _, eng = logged(work, True, "float16", **kw)
+    assert eng.async_scheduling and tokens == sync_tokens
+    assert eng.stats()["num_preemptions"] > 0 and eng.stats()["kv_blocks_used"] == 0

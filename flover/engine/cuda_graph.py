@@ -213,12 +213,13 @@ class PagedDecodeGraphs(DecodeGraphs):
                 self.written[i] = list(t)
         return n
 
-    def forward_logits(self, decode: list, tables: dict | None = None) -> torch.Tensor:
-        """decode: the generating rows, dense; tables: each row's blocks. Logits [rows, vocab]."""
+    def forward_logits(self, decode: list, tables: dict | None = None, feed=None) -> torch.Tensor:
+        """decode: the generating rows, dense; tables: each row's blocks. Logits [rows, vocab].
+        `feed`: see `BucketGraphs._replay`."""
         size = self.bucket(len(decode))
         live = self._fill(decode, size, tables)
         # the graph's output is overwritten by the next replay
-        return self._replay(size)[:live].clone()
+        return self._replay(size, feed)[:live].clone()
 
 
 def token_buckets(num_slots: int, max_tokens: int) -> list[int]:

@@ -111,8 +111,7 @@ class Engine:
         self.requests: dict[str, Request] = {}  # unfinished requests by id (their head rows)
         self.failed_batches = 0
         self.async_scheduling = (cfg.async_scheduling if cfg.async_scheduling is not None
-                                 else self.device.type == "cuda" and cfg.kv_layout == "slots"
-                                 and tp == 1)
+                                 else self.device.type == "cuda" and tp == 1)
         self.inflight: InFlight | None = None  # launched, its tokens not read (async scheduling)
         self.host_bound: set[str] = set()  # unfinished requests that need host tokens each step
 

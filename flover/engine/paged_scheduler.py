@@ -6,7 +6,8 @@ budget, cache operations), with the memory in blocks (`flover.engine.block_manag
   gets the block its next token is written to (a new one, or a private copy of a shared
   one) before anything new is admitted.
 - When the pool runs dry, the newest request is preempted: its blocks go back, its tokens
-  are kept, and it waits at the front of the queue. On resume each of its rows recomputes
+  are kept, and it waits at the front of the queue (under async scheduling, until a token of
+  its still in flight has reached the host). On resume each of its rows recomputes
   its prompt and outputs but the last token (the prefix cache usually still holds most of
   them), then the request decodes on, its rows together (beams step as one).
 - A request is admitted when a row slot is free for each of its rows (`max_concurrency` caps
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 from flover.engine.block_manager import BlockAllocator
 from flover.engine.kv_cache import Reorder
-from flover.engine.scheduler import Batch, Chunk, Scheduler, StepResult
+from flover.engine.scheduler import Batch, Chunk, Scheduler, StepResult, last_launched
 from flover.engine.sequence import Request, Status
 
 
@@ -73,7 +74,7 @@ class PagedScheduler(Scheduler):
                     prefill.append(PagedChunk(row, self.blocks.slot(row), row.num_computed, n,
                                               sample))
                     budget -= n
-        decode = [r for r in self.running if r.status is Status.DECODE]
+        decode = [r for r in self.running if r.status is Status.DECODE and not last_launched(r)]
         sample = list(decode)
         for c in prefill:
             if c.completes:
@@ -92,7 +93,7 @@ class PagedScheduler(Scheduler):
         theirs when the pool is empty."""
         ops = []
         for row in list(self.running):
-            if row.status is not Status.DECODE:
+            if row.status is not Status.DECODE or last_launched(row):
                 continue
             while (not self.blocks.can_append(row, row.num_computed)
                    and self.blocks.available == 0):
@@ -128,6 +129,8 @@ class PagedScheduler(Scheduler):
             if not rows:
                 self.waiting.popleft()
                 continue
+            if any(r.pending for r in rows):  # preempted with a token in flight (async
+                return  # scheduling): it resumes once that token is read, with all its tokens
             if self.blocks.free < sum(1 for r in rows if not self.blocks.has(r)):
                 return
             own = [r for r in rows if computes_own(r)]

@@ -246,7 +246,7 @@ class ModelRunner:
                 return self.graphs.forward_logits(ids, slots, pos, lengths, keep, feed=feed)
         elif self.graphs is not None and batch.decode and not batch.prefill:
             if self.paged:
-                return self.graphs.forward_logits(batch.decode, batch.block_tables)
+                return self.graphs.forward_logits(batch.decode, batch.block_tables, feed=feed)
             self._send(ForwardPlan.graph(batch.cache_ops, batch.decode))
             return self.graphs.forward_logits(batch.decode, feed=feed)
         return self._eager(batch, feed)[0]
