@@ -143,8 +143,9 @@ def test_fused_functions_run_their_references_off_the_invariant_gpu_path():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused layers run on a GPU only")
+@pytest.mark.parametrize("prologues", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_invariant_llama_with_fused_layers_matches_the_unfused_one(dtype):
+def test_invariant_llama_with_fused_layers_matches_the_unfused_one(dtype, prologues):
     """The whole model, slot layout (tests/test_engine_gpu.py runs the paged one bitwise)."""
     from test_cuda_graph import prefilled_rows
 
@@ -158,7 +159,7 @@ def test_invariant_llama_with_fused_layers_matches_the_unfused_one(dtype):
     cfg = model.cfg
     out = []
     for enabled in (True, False):
-        fused.ENABLED = enabled
+        fused.ENABLED, fused.PROLOGUES = enabled, prologues
         try:
             cache = SlotCache(cfg.num_layers, 4, cfg.num_kv_heads, 64, cfg.head_dim, dtype,
                               torch.device("cuda"))
@@ -166,6 +167,6 @@ def test_invariant_llama_with_fused_layers_matches_the_unfused_one(dtype):
             batch = prefilled_rows(runner, cache)
             out.append(runner.forward_logits(batch))
         finally:
-            fused.ENABLED = True
+            fused.ENABLED, fused.PROLOGUES = True, True
     tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
     torch.testing.assert_close(out[0], out[1], rtol=tol, atol=tol)

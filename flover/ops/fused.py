@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 
 ENABLED = True
+# the norm and SiLU * up as prologues of the invariant linear (False: their own kernels, as
+# before; the residual add stays the down projection's epilogue)
+PROLOGUES = True
 
 try:  # the kernels import triton; CPU-only installs go without it
     from flover.ops import fused_triton as _k
@@ -83,7 +86,7 @@ def norm_linear(x: torch.Tensor, norm, linear, residual: torch.Tensor | None = N
     """(linear(rms_norm(s)), s) with s = x + residual (or x): `rms_norm` then the module.
     Fused: the norm is the product's prologue (each program computes its rows' 1/rms over K
     in a fixed order; the first column tile's programs store s)."""
-    if _invariant(linear, x) and norm.weight.dtype == x.dtype:
+    if PROLOGUES and _invariant(linear, x) and norm.weight.dtype == x.dtype:
         return _lk.linear(x, linear.weight, linear.bias, norm=(norm.weight, norm.eps),
                           x_residual=residual)
     h, s = rms_norm(x, norm, residual)
@@ -95,7 +98,10 @@ def silu_mul_linear(gate_up: torch.Tensor, linear,
     """residual + linear(silu_mul(gate_up)) (or without the residual): `silu_mul`, the module,
     the add. Fused: SiLU(gate) * up is the product's prologue, the add its epilogue."""
     if _invariant(linear, gate_up):
-        return _lk.linear(gate_up, linear.weight, linear.bias, silu_gate=True, residual=residual)
+        if PROLOGUES:
+            return _lk.linear(gate_up, linear.weight, linear.bias, silu_gate=True,
+                              residual=residual)
+        return _lk.linear(silu_mul(gate_up), linear.weight, linear.bias, residual=residual)
     y = linear(silu_mul(gate_up))
     return y if residual is None else residual + y
 

@@ -59,10 +59,12 @@ def _rstd(X, R, S, rm, rk, M, K, sx_m, sr_m, eps, S_ROWS, HAS_SUM: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """1 / rms of each row of s (x, or x + residual), summed over K in steps of BLOCK_K in
     order: fixed by K alone. Rows below S_ROWS (M in the first column tile's programs, else 0)
-    also store s, so that it is written once."""
+    also store s, so that it is written once. Each step's tile is loaded one step ahead."""
     sq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    nxt = _summed(X, R, rm, rk, 0, M, K, sx_m, sr_m, HAS_SUM)
     for k0 in range(0, K, BLOCK_K):
-        s = _summed(X, R, rm, rk, k0, M, K, sx_m, sr_m, HAS_SUM)
+        s = nxt
+        nxt = _summed(X, R, rm, rk, k0 + BLOCK_K, M, K, sx_m, sr_m, HAS_SUM)
         if HAS_SUM:  # s shares x's (contiguous) row stride
             mask = (rm < S_ROWS)[:, None] & ((k0 + rk) < K)[None, :]
             tl.store(S + rm.to(tl.int64)[:, None] * sx_m + (k0 + rk)[None, :], s, mask=mask)
@@ -72,24 +74,39 @@ def _rstd(X, R, S, rm, rk, M, K, sx_m, sr_m, eps, S_ROWS, HAS_SUM: tl.constexpr,
 
 
 @triton.jit
-def _operand(X, R, NW, rstd, rm, rk, k0, M, K, sx_m, sr_m,
-             PRO: tl.constexpr, HAS_SUM: tl.constexpr):
-    """The product's left tile, columns k0 + rk: x itself (PRO 0); weight * norm(s), the norm
-    rounded to x's dtype before the product as `fused.rms_norm` does (PRO 1); or
-    silu(gate) * up of a [gate | up] row, rounded as `fused.silu_mul` does (PRO 2)."""
+def _raw(X, R, rm, rk, k0, M, K, sx_m, sr_m, PRO: tl.constexpr, HAS_SUM: tl.constexpr):
+    """What the prologue reads for columns k0 + rk: (x, residual) for the norm (x twice without
+    a residual), (gate, up) for SiLU * up; zeros past K."""
+    if PRO == 2:
+        return _tile(X, rm, rk, k0, M, K, sx_m), _tile(X + K, rm, rk, k0, M, K, sx_m)
+    x = _tile(X, rm, rk, k0, M, K, sx_m)
+    if HAS_SUM:
+        return x, _tile(R, rm, rk, k0, M, K, sr_m)
+    return x, x
+
+
+@triton.jit
+def _operand(a, b, nw, rstd, PRO: tl.constexpr, HAS_SUM: tl.constexpr):
+    """The product's left tile from `_raw`'s pair: weight * norm(s), s = a (+ b), the norm
+    rounded to the activations' dtype before the weight as `fused.rms_norm` does (PRO 1); or
+    silu(a) * b, rounded as `fused.silu_mul` does (PRO 2)."""
     if PRO == 1:
-        s = _summed(X, R, rm, rk, k0, M, K, sx_m, sr_m, HAS_SUM)
-        w = tl.load(NW + k0 + rk, mask=(k0 + rk) < K, other=0.0).to(tl.float32)
-        h = (s.to(tl.float32) * rstd[:, None]).to(s.dtype).to(tl.float32) * w[None, :]
+        s = a
+        if HAS_SUM:
+            s = (a.to(tl.float32) + b.to(tl.float32)).to(a.dtype)
+        h = (s.to(tl.float32) * rstd[:, None]).to(s.dtype).to(tl.float32) * nw[None, :]
         return h.to(s.dtype)
-    elif PRO == 2:
-        g = _tile(X, rm, rk, k0, M, K, sx_m)
-        u = _tile(X + K, rm, rk, k0, M, K, sx_m)
-        gf = g.to(tl.float32)
-        act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
-        return (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype)
-    else:
-        return _tile(X, rm, rk, k0, M, K, sx_m)
+    gf = a.to(tl.float32)
+    act = (gf / (1.0 + tl.exp(-gf))).to(a.dtype)
+    return (act.to(tl.float32) * b.to(tl.float32)).to(a.dtype)
+
+
+@triton.jit
+def _norm_w(NW, rk, k0, K, PRO: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The norm's weight for columns k0 + rk, in float32 (zeros unless PRO is the norm)."""
+    if PRO == 1:
+        return tl.load(NW + k0 + rk, mask=(k0 + rk) < K, other=0.0).to(tl.float32)
+    return tl.zeros([BLOCK_K], dtype=tl.float32)
 
 
 @triton.jit
@@ -101,10 +118,12 @@ def _linear_kernel(X, W, B, Y, XR, NW, S, YR, M, N, K, sx_m, sw_n, sy_m, sxr_m, 
     weight tile: every row tile runs the same BLOCK_M x BLOCK_N x BLOCK_K products in the
     same K order whatever M_TILES is, so a row's bits do not depend on it.
 
-    Optional prologue (PRO, `_operand`): the RMSNorm of x (HAS_SUM: of x + XR, the summed
-    stream stored once into S by the programs of the first column tile), or SiLU(gate) * up;
+    Optional prologue (PRO): the RMSNorm of x (HAS_SUM: of x + XR, the summed stream stored
+    once into S by the programs of the first column tile), or SiLU(gate) * up (`_operand`);
     optional epilogue (HAS_RES): + YR. Each is elementwise per row, or (the norm's 1/rms) a
-    per-row sum in a fixed order, so a row's bits still do not depend on the other rows."""
+    per-row sum in a fixed order, so a row's bits still do not depend on the other rows. The
+    prologue's tiles go through registers, not the pipeliner's shared-memory stages, so they
+    are loaded one K step ahead by hand."""
     pid_m = tl.program_id(0)  # fastest: the row tiles of one weight tile run side by side
     pid_n = tl.program_id(1)
     r0 = pid_m * (M_TILES * BLOCK_M) + tl.arange(0, BLOCK_M)
@@ -112,40 +131,69 @@ def _linear_kernel(X, W, B, Y, XR, NW, S, YR, M, N, K, sx_m, sw_n, sy_m, sxr_m, 
     rk = tl.arange(0, BLOCK_K)
     mask_n = rn < N
     w_ptr = W + rn.to(tl.int64)[:, None] * sw_n + rk[None, :]
-    rstd0 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    rstd1 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    rstd2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    rstd3 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if PRO == 1:
-        first = (pid_n == 0).to(tl.int32) * M  # the rows of s this program stores
-        rstd0 = _rstd(X, XR, S, r0, rk, M, K, sx_m, sxr_m, eps, first, HAS_SUM, BLOCK_M, BLOCK_K)
-        if M_TILES > 1:
-            rstd1 = _rstd(X, XR, S, r0 + BLOCK_M, rk, M, K, sx_m, sxr_m, eps, first, HAS_SUM,
-                          BLOCK_M, BLOCK_K)
-        if M_TILES > 2:
-            rstd2 = _rstd(X, XR, S, r0 + 2 * BLOCK_M, rk, M, K, sx_m, sxr_m, eps, first,
-                          HAS_SUM, BLOCK_M, BLOCK_K)
-        if M_TILES > 3:
-            rstd3 = _rstd(X, XR, S, r0 + 3 * BLOCK_M, rk, M, K, sx_m, sxr_m, eps, first,
-                          HAS_SUM, BLOCK_M, BLOCK_K)
     acc0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc3 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        w = tl.load(w_ptr + k0, mask=mask_n[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
-        wt = tl.trans(w)
-        acc0 = _mma(_operand(X, XR, NW, rstd0, r0, rk, k0, M, K, sx_m, sxr_m, PRO, HAS_SUM),
-                    wt, acc0, IEEE)
+    if PRO == 0:
+        for k0 in range(0, K, BLOCK_K):
+            w = tl.load(w_ptr + k0, mask=mask_n[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
+            wt = tl.trans(w)
+            acc0 = _mma(_tile(X, r0, rk, k0, M, K, sx_m), wt, acc0, IEEE)
+            if M_TILES > 1:
+                acc1 = _mma(_tile(X, r0 + BLOCK_M, rk, k0, M, K, sx_m), wt, acc1, IEEE)
+            if M_TILES > 2:
+                acc2 = _mma(_tile(X, r0 + 2 * BLOCK_M, rk, k0, M, K, sx_m), wt, acc2, IEEE)
+            if M_TILES > 3:
+                acc3 = _mma(_tile(X, r0 + 3 * BLOCK_M, rk, k0, M, K, sx_m), wt, acc3, IEEE)
+    else:
+        rstd0 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        rstd1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        rstd2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        rstd3 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if PRO == 1:
+            first = (pid_n == 0).to(tl.int32) * M  # the rows of s this program stores
+            rstd0 = _rstd(X, XR, S, r0, rk, M, K, sx_m, sxr_m, eps, first, HAS_SUM, BLOCK_M,
+                          BLOCK_K)
+            if M_TILES > 1:
+                rstd1 = _rstd(X, XR, S, r0 + BLOCK_M, rk, M, K, sx_m, sxr_m, eps, first, HAS_SUM,
+                              BLOCK_M, BLOCK_K)
+            if M_TILES > 2:
+                rstd2 = _rstd(X, XR, S, r0 + 2 * BLOCK_M, rk, M, K, sx_m, sxr_m, eps, first,
+                              HAS_SUM, BLOCK_M, BLOCK_K)
+            if M_TILES > 3:
+                rstd3 = _rstd(X, XR, S, r0 + 3 * BLOCK_M, rk, M, K, sx_m, sxr_m, eps, first,
+                              HAS_SUM, BLOCK_M, BLOCK_K)
+        nw = _norm_w(NW, rk, 0, K, PRO, BLOCK_K)
+        a0, b0 = _raw(X, XR, r0, rk, 0, M, K, sx_m, sxr_m, PRO, HAS_SUM)
+        a1, b1, a2, b2, a3, b3 = a0, b0, a0, b0, a0, b0
         if M_TILES > 1:
-            acc1 = _mma(_operand(X, XR, NW, rstd1, r0 + BLOCK_M, rk, k0, M, K, sx_m, sxr_m, PRO,
-                                 HAS_SUM), wt, acc1, IEEE)
+            a1, b1 = _raw(X, XR, r0 + BLOCK_M, rk, 0, M, K, sx_m, sxr_m, PRO, HAS_SUM)
         if M_TILES > 2:
-            acc2 = _mma(_operand(X, XR, NW, rstd2, r0 + 2 * BLOCK_M, rk, k0, M, K, sx_m, sxr_m,
-                                 PRO, HAS_SUM), wt, acc2, IEEE)
+            a2, b2 = _raw(X, XR, r0 + 2 * BLOCK_M, rk, 0, M, K, sx_m, sxr_m, PRO, HAS_SUM)
         if M_TILES > 3:
-            acc3 = _mma(_operand(X, XR, NW, rstd3, r0 + 3 * BLOCK_M, rk, k0, M, K, sx_m, sxr_m,
-                                 PRO, HAS_SUM), wt, acc3, IEEE)
+            a3, b3 = _raw(X, XR, r0 + 3 * BLOCK_M, rk, 0, M, K, sx_m, sxr_m, PRO, HAS_SUM)
+        for k0 in range(0, K, BLOCK_K):
+            w = tl.load(w_ptr + k0, mask=mask_n[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
+            wt = tl.trans(w)
+            k1 = k0 + BLOCK_K  # the next step's tiles, loaded before this step's products
+            nw_next = _norm_w(NW, rk, k1, K, PRO, BLOCK_K)
+            n0, m0 = _raw(X, XR, r0, rk, k1, M, K, sx_m, sxr_m, PRO, HAS_SUM)
+            acc0 = _mma(_operand(a0, b0, nw, rstd0, PRO, HAS_SUM), wt, acc0, IEEE)
+            a0, b0 = n0, m0
+            if M_TILES > 1:
+                n1, m1 = _raw(X, XR, r0 + BLOCK_M, rk, k1, M, K, sx_m, sxr_m, PRO, HAS_SUM)
+                acc1 = _mma(_operand(a1, b1, nw, rstd1, PRO, HAS_SUM), wt, acc1, IEEE)
+                a1, b1 = n1, m1
+            if M_TILES > 2:
+                n2, m2 = _raw(X, XR, r0 + 2 * BLOCK_M, rk, k1, M, K, sx_m, sxr_m, PRO, HAS_SUM)
+                acc2 = _mma(_operand(a2, b2, nw, rstd2, PRO, HAS_SUM), wt, acc2, IEEE)
+                a2, b2 = n2, m2
+            if M_TILES > 3:
+                n3, m3 = _raw(X, XR, r0 + 3 * BLOCK_M, rk, k1, M, K, sx_m, sxr_m, PRO, HAS_SUM)
+                acc3 = _mma(_operand(a3, b3, nw, rstd3, PRO, HAS_SUM), wt, acc3, IEEE)
+                a3, b3 = n3, m3
+            nw = nw_next
     bias = tl.zeros([BLOCK_N], dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(B + rn, mask=mask_n, other=0.0).to(tl.float32)
