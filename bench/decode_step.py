@@ -170,14 +170,14 @@ def main() -> None:
     ap.add_argument("--invariance", default="off,on", help="batch invariance off, on or both")
     ap.add_argument("--linear-configs", default="", help="JSON list of linear_triton launch "
                     "configs to time instead of its default (tuning)")
-    ap.add_argument("--no-prologues", action="store_true", help="the norm and SiLU in their own "
-                    "kernels, not as the invariant linear's prologues (fused.PROLOGUES)")
+    ap.add_argument("--prologues", action="store_true", help="the norm and SiLU as the "
+                    "invariant linear's prologues (fused.PROLOGUES, off by default)")
     ap.add_argument("--hf-batches", default="", help="e.g. 1,32: transformers generate baseline")
     ap.add_argument("--hf-new-tokens", type=int, default=32)
     ap.add_argument("--out", default="decode_step.json")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    fused.PROLOGUES = not args.no_prologues
+    fused.PROLOGUES = args.prologues
     bw = copy_bandwidth()
     card = torch.cuda.get_device_name()
     print(f"{card}: device-to-device copy {bw / 1e12:.3f} TB/s (read + write)", flush=True)

@@ -157,7 +157,7 @@ def test_invariant_llama_with_fused_layers_matches_the_unfused_one(dtype, prolog
     model, _ = load_model("tiny_llama", dtype, torch.device("cuda"), seed=2)
     swap_linears(model)
     cfg = model.cfg
-    out = []
+    out, default = [], fused.PROLOGUES
     for enabled in (True, False):
         fused.ENABLED, fused.PROLOGUES = enabled, prologues
         try:
@@ -167,6 +167,6 @@ def test_invariant_llama_with_fused_layers_matches_the_unfused_one(dtype, prolog
             batch = prefilled_rows(runner, cache)
             out.append(runner.forward_logits(batch))
         finally:
-            fused.ENABLED, fused.PROLOGUES = True, True
+            fused.ENABLED, fused.PROLOGUES = True, default
     tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
     torch.testing.assert_close(out[0], out[1], rtol=tol, atol=tol)

@@ -12,9 +12,12 @@ import torch
 import torch.nn.functional as F
 
 ENABLED = True
-# the norm and SiLU * up as prologues of the invariant linear (False: their own kernels, as
-# before; the residual add stays the down projection's epilogue)
-PROLOGUES = True
+# The norm and SiLU * up as prologues of the invariant linear. Off: on an H200 they made the
+# decode step slower, not faster (docs/perf/issue-21.md: every column-tile program redoes its
+# rows' elementwise work, 16-row tiles at B=1, a step bound by the conversions), so the norm
+# and SiLU keep their own kernels; the residual add is still the down projection's epilogue
+# and rotary + the KV write one kernel. The tests hold both paths.
+PROLOGUES = False
 
 try:  # the kernels import triton; CPU-only installs go without it
     from flover.ops import fused_triton as _k
@@ -68,10 +71,11 @@ def write_kv(k_cache, v_cache, k, v, slot_ids, positions) -> bool:
 
 # The decode step's fused layers: each function's reference (the last lines of each) is the
 # exact sequence of calls the model made before, so that the CPU, invariance off (cuBLAS),
-# quantized and tensor-parallel linear modules run as before, bit for bit. The fused kernel
-# runs only for a batch-invariant linear (`flover.ops.linear.InvariantLinear`) on a GPU: its
-# Triton product takes the elementwise work as a prologue (or epilogue), at the reference's
-# rounding points, and so saves the launches in between.
+# quantized and tensor-parallel linear modules run as before, bit for bit. The fused kernels
+# run only on the invariant GPU path: a batch-invariant linear (`InvariantLinear`) on a GPU
+# takes the residual add as its epilogue (and, with PROLOGUES, the norm or SiLU * up as its
+# prologue) at the reference's rounding points; rotary and the KV write are one kernel when
+# meta.batch_invariant. Each saves the launches in between.
 
 
 def _invariant(linear, x: torch.Tensor) -> bool:
@@ -84,8 +88,8 @@ def _invariant(linear, x: torch.Tensor) -> bool:
 
 def norm_linear(x: torch.Tensor, norm, linear, residual: torch.Tensor | None = None):
     """(linear(rms_norm(s)), s) with s = x + residual (or x): `rms_norm` then the module.
-    Fused: the norm is the product's prologue (each program computes its rows' 1/rms over K
-    in a fixed order; the first column tile's programs store s)."""
+    Fused (PROLOGUES): the norm is the product's prologue (each program computes its rows'
+    1/rms over K in a fixed order; the first column tile's programs store s)."""
     if PROLOGUES and _invariant(linear, x) and norm.weight.dtype == x.dtype:
         return _lk.linear(x, linear.weight, linear.bias, norm=(norm.weight, norm.eps),
                           x_residual=residual)
@@ -96,7 +100,8 @@ def norm_linear(x: torch.Tensor, norm, linear, residual: torch.Tensor | None = N
 def silu_mul_linear(gate_up: torch.Tensor, linear,
                     residual: torch.Tensor | None = None) -> torch.Tensor:
     """residual + linear(silu_mul(gate_up)) (or without the residual): `silu_mul`, the module,
-    the add. Fused: SiLU(gate) * up is the product's prologue, the add its epilogue."""
+    the add. Fused: the add is the product's epilogue (and with PROLOGUES, SiLU(gate) * up
+    its prologue)."""
     if _invariant(linear, gate_up):
         if PROLOGUES:
             return _lk.linear(gate_up, linear.weight, linear.bias, silu_gate=True,
