@@ -71,6 +71,17 @@ def test_silu_mul_prologue_and_residual_epilogue_equal_the_unfused_sequence(dtyp
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_residual_epilogue_equals_the_product_then_the_add(dtype):
+    """The default decode path's down projection: the plain product, + residual as epilogue."""
+    gen = torch.Generator().manual_seed(16)
+    x, w = _randn(9, 48, gen=gen, dtype=dtype), _randn(24, 48, gen=gen, dtype=dtype)
+    b, r = _randn(24, gen=gen, dtype=dtype), _randn(9, 24, gen=gen, dtype=dtype)
+    assert torch.equal(linear(x, w, b, config=SMALL, residual=r), r + linear(x, w, b, config=SMALL))
+    one = linear(x[4:5], w, b, config=SMALL, residual=r[4:5])  # and a row alone is the same
+    assert torch.equal(one[0], linear(x, w, b, config=SMALL | {"max_m_tiles": 1}, residual=r)[4])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_linear_rows_are_bitwise_the_same_at_every_batch_size(dtype):
     gen = torch.Generator().manual_seed(13)
     k, n = 64, 32
