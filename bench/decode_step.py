@@ -31,7 +31,7 @@ from flover.engine.scheduler import Batch
 from flover.engine.sequence import Request, Status
 from flover.models.layers import init_random
 from flover.models.presets import preset
-from flover.ops import linear_triton
+from flover.ops import fused, linear_triton
 from flover.ops.linear import swap_linears
 from flover.weights import allocate
 
@@ -170,11 +170,14 @@ def main() -> None:
     ap.add_argument("--invariance", default="off,on", help="batch invariance off, on or both")
     ap.add_argument("--linear-configs", default="", help="JSON list of linear_triton launch "
                     "configs to time instead of its default (tuning)")
+    ap.add_argument("--prologues", action="store_true", help="the norm and SiLU as the "
+                    "invariant linear's prologues (fused.PROLOGUES, off by default)")
     ap.add_argument("--hf-batches", default="", help="e.g. 1,32: transformers generate baseline")
     ap.add_argument("--hf-new-tokens", type=int, default=32)
     ap.add_argument("--out", default="decode_step.json")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    fused.PROLOGUES = args.prologues
     bw = copy_bandwidth()
     card = torch.cuda.get_device_name()
     print(f"{card}: device-to-device copy {bw / 1e12:.3f} TB/s (read + write)", flush=True)

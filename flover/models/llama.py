@@ -15,7 +15,7 @@ from torch import nn
 from flover.models.config import ModelConfig
 from flover.models.layers import RMSNorm, Rotary, TiedHead, load_named_weights
 from flover.ops import fused
-from flover.ops.attention import AttentionMetadata, attention
+from flover.ops.attention import AttentionMetadata, attend
 
 
 class LlamaAttention(nn.Module):
@@ -26,12 +26,15 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=cfg.attention_bias)
         self.scale = self.d ** -0.5
 
-    def forward(self, x, rotary: Rotary, meta: AttentionMetadata, k_cache, v_cache):
+    def forward(self, x, norm: RMSNorm, rotary: Rotary, meta: AttentionMetadata, k_cache,
+                v_cache):
+        """o_proj(attention(qkv_proj(norm(x)))); each fused op falls back to its reference."""
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], -1)
-        q = fused.rotary(q.view(t, self.h, self.d), meta.positions, rotary)
-        k = fused.rotary(k.view(t, self.hkv, self.d), meta.positions, rotary)
-        out = attention(q, k, v.view(t, self.hkv, self.d), k_cache, v_cache, meta, self.scale)
+        qkv, _ = fused.norm_linear(x, norm, self.qkv_proj)
+        q, k, v = qkv.split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], -1)
+        q = fused.rotary_write_kv(q.view(t, self.h, self.d), k.view(t, self.hkv, self.d),
+                                  v.view(t, self.hkv, self.d), rotary, k_cache, v_cache, meta)
+        out = attend(q, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.view(t, self.h * self.d))
 
 
@@ -41,8 +44,11 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def forward(self, x):
-        return self.down_proj(fused.silu_mul(self.gate_up_proj(x)))
+    def forward(self, a, norm: RMSNorm, x):
+        """The residual stream after the layer: s + down(silu_mul(gate_up(norm(s)))), where
+        s = x + a (a: the attention's output)."""
+        gate_up, s = fused.norm_linear(a, norm, self.gate_up_proj, residual=x)
+        return fused.silu_mul_linear(gate_up, self.down_proj, residual=s)
 
 
 class LlamaLayer(nn.Module):
@@ -54,10 +60,8 @@ class LlamaLayer(nn.Module):
         self.mlp = LlamaMLP(cfg)
 
     def forward(self, x, rotary, meta, k_cache, v_cache):
-        h, _ = fused.rms_norm(x, self.input_layernorm)
-        a = self.self_attn(h, rotary, meta, k_cache, v_cache)
-        h, x = fused.rms_norm(a, self.post_attention_layernorm, residual=x)  # x = x + a
-        return x + self.mlp(h)
+        a = self.self_attn(x, self.input_layernorm, rotary, meta, k_cache, v_cache)
+        return self.mlp(a, self.post_attention_layernorm, x)
 
 
 class LlamaModel(nn.Module):

@@ -213,6 +213,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
               v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q [T, H, D], k/v [T, Hkv, D] for the flat batch; returns [T, H, D]."""
     write_kv(k_cache, v_cache, k, v, meta)
+    return attend(q, k_cache, v_cache, meta, scale)
+
+
+def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+           meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """`attention` once this iteration's keys and values are in the cache (written by
+    `write_kv` or `fused.rotary_write_kv`)."""
     if meta.block_tables is not None or meta.write_offsets is not None:
         return paged_attention(q, k_cache, v_cache, meta, scale)
     if meta.batch_invariant and q.is_cuda and _triton_rows is not None:

@@ -12,11 +12,18 @@ import torch
 import torch.nn.functional as F
 
 ENABLED = True
+# The norm and SiLU * up as prologues of the invariant linear. Off: on an H200 they made the
+# decode step slower, not faster (docs/perf/issue-21.md: every column-tile program redoes its
+# rows' elementwise work, 16-row tiles at B=1, a step bound by the conversions), so the norm
+# and SiLU keep their own kernels; the residual add is still the down projection's epilogue
+# and rotary + the KV write one kernel. The tests hold both paths.
+PROLOGUES = False
 
 try:  # the kernels import triton; CPU-only installs go without it
     from flover.ops import fused_triton as _k
+    from flover.ops import linear_triton as _lk
 except Exception:  # noqa: BLE001 - any import failure means: use the references
-    _k = None
+    _k = _lk = None
 
 
 def _fast(x: torch.Tensor) -> bool:
@@ -60,3 +67,64 @@ def write_kv(k_cache, v_cache, k, v, slot_ids, positions) -> bool:
         _k.write_kv(k_cache, v_cache, k, v, slot_ids, positions)
         return True
     return False
+
+
+# The decode step's fused layers: each function's reference (the last lines of each) is the
+# exact sequence of calls the model made before, so that the CPU, invariance off (cuBLAS),
+# quantized and tensor-parallel linear modules run as before, bit for bit. The fused kernels
+# run only on the invariant GPU path: a batch-invariant linear (`InvariantLinear`) on a GPU
+# takes the residual add as its epilogue (and, with PROLOGUES, the norm or SiLU * up as its
+# prologue) at the reference's rounding points; rotary and the KV write are one kernel when
+# meta.batch_invariant. Each saves the launches in between.
+
+
+def _invariant(linear, x: torch.Tensor) -> bool:
+    from flover.ops.linear import InvariantLinear  # here: linear.py imports the models
+
+    w = getattr(linear, "weight", None)
+    return (ENABLED and _lk is not None and isinstance(linear, InvariantLinear) and x.is_cuda
+            and x.dim() == 2 and w.stride(-1) == 1 and x.dtype == w.dtype)
+
+
+def norm_linear(x: torch.Tensor, norm, linear, residual: torch.Tensor | None = None):
+    """(linear(rms_norm(s)), s) with s = x + residual (or x): `rms_norm` then the module.
+    Fused (PROLOGUES): the norm is the product's prologue (each program computes its rows'
+    1/rms over K in a fixed order; the first column tile's programs store s)."""
+    if PROLOGUES and _invariant(linear, x) and norm.weight.dtype == x.dtype:
+        return _lk.linear(x, linear.weight, linear.bias, norm=(norm.weight, norm.eps),
+                          x_residual=residual)
+    h, s = rms_norm(x, norm, residual)
+    return linear(h), s
+
+
+def silu_mul_linear(gate_up: torch.Tensor, linear,
+                    residual: torch.Tensor | None = None) -> torch.Tensor:
+    """residual + linear(silu_mul(gate_up)) (or without the residual): `silu_mul`, the module,
+    the add. Fused: the add is the product's epilogue (and with PROLOGUES, SiLU(gate) * up
+    its prologue)."""
+    if _invariant(linear, gate_up):
+        if PROLOGUES:
+            return _lk.linear(gate_up, linear.weight, linear.bias, silu_gate=True,
+                              residual=residual)
+        return _lk.linear(silu_mul(gate_up), linear.weight, linear.bias, residual=residual)
+    y = linear(silu_mul(gate_up))
+    return y if residual is None else residual + y
+
+
+def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rot, k_cache, v_cache,
+                    meta) -> torch.Tensor:
+    """Rotate q and k [T, heads, D] by `rot` at meta.positions and store the rotated k and v
+    in this iteration's cache places (slots or pages): `rotary` twice then
+    `attention.write_kv`; returns the rotated q. One launch on the invariant GPU path."""
+    offsets = meta.positions if meta.write_offsets is None else meta.write_offsets
+    if (meta.batch_invariant and _fast(q) and q.dim() == 3 and q.stride(-1) == 1
+            and k.stride(-1) == 1 and v.stride(-1) == 1 and k_cache.stride(-1) == 1
+            and v_cache.stride(-1) == 1):
+        return _k.rotary_kv(q, k, v, meta.positions, rot.cos, rot.sin, rot.rot_dim,
+                            rot.interleaved, k_cache, v_cache, meta.slot_ids, offsets)
+    from flover.ops.attention import write_kv  # here: attention.py imports this module
+
+    q = rotary(q, meta.positions, rot)
+    k = rotary(k, meta.positions, rot)
+    write_kv(k_cache, v_cache, k, v, meta)
+    return q

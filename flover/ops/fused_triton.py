@@ -133,3 +133,84 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
                                k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
                                v_cache.stride(1), v_cache.stride(2), D=d,
                                BLOCK_D=triton.next_power_of_2(d), num_warps=1)
+
+
+@triton.jit
+def _rotate(x_row, y_row, c, s, i, mask, INTERLEAVED: tl.constexpr, ROT: tl.constexpr):
+    """One head's first ROT channels rotated as `_rotary_kernel` does (rounded to x's dtype),
+    stored in y's dtype."""
+    if INTERLEAVED:
+        ia, ib = 2 * i, 2 * i + 1
+    else:
+        ia, ib = i, i + ROT // 2
+    a = tl.load(x_row + ia, mask=mask, other=0.0)
+    b = tl.load(x_row + ib, mask=mask, other=0.0)
+    af, bf = a.to(tl.float32), b.to(tl.float32)
+    out = y_row.dtype.element_ty
+    tl.store(y_row + ia, (af * c - bf * s).to(a.dtype).to(out), mask=mask)
+    tl.store(y_row + ib, (bf * c + af * s).to(a.dtype).to(out), mask=mask)
+
+
+@triton.jit
+def _copy(x_row, y_row, D, start: tl.constexpr, BLOCK: tl.constexpr):
+    r = start + tl.arange(0, BLOCK)
+    m = r < D
+    tl.store(y_row + r, tl.load(x_row + r, mask=m, other=0.0).to(y_row.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _rotary_kv_kernel(Q, K, V, QO, KC, VC, Pos, Slots, Offs, Cos, Sin,
+                      sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sqo_t, sqo_h,
+                      skc_s, skc_h, skc_l, svc_s, svc_h, svc_l, s_cos, H,
+                      D: tl.constexpr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr,
+                      BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_REST: tl.constexpr):
+    """Program (t, j): j < H rotates query head j into QO; j >= H rotates key head j - H and
+    writes it, and the value head, to the cache at (Slots[t], head, Offs[t])."""
+    t = tl.program_id(0)
+    j = tl.program_id(1)
+    pos = tl.load(Pos + t)
+    i = tl.arange(0, BLOCK_HALF)
+    mask = i < ROT // 2
+    c = tl.load(Cos + pos * s_cos + i, mask=mask, other=0.0)
+    s = tl.load(Sin + pos * s_cos + i, mask=mask, other=0.0)
+    if j < H:
+        src = Q + t * sq_t + j * sq_h
+        dst = QO + t * sqo_t + j * sqo_h
+        _rotate(src, dst, c, s, i, mask, INTERLEAVED, ROT)
+        if ROT < D:  # the channels past rot_dim pass through
+            _copy(src, dst, D, ROT, BLOCK_REST)
+    else:
+        h = j - H
+        slot = tl.load(Slots + t).to(tl.int64)
+        off = tl.load(Offs + t).to(tl.int64)
+        src = K + t * sk_t + h * sk_h
+        dst = KC + slot * skc_s + h * skc_h + off * skc_l
+        _rotate(src, dst, c, s, i, mask, INTERLEAVED, ROT)
+        if ROT < D:
+            _copy(src, dst, D, ROT, BLOCK_REST)
+        _copy(V + t * sv_t + h * sv_h, VC + slot * svc_s + h * svc_h + off * svc_l, D, 0, BLOCK_D)
+
+
+def rotary_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+              cos: torch.Tensor, sin: torch.Tensor, rot_dim: int, interleaved: bool,
+              k_cache: torch.Tensor, v_cache: torch.Tensor, slot_ids: torch.Tensor,
+              offsets: torch.Tensor) -> torch.Tensor:
+    """`rotary` of q and of k, and `write_kv` of the rotated k and of v, in one launch:
+    q, k, v [T, heads, D] (any row strides); returns the rotated q, contiguous."""
+    t, heads, d = q.shape
+    hkv = k.shape[1]
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+    assert cos.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    qo = torch.empty((t, heads, d), dtype=q.dtype, device=q.device)
+    if t == 0:
+        return qo
+    _rotary_kv_kernel[(t, heads + hkv)](
+        q, k, v, qo, k_cache, v_cache, positions, slot_ids, offsets, cos, sin,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        qo.stride(0), qo.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), cos.stride(0), heads,
+        D=d, ROT=rot_dim, INTERLEAVED=interleaved,
+        BLOCK_HALF=triton.next_power_of_2(max(rot_dim // 2, 1)),
+        BLOCK_D=triton.next_power_of_2(d),
+        BLOCK_REST=triton.next_power_of_2(max(d - rot_dim, 1)), num_warps=1)
+    return qo
