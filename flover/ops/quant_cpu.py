@@ -4,10 +4,11 @@ Why not PyTorch's own: `torch._weight_int8pack_mm` (per-channel scales only) and
 `torch._weight_int4pack_mm_for_cpu` (groups of 32..256) exist, but on the 2-core AVX-512 CPU
 we measure on they run 4-100x slower than the float32 oneDNN path at M=1 and M=8
 (docs/PERF.md, "Weight-only int8 / int4"), so quantizing through them would make decoding
-slower, not faster. The C file is ~120 lines of plain loops that the compiler vectorises for
-the host (-O3 -march=native); it is built with the system C compiler into the flover cache,
-keyed by its source, the compiler flags and the CPU.
-Without a compiler, `lib()` is None and QuantLinear uses its PyTorch reference instead.
+slower, not faster. The C file is ~180 lines of GCC vector code that the compiler turns into
+the host's instructions (-O3 -march=native); it is built with the system C compiler into the
+flover cache, keyed by its source, the compiler flags and the CPU (`build` and `load` serve
+fused_cpu.c too). Without a compiler, `lib()` is None and QuantLinear uses its PyTorch
+reference instead.
 """
 
 from __future__ import annotations
