@@ -75,7 +75,11 @@ static inline void deq8(const int8_t *qs, const uint16_t *scales, int64_t K, int
 
 /* Two vectors of 8 pairs -> one of their 16 pairwise sums, in tree_sum16's order at step S:
  * lane j of the result sums lanes j' and j' + S of the input its group comes from. */
+#if defined(__clang__)
 #define HALVES(a, b, ...) (__builtin_shufflevector(a, b, __VA_ARGS__))
+#else /* GCC before 12 has only __builtin_shuffle */
+#define HALVES(a, b, ...) (__builtin_shuffle(a, b, (v16i){__VA_ARGS__}))
+#endif
 static inline v16f comb8(v16f a, v16f b) {
     return HALVES(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
          + HALVES(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
