@@ -60,6 +60,21 @@ def test_rotary_kernel_refuses_a_position_outside_its_table():
         fused_cpu.rotary(torch.randn(2, 1, 16), torch.tensor([3, 8]), rot.cos, rot.sin, 16, False)
 
 
+def test_norm_rotary_and_silu_rows_are_bitwise_the_same_alone_and_in_a_batch_of_8():
+    gen = _gen(10)
+    x, r, n = torch.randn(8, 72, generator=gen), torch.randn(8, 72, generator=gen), _norm(72, gen)
+    gate_up = torch.randn(8, 2 * 40, generator=gen)
+    rot, pos = Rotary(32, 64, 10000.0, False), torch.arange(8) * 7
+    q = torch.randn(8, 3, 32, generator=gen)
+    together = (fused.rms_norm(x, n, r), fused.silu_mul(gate_up), fused.rotary(q, pos, rot))
+    for i in (0, 5, 7):
+        row = slice(i, i + 1)
+        y, s = fused.rms_norm(x[row], n, r[row])
+        assert torch.equal(y, together[0][0][row]) and torch.equal(s, together[0][1][row])
+        assert torch.equal(fused.silu_mul(gate_up[row]), together[1][row])
+        assert torch.equal(fused.rotary(q[row], pos[row], rot), together[2][row])
+
+
 def _cache(slots: int, hkv: int, length: int, d: int, gen: torch.Generator):
     return (torch.randn(slots, hkv, length, d, generator=gen),
             torch.randn(slots, hkv, length, d, generator=gen))
