@@ -40,6 +40,46 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return tree_sum16(acc);
 }
 
+/* 16 sums at once, each bit for bit tree_sum16 of its vector (quant_cpu.c's butterfly) */
+#if defined(__clang__)
+#define HALVES(a, b, ...) (__builtin_shufflevector(a, b, __VA_ARGS__))
+#else /* GCC before 12 has only __builtin_shuffle */
+#define HALVES(a, b, ...) (__builtin_shuffle(a, b, (v16i){__VA_ARGS__}))
+#endif
+static inline v16f reduce16(const v16f a[16]) {
+    v16f c[8], e[4], g[2];
+    for (int i = 0; i < 8; i++)
+        c[i] = HALVES(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+             + HALVES(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int i = 0; i < 4; i++)
+        e[i] = HALVES(c[2 * i], c[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+             + HALVES(c[2 * i], c[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    for (int i = 0; i < 2; i++)
+        g[i] = HALVES(e[2 * i], e[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
+             + HALVES(e[2 * i], e[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    return HALVES(g[0], g[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+         + HALVES(g[0], g[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+/* dot(q, k + j * D, D) for the 16 keys j at k, in dot()'s order, into out[16] */
+static inline void dot16(const float *q, const float *k, int64_t D, float *out) {
+    v16f a[16] = {0};
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16) {
+        const v16f qv = load16(q + d);
+        for (int j = 0; j < 16; j++) a[j] += qv * load16(k + j * D + d);
+    }
+    if (d < D)
+        for (int j = 0; j < 16; j++) {
+            float t[16];
+            memcpy(t, &a[j], 64);
+            for (int64_t i = d; i < D; i++) t[i - d] += q[i] * k[j * D + i];
+            memcpy(&a[j], t, 64);
+        }
+    const v16f r = reduce16(a);
+    memcpy(out, &r, 64);
+}
+
 /* exp(x) for x in [-87.3, 88]: Cephes' expf (2^n * polynomial, ~1 ulp); below: 0, above: exp(88) */
 static inline v16f vexp(v16f x) {
     const v16i tiny = x < -87.3f;
@@ -152,12 +192,15 @@ static void attend(const float *q, int64_t qh, const float *k, const float *v, i
         float *pg = p + g * len;
         const float *qg = q + g * qh;
         float mx = -INFINITY;
-        for (int64_t l = 0; l < len; l++) {
-            pg[l] = dot(qg, k + l * D, D) * scale;
-            mx = pg[l] > mx ? pg[l] : mx;
+        int64_t l = 0;
+        for (; l + 16 <= len; l += 16) {
+            dot16(qg, k + l * D, D, pg + l);
+            for (int j = 0; j < 16; j++) pg[l + j] *= scale;
         }
+        for (; l < len; l++) pg[l] = dot(qg, k + l * D, D) * scale;
+        for (l = 0; l < len; l++) mx = pg[l] > mx ? pg[l] : mx;
         v16f acc = {0};
-        for (int64_t l = 0; l < len; l += 16) {  /* the last 16 padded with exp(-inf) = 0 */
+        for (l = 0; l < len; l += 16) {  /* the last 16 padded with exp(-inf) = 0 */
             const int64_t n = len - l < 16 ? len - l : 16;
             float e[16];
             for (int j = 0; j < 16; j++) e[j] = j < n ? pg[l + j] - mx : -INFINITY;
@@ -167,14 +210,29 @@ static void attend(const float *q, int64_t qh, const float *k, const float *v, i
         }
         const float inv = 1.0f / tree_sum16(acc);
         float *o = out + g * D;
-        for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
-        for (int64_t l2 = 0; l2 < len; l2++) {
-            const float w = pg[l2], *vl = v + l2 * D;
-            int64_t d = 0;
-            for (; d + 16 <= D; d += 16) store16(o + d, load16(o + d) + w * load16(vl + d));
-            for (; d < D; d++) o[d] += w * vl[d];
+        int64_t d = 0;
+        for (; d + 64 <= D; d += 64) {  /* 64 channels at a time in registers */
+            v16f o0 = {0}, o1 = {0}, o2 = {0}, o3 = {0};
+            for (l = 0; l < len; l++) {
+                const float w = pg[l], *vl = v + l * D + d;
+                o0 += w * load16(vl);
+                o1 += w * load16(vl + 16);
+                o2 += w * load16(vl + 32);
+                o3 += w * load16(vl + 48);
+            }
+            store16(o + d, o0 * inv);
+            store16(o + d + 16, o1 * inv);
+            store16(o + d + 32, o2 * inv);
+            store16(o + d + 48, o3 * inv);
         }
-        for (int64_t d = 0; d < D; d++) o[d] *= inv;
+        for (int64_t i = d; i < D; i++) o[i] = 0.0f;
+        for (l = 0; l < len; l++) {
+            const float w = pg[l], *vl = v + l * D;
+            int64_t i = d;
+            for (; i + 16 <= D; i += 16) store16(o + i, load16(o + i) + w * load16(vl + i));
+            for (; i < D; i++) o[i] += w * vl[i];
+        }
+        for (int64_t i = d; i < D; i++) o[i] *= inv;
     }
 }
 
