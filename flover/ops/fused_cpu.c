@@ -251,7 +251,7 @@ int flover_decode_attention(const float *q, int64_t qb, int64_t qh, const float 
         if (s < 0 || s >= S || len[b] < 0 || len[b] > L) return 1;
         max_len = len[b] > max_len ? len[b] : max_len;
     }
-    const int threads = B * H * max_len * D >= (1 << 18) ? nthreads : 1;
+    const int threads = B * H * max_len * D >= (1 << 14) ? nthreads : 1;
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(|: failed)
     {
