@@ -46,7 +46,7 @@ def lib() -> ctypes.CDLL | None:
 
 def usable(x: torch.Tensor) -> bool:
     """Whether `x` is a float32 CPU tensor and the kernels are built."""
-    return x.dtype == torch.float32 and x.device.type == "cpu" and lib() is not None
+    return x.dtype == torch.float32 and x.is_cpu and lib() is not None
 
 
 def _long(t: torch.Tensor) -> torch.Tensor:
