@@ -7,7 +7,12 @@ over --steps iterations after warm-up (bench/cpu_step.py's method). llama.cpp is
 (llama-cpp-python builds from source for ~10 minutes on 2 cores): its figures on this file and
 CPU are given as constants, measured with 2 threads (DESIGN.md section 4).
 
+`--cpu-ops both` runs every row twice, with the compiled CPU ops (flover/ops/fused_cpu.c:
+RMSNorm, rotary, silu_mul, the cache write, decode attention) off and on, alternating over
+`--rounds` rounds in this process, so that a noisy machine weighs on both alike.
+
     python bench/cpu_quant_step.py --batches 1,8 --out cpu_quant.json
+    python bench/cpu_quant_step.py --cpu-ops both --rounds 3
 """
 
 from __future__ import annotations
@@ -17,11 +22,13 @@ import datetime
 import json
 import os
 import platform
+import statistics
 
 import torch
 from cpu_step import copy_bandwidth, flover_step  # beside this file
 
 from flover import Engine, EngineConfig
+from flover.ops import fused
 from flover.ops.quant import QuantLinear
 
 LLAMA_CPP_B1_MS = 10.7  # llama.cpp, same file, 2 threads, batch 1 (93 tokens/s)
@@ -44,29 +51,42 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--cpu-ops", choices=("on", "off", "both"), default="on",
+                    help="the compiled CPU ops (fused_cpu.c); both: off and on, alternating")
+    ap.add_argument("--rounds", type=int, default=1, help="alternating rounds (median of all)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    ops = {"on": [True], "off": [False], "both": [False, True]}[args.cpu_ops]
     bw = copy_bandwidth()
     rows = []
     for quant in ("auto", "none"):
         eng = Engine(EngineConfig(device="cpu", dtype="float32", max_concurrency=max(batches),
                                   max_seq_len=128, quantization=quant))
         nbytes = weight_bytes(eng.model)
-        for b in batches:
-            t = flover_step(eng, b, args.steps)
+        times: dict[tuple[int, bool], list[float]] = {}
+        for _ in range(args.rounds):
+            for b in batches:
+                for on in ops:
+                    fused.ENABLED = on
+                    times.setdefault((b, on), []).append(flover_step(eng, b, args.steps))
+        fused.ENABLED = True
+        for (b, on), ts in times.items():
+            t = statistics.median(ts)
             rows.append({"weights": "gguf-packed" if quant == "auto" else "float32", "batch": b,
-                         "ms": t * 1e3, "tok_s": b / t, "weight_bytes": nbytes,
-                         "floor_ms": nbytes / bw * 1e3, "over_floor": t / (nbytes / bw)})
+                         "cpu_ops": on, "ms": t * 1e3, "ms_rounds": [x * 1e3 for x in ts],
+                         "tok_s": b / t, "weight_bytes": nbytes, "floor_ms": nbytes / bw * 1e3,
+                         "over_floor": t / (nbytes / bw)})
         del eng
     load = os.getloadavg()
     print(f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; copy bandwidth {bw / 1e9:.1f} GB/s; load average "
           f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
-    print(f"{'weights':>12} {'batch':>5} {'ms/step':>8} {'tok/s':>7} {'MB read':>8} {'floor ms':>8} "
-          f"{'x floor':>7} {'vs llama.cpp b1':>15}")
+    print(f"{'weights':>12} {'batch':>5} {'cpu ops':>7} {'ms/step':>8} {'tok/s':>7} {'MB read':>8} "
+          f"{'floor ms':>8} {'x floor':>7} {'vs llama.cpp b1':>15}")
     for r in rows:
-        print(f"{r['weights']:>12} {r['batch']:>5} {r['ms']:>8.2f} {r['tok_s']:>7.1f} "
+        print(f"{r['weights']:>12} {r['batch']:>5} {'on' if r['cpu_ops'] else 'off':>7} "
+              f"{r['ms']:>8.2f} {r['tok_s']:>7.1f} "
               f"{r['weight_bytes'] / 1e6:>8.1f} {r['floor_ms']:>8.2f} {r['over_floor']:>7.2f} "
               f"{r['tok_s'] / (1e3 / LLAMA_CPP_B1_MS):>14.2f}x")
     if args.out:

@@ -4,7 +4,8 @@ A fused iteration's tokens are laid out flat: first one token for each of the `n
 decode rows (row i lives in KV slot i: the memory shuffle keeps the live block dense), then
 the prompt chunks of the requests being prefilled. `AttentionMetadata` says where each token
 goes; model code passes it through untouched. This module holds the plain PyTorch path;
-`attention_triton` holds the fast GPU kernel behind the same functions. With
+`attention_triton` holds the fast GPU kernel behind the same functions, `fused_cpu` the compiled
+float32 CPU kernels of the cache write and of decode attention. With
 `batch_invariant` (the default on a GPU) every token, decode row or prompt token, goes
 through one per-row kernel whose KV split is fixed by position: a token's attention is
 then bitwise the same whatever else runs in its iteration.
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from flover.ops import fused
+from flover.ops import fused, fused_cpu
 
 
 @dataclass(slots=True)
@@ -79,6 +80,9 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     the token's block, pos its offset in the block)."""
     pos = meta.positions if meta.write_offsets is None else meta.write_offsets
     if fused.write_kv(k_cache, v_cache, k, v, meta.slot_ids, pos):
+        return
+    if _cpu_kernels(k, k_cache, v_cache) and fused_cpu.usable(v) and v.stride(-1) == 1:
+        fused_cpu.write_kv(k_cache, v_cache, k, v, meta.slot_ids, pos)
         return
     k_cache[meta.slot_ids, :, pos] = k.to(k_cache.dtype)
     v_cache[meta.slot_ids, :, pos] = v.to(v_cache.dtype)
@@ -228,8 +232,11 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     if meta.rows is not None:  # tokens given as rows (cuda_graph.TokenGraphs) without Triton
         slots, lengths, _ = meta.rows
         return row_attention_ref(q, k_cache, v_cache, slots, lengths, scale)
-    out = torch.empty_like(q)
     nd = meta.num_decode
+    if nd == q.shape[0] and not meta.prefills:
+        return decode_attention(q, k_cache, v_cache, meta.decode_lengths, meta.decode_max_len,
+                                scale)
+    out = torch.empty_like(q)
     if nd:
         out[:nd] = decode_attention(q[:nd], k_cache, v_cache, meta.decode_lengths,
                                     meta.decode_max_len, scale)
@@ -292,10 +299,20 @@ def row_attention_available() -> bool:
 
 
 def decode_attention(q, k_cache, v_cache, lengths, max_len, scale):
-    """Dispatch: the Triton kernel on a GPU when it is available, else the reference."""
+    """Dispatch: the Triton kernel on a GPU when it is available, the compiled kernel for
+    float32 on the CPU, else the reference."""
     if q.is_cuda and _triton_decode is not None:
         return _triton_decode(q, k_cache, v_cache, lengths, max_len, scale)
+    if _cpu_kernels(q, k_cache, v_cache):
+        return fused_cpu.decode_attention(q, k_cache, v_cache, lengths, scale)
     return decode_attention_ref(q, k_cache, v_cache, lengths, max_len, scale)
+
+
+def _cpu_kernels(x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether the compiled CPU kernels take x [T, heads, D] against this float32 slot cache."""
+    return (fused.ENABLED and fused_cpu.usable(x) and x.stride(-1) == 1
+            and k_cache.dtype == torch.float32 and v_cache.dtype == torch.float32
+            and k_cache.is_contiguous() and v_cache.is_contiguous())
 
 
 try:  # the kernel module imports triton; CPU-only installs go without it

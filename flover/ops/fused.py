@@ -1,5 +1,6 @@
 """Fused operations of the decode step: the plain PyTorch reference of each, and the dispatch
-to the Triton kernels of `flover.ops.fused_triton` for tensors on a GPU.
+to the Triton kernels of `flover.ops.fused_triton` for tensors on a GPU and to the compiled
+ones of `flover.ops.fused_cpu` for float32 tensors on the CPU.
 
 Each kernel replaces a chain of small launches (RMSNorm alone is six) that dominate a
 decode step's non-matrix time; the reference is what the CPU runs and what the tests hold
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from flover.ops import fused_cpu
 
 ENABLED = True
 # The norm and SiLU * up as prologues of the invariant linear. Off: on an H200 they made the
@@ -30,6 +33,10 @@ def _fast(x: torch.Tensor) -> bool:
     return ENABLED and _k is not None and x.is_cuda
 
 
+def _cpu(x: torch.Tensor) -> bool:
+    return ENABLED and fused_cpu.usable(x) and x.stride(-1) == 1
+
+
 def rms_norm_ref(x, weight, eps, residual=None):
     s = x if residual is None else x + residual
     sf = s.float()
@@ -38,6 +45,9 @@ def rms_norm_ref(x, weight, eps, residual=None):
 
 def rms_norm(x: torch.Tensor, norm, residual: torch.Tensor | None = None):
     """(norm(s), s) with s = x + residual; `norm` is an RMSNorm module (weight, eps)."""
+    if _cpu(x) and x.dim() == 2 and norm.weight.dtype == torch.float32 and (
+            residual is None or (residual.shape == x.shape and _cpu(residual))):
+        return fused_cpu.rms_norm(x, norm.weight, norm.eps, residual)
     if _fast(x) and x.dim() == 2:
         return _k.rms_norm(x, norm.weight, norm.eps, residual)
     return rms_norm_ref(x, norm.weight, norm.eps, residual)
@@ -49,6 +59,8 @@ def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    if _cpu(gate_up) and gate_up.dim() == 2 and gate_up.shape[1] % 2 == 0:
+        return fused_cpu.silu_mul(gate_up)
     if _fast(gate_up) and gate_up.dim() == 2 and gate_up.stride(-1) == 1:
         return _k.silu_mul(gate_up)
     return silu_mul_ref(gate_up)
@@ -56,6 +68,9 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def rotary(x: torch.Tensor, positions: torch.Tensor, rot) -> torch.Tensor:
     """x [T, heads, D] rotated by `rot` (a `flover.models.layers.Rotary`), its reference."""
+    if _cpu(x) and x.dim() == 3 and rot.cos.dtype == torch.float32 and rot.cos.is_contiguous() \
+            and rot.sin.is_contiguous():
+        return fused_cpu.rotary(x, positions, rot.cos, rot.sin, rot.rot_dim, rot.interleaved)
     if _fast(x) and x.stride(-1) == 1:
         return _k.rotary(x, positions, rot.cos, rot.sin, rot.rot_dim, rot.interleaved)
     return rot(x, positions)

@@ -5,14 +5,19 @@
  * weight j + 16 in its high one), int8 as 32 signed bytes; one float16 scale (and, for int4, one
  * float16 min) per group of `group` weights, as GGUF stores them: w = q * scale (+ min), in float32.
  *
- * Each block is dequantised once into two vectors of 16 floats and multiplied into up to TM
- * activation rows, two output columns at a time, so a batch of 8 reads the weights once and
- * each activation load serves two columns. An output's reduction order (16 lane accumulators
- * over the half-blocks in order, then a fixed tree) depends neither on M nor on the other rows
- * or columns: a request gets the same bits alone and fused. Threads split the output columns
- * (OpenMP; torch's own runtime when torch is loaded first). GCC's vector extensions compile to
- * AVX-512, AVX2 or SSE, whichever -march=native offers.
+ * Outputs are computed 16 at a time, as tiles of 8 rows x 2 columns, 4 x 4, 2 x 8 or 1 x 16
+ * (whichever the rows left call for): each block is dequantised once per tile into two vectors
+ * of 16 floats and multiplied (fused multiply-adds) into the tile's rows, so a batch of 8 reads
+ * the weights once; the tile's 16 lane accumulators are then summed together by one butterfly
+ * of shuffles. An output's reduction order (16 lanes over the half-blocks in order, then the
+ * fixed tree of tree_sum16, which the butterfly reproduces and the columns past the last whole
+ * tile use) depends neither on M nor on the other rows or columns: a request gets the same bits
+ * alone and fused. Dequantisation is exact either way (q * scale is exact in float32: 4 or 8
+ * bits times float16's 11), so contracting it into an FMA changes nothing. Threads split the
+ * columns (OpenMP; torch's own runtime when torch is loaded first). GCC's vector extensions
+ * compile to AVX-512, AVX2 or SSE, whichever -march=native offers.
  */
+#pragma GCC optimize("fp-contract=fast")
 #include <stdint.h>
 #include <string.h>
 
@@ -68,55 +73,127 @@ static inline void deq8(const int8_t *qs, const uint16_t *scales, int64_t K, int
     *w1 = __builtin_convertvector(__builtin_convertvector(q1 ^ 0x80, v16i) - 128, v16f) * sc;
 }
 
-/* rows m0..m0+MT of x against columns n..n+NC-1; DEQ(c, w0, w1) dequantises column n+c's block b */
-#define TILE(MT, NC, DEQ)                                                               \
+/* Two vectors of 8 pairs -> one of their 16 pairwise sums, in tree_sum16's order at step S:
+ * lane j of the result sums lanes j' and j' + S of the input its group comes from. */
+#if defined(__clang__)
+#define HALVES(a, b, ...) (__builtin_shufflevector(a, b, __VA_ARGS__))
+#else /* GCC before 12 has only __builtin_shuffle */
+#define HALVES(a, b, ...) (__builtin_shuffle(a, b, (v16i){__VA_ARGS__}))
+#endif
+static inline v16f comb8(v16f a, v16f b) {
+    return HALVES(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+         + HALVES(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+}
+static inline v16f comb4(v16f a, v16f b) {
+    return HALVES(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+         + HALVES(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+}
+static inline v16f comb2(v16f a, v16f b) {
+    return HALVES(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
+         + HALVES(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+}
+static inline v16f comb1(v16f a, v16f b) {
+    return HALVES(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+         + HALVES(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+/* lane i of the result = tree_sum16(a[i]), bit for bit */
+static inline v16f reduce16(const v16f a[16]) {
+    v16f c[8], e[4], g[2];
+    for (int i = 0; i < 8; i++) c[i] = comb8(a[2 * i], a[2 * i + 1]);
+    for (int i = 0; i < 4; i++) e[i] = comb4(c[2 * i], c[2 * i + 1]);
+    for (int i = 0; i < 2; i++) g[i] = comb2(e[2 * i], e[2 * i + 1]);
+    return comb1(g[0], g[1]);
+}
+
+/* 16 outputs: rows m0..m0+MT-1 of x against columns n..n+NC-1 (MT * NC = 16);
+ * DEQ(c, w0, w1) dequantises column n+c's block b. With INTERLEAVE (8 rows x 2 columns) the
+ * columns advance together, so each activation load serves both; otherwise one column after
+ * the other, so the weights stream through memory in order (a chunk of 16 columns is one
+ * contiguous run), which the prefetchers follow better than 16 interleaved rows; the
+ * interleaved tile asks for the weights 4 tiles on itself (bstep: bytes per block of a column). */
+#define TILE16(MT, NC, INTERLEAVE, DEQ)                                                 \
     {                                                                                   \
-        v16f a[NC][TM] = {0};                                                           \
-        for (int64_t b = 0; b < nb; b++) {                                              \
-            v16f w0[NC], w1[NC];                                                        \
-            for (int c = 0; c < (NC); c++) DEQ(c, &w0[c], &w1[c]);                      \
-            const float *xb = x + m0 * K + b * 32;                                      \
-            for (int64_t m = 0; m < (MT); m++) {                                        \
-                const v16f x0 = load16(xb + m * K), x1 = load16(xb + m * K + 16);       \
-                for (int c = 0; c < (NC); c++) {                                        \
-                    a[c][m] += w0[c] * x0;                                              \
-                    a[c][m] += w1[c] * x1;                                              \
+        v16f a[16] = {0};                                                               \
+        const char *next = (const char *)qs + (n + 4 * (NC)) * nb * bstep;             \
+        for (int c0 = 0; c0 < (INTERLEAVE ? 1 : (NC)); c0++)                            \
+            for (int64_t b = 0; b < nb; b++) {                                          \
+                if (INTERLEAVE) __builtin_prefetch(next + b * (NC) * bstep);             \
+                const float *xb = x + m0 * K + b * 32;                                  \
+                for (int c = c0; c < (INTERLEAVE ? (NC) : c0 + 1); c++) {               \
+                    v16f w0, w1;                                                        \
+                    DEQ(c, &w0, &w1);                                                   \
+                    for (int m = 0; m < (MT); m++) {                                    \
+                        a[m * (NC) + c] += w0 * load16(xb + m * K);                     \
+                        a[m * (NC) + c] += w1 * load16(xb + m * K + 16);                \
+                    }                                                                   \
                 }                                                                       \
             }                                                                           \
-        }                                                                               \
-        for (int c = 0; c < (NC); c++)                                                  \
-            for (int64_t m = 0; m < (MT); m++) y[(m0 + m) * N + n + c] = tree_sum16(a[c][m]); \
+        float r[16];                                                                    \
+        const v16f sums = reduce16(a);                                                  \
+        memcpy(r, &sums, sizeof r);                                                     \
+        for (int m = 0; m < (MT); m++)                                                  \
+            for (int c = 0; c < (NC); c++) y[(m0 + m) * N + n + c] = r[m * (NC) + c];   \
     }
 
-#define COLUMNS(NC, DEQ)                                                                \
-    for (int64_t m0 = 0; m0 < M; m0 += TM) {                                            \
-        const int64_t mt = M - m0 < TM ? M - m0 : TM;                                   \
-        if (mt == TM) TILE(TM, NC, DEQ)                                                 \
-        else if (mt == 1) TILE(1, NC, DEQ)                                              \
-        else TILE(mt, NC, DEQ)                                                          \
+/* One column n, rows m0..m0+MT-1 (the columns past the last group of 16) */
+#define TILE1(MT, DEQ)                                                                  \
+    {                                                                                   \
+        v16f a[TM] = {0};                                                               \
+        for (int64_t b = 0; b < nb; b++) {                                              \
+            v16f w0, w1;                                                                \
+            DEQ(0, &w0, &w1);                                                           \
+            const float *xb = x + m0 * K + b * 32;                                      \
+            for (int64_t m = 0; m < (MT); m++) {                                        \
+                a[m] += w0 * load16(xb + m * K);                                        \
+                a[m] += w1 * load16(xb + m * K + 16);                                   \
+            }                                                                           \
+        }                                                                               \
+        for (int64_t m = 0; m < (MT); m++) y[(m0 + m) * N + n] = tree_sum16(a[m]);       \
+    }
+
+/* Columns n0..n0+15 for every row: row groups of 8, then 4, 2, 1 */
+#define CHUNK16(DEQ)                                                                    \
+    for (int64_t m0 = 0; m0 < M;) {                                                     \
+        const int64_t left = M - m0;                                                    \
+        const int mt = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;              \
+        for (int64_t n = n0; n < n0 + 16; n += 16 / mt) {                               \
+            if (mt == 8) TILE16(8, 2, 1, DEQ)                                           \
+            else if (mt == 4) TILE16(4, 4, 0, DEQ)                                      \
+            else if (mt == 2) TILE16(2, 8, 0, DEQ)                                      \
+            else TILE16(1, 16, 0, DEQ)                                                  \
+        }                                                                               \
+        m0 += mt;                                                                       \
     }
 
 /* group = 32 << shift (32, 64, 128, 256): the group of block b is b >> shift, no division */
-#define MATMUL(DEQ)                                                                     \
-    const int64_t nb = K / 32;                                                          \
+#define MATMUL(DEQ, BSTEP)                                                              \
+    const int64_t nb = K / 32, chunks = N / 16, bstep = (BSTEP);                        \
     int shift = 0;                                                                      \
     while ((32 << shift) < group) shift++;                                              \
     _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                  \
-    for (int64_t pair = 0; pair < (N + 1) / 2; pair++) {                                \
-        const int64_t n = 2 * pair;                                                     \
-        if (n + 1 < N) COLUMNS(2, DEQ)                                                  \
-        else COLUMNS(1, DEQ)                                                            \
+    for (int64_t i = 0; i < chunks + N % 16; i++) {                                     \
+        if (i < chunks) {                                                               \
+            const int64_t n0 = 16 * i;                                                  \
+            CHUNK16(DEQ)                                                                \
+        } else {                                                                        \
+            const int64_t n = 16 * chunks + (i - chunks);                               \
+            for (int64_t m0 = 0; m0 < M; m0 += TM) {                                    \
+                if (M - m0 >= TM) TILE1(TM, DEQ)                                        \
+                else TILE1(M - m0, DEQ)                                                 \
+            }                                                                           \
+        }                                                                               \
     }
 
 void flover_int4_mm(const float *x, int64_t M, int64_t K, const uint8_t *qs,
                     const uint16_t *scales, const uint16_t *mins, int64_t N, int64_t group,
                     float *y, int nthreads) {
 #define DEQ4(c, w0, w1) deq4(qs, scales, mins, K, shift, n + (c), b, w0, w1)
-    MATMUL(DEQ4)
+    MATMUL(DEQ4, 16)
 }
 
 void flover_int8_mm(const float *x, int64_t M, int64_t K, const int8_t *qs,
                     const uint16_t *scales, int64_t N, int64_t group, float *y, int nthreads) {
 #define DEQ8(c, w0, w1) deq8(qs, scales, K, shift, n + (c), b, w0, w1)
-    MATMUL(DEQ8)
+    MATMUL(DEQ8, 32)
 }

@@ -4,10 +4,11 @@ Why not PyTorch's own: `torch._weight_int8pack_mm` (per-channel scales only) and
 `torch._weight_int4pack_mm_for_cpu` (groups of 32..256) exist, but on the 2-core AVX-512 CPU
 we measure on they run 4-100x slower than the float32 oneDNN path at M=1 and M=8
 (docs/PERF.md, "Weight-only int8 / int4"), so quantizing through them would make decoding
-slower, not faster. The C file is ~120 lines of plain loops that the compiler vectorises for
-the host (-O3 -march=native); it is built with the system C compiler into the flover cache,
-keyed by its source, the compiler flags and the CPU.
-Without a compiler, `lib()` is None and QuantLinear uses its PyTorch reference instead.
+slower, not faster. The C file is ~180 lines of GCC vector code that the compiler turns into
+the host's instructions (-O3 -march=native); it is built with the system C compiler into the
+flover cache, keyed by its source, the compiler flags and the CPU (`build` and `load` serve
+fused_cpu.c too). Without a compiler, `lib()` is None and QuantLinear uses its PyTorch
+reference instead.
 """
 
 from __future__ import annotations
@@ -42,28 +43,41 @@ def _cpu_key() -> str:
     return platform.machine() + flags
 
 
-def build() -> Path | None:
-    """The compiled library's path, compiling it if needed; None without a working compiler."""
+def build(source: Path = SOURCE) -> Path | None:
+    """The compiled library of `source` (a C file beside this one), compiling it if needed;
+    None without a working compiler."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None
-    src = SOURCE.read_bytes()
+    src = source.read_bytes()
     key = hashlib.sha256(src + " ".join(FLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
-    out = _cache_dir() / f"quant_cpu-{key}.so"
+    out = _cache_dir() / f"{source.stem}-{key}.so"
     if out.is_file():
         return out
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp)], check=True,
+        subprocess.run([cc, *FLAGS, str(source), "-o", str(tmp), "-lm"], check=True,
                        capture_output=True, timeout=120)
         tmp.replace(out)
     except (OSError, subprocess.SubprocessError) as e:
-        log.warning("flover: cannot compile the CPU int4/int8 kernels (%s); using the slower "
-                    "PyTorch reference", e)
+        log.warning("flover: cannot compile %s (%s); using the slower PyTorch reference",
+                    source.name, e)
         tmp.unlink(missing_ok=True)
         return None
     return out
+
+
+def load(source: Path) -> ctypes.CDLL | None:
+    """`source` compiled and loaded, or None (no compiler, or a library that does not load)."""
+    path = build(source)
+    if path is None:
+        return None
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError as e:  # e.g. a cache shared with a machine of another CPU
+        log.warning("flover: cannot load %s (%s); using the slower PyTorch reference", path, e)
+        return None
 
 
 @cache
@@ -71,13 +85,8 @@ def lib() -> ctypes.CDLL | None:
     """The kernels, or None (no compiler, or FLOVER_NO_QUANT_KERNEL set)."""
     if os.environ.get("FLOVER_NO_QUANT_KERNEL"):
         return None
-    path = build()
-    if path is None:
-        return None
-    try:
-        so = ctypes.CDLL(str(path))
-    except OSError as e:  # e.g. a cache shared with a machine of another CPU
-        log.warning("flover: cannot load %s (%s); using the slower PyTorch reference", path, e)
+    so = load(SOURCE)
+    if so is None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     so.flover_int4_mm.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ctypes.c_int]
