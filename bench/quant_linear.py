@@ -22,7 +22,8 @@ import multiprocessing as mp
 
 import torch
 import torch.nn.functional as F
-from linear import copy_bandwidth, timed
+from decode_step import copy_bandwidth
+from linear import timed
 
 from flover.ops import quant
 from flover.ops.linear_triton import linear as triton_linear
@@ -34,20 +35,23 @@ PER_STEP = {"qkv": 32, "o": 32, "gate_up": 32, "down": 32, "head": 1}  # llama_7
 
 
 def sweep_configs() -> list[dict]:
-    out = [{"block_n": bn, "num_warps": w, "num_stages": s, "unroll": u, "dequant": "asm"}
-           for bn, w, s, u in itertools.product((32, 64, 128), (4, 8), (2, 3, 4), (2, 4))]
+    out = [{"block_n": bn, "block_k": bk, "split": sp, "prefetch": pf, "num_warps": w,
+            "num_stages": st} for bn, bk, sp, pf, w, st in itertools.product(
+                (32, 64), (128, 256, 512), (1, 4), (True, False), (4, 8), (2, 3))]
+    out += [{"block_n": 16, "block_k": bk, "split": sp, "num_stages": st}
+            for bk, sp, st in itertools.product((256, 512), (1, 4), (2, 3))]
     return out + [{"dequant": d} for d in ("bits", "float")]
 
 
 def _warm(cfgs: list[dict]) -> list[tuple[dict, str | None]]:
     """Compile each configuration (both bit widths, one and two row tiles); the error if any."""
     out = []
-    w = torch.randn(4096, 4096, device="cuda") * 0.02
-    packs = [quant.quantize(w, b) for b in (8, 4)]
+    packs = [quant.quantize(torch.randn(4096, k, device="cuda") * 0.02, b)
+             for b in (8, 4) for k in (4096, 11008)]
     for cfg in cfgs:
         try:
             for p, m in itertools.product(packs, (1, 32)):
-                x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
+                x = torch.randn(m, p.scales.shape[1] * 32, device="cuda", dtype=torch.float16)
                 quant_mm(x, p.qweight, p.scales, p.mins, p.bits, p.group, config=cfg)
             torch.cuda.synchronize()
             out.append((cfg, None))
@@ -56,7 +60,7 @@ def _warm(cfgs: list[dict]) -> list[tuple[dict, str | None]]:
     return out
 
 
-def compile_all(cfgs: list[dict], procs: int = 12) -> list[dict]:
+def compile_all(cfgs: list[dict], procs: int = 14) -> list[dict]:
     chunks = [cfgs[i::procs] for i in range(procs)]
     with mp.get_context("spawn").Pool(procs) as pool:
         results = [r for part in pool.map(_warm, chunks) for r in part]

@@ -171,12 +171,14 @@ def test_quant_mm_matches_dequantised_reference(bits, m, n, k, group):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("dequant", ["asm", "bits", "float"])
+@pytest.mark.parametrize("cfg", [{"dequant": "asm"}, {"dequant": "bits"}, {"dequant": "float"},
+                                 {"split": 2, "block_k": 64, "prefetch": False, "block_n": 16}])
 @pytest.mark.parametrize(("n", "k", "group"), [(40, 128, 32), (16, 256, 128)])
-def test_quant_mm_float16_matches_reference_and_rows_do_not_depend_on_m(bits, dequant, n, k, group):
-    """float16 activations, each way of dequantising (the interpreter runs "asm" as "bits"):
-    equal to F.linear on the dequantised matrix within float16 rounding, and a row bitwise the
-    same alone and at M = 3, 17 (two row tiles in one program) and 70 (two programs)."""
+def test_quant_mm_float16_matches_reference_and_rows_do_not_depend_on_m(bits, cfg, n, k, group):
+    """float16 activations, each way of dequantising (the interpreter runs "asm" as "bits"),
+    K split in two summed in order, steps of several blocks with the next prefetched: equal to
+    F.linear on the dequantised matrix within float16 rounding, and a row bitwise the same
+    alone and at M = 3, 17 (two row tiles in one program) and 70 (two programs)."""
     from flover.ops import quant
     from flover.ops.quant_triton import quant_mm
 
@@ -184,7 +186,6 @@ def test_quant_mm_float16_matches_reference_and_rows_do_not_depend_on_m(bits, de
     p = quant.quantize(torch.randn(n, k, generator=gen) * 0.05, bits, group)
     t = lambda a: None if a is None else a.to(DEVICE)  # noqa: E731
     w = (t(p.qweight), t(p.scales), t(p.mins), bits, group)
-    cfg = {"dequant": dequant}
     xs = torch.randn(70, k, generator=gen).half().to(DEVICE)
     ref = torch.nn.functional.linear(xs.float().cpu(), p.dequantize().half().float())
     ours = quant_mm(xs, *w, config=cfg)

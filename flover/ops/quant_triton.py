@@ -50,7 +50,7 @@ def _mma(w, xt, acc, IEEE: tl.constexpr):
 
 @triton.jit
 def _int8_weights(q, s, MODE: tl.constexpr, DT: tl.constexpr):
-    """int8 [BN, 32] and float16 scales [BN] -> q * s in DT."""
+    """int8 [BN, G, 32] and float16 scales [BN, G, 1] -> q * s in DT."""
     if MODE == 0:  # asm: 4 weights per call, bytes biased to unsigned, 0x64 prepended
         return tl.inline_asm_elementwise(
             """{
@@ -64,21 +64,22 @@ def _int8_weights(q, s, MODE: tl.constexpr, DT: tl.constexpr):
             mul.rn.f16x2 $0, a, $3;
             mul.rn.f16x2 $1, b, $4;
             }""",
-            "=r,=r,r,r,r", [q, tl.broadcast_to(s[:, None], q.shape)], dtype=tl.float16,
+            "=r,=r,r,r,r", [q, tl.broadcast_to(s, q.shape)], dtype=tl.float16,
             is_pure=True, pack=4)
     elif MODE == 1:  # bits: the same in plain Triton
         w = (q.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
-        return w * s[:, None]
+        return w * s
     else:
-        return (q.to(tl.float32) * s.to(tl.float32)[:, None]).to(DT)
+        return (q.to(tl.float32) * s.to(tl.float32)).to(DT)
 
 
 @triton.jit
 def _int4_weights(b, s, z, MODE: tl.constexpr, DT: tl.constexpr):
-    """uint8 [BN, 16] of one block, scales and mins [BN] -> (weights 0..15, weights 16..31)."""
+    """uint8 [BN, G, 16] (G blocks), scales and mins [BN, G, 1] -> (weights 0..15, weights
+    16..31 of each block)."""
     if MODE == 0:
-        sb = tl.broadcast_to(s[:, None], b.shape)
-        zb = tl.broadcast_to(z[:, None], b.shape)
+        sb = tl.broadcast_to(s, b.shape)
+        zb = tl.broadcast_to(z, b.shape)
         return tl.inline_asm_elementwise(
             """{
             .reg .b32 a0, a1, h0, h1, k;
@@ -105,57 +106,100 @@ def _int4_weights(b, s, z, MODE: tl.constexpr, DT: tl.constexpr):
     elif MODE == 1:
         lo = ((b & 15).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
         hi = ((b >> 4).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
-        return tl.fma(lo, s[:, None], z[:, None]), tl.fma(hi, s[:, None], z[:, None])
+        return tl.fma(lo, s, z), tl.fma(hi, s, z)
     else:
-        s32, z32 = s.to(tl.float32)[:, None], z.to(tl.float32)[:, None]
+        s32, z32 = s.to(tl.float32), z.to(tl.float32)
         return ((b & 15).to(tl.float32) * s32 + z32).to(DT), ((b >> 4).to(tl.float32) * s32 + z32).to(DT)
+
+
+@triton.jit
+def _load_step(Q, S, Z, rw, kb, K, ng, BITS: tl.constexpr, GROUP: tl.constexpr, G: tl.constexpr):
+    """The G blocks of 32 weights from kb on, rows rw: the packed bytes [BN, G, 32 or 16]
+    and the scales and mins [BN, G]."""
+    g = tl.arange(0, G)
+    gi = rw[:, None] * ng + ((kb + 32 * g) // GROUP)[None, :]
+    s = tl.load(S + gi)
+    if BITS == 8:
+        j = tl.arange(0, 32)
+        q = tl.load(Q + rw[:, None, None] * K + (kb + 32 * g)[None, :, None] + j[None, None, :])
+        z = s
+    else:
+        j = tl.arange(0, 16)
+        q = tl.load(Q + rw[:, None, None] * (K // 2) + (kb // 2 + 16 * g)[None, :, None]
+                    + j[None, None, :])
+        z = tl.load(Z + gi)
+    return q, s, z
+
+
+@triton.jit
+def _step(X, q, s, z, acc0, acc1, acc2, acc3, r0, kb, M, stride_xm,
+          BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr,
+          M_TILES: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr):
+    """Dequantise one step's tile and multiply it into each row tile's accumulator."""
+    DT = X.dtype.element_ty
+    if BITS == 8:
+        w = tl.reshape(_int8_weights(q, s[:, :, None], MODE, DT), (BLOCK_N, G * 32))
+        k = kb + tl.arange(0, G * 32)
+        acc0 = _mma(w, _x_cols(X, r0, k, M, stride_xm), acc0, IEEE)
+        if M_TILES > 1:
+            acc1 = _mma(w, _x_cols(X, r0 + BLOCK_M, k, M, stride_xm), acc1, IEEE)
+        if M_TILES > 2:
+            acc2 = _mma(w, _x_cols(X, r0 + 2 * BLOCK_M, k, M, stride_xm), acc2, IEEE)
+        if M_TILES > 3:
+            acc3 = _mma(w, _x_cols(X, r0 + 3 * BLOCK_M, k, M, stride_xm), acc3, IEEE)
+    else:
+        lo, hi = _int4_weights(q, s[:, :, None], z[:, :, None], MODE, DT)
+        lo = tl.reshape(lo, (BLOCK_N, G * 16))
+        hi = tl.reshape(hi, (BLOCK_N, G * 16))
+        i = tl.arange(0, G * 16)
+        k = kb + (i // 16) * 32 + i % 16  # byte i of the tile: weights k (low) and k + 16 (high)
+        acc0 = _mma(lo, _x_cols(X, r0, k, M, stride_xm), acc0, IEEE)
+        acc0 = _mma(hi, _x_cols(X, r0, k + 16, M, stride_xm), acc0, IEEE)
+        if M_TILES > 1:
+            acc1 = _mma(lo, _x_cols(X, r0 + BLOCK_M, k, M, stride_xm), acc1, IEEE)
+            acc1 = _mma(hi, _x_cols(X, r0 + BLOCK_M, k + 16, M, stride_xm), acc1, IEEE)
+        if M_TILES > 2:
+            acc2 = _mma(lo, _x_cols(X, r0 + 2 * BLOCK_M, k, M, stride_xm), acc2, IEEE)
+            acc2 = _mma(hi, _x_cols(X, r0 + 2 * BLOCK_M, k + 16, M, stride_xm), acc2, IEEE)
+        if M_TILES > 3:
+            acc3 = _mma(lo, _x_cols(X, r0 + 3 * BLOCK_M, k, M, stride_xm), acc3, IEEE)
+            acc3 = _mma(hi, _x_cols(X, r0 + 3 * BLOCK_M, k + 16, M, stride_xm), acc3, IEEE)
+    return acc0, acc1, acc2, acc3
 
 
 @triton.jit
 def _quant_mm_kernel(X, Q, S, Z, Y, M, N, K, stride_xm, stride_ym,
                      BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, M_TILES: tl.constexpr,
-                     MODE: tl.constexpr, IEEE: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+                     PREFETCH: tl.constexpr, M_TILES: tl.constexpr, MODE: tl.constexpr,
+                     IEEE: tl.constexpr):
+    """Program (row tiles, N tile, part of K): up to M_TILES x 16 rows, BLOCK_N outputs, the
+    K / SPLIT columns of its part in steps of BLOCK_K. SPLIT > 1 writes float32 partial sums
+    [SPLIT, M, N] for _sum_splits."""
+    G: tl.constexpr = BLOCK_K // 32
     r0 = tl.program_id(0) * (M_TILES * BLOCK_M) + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rw = rn % N  # rows past N read row (rn mod N), never stored: no masks on the weight loads
-    DT = X.dtype.element_ty
     ng = K // GROUP
+    part = K // SPLIT
+    k_lo = tl.program_id(2) * part
     acc0 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(0, K, 32 * UNROLL):
-        for u in tl.static_range(UNROLL):
-            kb = k0 + 32 * u  # one block of 32 weights per step, in order
-            s = tl.load(S + rw * ng + kb // GROUP)
-            if BITS == 8:
-                k = kb + tl.arange(0, 32)
-                w = _int8_weights(tl.load(Q + rw[:, None] * K + k[None, :]), s, MODE, DT)
-                acc0 = _mma(w, _x_cols(X, r0, k, M, stride_xm), acc0, IEEE)
-                if M_TILES > 1:
-                    acc1 = _mma(w, _x_cols(X, r0 + BLOCK_M, k, M, stride_xm), acc1, IEEE)
-                if M_TILES > 2:
-                    acc2 = _mma(w, _x_cols(X, r0 + 2 * BLOCK_M, k, M, stride_xm), acc2, IEEE)
-                if M_TILES > 3:
-                    acc3 = _mma(w, _x_cols(X, r0 + 3 * BLOCK_M, k, M, stride_xm), acc3, IEEE)
-            else:
-                j = tl.arange(0, 16)
-                b = tl.load(Q + rw[:, None] * (K // 2) + (kb // 2 + j)[None, :])
-                lo, hi = _int4_weights(b, s, tl.load(Z + rw * ng + kb // GROUP), MODE, DT)
-                acc0 = _mma(lo, _x_cols(X, r0, kb + j, M, stride_xm), acc0, IEEE)
-                acc0 = _mma(hi, _x_cols(X, r0, kb + 16 + j, M, stride_xm), acc0, IEEE)
-                if M_TILES > 1:
-                    acc1 = _mma(lo, _x_cols(X, r0 + BLOCK_M, kb + j, M, stride_xm), acc1, IEEE)
-                    acc1 = _mma(hi, _x_cols(X, r0 + BLOCK_M, kb + 16 + j, M, stride_xm), acc1, IEEE)
-                if M_TILES > 2:
-                    r2 = r0 + 2 * BLOCK_M
-                    acc2 = _mma(lo, _x_cols(X, r2, kb + j, M, stride_xm), acc2, IEEE)
-                    acc2 = _mma(hi, _x_cols(X, r2, kb + 16 + j, M, stride_xm), acc2, IEEE)
-                if M_TILES > 3:
-                    r3 = r0 + 3 * BLOCK_M
-                    acc3 = _mma(lo, _x_cols(X, r3, kb + j, M, stride_xm), acc3, IEEE)
-                    acc3 = _mma(hi, _x_cols(X, r3, kb + 16 + j, M, stride_xm), acc3, IEEE)
+    if PREFETCH:  # the next step's tile is read while this one is multiplied
+        q, s, z = _load_step(Q, S, Z, rw, k_lo, K, ng, BITS, GROUP, G)
+    for kb in range(k_lo, k_lo + part, BLOCK_K):
+        if PREFETCH:
+            qc, sc, zc = q, s, z
+            q, s, z = _load_step(Q, S, Z, rw, tl.minimum(kb + BLOCK_K, k_lo + part - BLOCK_K),
+                                 K, ng, BITS, GROUP, G)
+        else:
+            qc, sc, zc = _load_step(Q, S, Z, rw, kb, K, ng, BITS, GROUP, G)
+        acc0, acc1, acc2, acc3 = _step(X, qc, sc, zc, acc0, acc1, acc2, acc3, r0, kb, M,
+                                       stride_xm, BITS, BLOCK_M, BLOCK_N, G, M_TILES, MODE, IEEE)
+    if SPLIT > 1:
+        Y += tl.program_id(2) * M * N  # float32 partials, rows of N
     _store(Y, acc0, r0, rn, M, N, stride_ym)
     if M_TILES > 1:
         _store(Y, acc1, r0 + BLOCK_M, rn, M, N, stride_ym)
@@ -172,11 +216,21 @@ def _store(Y, acc, rm, rn, M, N, stride_ym):
              mask=(rm < M)[None, :] & (rn < N)[:, None])
 
 
+@triton.jit
+def _sum_splits(P, Y, M, N, stride_ym, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """y = P[0] + P[1] + ... in that order (float32), in y's dtype."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < M * N
+    acc = tl.load(P + i, mask=mask, other=0.0)
+    for j in tl.static_range(1, SPLIT):
+        acc += tl.load(P + j * M * N + i, mask=mask, other=0.0)
+    tl.store(Y + (i // N) * stride_ym + i % N, acc.to(Y.dtype.element_ty), mask=mask)
+
+
 def default_config(n: int, k: int) -> dict:
     """Launch parameters from the shape alone, never from M (that is the invariance)."""
-    blocks = k // 32
-    return {"block_n": 64, "unroll": next(u for u in (4, 2, 1) if blocks % u == 0),
-            "num_warps": 4, "num_stages": 3, "max_m_tiles": 4, "dequant": "asm"}
+    return {"block_n": 64, "block_k": 256, "split": 1, "prefetch": True, "num_warps": 4,
+            "num_stages": 2, "max_m_tiles": 4, "dequant": "asm"}
 
 
 def _interpreted() -> bool:
@@ -199,11 +253,20 @@ def quant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         mode = 2  # the float16 tricks make float16 weights
     elif mode == 0 and _interpreted():
         mode = 1  # the interpreter runs no inline assembly; "bits" is the same arithmetic
+    split, block_k = cfg["split"], cfg["block_k"]
+    while k % (32 * split):  # K fixes both (never M): each part a whole number of steps
+        split //= 2
+    while (k // split) % block_k:
+        block_k //= 2
     m_tiles = min(cfg["max_m_tiles"], triton.cdiv(m, BLOCK_M))
-    grid = (triton.cdiv(m, BLOCK_M * m_tiles), triton.cdiv(n, cfg["block_n"]))
-    _quant_mm_kernel[grid](x, qweight, scales, scales if mins is None else mins, y, m, n, k,
-                           x.stride(0), y.stride(0), BITS=bits, GROUP=group, BLOCK_M=BLOCK_M,
-                           BLOCK_N=cfg["block_n"], UNROLL=cfg["unroll"], M_TILES=m_tiles,
-                           MODE=mode, IEEE=x.dtype == torch.float32,
-                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    grid = (triton.cdiv(m, BLOCK_M * m_tiles), triton.cdiv(n, cfg["block_n"]), split)
+    out = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    _quant_mm_kernel[grid](x, qweight, scales, scales if mins is None else mins, out, m, n, k,
+                           x.stride(0), y.stride(0) if split == 1 else n, BITS=bits, GROUP=group,
+                           BLOCK_M=BLOCK_M, BLOCK_N=cfg["block_n"], BLOCK_K=block_k, SPLIT=split,
+                           PREFETCH=cfg["prefetch"], M_TILES=m_tiles, MODE=mode,
+                           IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"],
+                           num_stages=cfg["num_stages"])
+    if split > 1:
+        _sum_splits[(triton.cdiv(m * n, 1024),)](out, y, m, n, y.stride(0), SPLIT=split, BLOCK=1024)
     return y
