@@ -172,7 +172,8 @@ def test_quant_mm_matches_dequantised_reference(bits, m, n, k, group):
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("cfg", [{"dequant": "asm"}, {"dequant": "bits"}, {"dequant": "float"},
-                                 {"split": 2, "block_k": 64, "prefetch": False, "block_n": 16}])
+                                 {"split": 2, "block_k": 64, "prefetch": 0, "block_n": 16},
+                                 {"split": 1, "block_k": 32, "prefetch": 3}])
 @pytest.mark.parametrize(("n", "k", "group"), [(40, 128, 32), (16, 256, 128)])
 def test_quant_mm_float16_matches_reference_and_rows_do_not_depend_on_m(bits, cfg, n, k, group):
     """float16 activations, each way of dequantising (the interpreter runs "asm" as "bits"),

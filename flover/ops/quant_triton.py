@@ -187,15 +187,33 @@ def _quant_mm_kernel(X, Q, S, Z, Y, M, N, K, stride_xm, stride_ym,
     acc1 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    if PREFETCH:  # the next step's tile is read while this one is multiplied
-        q, s, z = _load_step(Q, S, Z, rw, k_lo, K, ng, BITS, GROUP, G)
+    last = k_lo + part - BLOCK_K
+    # PREFETCH steps ahead are in flight (registers) while a step is multiplied: the packed
+    # tiles are small, and Triton does not pipeline loads that feed elementwise code
+    if PREFETCH >= 1:
+        q1, s1, z1 = _load_step(Q, S, Z, rw, k_lo, K, ng, BITS, GROUP, G)
+    if PREFETCH >= 2:
+        q2, s2, z2 = _load_step(Q, S, Z, rw, tl.minimum(k_lo + BLOCK_K, last), K, ng, BITS, GROUP, G)
+    if PREFETCH >= 3:
+        q3, s3, z3 = _load_step(Q, S, Z, rw, tl.minimum(k_lo + 2 * BLOCK_K, last), K, ng, BITS,
+                                GROUP, G)
     for kb in range(k_lo, k_lo + part, BLOCK_K):
-        if PREFETCH:
-            qc, sc, zc = q, s, z
-            q, s, z = _load_step(Q, S, Z, rw, tl.minimum(kb + BLOCK_K, k_lo + part - BLOCK_K),
-                                 K, ng, BITS, GROUP, G)
-        else:
+        if PREFETCH == 0:
             qc, sc, zc = _load_step(Q, S, Z, rw, kb, K, ng, BITS, GROUP, G)
+        else:
+            qc, sc, zc = q1, s1, z1
+            if PREFETCH == 1:
+                q1, s1, z1 = _load_step(Q, S, Z, rw, tl.minimum(kb + BLOCK_K, last), K, ng, BITS,
+                                        GROUP, G)
+            elif PREFETCH == 2:
+                q1, s1, z1 = q2, s2, z2
+                q2, s2, z2 = _load_step(Q, S, Z, rw, tl.minimum(kb + 2 * BLOCK_K, last), K, ng,
+                                        BITS, GROUP, G)
+            else:
+                q1, s1, z1 = q2, s2, z2
+                q2, s2, z2 = q3, s3, z3
+                q3, s3, z3 = _load_step(Q, S, Z, rw, tl.minimum(kb + 3 * BLOCK_K, last), K, ng,
+                                        BITS, GROUP, G)
         acc0, acc1, acc2, acc3 = _step(X, qc, sc, zc, acc0, acc1, acc2, acc3, r0, kb, M,
                                        stride_xm, BITS, BLOCK_M, BLOCK_N, G, M_TILES, MODE, IEEE)
     if SPLIT > 1:
@@ -227,9 +245,15 @@ def _sum_splits(P, Y, M, N, stride_ym, SPLIT: tl.constexpr, BLOCK: tl.constexpr)
     tl.store(Y + (i // N) * stride_ym + i % N, acc.to(Y.dtype.element_ty), mask=mask)
 
 
-def default_config(n: int, k: int) -> dict:
-    """Launch parameters from the shape alone, never from M (that is the invariance)."""
-    return {"block_n": 64, "block_k": 256, "split": 1, "prefetch": True, "num_warps": 4,
+def default_config(n: int, k: int, bits: int = 8) -> dict:
+    """Launch parameters from the shape and bit width alone, never from M (that is the
+    invariance). Picked on an H200 by `bench/quant_linear.py --sweep` (docs/perf/issue-23.md):
+    K is split in four wherever that leaves few output tiles (N <= 8192, so 256 programs for
+    LLaMA-7B's o and down) and for int4; `prefetch` is how many steps are read ahead."""
+    if bits == 8:
+        return {"block_n": 64, "block_k": 128, "split": 4 if n <= 8192 else 1, "prefetch": 1,
+                "num_warps": 4, "num_stages": 3, "max_m_tiles": 4, "dequant": "asm"}
+    return {"block_n": 64, "block_k": 512, "split": 4, "prefetch": 0, "num_warps": 4,
             "num_stages": 2, "max_m_tiles": 4, "dequant": "asm"}
 
 
@@ -247,7 +271,7 @@ def quant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    cfg = default_config(n, k) | (config or {})
+    cfg = default_config(n, k, bits) | (config or {})
     mode = DEQUANT.index(cfg["dequant"])
     if x.dtype != torch.float16:
         mode = 2  # the float16 tricks make float16 weights
@@ -264,7 +288,7 @@ def quant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     _quant_mm_kernel[grid](x, qweight, scales, scales if mins is None else mins, out, m, n, k,
                            x.stride(0), y.stride(0) if split == 1 else n, BITS=bits, GROUP=group,
                            BLOCK_M=BLOCK_M, BLOCK_N=cfg["block_n"], BLOCK_K=block_k, SPLIT=split,
-                           PREFETCH=cfg["prefetch"], M_TILES=m_tiles, MODE=mode,
+                           PREFETCH=int(cfg["prefetch"]), M_TILES=m_tiles, MODE=mode,
                            IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"],
                            num_stages=cfg["num_stages"])
     if split > 1:
