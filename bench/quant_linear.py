@@ -35,10 +35,10 @@ PER_STEP = {"qkv": 32, "o": 32, "gate_up": 32, "down": 32, "head": 1}  # llama_7
 
 
 def sweep_configs() -> list[dict]:
-    """Steps read ahead (prefetch) against K split and the step's depth, 64 output rows."""
-    return [{"block_n": 64, "block_k": bk, "split": sp, "prefetch": pf, "num_warps": 4,
-             "num_stages": st} for bk, sp, pf, st in itertools.product(
-                 (128, 256), (1, 4, 8), (0, 1, 2, 3), (2, 3))]
+    """Operand order against K split, steps read ahead, the step's depth and BLOCK_N."""
+    return [{"swap": sw, "block_n": bn, "block_k": bk, "split": sp, "prefetch": pf, "num_warps": 4,
+             "num_stages": 2} for sw, bn, bk, sp, pf in itertools.product(
+                 (True, False), (32, 64), (128, 256), (1, 4, 8), (0, 1))]
 
 
 def _warm(cfgs: list[dict]) -> list[tuple[dict, str | None]]:
@@ -148,7 +148,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--shapes", default=",".join(SHAPES))
-    ap.add_argument("--sweep-shapes", default="o,gate_up,down")
+    ap.add_argument("--sweep-shapes", default=",".join(SHAPES))
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--old", default=None, help="path of another quant_triton.py to time too")
     ap.add_argument("--out", default="quant_linear.json")
