@@ -35,10 +35,10 @@ PER_STEP = {"qkv": 32, "o": 32, "gate_up": 32, "down": 32, "head": 1}  # llama_7
 
 
 def sweep_configs() -> list[dict]:
-    """Operand order against K split, steps read ahead, the step's depth and BLOCK_N."""
-    return [{"swap": sw, "block_n": bn, "block_k": bk, "split": sp, "prefetch": pf, "num_warps": 4,
-             "num_stages": 2} for sw, bn, bk, sp, pf in itertools.product(
-                 (True, False), (32, 64), (128, 256), (1, 4, 8), (0, 1))]
+    """K split against steps read ahead, the step's depth and BLOCK_N."""
+    return [{"block_n": bn, "block_k": bk, "split": sp, "prefetch": pf, "num_warps": 4,
+             "num_stages": 2} for bn, bk, sp, pf in itertools.product(
+                 (32, 64), (128, 256, 512), (1, 4, 8), (0, 1, 2))]
 
 
 def _warm(cfgs: list[dict]) -> list[tuple[dict, str | None]]:

@@ -5,21 +5,27 @@ group of 32 or more), read as it is. The reference is `F.linear(x, dequantize(W)
 with float32 sums.
 
 The product is computed transposed, y^T = W x^T: the dequantised weight tile is the MMA's
-left operand (BLOCK_N rows of W) and the activations its right one (16 rows of x), so decode's
-few rows fill the narrow side of the instruction and the weights go from registers into it.
-A step of K is one block of 32 weights: its scale (and min) is one number per row of W, so
-the dequantisation is a broadcast, not a gather; an int4 block's bytes hold weights j (low
-nibble) and j + 16 (high), which are two products of K = 16 against x's columns j and j + 16.
+left operand (BLOCK_N rows of W) and the activations its right one (16 rows of x). A step of
+K is BLOCK_K / 32 blocks of 32 weights, loaded as one [BLOCK_N, blocks, 32] tile, so that a
+block's scale (and min) is a broadcast over the last axis, not a gather; an int4 block's bytes
+hold weights j (low nibble) and j + 16 (high), which are two products against x's columns j
+and j + 16. `prefetch` steps are read ahead into registers (Triton does not pipeline loads
+that feed elementwise code), and K may be split into SPLIT parts (programs) whose float32
+partial sums a second kernel adds in order: LLaMA-7B's o and down have only 64 tiles of 64
+outputs for 132 multiprocessors.
 
-Batch invariance: a program walks the whole of K in blocks, in order, into one float32
-accumulator per 16 rows of x (no split-K); BLOCK_N, UNROLL, warps and stages come from N and K
-alone. A program takes up to four 16-row tiles of x (M_TILES, from M), each its own
-accumulator fed by the same dequantised weights, so a row's arithmetic never depends on M.
+Batch invariance: the split, the tile sizes, the read-ahead, warps and stages come from N, K
+and the bit width alone; each part walks its K range in order into one float32 accumulator
+per 16 rows of x, and the parts are summed in a fixed order. A program takes up to four
+16-row tiles of x (M_TILES, from M), each its own accumulator fed by the same dequantised
+weights, so a row's arithmetic never depends on M.
 
 Dequantisation for float16 activations ("asm"): the magic-number trick of FasterTransformer
 and Marlin, 0x6400 | q is the float16 1024 + q, so a byte becomes a weight in a few bit
-operations and one packed float16 fma for two weights, instead of int -> float conversions
-(a quarter-rate instruction). "bits" is the same trick in plain Triton (the interpreter runs
+operations and one packed float16 fma per two weights, instead of int -> float conversions
+(a quarter-rate instruction). int8 weights come out bitwise as the reference's (q * s is exact
+in float32, then rounded once); int4's fma rounds q * s + m once where the reference rounds
+twice (float32, then float16). "bits" is the same trick in plain Triton (the interpreter runs
 it; it has no inline assembly); "float" goes through float32 (bfloat16, float32 activations).
 """
 
@@ -36,18 +42,13 @@ DEQUANT = ("asm", "bits", "float")
 
 
 @triton.jit
-def _mul(w, X, rm, k, M, stride_xm, acc, IEEE: tl.constexpr, SWAP: tl.constexpr):
-    """acc + w [BN, len(k)] times x's columns k of rows rm (zero past M): y^T [BN, 16] with
-    the weights as the MMA's left operand (SWAP), else y [16, BN]."""
-    if SWAP:
-        a = w
-        b = tl.load(X + rm[None, :] * stride_xm + k[:, None], mask=(rm < M)[None, :], other=0.0)
-    else:
-        a = tl.load(X + rm[:, None] * stride_xm + k[None, :], mask=(rm < M)[:, None], other=0.0)
-        b = tl.trans(w)
+def _mul(w, X, rm, k, M, stride_xm, acc, IEEE: tl.constexpr):
+    """acc [BN, 16] + w [BN, len(k)] times x's columns k of rows rm (zero past M): y^T, the
+    weights as the MMA's left operand."""
+    xt = tl.load(X + rm[None, :] * stride_xm + k[:, None], mask=(rm < M)[None, :], other=0.0)
     if IEEE:  # float32 activations: full-precision products
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
+        return tl.dot(w, xt, acc, input_precision="ieee")
+    return tl.dot(w, xt, acc)
 
 
 @triton.jit
@@ -136,36 +137,36 @@ def _load_step(Q, S, Z, rw, kb, K, ng, BITS: tl.constexpr, GROUP: tl.constexpr, 
 @triton.jit
 def _step(X, q, s, z, acc0, acc1, acc2, acc3, r0, kb, M, stride_xm,
           BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr,
-          M_TILES: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr, SWAP: tl.constexpr):
+          M_TILES: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr):
     """Dequantise one step's tile and multiply it into each row tile's accumulator."""
     DT = X.dtype.element_ty
     if BITS == 8:
         w = tl.reshape(_int8_weights(q, s[:, :, None], MODE, DT), (BLOCK_N, G * 32))
         k = kb + tl.arange(0, G * 32)
-        acc0 = _mul(w, X, r0, k, M, stride_xm, acc0, IEEE, SWAP)
+        acc0 = _mul(w, X, r0, k, M, stride_xm, acc0, IEEE)
         if M_TILES > 1:
-            acc1 = _mul(w, X, r0 + BLOCK_M, k, M, stride_xm, acc1, IEEE, SWAP)
+            acc1 = _mul(w, X, r0 + BLOCK_M, k, M, stride_xm, acc1, IEEE)
         if M_TILES > 2:
-            acc2 = _mul(w, X, r0 + 2 * BLOCK_M, k, M, stride_xm, acc2, IEEE, SWAP)
+            acc2 = _mul(w, X, r0 + 2 * BLOCK_M, k, M, stride_xm, acc2, IEEE)
         if M_TILES > 3:
-            acc3 = _mul(w, X, r0 + 3 * BLOCK_M, k, M, stride_xm, acc3, IEEE, SWAP)
+            acc3 = _mul(w, X, r0 + 3 * BLOCK_M, k, M, stride_xm, acc3, IEEE)
     else:
         lo, hi = _int4_weights(q, s[:, :, None], z[:, :, None], MODE, DT)
         lo = tl.reshape(lo, (BLOCK_N, G * 16))
         hi = tl.reshape(hi, (BLOCK_N, G * 16))
         i = tl.arange(0, G * 16)
         k = kb + (i // 16) * 32 + i % 16  # byte i of the tile: weights k (low) and k + 16 (high)
-        acc0 = _mul(lo, X, r0, k, M, stride_xm, acc0, IEEE, SWAP)
-        acc0 = _mul(hi, X, r0, k + 16, M, stride_xm, acc0, IEEE, SWAP)
+        acc0 = _mul(lo, X, r0, k, M, stride_xm, acc0, IEEE)
+        acc0 = _mul(hi, X, r0, k + 16, M, stride_xm, acc0, IEEE)
         if M_TILES > 1:
-            acc1 = _mul(lo, X, r0 + BLOCK_M, k, M, stride_xm, acc1, IEEE, SWAP)
-            acc1 = _mul(hi, X, r0 + BLOCK_M, k + 16, M, stride_xm, acc1, IEEE, SWAP)
+            acc1 = _mul(lo, X, r0 + BLOCK_M, k, M, stride_xm, acc1, IEEE)
+            acc1 = _mul(hi, X, r0 + BLOCK_M, k + 16, M, stride_xm, acc1, IEEE)
         if M_TILES > 2:
-            acc2 = _mul(lo, X, r0 + 2 * BLOCK_M, k, M, stride_xm, acc2, IEEE, SWAP)
-            acc2 = _mul(hi, X, r0 + 2 * BLOCK_M, k + 16, M, stride_xm, acc2, IEEE, SWAP)
+            acc2 = _mul(lo, X, r0 + 2 * BLOCK_M, k, M, stride_xm, acc2, IEEE)
+            acc2 = _mul(hi, X, r0 + 2 * BLOCK_M, k + 16, M, stride_xm, acc2, IEEE)
         if M_TILES > 3:
-            acc3 = _mul(lo, X, r0 + 3 * BLOCK_M, k, M, stride_xm, acc3, IEEE, SWAP)
-            acc3 = _mul(hi, X, r0 + 3 * BLOCK_M, k + 16, M, stride_xm, acc3, IEEE, SWAP)
+            acc3 = _mul(lo, X, r0 + 3 * BLOCK_M, k, M, stride_xm, acc3, IEEE)
+            acc3 = _mul(hi, X, r0 + 3 * BLOCK_M, k + 16, M, stride_xm, acc3, IEEE)
     return acc0, acc1, acc2, acc3
 
 
@@ -174,7 +175,7 @@ def _quant_mm_kernel(X, Q, S, Z, Y, M, N, K, stride_xm, stride_ym,
                      BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
                      PREFETCH: tl.constexpr, M_TILES: tl.constexpr, MODE: tl.constexpr,
-                     IEEE: tl.constexpr, SWAP: tl.constexpr):
+                     IEEE: tl.constexpr):
     """Program (row tiles, N tile, part of K): up to M_TILES x 16 rows, BLOCK_N outputs, the
     K / SPLIT columns of its part in steps of BLOCK_K. SPLIT > 1 writes float32 partial sums
     [SPLIT, M, N] for _sum_splits."""
@@ -185,10 +186,7 @@ def _quant_mm_kernel(X, Q, S, Z, Y, M, N, K, stride_xm, stride_ym,
     ng = K // GROUP
     part = K // SPLIT
     k_lo = tl.program_id(2) * part
-    if SWAP:
-        acc0 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T
     acc1, acc2, acc3 = acc0, acc0, acc0
     last = k_lo + part - BLOCK_K
     # PREFETCH steps ahead are in flight (registers) while a step is multiplied: the packed
@@ -218,27 +216,23 @@ def _quant_mm_kernel(X, Q, S, Z, Y, M, N, K, stride_xm, stride_ym,
                 q3, s3, z3 = _load_step(Q, S, Z, rw, tl.minimum(kb + 3 * BLOCK_K, last), K, ng,
                                         BITS, GROUP, G)
         acc0, acc1, acc2, acc3 = _step(X, qc, sc, zc, acc0, acc1, acc2, acc3, r0, kb, M,
-                                       stride_xm, BITS, BLOCK_M, BLOCK_N, G, M_TILES, MODE, IEEE, SWAP)
+                                       stride_xm, BITS, BLOCK_M, BLOCK_N, G, M_TILES, MODE, IEEE)
     if SPLIT > 1:
         Y += tl.program_id(2) * M * N  # float32 partials, rows of N
-    _store(Y, acc0, r0, rn, M, N, stride_ym, SWAP)
+    _store(Y, acc0, r0, rn, M, N, stride_ym)
     if M_TILES > 1:
-        _store(Y, acc1, r0 + BLOCK_M, rn, M, N, stride_ym, SWAP)
+        _store(Y, acc1, r0 + BLOCK_M, rn, M, N, stride_ym)
     if M_TILES > 2:
-        _store(Y, acc2, r0 + 2 * BLOCK_M, rn, M, N, stride_ym, SWAP)
+        _store(Y, acc2, r0 + 2 * BLOCK_M, rn, M, N, stride_ym)
     if M_TILES > 3:
-        _store(Y, acc3, r0 + 3 * BLOCK_M, rn, M, N, stride_ym, SWAP)
+        _store(Y, acc3, r0 + 3 * BLOCK_M, rn, M, N, stride_ym)
 
 
 @triton.jit
-def _store(Y, acc, rm, rn, M, N, stride_ym, SWAP: tl.constexpr):
-    """acc is y^T [BLOCK_N, BLOCK_M] (SWAP) or y [BLOCK_M, BLOCK_N]."""
-    if SWAP:
-        tl.store(Y + rm[None, :] * stride_ym + rn[:, None], acc.to(Y.dtype.element_ty),
-                 mask=(rm < M)[None, :] & (rn < N)[:, None])
-    else:
-        tl.store(Y + rm[:, None] * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty),
-                 mask=(rm < M)[:, None] & (rn < N)[None, :])
+def _store(Y, acc, rm, rn, M, N, stride_ym):
+    """acc is y^T [BLOCK_N, BLOCK_M]."""
+    tl.store(Y + rm[None, :] * stride_ym + rn[:, None], acc.to(Y.dtype.element_ty),
+             mask=(rm < M)[None, :] & (rn < N)[:, None])
 
 
 @triton.jit
@@ -259,9 +253,9 @@ def default_config(n: int, k: int, bits: int = 8) -> dict:
     LLaMA-7B's o and down) and for int4; `prefetch` is how many steps are read ahead."""
     if bits == 8:
         return {"block_n": 64, "block_k": 128, "split": 4 if n <= 8192 else 1, "prefetch": 1,
-                "num_warps": 4, "num_stages": 3, "max_m_tiles": 4, "dequant": "asm", "swap": True}
-    return {"block_n": 64, "block_k": 256, "split": 4, "prefetch": 0, "num_warps": 4,
-            "num_stages": 2, "max_m_tiles": 4, "dequant": "asm", "swap": True}
+                "num_warps": 4, "num_stages": 3, "max_m_tiles": 4, "dequant": "asm"}
+    return {"block_n": 64, "block_k": 512, "split": 4, "prefetch": 0, "num_warps": 4,
+            "num_stages": 2, "max_m_tiles": 4, "dequant": "asm"}
 
 
 def _interpreted() -> bool:
@@ -296,7 +290,7 @@ def quant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                            x.stride(0), y.stride(0) if split == 1 else n, BITS=bits, GROUP=group,
                            BLOCK_M=BLOCK_M, BLOCK_N=cfg["block_n"], BLOCK_K=block_k, SPLIT=split,
                            PREFETCH=int(cfg["prefetch"]), M_TILES=m_tiles, MODE=mode,
-                           IEEE=x.dtype == torch.float32, SWAP=cfg["swap"], num_warps=cfg["num_warps"],
+                           IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"],
                            num_stages=cfg["num_stages"])
     if split > 1:
         _sum_splits[(triton.cdiv(m * n, 1024),)](out, y, m, n, y.stride(0), SPLIT=split, BLOCK=1024)
