@@ -249,10 +249,10 @@ def _sum_splits(P, Y, M, N, stride_ym, SPLIT: tl.constexpr, BLOCK: tl.constexpr)
 def default_config(n: int, k: int, bits: int = 8) -> dict:
     """Launch parameters from the shape and bit width alone, never from M (that is the
     invariance). Picked on an H200 by `bench/quant_linear.py --sweep` (docs/perf/issue-23.md):
-    K is split in four wherever that leaves few output tiles (N <= 8192, so 256 programs for
-    LLaMA-7B's o and down) and for int4; `prefetch` is how many steps are read ahead."""
+    K is split in four for int4, and for int8 wherever there are at most 192 tiles of 64
+    outputs (LLaMA-7B's qkv, o and down); `prefetch` is how many steps are read ahead."""
     if bits == 8:
-        return {"block_n": 64, "block_k": 128, "split": 4 if n <= 8192 else 1, "prefetch": 1,
+        return {"block_n": 64, "block_k": 128, "split": 4 if n <= 192 * 64 else 1, "prefetch": 1,
                 "num_warps": 4, "num_stages": 3, "max_m_tiles": 4, "dequant": "asm"}
     return {"block_n": 64, "block_k": 512, "split": 4, "prefetch": 0, "num_warps": 4,
             "num_stages": 2, "max_m_tiles": 4, "dequant": "asm"}
