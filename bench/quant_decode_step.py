@@ -22,7 +22,7 @@ from flover.engine.kv_cache import SlotCache
 from flover.engine.runner import ModelRunner
 from flover.models.layers import init_random
 from flover.models.presets import preset
-from flover.ops import quant
+from flover.ops import quant, quant_triton
 from flover.ops.quant_triton import quant_mm
 from flover.weights import allocate, quantize_model
 
@@ -48,8 +48,14 @@ def main() -> None:
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--weights", default="fp16,int8,int4")
+    ap.add_argument("--config", default=None,
+                    help="JSON merged into quant_triton.default_config (both bit widths)")
     ap.add_argument("--out", default="quant_decode_step.json")
     args = ap.parse_args()
+    if args.config:
+        base, extra = quant_triton.default_config, json.loads(args.config)
+        quant_triton.default_config = lambda n, k, bits=8: base(n, k, bits) | extra
     batches = [int(b) for b in args.batches.split(",")]
     bw = copy_bandwidth()
     card = torch.cuda.get_device_name()
@@ -57,7 +63,7 @@ def main() -> None:
     errs = check_kernel(cfg.intermediate_size, cfg.hidden_size, torch.float16)
     print(f"{card}: copy {bw / 1e12:.3f} TB/s; kernel vs reference (max rel err): {errs}", flush=True)
     rows = []
-    for quantization in ("fp16", "int8", "int4"):
+    for quantization in args.weights.split(","):
         model = allocate(cfg, DTYPES["fp16"], torch.device("cuda"))
         init_random(model, seed=0)
         if quantization != "fp16":
@@ -85,13 +91,13 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump({"card": card, "date": datetime.date.today().isoformat(), "model": args.model,
                    "context": args.context, "torch": torch.__version__, "copy_bandwidth_Bps": bw,
-                   "kernel_rel_err": errs, "rows": rows}, f, indent=1)
+                   "kernel_rel_err": errs, "config": args.config, "rows": rows}, f, indent=1)
     fp16 = {r["batch"]: r["step_ms"] for r in rows if r["weights"] == "fp16"}
     print(f"\n{card}, {args.model}, context {args.context}, copy {bw / 1e12:.3f} TB/s")
     print(f"{'weights':>7} {'B':>3} {'step ms':>8} {'floor ms':>8} {'x floor':>7} {'vs fp16':>7}")
     for r in rows:
         print(f"{r['weights']:>7} {r['batch']:>3} {r['step_ms']:8.3f} {r['floor_ms']:8.3f} "
-              f"{r['over_floor']:7.2f} {fp16[r['batch']] / r['step_ms']:6.2f}x")
+              f"{r['over_floor']:7.2f} {fp16.get(r['batch'], float('nan')) / r['step_ms']:6.2f}x")
 
 
 if __name__ == "__main__":

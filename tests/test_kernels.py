@@ -168,3 +168,33 @@ def test_quant_mm_matches_dequantised_reference(bits, m, n, k, group):
     # a row's result does not depend on the other rows
     one = quant_mm(x[-1:].to(DEVICE), t(p.qweight), t(p.scales), t(p.mins), bits, group)
     assert torch.equal(one.cpu(), ours[-1:].cpu())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("cfg", [{"dequant": "asm"}, {"dequant": "bits"}, {"dequant": "float"},
+                                 {"split": 2, "block_k": 64, "prefetch": 0, "block_n": 16},
+                                 {"split": 1, "block_k": 32, "prefetch": 3}])
+@pytest.mark.parametrize(("n", "k", "group"), [(40, 128, 32), (16, 256, 128)])
+def test_quant_mm_float16_matches_reference_and_rows_do_not_depend_on_m(bits, cfg, n, k, group):
+    """float16 activations, each way of dequantising (the interpreter runs "asm" as "bits"),
+    K split in two summed in order, steps of several blocks read ahead: equal to
+    F.linear on the dequantised matrix within float16 rounding, and a row bitwise the same
+    alone and at M = 3, 17 (two row tiles in one program) and 70 (two programs)."""
+    from flover.ops import quant
+    from flover.ops.quant_triton import quant_mm
+
+    gen = torch.Generator().manual_seed(bits * 100 + k + n)
+    p = quant.quantize(torch.randn(n, k, generator=gen) * 0.05, bits, group)
+    t = lambda a: None if a is None else a.to(DEVICE)  # noqa: E731
+    w = (t(p.qweight), t(p.scales), t(p.mins), bits, group)
+    xs = torch.randn(70, k, generator=gen).half().to(DEVICE)
+    ref = torch.nn.functional.linear(xs.float().cpu(), p.dequantize().half().float())
+    ours = quant_mm(xs, *w, config=cfg)
+    assert ours.dtype == torch.float16
+    torch.testing.assert_close(ours.cpu().float(), ref, rtol=2e-3, atol=2e-3)
+    row = xs[5:6]
+    alone = quant_mm(row, *w, config=cfg)
+    for m in (3, 17, 70):
+        x = xs[:m].clone()
+        x[m // 2] = row[0]
+        assert torch.equal(quant_mm(x, *w, config=cfg)[m // 2], alone[0]), m

@@ -1,79 +1,297 @@
 """Triton int4 / int8 weight-only products for small M (decode), dequantisation fused.
 
 Layout: flover/ops/quant.py (llama.cpp's blocks of 32; float16 scale, and min for int4, per
-group of 32). The reference is `F.linear(x, dequantize(W).to(x.dtype))` with float32 sums.
+group of 32 or more), read as it is. The reference is `F.linear(x, dequantize(W).to(x.dtype))`
+with float32 sums.
 
-A program computes a BLOCK_M x BLOCK_N tile of y over the whole of K, in BLOCK_K steps in
-order: no split-K, and the tile sizes depend on N and K only, so a row's reduction order does
-not depend on how many rows run (the batch-invariance rule). An int4 tile is unpacked as
-bytes -> (low, high) pairs, i.e. weights in the order 0, 16, 1, 17, ... of each block; the
-activations are loaded in that same order instead of shuffling the weights.
+The product is computed transposed, y^T = W x^T: the dequantised weight tile is the MMA's
+left operand (BLOCK_N rows of W) and the activations its right one (16 rows of x). A step of
+K is BLOCK_K / 32 blocks of 32 weights, loaded as one [BLOCK_N, blocks, 32] tile, so that a
+block's scale (and min) is a broadcast over the last axis, not a gather; an int4 block's bytes
+hold weights j (low nibble) and j + 16 (high), which are two products against x's columns j
+and j + 16. `prefetch` steps are read ahead into registers (Triton does not pipeline loads
+that feed elementwise code), and K may be split into SPLIT parts (programs) whose float32
+partial sums a second kernel adds in order: LLaMA-7B's o and down have only 64 tiles of 64
+outputs for 132 multiprocessors.
+
+Batch invariance: the split, the tile sizes, the read-ahead, warps and stages come from N, K
+and the bit width alone; each part walks its K range in order into one float32 accumulator
+per 16 rows of x, and the parts are summed in a fixed order. A program takes up to four
+16-row tiles of x (M_TILES, from M), each its own accumulator fed by the same dequantised
+weights, so a row's arithmetic never depends on M.
+
+Dequantisation for float16 activations ("asm"): the magic-number trick of FasterTransformer
+and Marlin, 0x6400 | q is the float16 1024 + q, so a byte becomes a weight in a few bit
+operations and one packed float16 fma per two weights, instead of int -> float conversions
+(a quarter-rate instruction). int8 weights come out bitwise as the reference's (q * s is exact
+in float32, then rounded once); int4's fma rounds q * s + m once where the reference rounds
+twice (float32, then float16). "bits" is the same trick in plain Triton (the interpreter runs
+it; it has no inline assembly); "float" goes through float32 (bfloat16, float32 activations).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 BLOCK_M = 16
+DEQUANT = ("asm", "bits", "float")
+
+
+@triton.jit
+def _mul(w, X, rm, k, M, stride_xm, acc, IEEE: tl.constexpr):
+    """acc [BN, 16] + w [BN, len(k)] times x's columns k of rows rm (zero past M): y^T, the
+    weights as the MMA's left operand."""
+    xt = tl.load(X + rm[None, :] * stride_xm + k[:, None], mask=(rm < M)[None, :], other=0.0)
+    if IEEE:  # float32 activations: full-precision products
+        return tl.dot(w, xt, acc, input_precision="ieee")
+    return tl.dot(w, xt, acc)
+
+
+@triton.jit
+def _int8_weights(q, s, MODE: tl.constexpr, DT: tl.constexpr):
+    """int8 [BN, G, 32] and float16 scales [BN, G, 1] -> q * s in DT."""
+    if MODE == 0:  # asm: 4 weights per call, bytes biased to unsigned, 0x64 prepended
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 t, a, b, k;
+            xor.b32 t, $2, 0x80808080;
+            mov.b32 k, 0x64806480;
+            prmt.b32 a, t, 0x64646464, 0x5150;
+            prmt.b32 b, t, 0x64646464, 0x5352;
+            sub.f16x2 a, a, k;
+            sub.f16x2 b, b, k;
+            mul.rn.f16x2 $0, a, $3;
+            mul.rn.f16x2 $1, b, $4;
+            }""",
+            "=r,=r,r,r,r", [q, tl.broadcast_to(s, q.shape)], dtype=tl.float16,
+            is_pure=True, pack=4)
+    elif MODE == 1:  # bits: the same in plain Triton
+        w = (q.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
+        return w * s
+    else:
+        return (q.to(tl.float32) * s.to(tl.float32)).to(DT)
+
+
+@triton.jit
+def _int4_weights(b, s, z, MODE: tl.constexpr, DT: tl.constexpr):
+    """uint8 [BN, G, 16] (G blocks), scales and mins [BN, G, 1] -> (weights 0..15, weights
+    16..31 of each block)."""
+    if MODE == 0:
+        sb = tl.broadcast_to(s, b.shape)
+        zb = tl.broadcast_to(z, b.shape)
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 a0, a1, h0, h1, k;
+            mov.b32 k, 0x64006400;
+            prmt.b32 a0, $4, 0, 0x4140;
+            prmt.b32 a1, $4, 0, 0x4342;
+            shr.b32 h0, a0, 4;
+            shr.b32 h1, a1, 4;
+            lop3.b32 a0, a0, 0x000F000F, 0x64006400, 0xEA;
+            lop3.b32 a1, a1, 0x000F000F, 0x64006400, 0xEA;
+            lop3.b32 h0, h0, 0x000F000F, 0x64006400, 0xEA;
+            lop3.b32 h1, h1, 0x000F000F, 0x64006400, 0xEA;
+            sub.f16x2 a0, a0, k;
+            sub.f16x2 a1, a1, k;
+            sub.f16x2 h0, h0, k;
+            sub.f16x2 h1, h1, k;
+            fma.rn.f16x2 $0, a0, $5, $7;
+            fma.rn.f16x2 $1, a1, $6, $8;
+            fma.rn.f16x2 $2, h0, $5, $7;
+            fma.rn.f16x2 $3, h1, $6, $8;
+            }""",
+            "=r,=r,=r,=r,r,r,r,r,r", [b, sb, zb], dtype=(tl.float16, tl.float16),
+            is_pure=True, pack=4)
+    elif MODE == 1:
+        lo = ((b & 15).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+        hi = ((b >> 4).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+        return tl.fma(lo, s, z), tl.fma(hi, s, z)
+    else:
+        s32, z32 = s.to(tl.float32), z.to(tl.float32)
+        return ((b & 15).to(tl.float32) * s32 + z32).to(DT), ((b >> 4).to(tl.float32) * s32 + z32).to(DT)
+
+
+@triton.jit
+def _load_step(Q, S, Z, rw, kb, K, ng, BITS: tl.constexpr, GROUP: tl.constexpr, G: tl.constexpr):
+    """The G blocks of 32 weights from kb on, rows rw: the packed bytes [BN, G, 32 or 16]
+    and the scales and mins [BN, G]."""
+    g = tl.arange(0, G)
+    gi = rw[:, None] * ng + ((kb + 32 * g) // GROUP)[None, :]
+    s = tl.load(S + gi)
+    if BITS == 8:
+        j = tl.arange(0, 32)
+        q = tl.load(Q + rw[:, None, None] * K + (kb + 32 * g)[None, :, None] + j[None, None, :])
+        z = s
+    else:
+        j = tl.arange(0, 16)
+        q = tl.load(Q + rw[:, None, None] * (K // 2) + (kb // 2 + 16 * g)[None, :, None]
+                    + j[None, None, :])
+        z = tl.load(Z + gi)
+    return q, s, z
+
+
+@triton.jit
+def _step(X, q, s, z, acc0, acc1, acc2, acc3, r0, kb, M, stride_xm,
+          BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr,
+          M_TILES: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr):
+    """Dequantise one step's tile and multiply it into each row tile's accumulator."""
+    DT = X.dtype.element_ty
+    if BITS == 8:
+        w = tl.reshape(_int8_weights(q, s[:, :, None], MODE, DT), (BLOCK_N, G * 32))
+        k = kb + tl.arange(0, G * 32)
+        acc0 = _mul(w, X, r0, k, M, stride_xm, acc0, IEEE)
+        if M_TILES > 1:
+            acc1 = _mul(w, X, r0 + BLOCK_M, k, M, stride_xm, acc1, IEEE)
+        if M_TILES > 2:
+            acc2 = _mul(w, X, r0 + 2 * BLOCK_M, k, M, stride_xm, acc2, IEEE)
+        if M_TILES > 3:
+            acc3 = _mul(w, X, r0 + 3 * BLOCK_M, k, M, stride_xm, acc3, IEEE)
+    else:
+        lo, hi = _int4_weights(q, s[:, :, None], z[:, :, None], MODE, DT)
+        lo = tl.reshape(lo, (BLOCK_N, G * 16))
+        hi = tl.reshape(hi, (BLOCK_N, G * 16))
+        i = tl.arange(0, G * 16)
+        k = kb + (i // 16) * 32 + i % 16  # byte i of the tile: weights k (low) and k + 16 (high)
+        acc0 = _mul(lo, X, r0, k, M, stride_xm, acc0, IEEE)
+        acc0 = _mul(hi, X, r0, k + 16, M, stride_xm, acc0, IEEE)
+        if M_TILES > 1:
+            acc1 = _mul(lo, X, r0 + BLOCK_M, k, M, stride_xm, acc1, IEEE)
+            acc1 = _mul(hi, X, r0 + BLOCK_M, k + 16, M, stride_xm, acc1, IEEE)
+        if M_TILES > 2:
+            acc2 = _mul(lo, X, r0 + 2 * BLOCK_M, k, M, stride_xm, acc2, IEEE)
+            acc2 = _mul(hi, X, r0 + 2 * BLOCK_M, k + 16, M, stride_xm, acc2, IEEE)
+        if M_TILES > 3:
+            acc3 = _mul(lo, X, r0 + 3 * BLOCK_M, k, M, stride_xm, acc3, IEEE)
+            acc3 = _mul(hi, X, r0 + 3 * BLOCK_M, k + 16, M, stride_xm, acc3, IEEE)
+    return acc0, acc1, acc2, acc3
 
 
 @triton.jit
 def _quant_mm_kernel(X, Q, S, Z, Y, M, N, K, stride_xm, stride_ym,
                      BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+                     PREFETCH: tl.constexpr, M_TILES: tl.constexpr, MODE: tl.constexpr,
+                     IEEE: tl.constexpr):
+    """Program (row tiles, N tile, part of K): up to M_TILES x 16 rows, BLOCK_N outputs, the
+    K / SPLIT columns of its part in steps of BLOCK_K. SPLIT > 1 writes float32 partial sums
+    [SPLIT, M, N] for _sum_splits."""
+    G: tl.constexpr = BLOCK_K // 32
+    r0 = tl.program_id(0) * (M_TILES * BLOCK_M) + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    p = tl.arange(0, BLOCK_K)
-    mask_m, mask_n = rm < M, rn < N
+    rw = rn % N  # rows past N read row (rn mod N), never stored: no masks on the weight loads
     ng = K // GROUP
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if BITS == 4:
-            jb = tl.arange(0, BLOCK_K // 2)
-            byte = tl.load(Q + rn[:, None] * (K // 2) + k0 // 2 + jb[None, :],
-                           mask=mask_n[:, None], other=0)
-            q = tl.reshape(tl.join(byte & 15, byte >> 4), (BLOCK_N, BLOCK_K))
-            j = p // 2  # position p holds weight (j // 16) * 32 + j % 16 (+ 16 if p is odd)
-            kk = k0 + (j // 16) * 32 + (j % 16) + 16 * (p % 2)
+    part = K // SPLIT
+    k_lo = tl.program_id(2) * part
+    acc0 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T
+    acc1, acc2, acc3 = acc0, acc0, acc0
+    last = k_lo + part - BLOCK_K
+    # PREFETCH steps ahead are in flight (registers) while a step is multiplied: the packed
+    # tiles are small, and Triton does not pipeline loads that feed elementwise code
+    if PREFETCH >= 1:
+        q1, s1, z1 = _load_step(Q, S, Z, rw, k_lo, K, ng, BITS, GROUP, G)
+    if PREFETCH >= 2:
+        q2, s2, z2 = _load_step(Q, S, Z, rw, tl.minimum(k_lo + BLOCK_K, last), K, ng, BITS, GROUP, G)
+    if PREFETCH >= 3:
+        q3, s3, z3 = _load_step(Q, S, Z, rw, tl.minimum(k_lo + 2 * BLOCK_K, last), K, ng, BITS,
+                                GROUP, G)
+    for kb in range(k_lo, k_lo + part, BLOCK_K):
+        if PREFETCH == 0:
+            qc, sc, zc = _load_step(Q, S, Z, rw, kb, K, ng, BITS, GROUP, G)
         else:
-            kk = k0 + p
-            q = tl.load(Q + rn[:, None] * K + kk[None, :], mask=mask_n[:, None], other=0)
-        # the groups of this tile: positions [32b, 32b + 32) are block b in both layouts
-        gb = tl.arange(0, BLOCK_K // 32)
-        gi = rn[:, None] * ng + (k0 + gb[None, :] * 32) // GROUP
-        sc = tl.load(S + gi, mask=mask_n[:, None], other=0.0).to(tl.float32)
-        w = tl.reshape(q.to(tl.float32), (BLOCK_N, BLOCK_K // 32, 32)) * sc[:, :, None]
-        if BITS == 4:
-            w += tl.load(Z + gi, mask=mask_n[:, None], other=0.0).to(tl.float32)[:, :, None]
-        w = tl.reshape(w, (BLOCK_N, BLOCK_K))
-        x = tl.load(X + rm[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None], other=0.0)
-        if IEEE:
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-    tl.store(Y + rm[:, None] * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+            qc, sc, zc = q1, s1, z1
+            if PREFETCH == 1:
+                q1, s1, z1 = _load_step(Q, S, Z, rw, tl.minimum(kb + BLOCK_K, last), K, ng, BITS,
+                                        GROUP, G)
+            elif PREFETCH == 2:
+                q1, s1, z1 = q2, s2, z2
+                q2, s2, z2 = _load_step(Q, S, Z, rw, tl.minimum(kb + 2 * BLOCK_K, last), K, ng,
+                                        BITS, GROUP, G)
+            else:
+                q1, s1, z1 = q2, s2, z2
+                q2, s2, z2 = q3, s3, z3
+                q3, s3, z3 = _load_step(Q, S, Z, rw, tl.minimum(kb + 3 * BLOCK_K, last), K, ng,
+                                        BITS, GROUP, G)
+        acc0, acc1, acc2, acc3 = _step(X, qc, sc, zc, acc0, acc1, acc2, acc3, r0, kb, M,
+                                       stride_xm, BITS, BLOCK_M, BLOCK_N, G, M_TILES, MODE, IEEE)
+    if SPLIT > 1:
+        Y += tl.program_id(2) * M * N  # float32 partials, rows of N
+    _store(Y, acc0, r0, rn, M, N, stride_ym)
+    if M_TILES > 1:
+        _store(Y, acc1, r0 + BLOCK_M, rn, M, N, stride_ym)
+    if M_TILES > 2:
+        _store(Y, acc2, r0 + 2 * BLOCK_M, rn, M, N, stride_ym)
+    if M_TILES > 3:
+        _store(Y, acc3, r0 + 3 * BLOCK_M, rn, M, N, stride_ym)
 
 
-def _blocks(n: int, k: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K) from the shape alone, never from M."""
-    block_k = next(b for b in (256, 128, 64, 32) if k % b == 0)
-    return (32 if n >= 8192 else 16), block_k
+@triton.jit
+def _store(Y, acc, rm, rn, M, N, stride_ym):
+    """acc is y^T [BLOCK_N, BLOCK_M]."""
+    tl.store(Y + rm[None, :] * stride_ym + rn[:, None], acc.to(Y.dtype.element_ty),
+             mask=(rm < M)[None, :] & (rn < N)[:, None])
+
+
+@triton.jit
+def _sum_splits(P, Y, M, N, stride_ym, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """y = P[0] + P[1] + ... in that order (float32), in y's dtype."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < M * N
+    acc = tl.load(P + i, mask=mask, other=0.0)
+    for j in tl.static_range(1, SPLIT):
+        acc += tl.load(P + j * M * N + i, mask=mask, other=0.0)
+    tl.store(Y + (i // N) * stride_ym + i % N, acc.to(Y.dtype.element_ty), mask=mask)
+
+
+def default_config(n: int, k: int, bits: int = 8) -> dict:
+    """Launch parameters from the shape and bit width alone, never from M (that is the
+    invariance). Picked on an H200 by `bench/quant_linear.py --sweep` (docs/perf/issue-23.md):
+    K is split in four for int4, and for int8 wherever there are at most 192 tiles of 64
+    outputs (LLaMA-7B's qkv, o and down); `prefetch` is how many steps are read ahead."""
+    if bits == 8:
+        return {"block_n": 64, "block_k": 128, "split": 4 if n <= 192 * 64 else 1, "prefetch": 1,
+                "num_warps": 4, "num_stages": 3, "max_m_tiles": 4, "dequant": "asm"}
+    return {"block_n": 64, "block_k": 512, "split": 4, "prefetch": 0, "num_warps": 4,
+            "num_stages": 2, "max_m_tiles": 4, "dequant": "asm"}
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def quant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-             mins: torch.Tensor | None, bits: int, group: int) -> torch.Tensor:
+             mins: torch.Tensor | None, bits: int, group: int,
+             config: dict | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ dequantize(W)^T, in x's dtype (float32 sums)."""
     m, k = x.shape
     n = qweight.shape[0]
     x = x.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_n, block_k = _blocks(n, k)
-    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, block_n))
-    _quant_mm_kernel[grid](x, qweight, scales, scales if mins is None else mins, y, m, n, k,
-                           x.stride(0), y.stride(0), BITS=bits, GROUP=group, BLOCK_M=BLOCK_M,
-                           BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32,
-                           num_warps=4, num_stages=4)
+    if m == 0:
+        return y
+    cfg = default_config(n, k, bits) | (config or {})
+    mode = DEQUANT.index(cfg["dequant"])
+    if x.dtype != torch.float16:
+        mode = 2  # the float16 tricks make float16 weights
+    elif mode == 0 and _interpreted():
+        mode = 1  # the interpreter runs no inline assembly; "bits" is the same arithmetic
+    split, block_k = cfg["split"], cfg["block_k"]
+    while k % (32 * split):  # K fixes both (never M): each part a whole number of steps
+        split //= 2
+    while (k // split) % block_k:
+        block_k //= 2
+    m_tiles = min(cfg["max_m_tiles"], triton.cdiv(m, BLOCK_M))
+    grid = (triton.cdiv(m, BLOCK_M * m_tiles), triton.cdiv(n, cfg["block_n"]), split)
+    out = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    _quant_mm_kernel[grid](x, qweight, scales, scales if mins is None else mins, out, m, n, k,
+                           x.stride(0), y.stride(0) if split == 1 else n, BITS=bits, GROUP=group,
+                           BLOCK_M=BLOCK_M, BLOCK_N=cfg["block_n"], BLOCK_K=block_k, SPLIT=split,
+                           PREFETCH=int(cfg["prefetch"]), M_TILES=m_tiles, MODE=mode,
+                           IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"],
+                           num_stages=cfg["num_stages"])
+    if split > 1:
+        _sum_splits[(triton.cdiv(m * n, 1024),)](out, y, m, n, y.stride(0), SPLIT=split, BLOCK=1024)
     return y
