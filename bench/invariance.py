@@ -61,15 +61,16 @@ def engine(model, dtype: str, invariant: bool, slots: int, budget: int) -> Engin
 
 
 def record(eng: Engine) -> dict[str, list[torch.Tensor]]:
-    """request id -> the float32 logits row of each of its steps (the runner's select)."""
+    """request id -> the float32 logits row of each of its steps (the runner's token
+    selection, which the synchronous and the async scheduling paths both go through)."""
     seen: dict[str, list[torch.Tensor]] = {}
-    real = eng.runner.select
+    real = eng.runner.launch_select
 
     def spy(logits, rows, slots, failed=None):
         for i, r in enumerate(rows):
             seen.setdefault(r.request_id, []).append(logits[i].clone())
         return real(logits, rows, slots, failed)
-    eng.runner.select = spy
+    eng.runner.launch_select = spy
     return seen
 
 

@@ -271,7 +271,8 @@ def test_paged_triton_decode_equals_the_reference(heads, kv_heads):
     ref = paged_decode_attention_ref(q, k_pages, v_pages, tables, lens, max_len, 0.3)
     got = paged_decode_attention(q, k_pages, v_pages, tables, lens, max_len, 0.3, block_n=16,
                                  min_split=16, max_splits=3)  # 3 splits of 16 for the longest
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    tol = 2e-3 if got.is_cuda else 1e-4  # compiled, tl.dot takes float32 operands as TF32
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
 
 
 def test_the_split_length_grows_with_the_row_alone():

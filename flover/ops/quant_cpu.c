@@ -7,17 +7,19 @@
  *
  * Outputs are computed 16 at a time, as tiles of 8 rows x 2 columns, 4 x 4, 2 x 8 or 1 x 16
  * (whichever the rows left call for): each block is dequantised once per tile into two vectors
- * of 16 floats and multiplied (fused multiply-adds) into the tile's rows, so a batch of 8 reads
+ * of 16 floats and multiplied (a multiply, then an add) into the tile's rows, so a batch of 8 reads
  * the weights once; the tile's 16 lane accumulators are then summed together by one butterfly
  * of shuffles. An output's reduction order (16 lanes over the half-blocks in order, then the
  * fixed tree of tree_sum16, which the butterfly reproduces and the columns past the last whole
  * tile use) depends neither on M nor on the other rows or columns: a request gets the same bits
- * alone and fused. Dequantisation is exact either way (q * scale is exact in float32: 4 or 8
- * bits times float16's 11), so contracting it into an FMA changes nothing. Threads split the
+ * alone and fused. Products are not contracted into FMAs (-std=c11 and the pragma below): GCC
+ * 13 contracted them differently in the tiles of 8 rows and of 1 row on an Intel Xeon, so a row
+ * changed its last bits with the batch (tests/test_quant.py caught it there); FMAs were 1.3x
+ * faster at batch 8 on the AMD EPYC, not worth a batch-dependent result. Threads split the
  * columns (OpenMP; torch's own runtime when torch is loaded first). GCC's vector extensions
  * compile to AVX-512, AVX2 or SSE, whichever -march=native offers.
  */
-#pragma GCC optimize("fp-contract=fast")
+#pragma GCC optimize("fp-contract=off")
 #include <stdint.h>
 #include <string.h>
 
