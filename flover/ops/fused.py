@@ -16,7 +16,7 @@ from flover.ops import fused_cpu
 
 ENABLED = True
 # The norm and SiLU * up as prologues of the invariant linear. Off: on an H200 they made the
-# decode step slower, not faster (docs/perf/issue-21.md: every column-tile program redoes its
+# decode step slower, not faster (docs/perf/2026-11-26-fused-layers.md: every column-tile program redoes its
 # rows' elementwise work, 16-row tiles at B=1, a step bound by the conversions), so the norm
 # and SiLU keep their own kernels; the residual add is still the down projection's epilogue
 # and rotary + the KV write one kernel. The tests hold both paths.

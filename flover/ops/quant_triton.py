@@ -248,7 +248,8 @@ def _sum_splits(P, Y, M, N, stride_ym, SPLIT: tl.constexpr, BLOCK: tl.constexpr)
 
 def default_config(n: int, k: int, bits: int = 8) -> dict:
     """Launch parameters from the shape and bit width alone, never from M (that is the
-    invariance). Picked on an H200 by `bench/quant_linear.py --sweep` (docs/perf/issue-23.md):
+    invariance). Picked on an H200 by `bench/quant_linear.py --sweep`
+    (docs/perf/2026-11-26-gpu-quant-kernels.md):
     K is split in four for int4, and for int8 wherever there are at most 192 tiles of 64
     outputs (LLaMA-7B's qkv, o and down); `prefetch` is how many steps are read ahead."""
     if bits == 8:
