@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_engine import finals
-from test_engine_gpu import WORK
+from test_engine_gpu import WORK, record_logits
 
 from flover import Engine, EngineConfig, SamplingParams
 
@@ -33,14 +33,7 @@ def logged(work, on: bool, dtype: str = "float16", **kw) -> tuple[dict, dict, En
     """(each request's final tokens, each row's logits step by step, the engine)."""
     eng = Engine(EngineConfig(model="tiny_llama", dtype=dtype, device="cuda", max_concurrency=8,
                               max_seq_len=128, prefill_token_budget=8, async_scheduling=on, **kw))
-    seen: dict[str, list[torch.Tensor]] = {}
-    real = eng.runner.launch_select
-
-    def spy(logits, rows, slots, failed=None):
-        for i, r in enumerate(rows):
-            seen.setdefault(f"{r.request_id}.{r.index}", []).append(logits[i].clone())
-        return real(logits, rows, slots, failed)
-    eng.runner.launch_select = spy
+    seen = record_logits(eng)
     done = finals(eng, work)
     tokens = {k: ([c.token_ids for c in o.outputs], o.finish_reason) for k, o in done.items()}
     return tokens, seen, eng

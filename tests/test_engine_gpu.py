@@ -59,15 +59,23 @@ def _logged(model: str, dtype: str, budget: int, work, graphs: bool = True,
                               **kw))
     if engines is not None:
         engines.append(eng)
+    seen = record_logits(eng)
+    run(eng, work)
+    assert seen, "no logits recorded"
+    return seen
+
+
+def record_logits(eng: Engine) -> dict[str, list[torch.Tensor]]:
+    """Each row's ("request.index") logits, step by step, as the runner selects its token:
+    `launch_select`, which the synchronous and the async scheduling paths both go through."""
     seen: dict[str, list[torch.Tensor]] = {}
-    real = eng.runner.select
+    real = eng.runner.launch_select
 
     def spy(logits, rows, slots, failed=None):
         for i, r in enumerate(rows):
             seen.setdefault(f"{r.request_id}.{r.index}", []).append(logits[i].clone())
         return real(logits, rows, slots, failed)
-    eng.runner.select = spy
-    run(eng, work)
+    eng.runner.launch_select = spy
     return seen
 
 
