@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 
 import pytest
 
@@ -23,9 +24,19 @@ MAX_BODY = 64 * 1024
 MAX_CHARS = 1000
 
 
-def one_slot_engine() -> Engine:
-    return Engine(EngineConfig(model="tiny_llama", device="cpu", max_concurrency=1,
-                               max_seq_len=512))
+def one_slot_engine(step_s: float = 0.005) -> Engine:
+    """One slot. Each step takes at least `step_s`, so that a request of a few hundred tokens
+    holds the slot for over a second however fast the CPU's kernels are: the overload and
+    queue-timeout tests need it to still be running when the others arrive."""
+    eng = Engine(EngineConfig(model="tiny_llama", device="cpu", max_concurrency=1,
+                              max_seq_len=512))
+    real = eng.step
+
+    def paced():
+        time.sleep(step_s)
+        return real()
+    eng.step = paced
+    return eng
 
 
 @pytest.fixture(scope="module")
