@@ -14,6 +14,7 @@ runs after a first that captures the graphs).
     python3 bench/peers.py --out DIR
     python3 bench/peers.py --quick --device cpu     # tiny shapes, a smoke test
     python3 bench/peers.py --flover-only --out DIR  # flover, async scheduling on and off
+    python3 bench/peers.py --flover-only --sampled --out DIR  # the same with sampled rows
 """
 
 from __future__ import annotations
@@ -46,14 +47,18 @@ VARIANTS = [  # (attention, CUDA graphs (None: transformers' default), async bat
 
 
 def flover_fused(model_name: str, dtype: str, device: str, n: int, new: int,
-                 async_scheduling: bool | None = None) -> tuple[dict, list]:
+                 async_scheduling: bool | None = None, sampled: bool = False) -> tuple[dict, list]:
     sets = [] if async_scheduling is None else [
         f"runtime_hyperparameter.async_scheduling={int(async_scheduling)}"]
+    # sampled: temperature 0.8, top-k 50, top-p 0.9 (the sampler's sorted path) instead of greedy
+    sampling = (["runtime_hyperparameter.top_k=50", "runtime_hyperparameter.top_p=0.9",
+                 "runtime_hyperparameter.temperature=0.8"] if sampled
+                else ["runtime_hyperparameter.top_k=1"])
     cfg = load_config(None, sets + [
         f"model_specification.model_type={model_name}", f"model_specification.data_type={dtype}",
         f"model_specification.device={device}", f"model_specification.max_concurrency={n}",
         "model_specification.max_seq_len=512", "model_specification.fixed_input_len=8",
-        "runtime_hyperparameter.top_k=1", "runtime_hyperparameter.interval=0",
+        *sampling, "runtime_hyperparameter.interval=0",
         f"request.num_requests={n}", f"request.request_output_len={new}"])
     loaded = RunContext.load(cfg)
     eng = loaded.engine(n)  # one engine for both runs: the first one captures its graphs
@@ -76,6 +81,7 @@ def flover_fused(model_name: str, dtype: str, device: str, n: int, new: int,
         runs.append(report.summarize(state, dev))
     m = sorted(runs[1:], key=lambda r: r["total_time_s"])[1]
     name = "flover fused" + {None: "", True: " (async scheduling)", False: " (sync)"}[async_scheduling]
+    name += ", sampled" if sampled else ""
     out = {"engine": name, "tokens": m["output_tokens"], "time_s": m["total_time_s"],
            "tokens_per_s": m["tokens_per_s"], "first_run_time_s": runs[0]["total_time_s"],
            "times_s": [r["total_time_s"] for r in runs],
@@ -186,6 +192,8 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--flover-only", action="store_true", help="flover with async scheduling "
                     "on and off, no transformers peers")
+    ap.add_argument("--sampled", action="store_true", help="with --flover-only: temperature 0.8, "
+                    "top-k 50, top-p 0.9 instead of greedy")
     args = ap.parse_args()
     if args.quick:
         args.model, args.requests, args.tokens = "tiny_llama", 4, 16
@@ -208,7 +216,8 @@ def main() -> None:
 
     if args.flover_only:  # the engine with each setting of async scheduling, nothing else
         for on in (True, False):
-            save(flover_fused(args.model, dtype, args.device, args.requests, args.tokens, on)[0])
+            save(flover_fused(args.model, dtype, args.device, args.requests, args.tokens, on,
+                              args.sampled)[0])
             if gpu:
                 torch.cuda.empty_cache()
         for r in res["runs"]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from flover.engine.block_manager import CopyBlocks
+from flover.ops.transfer import to_device
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,8 +115,7 @@ class SlotCache:
 
     def apply(self, op: CacheOp) -> None:
         if isinstance(op, Reorder):
-            src = torch.tensor(op.src, device=self.k.device)
-            dst = torch.tensor(op.dst, device=self.k.device)
+            src, dst = to_device(op.src, self.k.device), to_device(op.dst, self.k.device)
         else:
             src, dst = op.src, op.dst
         n = op.tokens
@@ -141,7 +141,6 @@ class PagedCache:
     def apply(self, op: CacheOp) -> None:
         """Copies on write; a beam `Reorder` moves block tables only (nothing to copy here)."""
         if isinstance(op, CopyBlocks):
-            src = torch.tensor(op.src, device=self.k.device)
-            dst = torch.tensor(op.dst, device=self.k.device)
+            src, dst = to_device(op.src, self.k.device), to_device(op.dst, self.k.device)
             self.k[:, dst] = self.k[:, src]
             self.v[:, dst] = self.v[:, src]

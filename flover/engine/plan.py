@@ -18,6 +18,7 @@ import torch
 
 from flover.engine.kv_cache import CacheOp
 from flover.ops.attention import AttentionMetadata, PrefillChunk
+from flover.ops.transfer import to_device
 
 
 class DecodeRow(NamedTuple):
@@ -58,10 +59,10 @@ class ForwardPlan:
         """The eager forward's input ids and metadata, on `device`."""
         lengths = self.decode_lengths or None
         meta = AttentionMetadata(
-            slot_ids=torch.tensor(self.slot_ids, device=device),
-            positions=torch.tensor(self.positions, device=device), num_decode=self.num_decode,
-            decode_lengths=None if lengths is None else torch.tensor(lengths, device=device),
+            slot_ids=to_device(self.slot_ids, device),
+            positions=to_device(self.positions, device), num_decode=self.num_decode,
+            decode_lengths=None if lengths is None else to_device(lengths, device),
             decode_max_len=self.decode_max_len,
             prefills=[PrefillChunk(*c) for c in self.prefills],
             batch_invariant=self.batch_invariant)
-        return torch.tensor(self.ids, device=device), meta
+        return to_device(self.ids, device), meta

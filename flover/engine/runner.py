@@ -34,6 +34,7 @@ from flover.engine.scheduler import Batch, StepResult
 from flover.engine.sequence import Group, Request
 from flover.ops import attention
 from flover.ops.attention import AttentionMetadata, PrefillChunk
+from flover.ops.transfer import to_device
 from flover.sampling import penalties, sampler
 
 T = TypeVar("T")
@@ -116,15 +117,8 @@ class ModelRunner:
                  if r is not None and r.pending]
         if not pairs:
             return None
-        idx = self._long([[i for i, _ in pairs], [j for _, j in pairs]])
+        idx = to_device([[i for i, _ in pairs], [j for _, j in pairs]], self.device, torch.long)
         return idx[0], prev.tokens.index_select(0, idx[1])
-
-    def _long(self, values: list) -> torch.Tensor:
-        """A small int64 tensor on the device, copied from pinned memory without a host wait."""
-        t = torch.tensor(values, dtype=torch.long)
-        if self.device.type != "cuda":
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True)
 
     def prompt_logprobs(self, batch: Batch, hidden: torch.Tensor
                         ) -> tuple[dict[Request, list[dict]], dict[Request, BaseException]]:
@@ -153,7 +147,7 @@ class ModelRunner:
         for a in range(start, end, slice_len):
             b = min(a + slice_len, end)
             idx = torch.arange(offset + a - start, offset + b - start, device=self.device)
-            targets = torch.tensor(prompt[a + 1:b + 1], device=self.device)
+            targets = to_device(prompt[a + 1:b + 1], self.device)
             host, kk = penalties.logprob_rows(self.model.logits(hidden[idx]), targets, [k] * (b - a))
             out += [penalties.logprob_entry(row, kk, k) for row in host]
         return out
@@ -217,7 +211,7 @@ class ModelRunner:
             t, end = tables[c.row], c.start + c.length
             tokens = tokens_of(c.row)  # a resumed row recomputes its outputs too
             chunks.append(PrefillChunk(c.slot, c.start, c.length, len(ids),
-                                       torch.tensor(t[:-(-end // bs)], device=dev)))
+                                       to_device(t[:-(-end // bs)], dev)))
             ids.extend(tokens[c.start:end])
             pos.extend(range(c.start, end))
             blocks.extend(t[p // bs] for p in range(c.start, end))
@@ -227,14 +221,14 @@ class ModelRunner:
         width = max((len(tables[r]) for r in batch.decode), default=0)
         table = [tables[r] + [0] * (width - len(tables[r])) for r in batch.decode]
         meta = AttentionMetadata(
-            slot_ids=torch.tensor(blocks, device=dev), positions=torch.tensor(pos, device=dev),
+            slot_ids=to_device(blocks, dev), positions=to_device(pos, dev),
             num_decode=len(batch.decode),
-            decode_lengths=torch.tensor(lengths, device=dev) if lengths else None,
+            decode_lengths=to_device(lengths, dev) if lengths else None,
             decode_max_len=max(lengths, default=0), prefills=chunks,
-            write_offsets=torch.tensor(offs, device=dev),
-            block_tables=torch.tensor(table, dtype=torch.long, device=dev) if table else None,
+            write_offsets=to_device(offs, dev),
+            block_tables=to_device(table, dev, torch.long) if table else None,
             batch_invariant=self.batch_invariant)
-        return torch.tensor(ids, device=dev), meta, logit_rows
+        return to_device(ids, dev), meta, logit_rows
 
     @torch.inference_mode()
     def forward_logits(self, batch: Batch, feed=None) -> torch.Tensor:
@@ -263,7 +257,7 @@ class ModelRunner:
             ids.index_copy_(0, *feed)
         hidden = self.model(ids, meta, self.cache.k, self.cache.v)
         # long: a batch of prompt chunks none of which completes samples no row (rows == [])
-        rows = torch.tensor(rows, dtype=torch.long, device=self.device)
+        rows = to_device(rows, self.device, torch.long)
         return self.model.logits(hidden[rows]), hidden
 
     def _send(self, plan: ForwardPlan) -> None:
@@ -317,7 +311,7 @@ class ModelRunner:
             flight.tokens = torch.zeros(len(rows), dtype=torch.long, device=self.device)
             return flight
         if len(ok) < len(rows):
-            logits = logits[torch.tensor(ok, device=logits.device)]
+            logits = logits[to_device(ok, logits.device)]
         x = penalties.apply_penalties(logits, [rows[i] for i in ok], self.eos_ids, self.counts,
                                       [slots[i] for i in ok], [specs[i] for i in ok])
         tokens = sampler.sample_rows(x, [draws[i] for i in ok])
@@ -328,16 +322,16 @@ class ModelRunner:
                 beams.setdefault(rows[i].group, []).append(j)
         for group, js in beams.items():
             js.sort(key=lambda j: rows[ok[j]].index)
-            toks = guard(group.rows[0], beam_step, group, x[torch.tensor(js, device=x.device)])
+            toks = guard(group.rows[0], beam_step, group, x[to_device(js, x.device)])
             if toks is not None:
                 flight.parents[group] = toks[1]
-                tokens[torch.tensor(js, device=tokens.device)] = torch.tensor(toks[0], device=tokens.device)
+                tokens[to_device(js, tokens.device)] = to_device(toks[0], tokens.device)
 
         flight.ks = [rows[i].params.logprobs for i in ok]
         flight.lp_rows, flight.k = penalties.logprob_rows(x, tokens, flight.ks)
         if len(ok) < len(rows):  # every row has a device token (the next launch may gather it)
             full = torch.zeros(len(rows), dtype=torch.long, device=self.device)
-            tokens = full.index_copy_(0, torch.tensor(ok, device=self.device), tokens)
+            tokens = full.index_copy_(0, to_device(ok, self.device), tokens)
         flight.tokens = tokens
         if self.device.type == "cuda":  # the copy to the host waits for this iteration only
             flight.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from flover.ops import fused, fused_cpu
+from flover.ops.transfer import to_device
 
 
 @dataclass(slots=True)
@@ -64,13 +65,13 @@ class PaddedPrefill:
     @classmethod
     def build(cls, chunks: list[PrefillChunk], device) -> PaddedPrefill:
         width = max(c.length for c in chunks)
-        lens = torch.tensor([c.length for c in chunks], device=device)
-        offs = torch.tensor([c.offset for c in chunks], device=device)
+        lens = to_device([c.length for c in chunks], device)
+        offs = to_device([c.offset for c in chunks], device)
         j = torch.arange(width, device=device)
         valid = j[None, :] < lens[:, None]
         index = torch.where(valid, offs[:, None] + j[None, :], offs[:, None])
         mask = (j[None, :] <= j[:, None])[None, None] & valid[:, None, None, :]
-        slots = torch.tensor([c.slot for c in chunks], device=device)
+        slots = to_device([c.slot for c in chunks], device)
         return cls(chunks, slots, index, valid, mask)
 
 

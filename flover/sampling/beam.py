@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flover.ops.transfer import to_device
+
 NEG = -1.0e9  # the score of a beam that cannot continue
 
 
@@ -52,7 +54,7 @@ class BeamSearch:
         k, vocab = logprobs.shape
         if k != self.width:
             raise ValueError(f"beam search of width {self.width} got {k} rows")
-        acc = logprobs.float() + torch.tensor(self.scores, device=logprobs.device)[:, None]
+        acc = logprobs.float() + to_device(self.scores, logprobs.device)[:, None]
         if self.diversity_rate > 0:
             ranks = logprobs.argsort(dim=-1, descending=True).argsort(dim=-1)
             acc = acc - self.diversity_rate * ranks.to(acc.dtype)

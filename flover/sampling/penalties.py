@@ -23,6 +23,7 @@ import torch
 
 from flover.engine.kv_cache import CacheOp, Move, Reorder
 from flover.engine.sequence import Request
+from flover.ops.transfer import to_device
 
 
 @dataclass(slots=True)
@@ -103,7 +104,7 @@ class TokenCounts:
             return
         keep = [(s, t) for s, t in zip(slots, tokens, strict=True) if 0 <= t < self.vocab]
         if keep:
-            s, t = torch.tensor(keep, device=self.device).unbind(-1)
+            s, t = to_device(keep, self.device).unbind(-1)
             self.output.index_put_((s, t), torch.ones(len(keep), device=self.device), accumulate=True)
 
     def apply(self, op: CacheOp) -> None:
@@ -119,7 +120,7 @@ class TokenCounts:
         self.output[dst] = self.output[src]
 
     def rows(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.tensor(slots, device=self.device)
+        idx = to_device(slots, self.device)
         return self.prompt[idx], self.output[idx]
 
 
@@ -150,8 +151,8 @@ def logit_bias(logits: torch.Tensor, biases: list[dict[int, float]]) -> torch.Te
     out = logits.clone()
     if rows:
         dev = logits.device
-        out.index_put_((torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
-                       torch.tensor(vals, dtype=logits.dtype, device=dev), accumulate=True)
+        out.index_put_((to_device(rows, dev), to_device(cols, dev)),
+                       to_device(vals, dev, logits.dtype), accumulate=True)
     return out
 
 
@@ -161,7 +162,9 @@ def ban_tokens(logits: torch.Tensor, banned: list[list[int]]) -> torch.Tensor:
     out = logits.clone()
     if rows:
         dev = logits.device
-        out[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = float("-inf")
+        # the value as a device tensor: a Python float would be copied from the host, a wait
+        out.index_put_((to_device(rows, dev), to_device(cols, dev)),
+                       torch.full((), float("-inf"), dtype=out.dtype, device=dev))
     return out
 
 
@@ -184,7 +187,7 @@ def apply_penalties(logits: torch.Tensor, reqs: list[Request], eos_ids: list[int
         return logits
     dev = logits.device
     sub = [specs[i] for i in active]
-    idx = torch.tensor(active, device=dev)
+    idx = to_device(active, dev)
     x = logits[idx]
     if any(s.bias for s in sub):
         x = logit_bias(x, [s.bias for s in sub])
@@ -195,11 +198,11 @@ def apply_penalties(logits: torch.Tensor, reqs: list[Request], eos_ids: list[int
             counts, slots = TokenCounts.of(reqs, logits.shape[-1], dev), list(range(len(reqs)))
         prompt, output = counts.rows([slots[i] for i in active])
         if any(s.repetition != 1.0 for s in sub):
-            penalty = torch.tensor([s.repetition for s in sub], device=dev)
+            penalty = to_device([s.repetition for s in sub], dev)
             x = repetition_penalty(x, prompt | (output > 0), penalty)
         if any(s.presence != 0.0 or s.frequency != 0.0 for s in sub):
-            presence = torch.tensor([s.presence for s in sub], device=dev)
-            frequency = torch.tensor([s.frequency for s in sub], device=dev)
+            presence = to_device([s.presence for s in sub], dev)
+            frequency = to_device([s.frequency for s in sub], dev)
             x = presence_frequency_penalty(x, output, presence, frequency)
     x = torch.nan_to_num(x, nan=-math.inf, posinf=torch.finfo(x.dtype).max, neginf=-math.inf)
     if len(active) == len(reqs):
@@ -235,7 +238,7 @@ def logprob_rows(logits: torch.Tensor, chosen: torch.Tensor,
     if not rows:
         return out, 0
     dev = logits.device
-    idx = torch.tensor(rows, device=dev)
+    idx = to_device(rows, dev)
     lp = torch.log_softmax(logits[idx].float(), dim=-1)
     tok = chosen.to(dev)[idx]
     picked = lp.gather(-1, tok[:, None]).squeeze(-1)
@@ -256,7 +259,7 @@ def logprob_entry(row: list[float], k: int, ki: int) -> dict:
 
 
 def _ids(values: list[int], vocab: int, device: torch.device) -> torch.Tensor:
-    return torch.tensor([t for t in values if 0 <= t < vocab], dtype=torch.long, device=device)
+    return to_device([t for t in values if 0 <= t < vocab], device, torch.long)
 
 
 def _sparse(per_row: list[dict[int, float]], vocab: int) -> tuple[list[int], list[int], list[float]]:

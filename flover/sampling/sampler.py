@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from flover.engine.sequence import Request
+from flover.ops.transfer import to_device
 
 
 def kept_sorted(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -38,7 +39,7 @@ def kept_sorted(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     through it unchanged.
     """
     vocab = sorted_logits.shape[-1]
-    neg = torch.tensor(float("-inf"), dtype=sorted_logits.dtype, device=sorted_logits.device)
+    neg = torch.full((), float("-inf"), dtype=sorted_logits.dtype, device=sorted_logits.device)
     # top-k: TopKLogitsWarper removes scores < the k-th largest; k beyond the vocabulary keeps all
     k = top_k.to(torch.long).clamp(min=0, max=vocab)
     kth = sorted_logits.gather(-1, (k - 1).clamp(min=0)[:, None])
@@ -122,9 +123,9 @@ def sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
         sub = [rows[i] for i in cut]
         scaled, u, idx = _scaled(logits, sub, cut)
         dev = logits.device
-        top_k = torch.tensor([r.top_k for r in sub], dtype=torch.long, device=dev)
-        top_p = torch.tensor([r.top_p for r in sub], dtype=torch.float64, device=dev)
-        min_p = torch.tensor([r.min_p for r in sub], device=dev)
+        top_k = to_device([r.top_k for r in sub], dev, torch.long)
+        top_p = to_device([r.top_p for r in sub], dev, torch.float64)
+        min_p = to_device([r.min_p for r in sub], dev)
         sorted_logits, order = scaled.sort(dim=-1, descending=True)
         exact_min_p = order if any(r.min_p > 0 for r in sub) else None  # a scatter and a gather
         cdf = filter_sorted(sorted_logits, top_k, top_p, min_p, exact_min_p).cumsum(-1)
@@ -139,10 +140,10 @@ def _uncut(r: RowSampling, vocab: int) -> bool:
 def _scaled(logits: torch.Tensor, sub: list[RowSampling], idx_rows: list[int]):
     """The rows' logits over their temperatures (never +inf), their draws, their indices."""
     dev = logits.device
-    temp = torch.tensor([r.temperature for r in sub], device=dev)
-    idx = torch.tensor(idx_rows, device=dev)
+    temp = to_device([r.temperature for r in sub], dev)
+    idx = to_device(idx_rows, dev)
     scaled = (logits[idx] / temp[:, None]).clamp_(max=torch.finfo(logits.dtype).max)
-    return scaled, torch.tensor([r.u for r in sub], device=dev), idx
+    return scaled, to_device([r.u for r in sub], dev), idx
 
 
 def _draw(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
