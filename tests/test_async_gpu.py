@@ -78,7 +78,7 @@ def test_an_async_launch_never_waits_for_the_device(layout):
     """Under async scheduling, queuing iteration i+1 must not wait for iteration i: no
     synchronizing CUDA call in `launch` (a copy from pageable host memory would be one), for
     graphed and eager iterations (pages run prompt chunks eagerly), with sampled rows (top-k,
-    top-p, min-p, a logit bias, min_tokens) beside greedy ones."""
+    top-p, min-p, a logit bias, min_tokens, logprobs) beside greedy ones."""
     extra = {"kv_layout": "pages", "block_size": 16} if layout == "pages" else {}
     eng = Engine(EngineConfig(model="tiny_llama", dtype="float16", device="cuda", max_concurrency=8,
                               max_seq_len=128, prefill_token_budget=8, async_scheduling=True,
@@ -94,7 +94,7 @@ def test_an_async_launch_never_waits_for_the_device(layout):
             launches.append(prev is not None)
     eng.runner.launch = launch
     sampled = SamplingParams(max_tokens=12, temperature=0.8, top_k=20, top_p=0.9, min_p=0.05,
-                             seed=1, logit_bias={5: 2.0}, min_tokens=3)
+                             seed=1, logit_bias={5: 2.0}, min_tokens=3, logprobs=2)
     work = WORK + [(1, [30, 31, 32, 33], sampled), (4, list(range(40, 60)), sampled)]
     done = finals(eng, work)
     errors = {o.error for o in done.values() if o.finish_reason == "error"}

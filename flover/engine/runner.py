@@ -328,18 +328,18 @@ class ModelRunner:
                 tokens[to_device(js, tokens.device)] = to_device(toks[0], tokens.device)
 
         flight.ks = [rows[i].params.logprobs for i in ok]
-        flight.lp_rows, flight.k = penalties.logprob_rows(x, tokens, flight.ks)
+        table, flight.lp_index, flight.k = penalties.logprob_table(x, tokens, flight.ks)
         if len(ok) < len(rows):  # every row has a device token (the next launch may gather it)
             full = torch.zeros(len(rows), dtype=torch.long, device=self.device)
             tokens = full.index_copy_(0, to_device(ok, self.device), tokens)
         flight.tokens = tokens
-        if self.device.type == "cuda":  # the copy to the host waits for this iteration only
-            flight.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            flight.host.copy_(tokens, non_blocking=True)
+        if self.device.type == "cuda":  # the copies to the host wait for this iteration only
+            flight.host = _to_pinned(tokens)
+            flight.lp_host = None if table is None else _to_pinned(table)
             flight.copied = torch.cuda.Event()
             flight.copied.record()
         else:
-            flight.host = tokens
+            flight.host, flight.lp_host = tokens, table
         return flight
 
     def finish_select(self, flight: InFlight) -> StepResult:
@@ -350,6 +350,8 @@ class ModelRunner:
         if flight.copied is not None:
             flight.copied.synchronize()
         host = flight.host.tolist()
+        lp_rows = penalties.spread_rows([] if flight.lp_host is None else flight.lp_host.tolist(),
+                                        flight.lp_index, len(flight.ks))
 
         def guard(row: Request, stage: Callable[..., T], *args) -> T | None:
             try:
@@ -363,7 +365,7 @@ class ModelRunner:
         logprobs: list[dict | None] = [None] * len(rows)
         for j, i in enumerate(ok):
             if flight.ks[j] is not None:
-                logprobs[i] = guard(rows[i], penalties.logprob_entry, flight.lp_rows[j],
+                logprobs[i] = guard(rows[i], penalties.logprob_entry, lp_rows[j],
                                     flight.k, flight.ks[j])
             out[i] = host[i]
         for i, r in enumerate(rows):  # a row whose request failed at a later stage gets nothing
@@ -371,6 +373,13 @@ class ModelRunner:
                 out[i] = None
         return StepResult(out, {g: p for g, p in flight.parents.items() if g.rows[0] not in failed},
                           failed, logprobs)
+
+
+def _to_pinned(t: torch.Tensor) -> torch.Tensor:
+    """A pinned host copy of a device tensor, started without waiting (see InFlight.copied)."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
 
 
 @dataclass(slots=True, eq=False)
@@ -385,7 +394,8 @@ class InFlight:
     copied: torch.cuda.Event | None = None  # when `host` is filled (GPU)
     parents: dict[Group, list[int]] = field(default_factory=dict)
     ks: list[int | None] = field(default_factory=list)  # logprobs asked, rows `ok`
-    lp_rows: list = field(default_factory=list)
+    lp_host: torch.Tensor | None = None  # the logprobs table on the host (pinned on a GPU)
+    lp_index: list[int] = field(default_factory=list)  # its rows' positions in `ks`
     k: int = 0
     batch: Batch | None = None
     prompt_logprobs: dict[Request, list[dict]] = field(default_factory=dict)

@@ -233,10 +233,17 @@ def logprob_rows(logits: torch.Tensor, chosen: torch.Tensor,
                  k_per_row: list[int | None]) -> tuple[list[list[float] | None], int]:
     """The batched part of compute_logprobs, in one device-to-host copy: per row None or
     [token, logprob, k ids, k logprobs] with k the largest k asked for (returned too)."""
+    table, rows, k = logprob_table(logits, chosen, k_per_row)
+    return spread_rows([] if table is None else table.tolist(), rows, len(k_per_row)), k
+
+
+def logprob_table(logits: torch.Tensor, chosen: torch.Tensor, k_per_row: list[int | None]
+                  ) -> tuple[torch.Tensor | None, list[int], int]:
+    """`logprob_rows`' device part, which reads nothing back (async scheduling copies it with
+    the tokens): [rows asking, 2 + 2k] float32 (None if none asks), those rows, k."""
     rows = [i for i, k in enumerate(k_per_row) if k is not None]
-    out: list[list[float] | None] = [None] * len(k_per_row)
     if not rows:
-        return out, 0
+        return None, rows, 0
     dev = logits.device
     idx = to_device(rows, dev)
     lp = torch.log_softmax(logits[idx].float(), dim=-1)
@@ -245,10 +252,15 @@ def logprob_rows(logits: torch.Tensor, chosen: torch.Tensor,
     k = max(k_per_row[i] for i in rows)
     top_lp, top_id = lp.topk(k, dim=-1)
     # Ids ride along as float32 (exact below 2**24) so that everything comes back in one copy.
-    host = torch.cat([tok[:, None].float(), picked[:, None], top_id.float(), top_lp], dim=-1).tolist()
+    return torch.cat([tok[:, None].float(), picked[:, None], top_id.float(), top_lp], dim=-1), rows, k
+
+
+def spread_rows(host: list[list[float]], rows: list[int], n: int) -> list[list[float] | None]:
+    """The table's host rows back in place among n rows (None where none was asked)."""
+    out: list[list[float] | None] = [None] * n
     for row, i in zip(host, rows, strict=True):
         out[i] = row
-    return out, k
+    return out
 
 
 def logprob_entry(row: list[float], k: int, ki: int) -> dict:
