@@ -47,9 +47,23 @@ def serving(engine: Engine, **app_kw):
         thread.join(10)
 
 
-def tiny_engine(max_seq_len: int = 512) -> Engine:
-    return Engine(EngineConfig(model="tiny_llama", device="cpu", max_concurrency=4,
-                               max_seq_len=max_seq_len))
+def tiny_engine(max_seq_len: int = 512, step_s: float = 0.002) -> Engine:
+    return paced(Engine(EngineConfig(model="tiny_llama", device="cpu", max_concurrency=4,
+                                     max_seq_len=max_seq_len)), step_s)
+
+
+def paced(eng: Engine, step_s: float) -> Engine:
+    """Each step takes at least `step_s`: a request of a few hundred tokens then stays in
+    flight for a second or more however fast the CPU kernels are (the tiny model alone makes
+    ~2,400 tokens/s a row with the compiled ones), as the tests of disconnects, client
+    timeouts, aborts, overload and queue timeouts need when they act."""
+    real = eng.step
+
+    def step():
+        time.sleep(step_s)
+        return real()
+    eng.step = step
+    return eng
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 
 import pytest
 
@@ -14,7 +13,7 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
-from test_server import PROMPT, TIMEOUT, client, post, serving, tiny_engine, wait_idle  # noqa: E402
+from test_server import PROMPT, TIMEOUT, client, paced, post, serving, tiny_engine, wait_idle  # noqa: E402
 
 from flover import Engine, EngineConfig  # noqa: E402
 from flover.cli import build_parser  # noqa: E402
@@ -24,19 +23,10 @@ MAX_BODY = 64 * 1024
 MAX_CHARS = 1000
 
 
-def one_slot_engine(step_s: float = 0.005) -> Engine:
-    """One slot. Each step takes at least `step_s`, so that a request of a few hundred tokens
-    holds the slot for over a second however fast the CPU's kernels are: the overload and
-    queue-timeout tests need it to still be running when the others arrive."""
-    eng = Engine(EngineConfig(model="tiny_llama", device="cpu", max_concurrency=1,
-                              max_seq_len=512))
-    real = eng.step
-
-    def paced():
-        time.sleep(step_s)
-        return real()
-    eng.step = paced
-    return eng
+def one_slot_engine() -> Engine:
+    """One slot, paced (see test_server.paced): 5 ms a step at least."""
+    return paced(Engine(EngineConfig(model="tiny_llama", device="cpu", max_concurrency=1,
+                                     max_seq_len=512)), 0.005)
 
 
 @pytest.fixture(scope="module")
