@@ -195,11 +195,11 @@ def test_a_failed_forward_fails_its_batch_frees_the_slots_and_the_engine_goes_on
     real = eng.runner.forward_logits
     calls = {"n": 0}
 
-    def forward(batch):
+    def forward(batch, feed=None):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("device lost")
-        return real(batch)
+        return real(batch, feed)
     monkeypatch.setattr(eng.runner, "forward_logits", forward)
     outs = eng.step()
     assert sorted(o.request_id for o in outs) == ["a", "b"]

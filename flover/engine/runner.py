@@ -34,7 +34,7 @@ from flover.engine.scheduler import Batch, StepResult
 from flover.engine.sequence import Group, Request
 from flover.ops import attention
 from flover.ops.attention import AttentionMetadata, PrefillChunk
-from flover.ops.transfer import to_device
+from flover.ops.transfer import to_device, to_host
 from flover.sampling import penalties, sampler
 
 T = TypeVar("T")
@@ -91,7 +91,7 @@ class ModelRunner:
             logits, hidden = self._eager(batch, feed)
             entries, failed = self.prompt_logprobs(batch, hidden)
         else:
-            logits = self.forward_logits(batch) if feed is None else self.forward_logits(batch, feed)
+            logits = self.forward_logits(batch, feed)
             entries, failed = {}, {}
         # a request whose prompt logprobs failed fails whole, all its rows
         flight = self.launch_select(logits, batch.sample, batch.sample_slots,
@@ -293,12 +293,7 @@ class ModelRunner:
         failed = dict(failed or {})
 
         def guard(row: Request, stage: Callable[..., T], *args) -> T | None:
-            try:
-                return stage(*args)
-            except Exception as e:  # noqa: BLE001 - the error belongs to this request alone
-                for r in row.rows:  # a request fails whole, all its rows
-                    failed.setdefault(r, e)
-                return None
+            return _guarded(failed, row, stage, *args)
 
         specs = [guard(r, penalties.row_penalty, r, self.eos_ids) for r in rows]
         for r, s in zip(rows, slots, strict=True):
@@ -334,8 +329,8 @@ class ModelRunner:
             tokens = full.index_copy_(0, to_device(ok, self.device), tokens)
         flight.tokens = tokens
         if self.device.type == "cuda":  # the copies to the host wait for this iteration only
-            flight.host = _to_pinned(tokens)
-            flight.lp_host = None if table is None else _to_pinned(table)
+            flight.host = to_host(tokens)
+            flight.lp_host = None if table is None else to_host(table)
             flight.copied = torch.cuda.Event()
             flight.copied.record()
         else:
@@ -352,21 +347,12 @@ class ModelRunner:
         host = flight.host.tolist()
         lp_rows = penalties.spread_rows([] if flight.lp_host is None else flight.lp_host.tolist(),
                                         flight.lp_index, len(flight.ks))
-
-        def guard(row: Request, stage: Callable[..., T], *args) -> T | None:
-            try:
-                return stage(*args)
-            except Exception as e:  # noqa: BLE001 - the error belongs to this request alone
-                for r in row.rows:
-                    failed.setdefault(r, e)
-                return None
-
         out: list[int | None] = [None] * len(rows)
         logprobs: list[dict | None] = [None] * len(rows)
         for j, i in enumerate(ok):
             if flight.ks[j] is not None:
-                logprobs[i] = guard(rows[i], penalties.logprob_entry, lp_rows[j],
-                                    flight.k, flight.ks[j])
+                logprobs[i] = _guarded(failed, rows[i], penalties.logprob_entry, lp_rows[j],
+                                       flight.k, flight.ks[j])
             out[i] = host[i]
         for i, r in enumerate(rows):  # a row whose request failed at a later stage gets nothing
             if r in failed:
@@ -375,11 +361,15 @@ class ModelRunner:
                           failed, logprobs)
 
 
-def _to_pinned(t: torch.Tensor) -> torch.Tensor:
-    """A pinned host copy of a device tensor, started without waiting (see InFlight.copied)."""
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    return host
+def _guarded(failed: dict[Request, BaseException], row: Request, stage: Callable[..., T],
+             *args) -> T | None:
+    """A per-request stage: its error fails the row's request, all its rows (in `failed`)."""
+    try:
+        return stage(*args)
+    except Exception as e:  # noqa: BLE001 - the error belongs to this request alone
+        for r in row.rows:
+            failed.setdefault(r, e)
+        return None
 
 
 @dataclass(slots=True, eq=False)

@@ -76,21 +76,11 @@ def _rotary_kernel(X, Y, Pos, Cos, Sin, sx_t, sx_h, sy_t, sy_h, s_cos,
     mask = i < ROT // 2
     c = tl.load(Cos + pos * s_cos + i, mask=mask, other=0.0)
     s = tl.load(Sin + pos * s_cos + i, mask=mask, other=0.0)
-    if INTERLEAVED:  # GPT-J: channel 2i with 2i+1
-        ia, ib = 2 * i, 2 * i + 1
-    else:  # LLaMA: channel i with i + ROT/2
-        ia, ib = i, i + ROT // 2
     x_row = X + t * sx_t + h * sx_h
     y_row = Y + t * sy_t + h * sy_h
-    a = tl.load(x_row + ia, mask=mask, other=0.0)
-    b = tl.load(x_row + ib, mask=mask, other=0.0)
-    af, bf = a.to(tl.float32), b.to(tl.float32)
-    tl.store(y_row + ia, (af * c - bf * s).to(a.dtype), mask=mask)
-    tl.store(y_row + ib, (bf * c + af * s).to(a.dtype), mask=mask)
+    _rotate(x_row, y_row, c, s, i, mask, INTERLEAVED, ROT)
     if ROT < D:  # the channels past rot_dim pass through
-        r = ROT + tl.arange(0, BLOCK_D)
-        rm = r < D
-        tl.store(y_row + r, tl.load(x_row + r, mask=rm, other=0.0), mask=rm)
+        _copy(x_row, y_row, D, ROT, BLOCK_D)
 
 
 def rotary(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -137,11 +127,10 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 @triton.jit
 def _rotate(x_row, y_row, c, s, i, mask, INTERLEAVED: tl.constexpr, ROT: tl.constexpr):
-    """One head's first ROT channels rotated as `_rotary_kernel` does (rounded to x's dtype),
-    stored in y's dtype."""
-    if INTERLEAVED:
+    """One head's first ROT channels rotated in float32, rounded to x's dtype, stored in y's."""
+    if INTERLEAVED:  # GPT-J: channel 2i with 2i+1
         ia, ib = 2 * i, 2 * i + 1
-    else:
+    else:  # LLaMA: channel i with i + ROT/2
         ia, ib = i, i + ROT // 2
     a = tl.load(x_row + ia, mask=mask, other=0.0)
     b = tl.load(x_row + ib, mask=mask, other=0.0)

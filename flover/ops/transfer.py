@@ -1,4 +1,4 @@
-"""Host values to the device without waiting for the device.
+"""Host values to the device, and device tensors to the host, without waiting for the device.
 
 `torch.tensor(values, device="cuda")` copies from pageable memory, and such a copy first waits
 for all the work already queued on the stream: with async scheduling that is the iteration in
@@ -18,3 +18,11 @@ def to_device(values, device: torch.device | str, dtype: torch.dtype | None = No
     if torch.device(device).type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """A pinned host copy of a device tensor, started without waiting: it is filled once the
+    work queued before it is done (record an event after it to know when)."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
