@@ -12,21 +12,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
+#include "vec16.h"
 
-static inline v16f load16(const float *p) { v16f v; memcpy(&v, p, sizeof v); return v; }
 static inline void store16(float *p, v16f v) { memcpy(p, &v, sizeof v); }
 static inline v16f splat(float a) { return (v16f){0} + a; }
 static inline v16f pick(v16i m, v16f a, v16f b) { return (v16f)(((v16i)a & m) | ((v16i)b & ~m)); }
-
-static inline float tree_sum16(v16f a) {
-    float t[16];
-    memcpy(t, &a, 64);
-    for (int s = 8; s > 0; s >>= 1)
-        for (int j = 0; j < s; j++) t[j] += t[j + s];
-    return t[0];
-}
 
 /* sum of a[i] * b[i], i < n: 16 lanes in order, the tail in lane order, then the tree */
 static inline float dot(const float *a, const float *b, int64_t n) {

@@ -23,9 +23,9 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "vec16.h"
+
 #define TM 8
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
 typedef uint8_t v16u8 __attribute__((vector_size(16)));
 
 #if defined(__FLT16_MAX__)
@@ -40,16 +40,6 @@ static inline float h2f(const uint16_t *p) { /* IEEE half -> float, for compiler
     return f;
 }
 #endif
-
-static inline v16f load16(const float *p) { v16f v; memcpy(&v, p, sizeof v); return v; }
-
-static inline float tree_sum16(v16f a) {
-    float t[16];
-    memcpy(t, &a, 64);
-    for (int s = 8; s > 0; s >>= 1)
-        for (int j = 0; j < s; j++) t[j] += t[j + s];
-    return t[0];
-}
 
 static inline v16f u8_to_f(v16u8 q) { return __builtin_convertvector(__builtin_convertvector(q, v16i), v16f); }
 
