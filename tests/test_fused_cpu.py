@@ -145,22 +145,7 @@ def test_without_the_library_the_ops_run_their_references(monkeypatch):
 @pytest.mark.parametrize("preset", ["tiny_llama", "tiny_gptj"])
 def test_model_with_cpu_kernels_matches_references(preset):
     """A prefill then a padded decode batch through the runner, kernels on and off."""
-    from test_cuda_graph import prefilled_rows
+    from test_kernels import logits_fused_on_and_off
 
-    from flover.engine.kv_cache import SlotCache
-    from flover.engine.runner import ModelRunner
-    from flover.weights import load_model
-
-    model, _ = load_model(preset, torch.float32, torch.device("cpu"), seed=2)
-    out = []
-    for enabled in (True, False):
-        fused.ENABLED = enabled
-        try:
-            cache = SlotCache(model.cfg.num_layers, 4, model.cfg.num_kv_heads, 64,
-                              model.cfg.head_dim, torch.float32, torch.device("cpu"))
-            runner = ModelRunner(model, cache, cuda_graphs=False)
-            batch = prefilled_rows(runner, cache)
-            out.append(runner.forward_logits(batch))
-        finally:
-            fused.ENABLED = True
-    torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-5)
+    on, off = logits_fused_on_and_off(preset, torch.device("cpu"))
+    torch.testing.assert_close(on, off, rtol=1e-5, atol=1e-5)

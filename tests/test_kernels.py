@@ -128,25 +128,32 @@ def test_write_kv_kernel_writes_each_token_at_its_slot_and_position():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the dispatch uses kernels on a GPU only")
 @pytest.mark.parametrize("preset", ["tiny_llama", "tiny_gptj"])
 def test_model_with_fused_kernels_matches_references_on_gpu(preset):
+    on, off = logits_fused_on_and_off(preset, torch.device("cuda"))
+    torch.testing.assert_close(on, off, rtol=1e-4, atol=1e-4)
+
+
+def logits_fused_on_and_off(preset: str, device: torch.device) -> list[torch.Tensor]:
+    """A prefill then a padded decode batch of a float32 preset through the runner, with the
+    device's fused kernels on (`fused.ENABLED`), then off (the references): both logits."""
     from test_cuda_graph import prefilled_rows
 
     from flover.engine.kv_cache import SlotCache
     from flover.engine.runner import ModelRunner
     from flover.weights import load_model
 
-    model, _ = load_model(preset, torch.float32, torch.device("cuda"), seed=2)
+    model, _ = load_model(preset, torch.float32, device, seed=2)
     out = []
     for enabled in (True, False):
         fused.ENABLED = enabled
         try:
             cache = SlotCache(model.cfg.num_layers, 4, model.cfg.num_kv_heads, 64,
-                              model.cfg.head_dim, torch.float32, torch.device("cuda"))
+                              model.cfg.head_dim, torch.float32, device)
             runner = ModelRunner(model, cache, cuda_graphs=False)
             batch = prefilled_rows(runner, cache)
             out.append(runner.forward_logits(batch))
         finally:
             fused.ENABLED = True
-    torch.testing.assert_close(out[0], out[1], rtol=1e-4, atol=1e-4)
+    return out
 
 
 @pytest.mark.parametrize("bits", [4, 8])
