@@ -8,9 +8,13 @@ same run (bytes read + bytes written). The embedding table is not counted: a ste
 B of its rows. Optionally the transformers `generate` per-step time on the same card (static
 batch, prompt of C tokens, LLaMA-7B shape, fp16): (t(1 + n new tokens) - t(1)) / n.
 
-Each row runs with batch invariance off and on (`--invariance`), in the same run.
+Each row runs with batch invariance off and on (`--invariance`), in the same run; `--variants`
+times the invariant step in several forms, each with graphs captured afresh, in the same
+process: `nosplit` (the linear kernel's K in one part), `split` (in `linear_triton.splits`
+parts), `pdl` (split, and the kernels of the step launched with programmatic dependent launch,
+the linear kernel asking for its first weight tiles in L2 before it waits), `pdl-noprefetch`.
 
-    python3 bench/decode_step.py --out decode_step.json
+    python3 bench/decode_step.py --out decode_step.json [--variants nosplit,split,pdl]
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from flover.engine.scheduler import Batch
 from flover.engine.sequence import Request, Status
 from flover.models.layers import init_random
 from flover.models.presets import preset
-from flover.ops import fused, linear_triton
+from flover.ops import fused, launch, linear_triton
 from flover.ops.linear import swap_linears
 from flover.weights import allocate
 
@@ -61,6 +65,25 @@ def weight_bytes_read(model: torch.nn.Module) -> int:
     return sum(p.nbytes for p in model.parameters() if id(p) not in skip)
 
 
+VARIANTS = {  # name: (split K, PDL, prefetch steps)
+    "nosplit": (False, False, 0), "split": (True, False, 0), "pdl": (True, True, None),
+    "pdl-noprefetch": (True, True, 0), "pdl-nosplit": (False, True, None),
+}
+
+
+def apply_variant(name: str | None) -> None:
+    """Set the switches of `name` (None: the defaults as shipped)."""
+    split, pdl, prefetch = VARIANTS.get(name, (True, launch.ENABLED, None))
+    linear_triton.SPLIT_K = split
+    launch.set_enabled(pdl)
+    base = _DEFAULT_LINEAR
+    linear_triton.default_config = (base if prefetch is None
+                                    else lambda *a: base(*a) | {"prefetch": prefetch})
+
+
+_DEFAULT_LINEAR = linear_triton.default_config
+
+
 def time_steps(runner: ModelRunner, batch: Batch, iters: int) -> float:
     """Median milliseconds of `runner.run(batch)` (which ends in the tokens' host copy)."""
     for _ in range(3):
@@ -87,7 +110,8 @@ def decode_batch(rows: int, context: int) -> Batch:
 
 
 def bench_model(name: str, dtype: str, batches: list[int], context: int, iters: int,
-                bw: float, eager: bool, invariance: list[str]) -> list[dict]:
+                bw: float, eager: bool, invariance: list[str],
+                variants: list[str | None] = (None,)) -> list[dict]:
     """Each batch size's step with batch invariance off (cuBLAS, SDPA) then on (the Triton
     linear and per-row attention: `EngineConfig.batch_invariant`, the engine's default)."""
     cfg = preset(name)
@@ -101,10 +125,13 @@ def bench_model(name: str, dtype: str, batches: list[int], context: int, iters: 
     wbytes = weight_bytes_read(model)
     kv_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * cache.k.element_size()
     rows = []
-    for mode in sorted(invariance, key=lambda m: m == "on"):  # off first: on swaps the linears
+    runs = [(m, v) for m in sorted(invariance, key=lambda m: m == "on")  # off first: on swaps
+            for v in (variants if m == "on" else [None])]
+    for mode, variant in runs:
         on = mode == "on"
         if on:
             swap_linears(model)
+        apply_variant(variant)
         graphs = ModelRunner(model, cache, cuda_graphs=True, batch_invariant=on)
         plain = ModelRunner(model, cache, cuda_graphs=False, batch_invariant=on) if eager else None
         for b in batches:
@@ -114,14 +141,17 @@ def bench_model(name: str, dtype: str, batches: list[int], context: int, iters: 
             ms = time_steps(graphs, batch, iters)
             row = {"model": name, "dtype": dtype, "batch": b, "context": context,
                    "batch_invariant": on, "weight_bytes": wbytes, "kv_bytes": kv,
-                   "floor_ms": floor_ms, "step_ms": ms, "over_floor": ms / floor_ms}
+                   "floor_ms": floor_ms, "step_ms": ms, "over_floor": ms / floor_ms,
+                   "variant": variant}
             if plain is not None:
                 row["eager_ms"] = time_steps(plain, batch, iters)
-            print(f"{name:10s} {dtype:5s} invariant {mode:3s} B={b:3d}  step {ms:7.3f} ms  "
+            print(f"{name:10s} {dtype:5s} invariant {mode:3s} {variant or '':14s} B={b:3d}  "
+                  f"step {ms:7.3f} ms  "
                   f"floor {floor_ms:6.3f} ms  x{ms / floor_ms:5.2f}  "
                   f"eager {row.get('eager_ms', float('nan')):7.3f} ms", flush=True)
             rows.append(row)
         del graphs, plain
+        apply_variant(None)
         gc.collect()
         torch.cuda.empty_cache()
     del model, cache
@@ -172,6 +202,8 @@ def main() -> None:
                     "configs to time instead of its default (tuning)")
     ap.add_argument("--prologues", action="store_true", help="the norm and SiLU as the "
                     "invariant linear's prologues (fused.PROLOGUES, off by default)")
+    ap.add_argument("--variants", default="", help="e.g. nosplit,split,pdl: forms of the "
+                    "invariant step to time (default: as shipped)")
     ap.add_argument("--hf-batches", default="", help="e.g. 1,32: transformers generate baseline")
     ap.add_argument("--hf-new-tokens", type=int, default=32)
     ap.add_argument("--out", default="decode_step.json")
@@ -200,7 +232,7 @@ def main() -> None:
                     print(f"linear config {cfg}", flush=True)
                 modes = args.invariance.split(",") if i == 0 else ["on"]
                 got = bench_model(name, dtype, batches, args.context, args.iters, bw, args.eager,
-                                  modes)
+                                  modes, [v for v in args.variants.split(",") if v] or [None])
                 rows += [r | {"linear_config": cfg} if cfg else r for r in got]
                 save()
     for b in [int(x) for x in args.hf_batches.split(",") if x]:
@@ -213,7 +245,8 @@ def main() -> None:
         save()
 
     print(f"\n{card}, copy bandwidth {bw / 1e12:.3f} TB/s, context {args.context}")
-    print(f"{'model':10s} {'dtype':5s} {'inv':3s} {'B':>3s} {'step ms':>8s} {'floor ms':>8s} "
+    print(f"{'model':10s} {'dtype':5s} {'inv':3s} {'variant':14s} {'B':>3s} {'step ms':>8s} "
+          f"{'floor ms':>8s} "
           f"{'x floor':>7s} {'eager ms':>8s} {'on/off':>6s}")
     off = {(r["model"], r["dtype"], r["batch"]): r["step_ms"] for r in rows
            if not r["batch_invariant"]}
@@ -221,7 +254,8 @@ def main() -> None:
         base = off.get((r["model"], r["dtype"], r["batch"]))
         ratio = r["step_ms"] / base if r["batch_invariant"] and base else float("nan")
         print(f"{r['model']:10s} {r['dtype']:5s} {'on' if r['batch_invariant'] else 'off':3s} "
-              f"{r['batch']:3d} {r['step_ms']:8.3f} {r['floor_ms']:8.3f} {r['over_floor']:7.2f} "
+              f"{r.get('variant') or '':14s} {r['batch']:3d} {r['step_ms']:8.3f} "
+              f"{r['floor_ms']:8.3f} {r['over_floor']:7.2f} "
               f"{r.get('eager_ms', float('nan')):8.3f} {ratio:6.3f} {r.get('linear_config') or ''}")
     for h in hf:
         print(f"transformers generate llama_7b fp16 B={h['batch']}: "

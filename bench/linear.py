@@ -4,9 +4,11 @@ For LLaMA-7B's matrices (and the 13B's) at M rows: the Triton kernel's time (CUD
 median) and cuBLAS's (`F.linear`), each as a fraction of the copy bandwidth (weight bytes
 over time, against a device-to-device copy measured in the same run); and whether a row's
 output is bitwise the same at M = 1 and inside larger M (it must be). `--sweep` times a few
-launch configurations too (the default is the one `linear_triton.default_config` names).
+launch configurations too (the default is the one `linear_triton.default_config` names);
+`--splits 1,2,3,4` times the kernel with its K cut into each of those numbers of parts beside
+the default (`linear_triton.splits`, printed as `auto`), and checks a row's bits with each.
 
-    python3 bench/linear.py --out linear.json [--sweep]
+    python3 bench/linear.py --out linear.json [--sweep] [--splits 1,2,3,4]
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from flover.ops.linear_triton import default_config, linear
+from flover.ops.linear_triton import default_config, linear, sm_count, splits
 
 SHAPES = {  # name: (N, K)
     "7b.qkv": (12288, 4096), "7b.o": (4096, 4096), "7b.gate_up": (22016, 4096),
     "7b.down": (4096, 11008), "7b.head": (32000, 4096),
-    "13b.qkv": (15360, 5120), "13b.gate_up": (27648, 5120), "13b.down": (5120, 13824),
+    "13b.qkv": (15360, 5120), "13b.o": (5120, 5120), "13b.gate_up": (27648, 5120),
+    "13b.down": (5120, 13824), "13b.head": (32000, 5120),
 }
 
 
@@ -80,6 +83,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--splits", default="", help="e.g. 1,2,3,4: K parts to time beside auto")
     ap.add_argument("--out", default="linear.json")
     args = ap.parse_args()
     bw = copy_bandwidth()
@@ -89,6 +93,7 @@ def main() -> None:
         configs += [{"block_m": m, "block_n": n, "block_k": k, "num_warps": 4, "num_stages": s}
                     for m, n, k, s in itertools.product((16, 32, 64), (16, 32, 64), (128, 256),
                                                         (3, 5))]
+    configs += [default_config() | {"split": int(p)} for p in args.splits.split(",") if p]
     rows = []
     for dname in args.dtypes.split(","):
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dname]
@@ -120,8 +125,16 @@ def main() -> None:
                       f"({d['bw_frac']:.0%})  cublas {ms_cublas * 1e3:7.1f} us "
                       f"({d['cublas_bw_frac']:.0%})  best {best['ms'] * 1e3:7.1f} us "
                       f"{best['config']}", flush=True)
-            ok = invariant_rows(w, configs[0])
-            rows.append({"dtype": dname, "shape": shape, "bitwise_invariant": ok})
+            auto = splits(n, k, default_config(), sm_count(w.device))
+            if args.splits:  # each part count against the others, M by M (us)
+                for b in [int(x) for x in args.batches.split(",")]:
+                    per = {r["config"].get("split", "auto"): r["ms"] * 1e3 for r in rows
+                           if r.get("shape") == shape and r.get("dtype") == dname
+                           and r.get("M") == b and "prefetch" in r.get("config", {})}
+                    cells = "  ".join(f"{key}: {us:6.1f}" for key, us in per.items())
+                    print(f"{dname} {shape:12s} M={b:3d}  parts (auto = {auto})  {cells}", flush=True)
+            ok = all(invariant_rows(w, cfg) for cfg in configs if not args.sweep or cfg is configs[0])
+            rows.append({"dtype": dname, "shape": shape, "bitwise_invariant": ok, "auto_split": auto})
             print(f"{dname} {shape}: row bitwise the same at M = 1, 7, 32, 64, 300: {ok}", flush=True)
     if args.sweep:  # the configurations with the least time summed over sizes: overall, per shape
         for shape in [None, *args.shapes.split(",")]:

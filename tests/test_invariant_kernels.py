@@ -19,7 +19,8 @@ from flover.models.layers import TiedHead  # noqa: E402
 from flover.ops.attention import row_attention_ref  # noqa: E402
 from flover.ops.attention_triton import row_attention  # noqa: E402
 from flover.ops.linear import InvariantLinear, InvariantTiedHead, linear_ref, swap_linears  # noqa: E402
-from flover.ops.linear_triton import linear  # noqa: E402
+from flover.ops import linear_triton  # noqa: E402
+from flover.ops.linear_triton import default_config, linear, splits  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -54,6 +55,47 @@ def test_linear_row_is_bitwise_the_same_at_every_batch_size(dtype):
             x[at] = row[0]
             got = linear(x, w, b, config=SMALL | {"max_m_tiles": tiles})
             assert torch.equal(got[at], alone[0]), (tiles, m, at)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("parts", [2, 3])
+def test_linear_split_k_as_programs_or_in_one_program_gives_the_same_bits(dtype, parts):
+    gen = torch.Generator().manual_seed(7)
+    w, x = _randn(40, 200, gen=gen, dtype=dtype), _randn(19, 200, gen=gen, dtype=dtype)
+    b, r = _randn(40, gen=gen, dtype=dtype), _randn(19, 40, gen=gen, dtype=dtype)
+    grid = linear(x, w, b, config=SMALL | {"split": parts, "split_grid": True}, residual=r)
+    loop = linear(x, w, b, config=SMALL | {"split": parts, "split_grid": False}, residual=r)
+    assert torch.equal(grid, loop)
+    ref = (linear_ref(x, w, b).float() + r.float()).to(dtype)
+    torch.testing.assert_close(grid, ref, rtol=TOL[dtype], atol=TOL[dtype])
+    assert int(linear_triton._counters(torch.device(DEVICE)).abs().sum()) == 0  # left at zero
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_split_row_is_bitwise_the_same_at_every_batch_size(dtype):
+    gen = torch.Generator().manual_seed(8)
+    w = _randn(48, 224, gen=gen, dtype=dtype)
+    row = _randn(1, 224, gen=gen, dtype=dtype)
+    cfg = SMALL | {"split": 3}
+    alone = linear(row, w, config=cfg | {"split_grid": True})
+    for m, at, grid in [(3, 1, True), (17, 16, False), (33, 5, True), (70, 66, False)]:
+        x = _randn(m, 224, gen=gen, dtype=dtype)
+        x[at] = row[0]
+        got = linear(x, w, config=cfg | {"split_grid": grid, "max_m_tiles": 4})
+        assert torch.equal(got[at], alone[0]), (m, at, grid)
+
+
+def test_splits_cut_narrow_weights_and_leave_wide_ones_whole(monkeypatch):
+    cfg = default_config()
+    llama_7b = {"o": (4096, 4096), "down": (4096, 11008), "qkv": (12288, 4096),
+                "gate_up": (22016, 4096), "head": (32000, 4096)}
+    got = {name: splits(n, k, cfg, 132) for name, (n, k) in llama_7b.items()}
+    assert got["o"] > 1 and got["down"] > 1  # 64 column tiles: half an H200's 132 SMs
+    assert got["gate_up"] == 1 and got["head"] == 1  # several full waves already
+    for name, (n, k) in llama_7b.items():  # every part at least 4 K steps
+        assert -(-k // cfg["block_k"]) >= 4 * got[name]
+    monkeypatch.setattr(linear_triton, "SPLIT_K", False)
+    assert splits(4096, 4096, cfg, 132) == 1
 
 
 def test_linear_keeps_leading_dimensions_and_takes_no_rows():

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from flover.ops import launch
+
 
 @triton.jit
 def _split_kernel(Q, K, V, Lens, OutPart, LsePart, Slots,
@@ -24,9 +26,11 @@ def _split_kernel(Q, K, V, Lens, OutPart, LsePart, Slots,
                   so_b, so_h, so_s, sl_b, sl_h,
                   split_len, scale,
                   D: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SLOTS: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SLOTS: tl.constexpr,
+                  PDL: tl.constexpr = False):
     """A group of G query heads per program, padded to BLOCK_G >= 16 rows for tl.dot.
     Row b reads slot b, or slot Slots[b] with HAS_SLOTS."""
+    launch.prior(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -172,13 +176,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
             split_len, scale)
-    launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     if mha_2d:
-        _split_kernel_mha[(b, h, splits)](*args, D=d, BLOCK_N=block_n, BLOCK_D=block_d, **launch)
+        _split_kernel_mha[(b, h, splits)](*args, D=d, BLOCK_N=block_n, BLOCK_D=block_d, **opts)
     else:
         block_g = max(16, triton.next_power_of_2(group))
         _split_kernel[(b, hkv, splits)](*args, D=d, G=group, BLOCK_G=block_g, BLOCK_N=block_n,
-                                        BLOCK_D=block_d, HAS_SLOTS=False, **launch)
+                                        BLOCK_D=block_d, HAS_SLOTS=False, **opts)
     out = torch.empty_like(q)
     _combine_kernel[(b, h)](
         part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0),
@@ -195,8 +199,9 @@ SPLIT_LEN = 128  # positions per split: fixed, never chosen from the batch or fr
 @triton.jit
 def _ordered_combine_kernel(OutPart, LsePart, Lens, Out, so_b, so_h, so_s, sl_b, sl_h,
                             sout_b, sout_h, split_len,
-                            D: tl.constexpr, BLOCK_D: tl.constexpr):
+                            D: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """Row b's own splits (those its length reaches), merged one by one in position order."""
+    launch.prior(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     length = tl.load(Lens + b).to(tl.int32)
@@ -248,17 +253,18 @@ def row_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     block_d = triton.next_power_of_2(d)
     part = torch.empty((t, h, splits, d), dtype=torch.float32, device=q.device)
     lse = torch.empty((t, h, splits), dtype=torch.float32, device=q.device)
+    pdl = launch.enabled(q)
     _split_kernel[(t, hkv, splits)](
         q, k_cache, v_cache, lengths, part, lse, slots,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
         split_len, scale, D=d, G=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=block_n, BLOCK_D=block_d, HAS_SLOTS=True,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        BLOCK_N=block_n, BLOCK_D=block_d, HAS_SLOTS=True, PDL=pdl,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch.options(pdl))
     out = torch.empty_like(q)
     _ordered_combine_kernel[(t, h)](
         part, lse, lengths, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0),
-        lse.stride(1), out.stride(0), out.stride(1), split_len, D=d, BLOCK_D=block_d,
-        num_warps=1)
+        lse.stride(1), out.stride(0), out.stride(1), split_len, D=d, BLOCK_D=block_d, PDL=pdl,
+        num_warps=1, **launch.options(pdl))
     return out

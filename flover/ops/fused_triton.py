@@ -9,10 +9,13 @@ import torch
 import triton
 import triton.language as tl
 
+from flover.ops import launch
+
 
 @triton.jit
 def _rms_norm_kernel(X, R, W, Y, S, stride_x, stride_r, stride_y, stride_s, n, eps,
-                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    launch.prior(PDL)
     row = tl.program_id(0)
     c = tl.arange(0, BLOCK)
     mask = c < n
@@ -35,14 +38,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     y = torch.empty_like(x)
     s = torch.empty_like(x) if residual is not None else x
     r = residual if residual is not None else x
+    pdl = launch.enabled(x)
     _rms_norm_kernel[(t,)](x, r, weight, y, s, x.stride(0), r.stride(0), y.stride(0),
                            s.stride(0), n, eps, HAS_RES=residual is not None,
-                           BLOCK=triton.next_power_of_2(n), num_warps=8 if n >= 4096 else 4)
+                           BLOCK=triton.next_power_of_2(n), PDL=pdl,
+                           num_warps=8 if n >= 4096 else 4, **launch.options(pdl))
     return y, s
 
 
 @triton.jit
-def _silu_mul_kernel(GU, Y, stride_gu, stride_y, inter, BLOCK: tl.constexpr):
+def _silu_mul_kernel(GU, Y, stride_gu, stride_y, inter, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    launch.prior(PDL)
     row = tl.program_id(0)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = c < inter
@@ -60,8 +66,10 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     inter = two_i // 2
     y = torch.empty((t, inter), dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
+    pdl = launch.enabled(gate_up)
     _silu_mul_kernel[(t, triton.cdiv(inter, block))](gate_up, y, gate_up.stride(0), y.stride(0),
-                                                     inter, BLOCK=block, num_warps=4)
+                                                     inter, BLOCK=block, PDL=pdl, num_warps=4,
+                                                     **launch.options(pdl))
     return y
 
 
@@ -152,9 +160,11 @@ def _rotary_kv_kernel(Q, K, V, QO, KC, VC, Pos, Slots, Offs, Cos, Sin,
                       sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sqo_t, sqo_h,
                       skc_s, skc_h, skc_l, svc_s, svc_h, svc_l, s_cos, H,
                       D: tl.constexpr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr,
-                      BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_REST: tl.constexpr):
+                      BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_REST: tl.constexpr,
+                      PDL: tl.constexpr):
     """Program (t, j): j < H rotates query head j into QO; j >= H rotates key head j - H and
     writes it, and the value head, to the cache at (Slots[t], head, Offs[t])."""
+    launch.prior(PDL)
     t = tl.program_id(0)
     j = tl.program_id(1)
     pos = tl.load(Pos + t)
@@ -193,6 +203,7 @@ def rotary_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torc
     qo = torch.empty((t, heads, d), dtype=q.dtype, device=q.device)
     if t == 0:
         return qo
+    pdl = launch.enabled(q)
     _rotary_kv_kernel[(t, heads + hkv)](
         q, k, v, qo, k_cache, v_cache, positions, slot_ids, offsets, cos, sin,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -201,5 +212,6 @@ def rotary_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torc
         D=d, ROT=rot_dim, INTERLEAVED=interleaved,
         BLOCK_HALF=triton.next_power_of_2(max(rot_dim // 2, 1)),
         BLOCK_D=triton.next_power_of_2(d),
-        BLOCK_REST=triton.next_power_of_2(max(d - rot_dim, 1)), num_warps=1)
+        BLOCK_REST=triton.next_power_of_2(max(d - rot_dim, 1)), PDL=pdl, num_warps=1,
+        **launch.options(pdl))
     return qo

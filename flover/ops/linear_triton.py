@@ -1,15 +1,28 @@
 """The batch-invariant matrix product y = x @ W^T (+ b) of `flover.ops.linear`, in Triton.
 
 One launch configuration for every number of rows M: tiles of BLOCK_M rows by BLOCK_N
-output features, the K axis walked from 0 in steps of BLOCK_K into one float32 accumulator
-per row tile, no split-K. A row's output is therefore the same sequence of the same MMA
-instructions whatever M is and whatever the other rows hold: bitwise the same alone or in
-any batch. cuBLAS, by contrast, picks another kernel (and split-K) for each M.
+output features, the K axis cut into SPLITS parts fixed by the weight's shape (N, K) and the
+device, never by M (`splits`), each part walked from its start in steps of BLOCK_K into a
+float32 accumulator of its own, the parts' sums then added in order. A row's output is
+therefore the same sequence of the same MMA instructions and float32 adds whatever M is and
+whatever the other rows hold: bitwise the same alone or in any batch. cuBLAS, by contrast,
+picks another kernel (and split-K) for each M.
 
-Small BLOCK_N gives decode (M = 1..64) enough programs to stream the weight at full
-bandwidth. A program takes up to `max_m_tiles` row tiles (M_TILES, from M; at most four),
-each with its own accumulator, so that a decode batch reads each weight tile once per
-program; M_TILES changes how many tiles share a load, never a tile's arithmetic.
+Why split: at decode (M = 1..64) the product streams the weight, and a narrow weight (N =
+hidden size: o_proj, down_proj) has too few column tiles to keep every multiprocessor
+pulling memory (64 programs on 132 SMs for LLaMA-7B). The parts run as programs of their
+own (SPLIT_GRID) whose float32 sums go to a workspace; the last program of a tile to arrive
+(a counter per tile) adds them in part order and applies the epilogue, so which program
+arrives last changes nothing. With many row tiles (prefill) one program walks all the parts
+itself, in the same order, with the same bits.
+
+Small BLOCK_N gives decode enough programs. A program takes up to `max_m_tiles` row tiles
+(M_TILES, from M; at most four), each with its own accumulator, so that a decode batch reads
+each weight tile once per program; M_TILES changes how many tiles share a load, never a
+tile's arithmetic.
+
+With PDL (`flover.ops.launch`) a program first asks for its part's leading weight tiles in
+L2, then waits for the kernel before it: the weight does not depend on it.
 """
 
 from __future__ import annotations
@@ -17,6 +30,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from flover.ops import launch
 
 
 @triton.jit
@@ -110,20 +125,81 @@ def _norm_w(NW, rk, k0, K, PRO: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _linear_kernel(X, W, B, Y, XR, NW, S, YR, M, N, K, sx_m, sw_n, sy_m, sxr_m, syr_m, eps,
+def _products(X, w_ptr, mask_n, r0, rk, k_lo, k_hi, M, K, sx_m, IEEE: tl.constexpr,
+              M_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    """The float32 sums over columns [k_lo, k_hi) of K, from zero in steps of BLOCK_K, of
+    M_TILES row tiles from r0: one load of each weight tile feeds every row tile."""
+    acc0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        w = tl.load(w_ptr + k0, mask=mask_n[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
+        wt = tl.trans(w)
+        acc0 = _mma(_tile(X, r0, rk, k0, M, K, sx_m), wt, acc0, IEEE)
+        if M_TILES > 1:
+            acc1 = _mma(_tile(X, r0 + BLOCK_M, rk, k0, M, K, sx_m), wt, acc1, IEEE)
+        if M_TILES > 2:
+            acc2 = _mma(_tile(X, r0 + 2 * BLOCK_M, rk, k0, M, K, sx_m), wt, acc2, IEEE)
+        if M_TILES > 3:
+            acc3 = _mma(_tile(X, r0 + 3 * BLOCK_M, rk, k0, M, K, sx_m), wt, acc3, IEEE)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _part(WS, acc, part, rm, rn, M, N):
+    """Store (SPLIT_GRID) one part's float32 sums of a row tile in the workspace [part, M, N]."""
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    tl.store(WS + (part * M + rm).to(tl.int64)[:, None] * N + rn[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _parts_sum(WS, rm, rn, M, N, SPLITS: tl.constexpr):
+    """The parts' sums of a row tile added in part order (read past L1: other SMs wrote them)."""
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    ptr = WS + rm.to(tl.int64)[:, None] * N + rn[None, :]
+    acc = tl.load(ptr, mask=mask, other=0.0, cache_modifier=".cg")
+    for part in tl.static_range(1, SPLITS):
+        acc += tl.load(ptr + part * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+    return acc
+
+
+@triton.jit
+def _prefetch_l2(W, rn, sw_n, mask_n, k_lo, k_hi, STEPS: tl.constexpr, BLOCK_K: tl.constexpr,
+                 LINE: tl.constexpr):
+    """Ask for the first STEPS weight tiles of this program's part [k_lo, k_hi) in L2, one
+    prefetch per 128-byte line (LINE elements): issued before the PDL wait, they load while
+    the kernel before still runs. A prefetch is a hint: nothing waits for it."""
+    rl = k_lo + tl.arange(0, STEPS * BLOCK_K // LINE) * LINE
+    ok = mask_n[:, None] & (rl < k_hi)[None, :]
+    off = tl.where(ok, rn.to(tl.int64)[:, None] * sw_n + rl[None, :], 0)
+    tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;",
+                              "=r,l", [W + off], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _linear_kernel(X, W, B, Y, XR, NW, S, YR, WS, CNT, M, N, K, KS, sx_m, sw_n, sy_m, sxr_m,
+                   syr_m, eps,
                    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, M_TILES: tl.constexpr,
                    PRO: tl.constexpr, HAS_SUM: tl.constexpr, HAS_RES: tl.constexpr,
+                   SPLITS: tl.constexpr, SPLIT_GRID: tl.constexpr, PDL: tl.constexpr,
+                   PREFETCH: tl.constexpr, LINE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """M_TILES row tiles per program, each its own accumulator, all fed by one load of the
     weight tile: every row tile runs the same BLOCK_M x BLOCK_N x BLOCK_K products in the
     same K order whatever M_TILES is, so a row's bits do not depend on it.
 
-    Optional prologue (PRO): the RMSNorm of x (HAS_SUM: of x + XR, the summed stream stored
-    once into S by the programs of the first column tile), or SiLU(gate) * up (`_operand`);
-    optional epilogue (HAS_RES): + YR. Each is elementwise per row, or (the norm's 1/rms) a
-    per-row sum in a fixed order, so a row's bits still do not depend on the other rows. The
-    prologue's tiles go through registers, not the pipeliner's shared-memory stages, so they
-    are loaded one K step ahead by hand."""
+    K in SPLITS parts of KS columns (a multiple of BLOCK_K): with SPLIT_GRID, part
+    program_id(2) of a tile, its sums stored in WS, the last part to arrive (CNT counts them,
+    and is put back to 0) adds them in order; without, this program sums every part in turn.
+
+    Optional prologue (PRO, SPLITS = 1): the RMSNorm of x (HAS_SUM: of x + XR, the summed
+    stream stored once into S by the programs of the first column tile), or SiLU(gate) * up
+    (`_operand`); optional epilogue (HAS_RES): + YR. Each is elementwise per row, or (the
+    norm's 1/rms) a per-row sum in a fixed order, so a row's bits still do not depend on the
+    other rows. The prologue's tiles go through registers, not the pipeliner's shared-memory
+    stages, so they are loaded one K step ahead by hand."""
     pid_m = tl.program_id(0)  # fastest: the row tiles of one weight tile run side by side
     pid_n = tl.program_id(1)
     r0 = pid_m * (M_TILES * BLOCK_M) + tl.arange(0, BLOCK_M)
@@ -131,22 +207,54 @@ def _linear_kernel(X, W, B, Y, XR, NW, S, YR, M, N, K, sx_m, sw_n, sy_m, sxr_m, 
     rk = tl.arange(0, BLOCK_K)
     mask_n = rn < N
     w_ptr = W + rn.to(tl.int64)[:, None] * sw_n + rk[None, :]
-    acc0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc3 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    part = 0
+    if SPLIT_GRID:
+        part = tl.program_id(2)
+    if PREFETCH > 0:
+        _prefetch_l2(W, rn, sw_n, mask_n, part * KS, tl.minimum(part * KS + KS, K), PREFETCH,
+                     BLOCK_K, LINE)
+    launch.prior(PDL)
+    store = True
     if PRO == 0:
-        for k0 in range(0, K, BLOCK_K):
-            w = tl.load(w_ptr + k0, mask=mask_n[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
-            wt = tl.trans(w)
-            acc0 = _mma(_tile(X, r0, rk, k0, M, K, sx_m), wt, acc0, IEEE)
+        if SPLIT_GRID:
+            acc0, acc1, acc2, acc3 = _products(X, w_ptr, mask_n, r0, rk, part * KS,
+                                               tl.minimum(part * KS + KS, K), M, K, sx_m, IEEE,
+                                               M_TILES, BLOCK_M, BLOCK_N, BLOCK_K)
+            _part(WS, acc0, part, r0, rn, M, N)
             if M_TILES > 1:
-                acc1 = _mma(_tile(X, r0 + BLOCK_M, rk, k0, M, K, sx_m), wt, acc1, IEEE)
+                _part(WS, acc1, part, r0 + BLOCK_M, rn, M, N)
             if M_TILES > 2:
-                acc2 = _mma(_tile(X, r0 + 2 * BLOCK_M, rk, k0, M, K, sx_m), wt, acc2, IEEE)
+                _part(WS, acc2, part, r0 + 2 * BLOCK_M, rn, M, N)
             if M_TILES > 3:
-                acc3 = _mma(_tile(X, r0 + 3 * BLOCK_M, rk, k0, M, K, sx_m), wt, acc3, IEEE)
+                _part(WS, acc3, part, r0 + 3 * BLOCK_M, rn, M, N)
+            tl.debug_barrier()  # every thread's part stored before the count says so
+            tile = pid_m * tl.num_programs(1) + pid_n
+            store = tl.atomic_add(CNT + tile, 1, sem="acq_rel") == SPLITS - 1
+            if store:
+                tl.atomic_xchg(CNT + tile, 0)  # ready for the next launch (graph replays too)
+                acc0 = _parts_sum(WS, r0, rn, M, N, SPLITS)
+                if M_TILES > 1:
+                    acc1 = _parts_sum(WS, r0 + BLOCK_M, rn, M, N, SPLITS)
+                if M_TILES > 2:
+                    acc2 = _parts_sum(WS, r0 + 2 * BLOCK_M, rn, M, N, SPLITS)
+                if M_TILES > 3:
+                    acc3 = _parts_sum(WS, r0 + 3 * BLOCK_M, rn, M, N, SPLITS)
+        else:
+            acc0, acc1, acc2, acc3 = _products(X, w_ptr, mask_n, r0, rk, 0, tl.minimum(KS, K), M,
+                                               K, sx_m, IEEE, M_TILES, BLOCK_M, BLOCK_N, BLOCK_K)
+            for p in tl.static_range(1, SPLITS):
+                p0, p1, p2, p3 = _products(X, w_ptr, mask_n, r0, rk, p * KS,
+                                           tl.minimum(p * KS + KS, K), M, K, sx_m, IEEE, M_TILES,
+                                           BLOCK_M, BLOCK_N, BLOCK_K)
+                acc0 += p0
+                acc1 += p1
+                acc2 += p2
+                acc3 += p3
     else:
+        acc0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc3 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         rstd0 = tl.zeros([BLOCK_M], dtype=tl.float32)
         rstd1 = tl.zeros([BLOCK_M], dtype=tl.float32)
         rstd2 = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -194,24 +302,76 @@ def _linear_kernel(X, W, B, Y, XR, NW, S, YR, M, N, K, sx_m, sw_n, sy_m, sxr_m, 
                 acc3 = _mma(_operand(a3, b3, nw, rstd3, PRO, HAS_SUM), wt, acc3, IEEE)
                 a3, b3 = n3, m3
             nw = nw_next
-    bias = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(B + rn, mask=mask_n, other=0.0).to(tl.float32)
-    _store(Y, acc0, bias, YR, r0, rn, M, N, sy_m, syr_m, HAS_BIAS, HAS_RES)
-    if M_TILES > 1:
-        _store(Y, acc1, bias, YR, r0 + BLOCK_M, rn, M, N, sy_m, syr_m, HAS_BIAS, HAS_RES)
-    if M_TILES > 2:
-        _store(Y, acc2, bias, YR, r0 + 2 * BLOCK_M, rn, M, N, sy_m, syr_m, HAS_BIAS, HAS_RES)
-    if M_TILES > 3:
-        _store(Y, acc3, bias, YR, r0 + 3 * BLOCK_M, rn, M, N, sy_m, syr_m, HAS_BIAS, HAS_RES)
+    if store:  # SPLIT_GRID: only the tile's last part to arrive
+        bias = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(B + rn, mask=mask_n, other=0.0).to(tl.float32)
+        _store(Y, acc0, bias, YR, r0, rn, M, N, sy_m, syr_m, HAS_BIAS, HAS_RES)
+        if M_TILES > 1:
+            _store(Y, acc1, bias, YR, r0 + BLOCK_M, rn, M, N, sy_m, syr_m, HAS_BIAS, HAS_RES)
+        if M_TILES > 2:
+            _store(Y, acc2, bias, YR, r0 + 2 * BLOCK_M, rn, M, N, sy_m, syr_m, HAS_BIAS, HAS_RES)
+        if M_TILES > 3:
+            _store(Y, acc3, bias, YR, r0 + 3 * BLOCK_M, rn, M, N, sy_m, syr_m, HAS_BIAS, HAS_RES)
 
 
 def default_config(element_size: int = 2) -> dict:
     """Launch parameters for every M (never chosen from M: that is the invariance). Picked on
     an H200 by `bench/decode_step.py --linear-configs` (docs/PERF.md, "Batch invariance"); float32
-    tiles take half the K depth, so that the staged tiles fit in shared memory."""
+    tiles take half the K depth, so that the staged tiles fit in shared memory. `prefetch`: the
+    weight tiles a program asks for in L2 before its PDL wait (with PDL only)."""
     return {"block_m": 16, "block_n": 64, "block_k": 512 // element_size, "num_warps": 4,
-            "num_stages": 4, "max_m_tiles": 2}
+            "num_stages": 4, "max_m_tiles": 2, "prefetch": 4}
+
+
+SPLIT_K = True  # False: every weight in one part (the kernel before the split; for benchmarks)
+COUNTER_SLOTS = 4096  # tiles a SPLIT_GRID launch may count at once
+_SMS: dict[torch.device, int] = {}
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    if device not in _SMS:
+        _SMS[device] = (torch.cuda.get_device_properties(device).multi_processor_count
+                        if device.type == "cuda" else 1)
+    return _SMS[device]
+
+
+def splits(n: int, k: int, cfg: dict, sms: int) -> int:
+    """How many parts the K axis of an [N, K] weight is cut into on a device of `sms`
+    multiprocessors: from the shape and the device alone, never from M (that is the
+    invariance). A decode product streams its weight in waves of at most `sms` programs,
+    and a wave of fewer than about two thirds of them cannot pull the copy bandwidth (on an
+    H200, 64 programs streamed at ~1/1.6 of it); the count minimising the waves' time, each
+    extra part charged 3% (its pipeline fill and the parts' sum), at least 4 K steps a part."""
+    if not SPLIT_K:
+        return 1
+    tiles, steps = triton.cdiv(n, cfg["block_n"]), triton.cdiv(k, cfg["block_k"])
+    full = 2 * sms / 3
+    best, best_t = 1, float("inf")
+    for parts in range(1, 5):
+        if steps < 4 * parts:
+            break
+        programs, left, t = tiles * parts, tiles * parts, 0.0
+        while left > 0:
+            wave = min(left, sms)
+            left -= wave
+            t += wave / programs / min(1.0, wave / full)
+        t *= 1 + 0.03 * (parts - 1)
+        if t < best_t - 1e-9:
+            best, best_t = parts, t
+    return best
+
+
+def _counters(device: torch.device) -> torch.Tensor | None:
+    """The per-tile arrival counters of SPLIT_GRID launches on `device`: zeros, and left at
+    zero by every launch. Made outside graph capture only (a captured memset would not run
+    before the first eager launch); None until then, and launches sum the parts themselves."""
+    if device not in _COUNTERS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        _COUNTERS[device] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
+    return _COUNTERS[device]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -225,6 +385,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     norm=(w, eps): the product of w * rms_norm(s) with s = x (+ x_residual), returning (y, s);
     silu_gate: x is [..., 2K] (gate then up) and the product is of silu(gate) * up;
     residual [..., N]: y + residual.
+    `config` may also set "split" (the K parts) and "split_grid" (parts as programs), which
+    are otherwise chosen by `splits` and by the launch's size.
     """
     n, k = weight.shape
     assert x.shape[-1] == (2 * k if silu_gate else k) and weight.stride(-1) == 1
@@ -249,18 +411,32 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         # up to max_m_tiles row tiles share each load of a weight tile (decode: one program per
         # weight tile up to 64 rows); the row tile itself, and so each row's arithmetic, is fixed
         m_tiles = min(cfg["max_m_tiles"], triton.cdiv(m, cfg["block_m"]))
-        grid = (triton.cdiv(m, cfg["block_m"] * m_tiles), triton.cdiv(n, cfg["block_n"]))
+        grid_m, grid_n = triton.cdiv(m, cfg["block_m"] * m_tiles), triton.cdiv(n, cfg["block_n"])
         pro = 1 if norm is not None else 2 if silu_gate else 0
-        _linear_kernel[grid](
+        sms = sm_count(x.device)
+        parts = 1 if pro else cfg.get("split") or (splits(n, k, cfg, sms) if x.is_cuda else 1)
+        ks = triton.cdiv(triton.cdiv(k, cfg["block_k"]), parts) * cfg["block_k"]
+        split_grid = cfg.get("split_grid")
+        if split_grid is None:  # a choice of speed only: both ways give the same bits
+            split_grid = parts > 1 and grid_m * grid_n < 4 * max(sms, 32)
+        cnt = _counters(x.device) if split_grid and parts > 1 else None
+        split_grid = cnt is not None and grid_m * grid_n <= COUNTER_SLOTS
+        ws = (torch.empty((parts, m, n), dtype=torch.float32, device=x.device) if split_grid
+              else y)
+        pdl = launch.enabled(x)
+        _linear_kernel[(grid_m, grid_n, parts if split_grid else 1)](
             x2, weight, bias if bias is not None else weight, y,
             xr if xr is not None else x2, norm[0] if norm is not None else weight,
-            s if s is not None else y, yr if yr is not None else y, m, n, k,
+            s if s is not None else y, yr if yr is not None else y, ws,
+            cnt if split_grid else y, m, n, k, ks,
             x2.stride(0), weight.stride(0), y.stride(0), xr.stride(0) if xr is not None else 0,
             yr.stride(0) if yr is not None else 0, norm[1] if norm is not None else 0.0,
             HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, M_TILES=m_tiles,
-            PRO=pro, HAS_SUM=xr is not None, HAS_RES=yr is not None,
+            PRO=pro, HAS_SUM=xr is not None, HAS_RES=yr is not None, SPLITS=parts,
+            SPLIT_GRID=split_grid, PDL=pdl, PREFETCH=cfg["prefetch"] if pdl else 0,
+            LINE=128 // weight.element_size(),
             BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch.options(pdl))
     y = y.view(*lead, n)
     if norm is None:
         return y
