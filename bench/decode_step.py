@@ -99,6 +99,12 @@ def time_steps(runner: ModelRunner, batch: Batch, iters: int) -> float:
     return statistics.median(times)
 
 
+@torch.inference_mode()
+def step_logits(runner: ModelRunner, batch: Batch) -> torch.Tensor:
+    """One step's logits (float32 copy), through the runner's graphs."""
+    return runner.forward_logits(batch).float().clone()
+
+
 def decode_batch(rows: int, context: int) -> Batch:
     reqs = []
     for i in range(rows):
@@ -125,6 +131,7 @@ def bench_model(name: str, dtype: str, batches: list[int], context: int, iters: 
     wbytes = weight_bytes_read(model)
     kv_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * cache.k.element_size()
     rows = []
+    reference = None  # the first invariant variant's logits
     runs = [(m, v) for m in sorted(invariance, key=lambda m: m == "on")  # off first: on swaps
             for v in (variants if m == "on" else [None])]
     for mode, variant in runs:
@@ -132,24 +139,38 @@ def bench_model(name: str, dtype: str, batches: list[int], context: int, iters: 
         if on:
             swap_linears(model)
         apply_variant(variant)
-        graphs = ModelRunner(model, cache, cuda_graphs=True, batch_invariant=on)
-        plain = ModelRunner(model, cache, cuda_graphs=False, batch_invariant=on) if eager else None
-        for b in batches:
-            batch = decode_batch(b, context)
-            kv = b * (context + 1) * kv_token
-            floor_ms = (wbytes + kv) / bw * 1e3
-            ms = time_steps(graphs, batch, iters)
-            row = {"model": name, "dtype": dtype, "batch": b, "context": context,
-                   "batch_invariant": on, "weight_bytes": wbytes, "kv_bytes": kv,
-                   "floor_ms": floor_ms, "step_ms": ms, "over_floor": ms / floor_ms,
-                   "variant": variant}
-            if plain is not None:
-                row["eager_ms"] = time_steps(plain, batch, iters)
-            print(f"{name:10s} {dtype:5s} invariant {mode:3s} {variant or '':14s} B={b:3d}  "
-                  f"step {ms:7.3f} ms  "
-                  f"floor {floor_ms:6.3f} ms  x{ms / floor_ms:5.2f}  "
-                  f"eager {row.get('eager_ms', float('nan')):7.3f} ms", flush=True)
-            rows.append(row)
+        graphs = plain = None
+        try:  # a variant that fails (PDL where the driver lacks it) costs its rows only
+            graphs = ModelRunner(model, cache, cuda_graphs=True, batch_invariant=on)
+            plain = ModelRunner(model, cache, cuda_graphs=False, batch_invariant=on) if eager else None
+            for b in batches:
+                batch = decode_batch(b, context)
+                kv = b * (context + 1) * kv_token
+                floor_ms = (wbytes + kv) / bw * 1e3
+                ms = time_steps(graphs, batch, iters)
+                row = {"model": name, "dtype": dtype, "batch": b, "context": context,
+                       "batch_invariant": on, "weight_bytes": wbytes, "kv_bytes": kv,
+                       "floor_ms": floor_ms, "step_ms": ms, "over_floor": ms / floor_ms,
+                       "variant": variant}
+                if plain is not None:
+                    row["eager_ms"] = time_steps(plain, batch, iters)
+                print(f"{name:10s} {dtype:5s} invariant {mode:3s} {variant or '':14s} B={b:3d}  "
+                      f"step {ms:7.3f} ms  "
+                      f"floor {floor_ms:6.3f} ms  x{ms / floor_ms:5.2f}  "
+                      f"eager {row.get('eager_ms', float('nan')):7.3f} ms", flush=True)
+                rows.append(row)
+            logits = step_logits(graphs, decode_batch(max(batches), context))
+            if on and reference is None:
+                reference = (variant, logits)
+            elif on:  # a variant of the same arithmetic must give the same bits
+                same = torch.equal(logits, reference[1])
+                diff = (logits - reference[1]).abs().max().item()
+                print(f"{name} {dtype} {variant} vs {reference[0]}: logits bitwise equal {same}, "
+                      f"max diff {diff:.3g}", flush=True)
+                rows.append({"model": name, "dtype": dtype, "variant": variant,
+                             "logits_vs": reference[0], "bitwise_equal": same, "max_diff": diff})
+        except Exception as e:  # noqa: BLE001 - reported, and the next variant runs
+            print(f"{name} {dtype} {mode} {variant}: failed: {type(e).__name__}: {e}", flush=True)
         del graphs, plain
         apply_variant(None)
         gc.collect()
