@@ -68,6 +68,7 @@ def weight_bytes_read(model: torch.nn.Module) -> int:
 VARIANTS = {  # name: (split K, PDL, prefetch steps)
     "nosplit": (False, False, 0), "split": (True, False, 0), "pdl": (True, True, None),
     "pdl-noprefetch": (True, True, 0), "pdl-nosplit": (False, True, None),
+    "pdl-prefetch2": (True, True, 2), "pdl-prefetch8": (True, True, 8),
 }
 
 

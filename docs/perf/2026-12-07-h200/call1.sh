@@ -4,7 +4,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 cd bench
 timeout 290 python3 decode_step.py --models llama_7b,llama_13b --dtypes fp16 --batches 1,32 --iters 20 \
-    --variants nosplit,split,pdl,pdl-noprefetch --out $OUT/decode_step.json > $OUT/decode_step.log 2>&1
+    --variants nosplit,split,pdl,pdl-noprefetch,pdl-prefetch2,pdl-prefetch8 --out $OUT/decode_step.json > $OUT/decode_step.log 2>&1
 echo "decode_step rc=$?"
 timeout 90 python3 linear.py --dtypes fp16 --batches 1,32 --splits 1,2,3,4 --out $OUT/linear.json > $OUT/linear.log 2>&1
 echo "linear rc=$?"
