@@ -190,3 +190,14 @@ def test_row_attention_ignores_positions_past_each_row_length():
     before = row_attention(q, k, v, slots, lengths, 64, 0.25, cfg)
     k[1, :, 5:], v[1, :, 5:] = float("nan"), float("nan")  # garbage past row 0's length
     assert torch.equal(row_attention(q, k, v, slots, lengths, 64, 0.25, cfg), before)
+
+
+def test_pdl_is_never_used_off_a_hopper_gpu(monkeypatch):
+    from flover.ops import launch
+
+    monkeypatch.setattr(launch, "ENABLED", True)
+    assert not launch.enabled(torch.zeros(2))  # CPU tensors: the interpreter, no PDL
+    assert launch.options(False) == {} and launch.options(True) == {"launch_pdl": True}
+    monkeypatch.setattr(launch, "ENABLED", False)
+    if torch.cuda.is_available():
+        assert not launch.enabled(torch.zeros(2, device="cuda"))
