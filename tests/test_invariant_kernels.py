@@ -16,10 +16,10 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from flover.models.layers import TiedHead  # noqa: E402
+from flover.ops import linear_triton  # noqa: E402
 from flover.ops.attention import row_attention_ref  # noqa: E402
 from flover.ops.attention_triton import row_attention  # noqa: E402
 from flover.ops.linear import InvariantLinear, InvariantTiedHead, linear_ref, swap_linears  # noqa: E402
-from flover.ops import linear_triton  # noqa: E402
 from flover.ops.linear_triton import default_config, linear, splits  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -92,7 +92,7 @@ def test_splits_cut_narrow_weights_and_leave_wide_ones_whole(monkeypatch):
     got = {name: splits(n, k, cfg, 132) for name, (n, k) in llama_7b.items()}
     assert got["o"] > 1 and got["down"] > 1  # 64 column tiles: half an H200's 132 SMs
     assert got["gate_up"] == 1 and got["head"] == 1  # several full waves already
-    for name, (n, k) in llama_7b.items():  # every part at least 4 K steps
+    for name, (_, k) in llama_7b.items():  # every part at least 4 K steps
         assert -(-k // cfg["block_k"]) >= 4 * got[name]
     monkeypatch.setattr(linear_triton, "SPLIT_K", False)
     assert splits(4096, 4096, cfg, 132) == 1
