@@ -1,23 +1,25 @@
-# call 1: split-K and PDL variants of the invariant decode step, the split sweep per shape,
-# GPU tests (default and PDL on), bitwise invariance on random presets
+# call 1: split-K and PDL variants of the invariant decode step, GPU tests (default and PDL on),
+# bitwise invariance on random presets, the split sweep on the narrow shapes
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 PYTHONPATH=$PWD
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 cd bench
-timeout 220 python3 decode_step.py --models llama_7b,llama_13b --dtypes fp16 --batches 1,32 --iters 20 \
-    --variants nosplit,split,pdl,pdl-noprefetch,pdl-prefetch2,pdl-prefetch8 --out $OUT/decode_step.json > $OUT/decode_step.log 2>&1
+timeout 170 python3 decode_step.py --models llama_7b,llama_13b --dtypes fp16 --batches 1,32 --iters 20 \
+    --variants nosplit,split,pdl --out $OUT/decode_step.json > $OUT/decode_step.log 2>&1
 echo "decode_step rc=$?"
-timeout 80 python3 linear.py --dtypes fp16 --batches 1,32 --splits 1,2,3,4 --out $OUT/linear.json > $OUT/linear.log 2>&1
-echo "linear rc=$?"
-timeout 80 python3 invariance.py --models llama_7b,gptj_6b --dtypes fp16,bf16 --out $OUT/invariance.json > $OUT/invariance.log 2>&1
+timeout 50 python3 invariance.py --models llama_7b --dtypes fp16,bf16 --out $OUT/invariance.json > $OUT/invariance.log 2>&1
 echo "invariance rc=$?"
-FLOVER_PDL=1 timeout 45 python3 invariance.py --models llama_7b --dtypes fp16 --out $OUT/invariance_pdl.json > $OUT/invariance_pdl.log 2>&1
+FLOVER_PDL=1 timeout 35 python3 invariance.py --models llama_7b --dtypes fp16 --out $OUT/invariance_pdl.json > $OUT/invariance_pdl.log 2>&1
 echo "invariance_pdl rc=$?"
 cd ..
-timeout 70 python3 -m pytest -q -p no:cacheprovider -o addopts="" -x tests/test_invariant_kernels.py > $OUT/tests.log 2>&1
+timeout 50 python3 -m pytest -q -p no:cacheprovider -o addopts="" -x tests/test_invariant_kernels.py > $OUT/tests.log 2>&1
 echo "tests rc=$?"; tail -2 $OUT/tests.log
-FLOVER_PDL=1 timeout 70 python3 -m pytest -q -p no:cacheprovider -o addopts="" -x tests/test_engine_gpu.py > $OUT/tests_pdl.log 2>&1
+FLOVER_PDL=1 timeout 50 python3 -m pytest -q -p no:cacheprovider -o addopts="" -x tests/test_engine_gpu.py > $OUT/tests_pdl.log 2>&1
 echo "tests_pdl rc=$?"; tail -2 $OUT/tests_pdl.log
-tail -8 $OUT/invariance.log; tail -4 $OUT/invariance_pdl.log
-grep "parts\|bitwise" $OUT/linear.log | tail -30
-grep -v "^ " $OUT/decode_step.log | tail -24
+cd bench
+timeout 40 python3 linear.py --dtypes fp16 --batches 1 --shapes 7b.o,7b.down,7b.qkv,13b.o,13b.down,13b.gate_up --splits 1,2,3,4 --out $OUT/linear.json > $OUT/linear.log 2>&1
+echo "linear rc=$?"
+cd ..
+tail -6 $OUT/invariance.log; tail -4 $OUT/invariance_pdl.log
+grep "parts\|bitwise" $OUT/linear.log | tail -14
+grep -v "^ " $OUT/decode_step.log | tail -22
