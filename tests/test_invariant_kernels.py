@@ -86,6 +86,7 @@ def test_linear_split_row_is_bitwise_the_same_at_every_batch_size(dtype):
 
 
 def test_splits_cut_narrow_weights_and_leave_wide_ones_whole(monkeypatch):
+    monkeypatch.setattr(linear_triton, "SPLIT_K", True)
     cfg = default_config()
     llama_7b = {"o": (4096, 4096), "down": (4096, 11008), "qkv": (12288, 4096),
                 "gate_up": (22016, 4096), "head": (32000, 4096)}

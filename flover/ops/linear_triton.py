@@ -27,6 +27,8 @@ L2, then waits for the kernel before it: the weight does not depend on it.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -324,7 +326,8 @@ def default_config(element_size: int = 2) -> dict:
             "num_stages": 4, "max_m_tiles": 2, "prefetch": 4}
 
 
-SPLIT_K = True  # False: every weight in one part (the kernel before the split; for benchmarks)
+# False: every weight in one part (the kernel before the split). FLOVER_SPLIT_K=0/1 sets it.
+SPLIT_K = os.environ.get("FLOVER_SPLIT_K", "1") == "1"
 COUNTER_SLOTS = 4096  # tiles a SPLIT_GRID launch may count at once
 _SMS: dict[torch.device, int] = {}
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
