@@ -83,6 +83,7 @@ def apply_variant(name: str | None) -> None:
 
 
 _DEFAULT_LINEAR = linear_triton.default_config
+CHECKS: list[dict] = []  # variants' logits against the first invariant variant's
 
 
 def time_steps(runner: ModelRunner, batch: Batch, iters: int) -> float:
@@ -168,8 +169,8 @@ def bench_model(name: str, dtype: str, batches: list[int], context: int, iters: 
                 diff = (logits - reference[1]).abs().max().item()
                 print(f"{name} {dtype} {variant} vs {reference[0]}: logits bitwise equal {same}, "
                       f"max diff {diff:.3g}", flush=True)
-                rows.append({"model": name, "dtype": dtype, "variant": variant,
-                             "logits_vs": reference[0], "bitwise_equal": same, "max_diff": diff})
+                CHECKS.append({"model": name, "dtype": dtype, "variant": variant,
+                               "logits_vs": reference[0], "bitwise_equal": same, "max_diff": diff})
         except Exception as e:  # noqa: BLE001 - reported, and the next variant runs
             print(f"{name} {dtype} {mode} {variant}: failed: {type(e).__name__}: {e}", flush=True)
         del graphs, plain
@@ -237,7 +238,7 @@ def main() -> None:
     print(f"{card}: device-to-device copy {bw / 1e12:.3f} TB/s (read + write)", flush=True)
     rows, hf = [], []
     result = {"card": card, "date": datetime.date.today().isoformat(),
-              "torch": torch.__version__, "copy_bandwidth_Bps": bw, "rows": rows,
+              "torch": torch.__version__, "copy_bandwidth_Bps": bw, "rows": rows, "checks": CHECKS,
               "transformers_generate": hf}
 
     def save() -> None:  # after every model: a run cut short keeps what it measured

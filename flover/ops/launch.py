@@ -9,6 +9,10 @@ completed and flushed), then lets its own successor launch. Every kernel launche
 must wait before it reads or writes anything a predecessor touches: `prior` below, called
 first in each such kernel, is that wait.
 
+Off by default: on an H100 (docs/PERF.md, "Split-K and PDL") the LLaMA-7B and 13B decode steps
+were within 0.7% of the same step without it, so nothing measured pays for it yet; the
+engine's bitwise tests pass with it on (FLOVER_PDL=1).
+
 `ENABLED` is the switch (`set_enabled`; FLOVER_PDL=1 or 0 in the environment sets it at
 import); `enabled(x)` says whether a launch on x's device uses it: never on the CPU or under
 Triton's interpreter, never before compute capability 9 (Hopper).

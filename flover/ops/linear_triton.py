@@ -2,19 +2,19 @@
 
 One launch configuration for every number of rows M: tiles of BLOCK_M rows by BLOCK_N
 output features, the K axis cut into SPLITS parts fixed by the weight's shape (N, K) and the
-device, never by M (`splits`), each part walked from its start in steps of BLOCK_K into a
-float32 accumulator of its own, the parts' sums then added in order. A row's output is
-therefore the same sequence of the same MMA instructions and float32 adds whatever M is and
-whatever the other rows hold: bitwise the same alone or in any batch. cuBLAS, by contrast,
-picks another kernel (and split-K) for each M.
+device, never by M (`splits`; one part unless SPLIT_K), each part walked from its start in
+steps of BLOCK_K into a float32 accumulator of its own, the parts' sums then added in order.
+A row's output is therefore the same sequence of the same MMA instructions and float32 adds
+whatever M is and whatever the other rows hold: bitwise the same alone or in any batch.
+cuBLAS, by contrast, picks another kernel (and split-K) for each M.
 
 Why split: at decode (M = 1..64) the product streams the weight, and a narrow weight (N =
-hidden size: o_proj, down_proj) has too few column tiles to keep every multiprocessor
-pulling memory (64 programs on 132 SMs for LLaMA-7B). The parts run as programs of their
-own (SPLIT_GRID) whose float32 sums go to a workspace; the last program of a tile to arrive
-(a counter per tile) adds them in part order and applies the epilogue, so which program
-arrives last changes nothing. With many row tiles (prefill) one program walks all the parts
-itself, in the same order, with the same bits.
+hidden size: o_proj, down_proj) has few column tiles for the multiprocessors (64 programs on
+132 SMs for LLaMA-7B). The parts run as programs of their own (SPLIT_GRID) whose float32 sums
+go to a workspace; the last program of a tile to arrive (a counter per tile) adds them in
+part order and applies the epilogue, so which program arrives last changes nothing. With many
+row tiles (prefill) one program walks all the parts itself, in the same order, with the same
+bits. Measured on an H100 it did not pay (see SPLIT_K), so it is off by default.
 
 Small BLOCK_N gives decode enough programs. A program takes up to `max_m_tiles` row tiles
 (M_TILES, from M; at most four), each with its own accumulator, so that a decode batch reads
@@ -326,8 +326,11 @@ def default_config(element_size: int = 2) -> dict:
             "num_stages": 4, "max_m_tiles": 2, "prefetch": 4}
 
 
-# False: every weight in one part (the kernel before the split). FLOVER_SPLIT_K=0/1 sets it.
-SPLIT_K = os.environ.get("FLOVER_SPLIT_K", "1") == "1"
+# Off by default: measured on an H100 (docs/PERF.md, "Split-K and PDL"), the decode step was no
+# faster with the parts (llama_7b) or up to 4.5% slower (llama_13b); one part was the fastest
+# for every narrow weight but LLaMA-7B's down_proj. FLOVER_SPLIT_K=1 turns it on (to measure
+# on other cards: `bench/decode_step.py --variants nosplit,split`, `bench/linear.py --splits`).
+SPLIT_K = os.environ.get("FLOVER_SPLIT_K", "0") == "1"
 COUNTER_SLOTS = 4096  # tiles a SPLIT_GRID launch may count at once
 _SMS: dict[torch.device, int] = {}
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -342,11 +345,13 @@ def sm_count(device: torch.device) -> int:
 
 def splits(n: int, k: int, cfg: dict, sms: int) -> int:
     """How many parts the K axis of an [N, K] weight is cut into on a device of `sms`
-    multiprocessors: from the shape and the device alone, never from M (that is the
-    invariance). A decode product streams its weight in waves of at most `sms` programs,
-    and a wave of fewer than about two thirds of them cannot pull the copy bandwidth (on an
-    H200, 64 programs streamed at ~1/1.6 of it); the count minimising the waves' time, each
-    extra part charged 3% (its pipeline fill and the parts' sum), at least 4 K steps a part."""
+    multiprocessors (1 unless SPLIT_K): from the shape and the device alone, never from M
+    (that is the invariance). The model: a decode product streams its weight in waves of at
+    most `sms` programs, and a wave of fewer than about two thirds of them cannot pull the
+    copy bandwidth (read off H200 figures: 64 programs streamed o_proj at ~1/1.6 of it); the
+    count minimising the waves' time, each extra part charged 3% (its pipeline fill and the
+    parts' sum), at least 4 K steps a part. On an H100 the model's picks were slower than one
+    part for every shape but LLaMA-7B's down_proj (docs/PERF.md, "Split-K and PDL")."""
     if not SPLIT_K:
         return 1
     tiles, steps = triton.cdiv(n, cfg["block_n"]), triton.cdiv(k, cfg["block_k"])
