@@ -72,9 +72,13 @@ VARIANTS = {  # name: (split K, PDL, prefetch steps)
 }
 
 
+_DEFAULT_LINEAR = linear_triton.default_config
+_SHIPPED = (linear_triton.SPLIT_K, launch.ENABLED, None)  # as imported (environment included)
+
+
 def apply_variant(name: str | None) -> None:
-    """Set the switches of `name` (None: the defaults as shipped)."""
-    split, pdl, prefetch = VARIANTS.get(name, (True, launch.ENABLED, None))
+    """Set the switches of `name` (None: back to the defaults as shipped)."""
+    split, pdl, prefetch = VARIANTS.get(name, _SHIPPED)
     linear_triton.SPLIT_K = split
     launch.set_enabled(pdl)
     base = _DEFAULT_LINEAR
@@ -82,7 +86,6 @@ def apply_variant(name: str | None) -> None:
                                     else lambda *a: base(*a) | {"prefetch": prefetch})
 
 
-_DEFAULT_LINEAR = linear_triton.default_config
 CHECKS: list[dict] = []  # variants' logits against the first invariant variant's
 
 

@@ -424,11 +424,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         sms = sm_count(x.device)
         parts = 1 if pro else cfg.get("split") or (splits(n, k, cfg, sms) if x.is_cuda else 1)
         ks = triton.cdiv(triton.cdiv(k, cfg["block_k"]), parts) * cfg["block_k"]
-        split_grid = cfg.get("split_grid")
-        if split_grid is None:  # a choice of speed only: both ways give the same bits
-            split_grid = parts > 1 and grid_m * grid_n < 4 * max(sms, 32)
-        cnt = _counters(x.device) if split_grid and parts > 1 else None
-        split_grid = cnt is not None and grid_m * grid_n <= COUNTER_SLOTS
+        want = cfg.get("split_grid")
+        if want is None:  # a choice of speed only: both ways give the same bits
+            want = grid_m * grid_n < 4 * max(sms, 32)
+        cnt = (_counters(x.device) if want and parts > 1 and grid_m * grid_n <= COUNTER_SLOTS
+               else None)
+        split_grid = cnt is not None
         ws = (torch.empty((parts, m, n), dtype=torch.float32, device=x.device) if split_grid
               else y)
         pdl = launch.enabled(x)
