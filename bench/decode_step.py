@@ -65,22 +65,25 @@ def weight_bytes_read(model: torch.nn.Module) -> int:
     return sum(p.nbytes for p in model.parameters() if id(p) not in skip)
 
 
-VARIANTS = {  # name: (split K, PDL, prefetch steps)
-    "nosplit": (False, False, 0), "split": (True, False, 0), "pdl": (True, True, None),
-    "pdl-noprefetch": (True, True, 0), "pdl-nosplit": (False, True, None),
-    "pdl-prefetch2": (True, True, 2), "pdl-prefetch8": (True, True, 8),
+VARIANTS = {  # name: (split K, PDL, prefetch steps, TMA forms)
+    "nosplit": (False, False, 0, True), "split": (True, False, 0, True),
+    "pdl": (True, True, None, True), "pdl-noprefetch": (True, True, 0, True),
+    "pdl-nosplit": (False, True, None, True), "pdl-prefetch2": (True, True, 2, True),
+    "pdl-prefetch8": (True, True, 8, True),
+    "tma": (False, False, 0, True), "ptr": (False, False, 0, False),
 }
 
 
 _DEFAULT_LINEAR = linear_triton.default_config
-_SHIPPED = (linear_triton.SPLIT_K, launch.ENABLED, None)  # as imported (environment included)
+_SHIPPED = (linear_triton.SPLIT_K, launch.ENABLED, None, launch.TMA)  # as imported (environment included)
 
 
 def apply_variant(name: str | None) -> None:
     """Set the switches of `name` (None: back to the defaults as shipped)."""
-    split, pdl, prefetch = VARIANTS.get(name, _SHIPPED)
+    split, pdl, prefetch, tma = VARIANTS.get(name, _SHIPPED)
     linear_triton.SPLIT_K = split
     launch.set_enabled(pdl)
+    launch.TMA = tma
     base = _DEFAULT_LINEAR
     linear_triton.default_config = (base if prefetch is None
                                     else lambda *a: base(*a) | {"prefetch": prefetch})

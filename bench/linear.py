@@ -7,8 +7,10 @@ output is bitwise the same at M = 1 and inside larger M (it must be). `--sweep` 
 launch configurations too (the default is the one `linear_triton.default_config` names);
 `--splits 1,2,3,4` times the kernel with its K cut into each of those numbers of parts beside
 the default (`linear_triton.splits`, printed as `auto`), and checks a row's bits with each.
+`--tma-sweep` times the pointer form ("tma": False) and the TMA form's launch configurations
+beside the default (the TMA form where the device has it).
 
-    python3 bench/linear.py --out linear.json [--sweep] [--splits 1,2,3,4]
+    python3 bench/linear.py --out linear.json [--sweep] [--splits 1,2,3,4] [--tma-sweep]
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from flover.ops.linear_triton import default_config, linear, sm_count, splits
+from flover.ops.linear_triton import default_config, linear, sm_count, splits, tma_config
 
 SHAPES = {  # name: (N, K)
     "7b.qkv": (12288, 4096), "7b.o": (4096, 4096), "7b.gate_up": (22016, 4096),
@@ -84,6 +86,7 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--splits", default="", help="e.g. 1,2,3,4: K parts to time beside auto")
+    ap.add_argument("--tma-sweep", action="store_true")
     ap.add_argument("--out", default="linear.json")
     args = ap.parse_args()
     bw = copy_bandwidth()
@@ -94,6 +97,11 @@ def main() -> None:
                     for m, n, k, s in itertools.product((16, 32, 64), (16, 32, 64), (128, 256),
                                                         (3, 5))]
     configs += [default_config() | {"split": int(p)} for p in args.splits.split(",") if p]
+    if args.tma_sweep:
+        configs += [{"tma": False}] + [
+            tma_config() | {"tma": True, "block_n": n, "block_k": k, "num_stages": s,
+                            "max_m_tiles": t}
+            for n, k, s, t in itertools.product((64, 128), (128, 256), (3, 4, 6), (1, 2))]
     rows = []
     for dname in args.dtypes.split(","):
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dname]
@@ -121,8 +129,11 @@ def main() -> None:
                     if best is None or ms < best["ms"]:
                         best = r
                 d = next(r for r in reversed(rows) if r.get("default"))
+                ptr = next((r for r in rows if r.get("config") == {"tma": False}
+                            and (r["dtype"], r["shape"], r["M"]) == (dname, shape, b)), None)
+                ptr_us = f"  ptr {ptr['ms'] * 1e3:7.1f} us" if ptr else ""
                 print(f"{dname} {shape:12s} M={b:3d}  triton {d['ms'] * 1e3:7.1f} us "
-                      f"({d['bw_frac']:.0%})  cublas {ms_cublas * 1e3:7.1f} us "
+                      f"({d['bw_frac']:.0%}){ptr_us}  cublas {ms_cublas * 1e3:7.1f} us "
                       f"({d['cublas_bw_frac']:.0%})  best {best['ms'] * 1e3:7.1f} us "
                       f"{best['config']}", flush=True)
             auto = splits(n, k, default_config(), sm_count(w.device))
@@ -133,7 +144,9 @@ def main() -> None:
                            and r.get("M") == b and "prefetch" in r.get("config", {})}
                     cells = "  ".join(f"{key}: {us:6.1f}" for key, us in per.items())
                     print(f"{dname} {shape:12s} M={b:3d}  parts (auto = {auto})  {cells}", flush=True)
-            ok = all(invariant_rows(w, cfg) for cfg in configs if not args.sweep or cfg is configs[0])
+            checked = (configs if not (args.sweep or args.tma_sweep)
+                       else [configs[0]] + [{"tma": False}] * args.tma_sweep)
+            ok = all(invariant_rows(w, cfg) for cfg in checked)
             rows.append({"dtype": dname, "shape": shape, "bitwise_invariant": ok, "auto_split": auto})
             print(f"{dname} {shape}: row bitwise the same at M = 1, 7, 32, 64, 300: {ok}", flush=True)
     if args.sweep:  # the configurations with the least time summed over sizes: overall, per shape

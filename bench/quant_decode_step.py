@@ -3,7 +3,8 @@
 bench/decode_step.py's method (one fused decode step with CUDA graphs, median of --iters,
 floor = bytes read / device-to-device copy bandwidth) for a preset with random weights,
 run as fp16, then quantized to int8 and to int4 (groups of 32, float16 scales) in the same
-process. First checks the kernel against its reference at the model's shapes.
+process. First checks the kernel against its reference at the model's shapes. A width named
+with "-ptr" (int8-ptr, int4-ptr) runs with the TMA forms off (`launch.TMA`), to compare.
 
     python3 bench/quant_decode_step.py --out quant_decode_step.json
 """
@@ -22,7 +23,7 @@ from flover.engine.kv_cache import SlotCache
 from flover.engine.runner import ModelRunner
 from flover.models.layers import init_random
 from flover.models.presets import preset
-from flover.ops import quant, quant_triton
+from flover.ops import launch, quant, quant_triton
 from flover.ops.quant_triton import quant_mm
 from flover.weights import allocate, quantize_model
 
@@ -63,11 +64,13 @@ def main() -> None:
     errs = check_kernel(cfg.intermediate_size, cfg.hidden_size, torch.float16)
     print(f"{card}: copy {bw / 1e12:.3f} TB/s; kernel vs reference (max rel err): {errs}", flush=True)
     rows = []
+    shipped_tma = launch.TMA
     for quantization in args.weights.split(","):
+        launch.TMA = shipped_tma and not quantization.endswith("-ptr")
         model = allocate(cfg, DTYPES["fp16"], torch.device("cuda"))
         init_random(model, seed=0)
-        if quantization != "fp16":
-            quantize_model(model, 8 if quantization == "int8" else 4)
+        if not quantization.startswith("fp16"):
+            quantize_model(model, 8 if quantization.startswith("int8") else 4)
             gc.collect()
             torch.cuda.empty_cache()
         cache = SlotCache(cfg.num_layers, max(batches), cfg.num_kv_heads, args.context + 8,

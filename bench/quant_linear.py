@@ -34,6 +34,15 @@ SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096),
 PER_STEP = {"qkv": 32, "o": 32, "gate_up": 32, "down": 32, "head": 1}  # llama_7b, 32 layers
 
 
+def tma_sweep_configs() -> list[dict]:
+    """The TMA form: BLOCK_N, the step (int4 only: 512), stages, K parts, row tiles."""
+    return [{"tma": True, "bits": b, "block_n": bn, "block_k": bk, "num_stages": st, "split": sp,
+             "max_m_tiles": mt}
+            for b, bn, bk, st, sp, mt in itertools.product((8, 4), (64, 128), (256, 512), (3, 4),
+                                                           (1, 2, 4), (1, 2))
+            if not (b == 8 and bk == 512)]
+
+
 def sweep_configs() -> list[dict]:
     """K split against steps read ahead, the step's depth and BLOCK_N."""
     return [{"block_n": bn, "block_k": bk, "split": sp, "prefetch": pf, "num_warps": 4,
@@ -49,6 +58,8 @@ def _warm(cfgs: list[dict]) -> list[tuple[dict, str | None]]:
     for cfg in cfgs:
         try:
             for p, m in itertools.product(packs, (1, 32)):
+                if cfg.get("bits", p.bits) != p.bits:
+                    continue
                 x = torch.randn(m, p.scales.shape[1] * 32, device="cuda", dtype=torch.float16)
                 quant_mm(x, p.qweight, p.scales, p.mins, p.bits, p.group, config=cfg)
             torch.cuda.synchronize()
@@ -112,11 +123,12 @@ def time_quant(p0: quant.Packed, m: int, cfgs: list[dict], old) -> dict:
             return mod.quant_mm(x, p.qweight, p.scales, p.mins, p.bits, p.group)
         return quant_mm(x, p.qweight, p.scales, p.mins, p.bits, p.group, config=cfg)
 
-    out = {"us": timed(lambda: run(None)) * 1e3}
+    out = {"us": timed(lambda: run(None)) * 1e3, "ptr_us": timed(lambda: run({"tma": False})) * 1e3}
     if old is not None:
         out["old_us"] = timed(lambda: run(None, old)) * 1e3
     if cfgs:
-        out["sweep"] = [(cfg, timed(lambda c=cfg: run(c), iters=5, calls=10) * 1e3) for cfg in cfgs]
+        out["sweep"] = [(cfg, timed(lambda c=cfg: run(c), iters=5, calls=10) * 1e3) for cfg in cfgs
+                        if cfg.get("bits", p0.bits) == p0.bits]
         out["best"] = min(out["sweep"], key=lambda c: c[1])
     return out
 
@@ -136,9 +148,10 @@ def measure_shape(name: str, batches: list[int], bw: float, cfgs: list[dict], ol
             r[f"int{bits}_floor_us"] = floor = packed_bytes(p0) / bw * 1e6
             r.update({f"int{bits}_{key}": v for key, v in t.items()})
             print(f"{name:8s} M={r['M']:3d} int{bits}: {t['us']:8.1f} us, floor {floor:7.1f} "
-                  f"(x{t['us'] / floor:.2f})" + (f", old {t['old_us']:8.1f}" if old else "")
+                  f"(x{t['us'] / floor:.2f}), ptr {t['ptr_us']:8.1f}"
+                  + (f", old {t['old_us']:8.1f}" if old else "")
                   + (f", best {t['best'][1]:8.1f} {t['best'][0]}" if cfgs else ""), flush=True)
-        inv = invariant(p0, None)
+        inv = invariant(p0, None) and invariant(p0, {"tma": False})
         rows.append({"shape": name, "bits": bits, "bitwise_invariant": inv})
         print(f"{name} int{bits}: a row bitwise the same at M = 1, 3, 17, 32, 64: {inv}", flush=True)
     return rows
@@ -150,6 +163,7 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--sweep-shapes", default=",".join(SHAPES))
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--tma-sweep", action="store_true", help="sweep the TMA form's configurations")
     ap.add_argument("--old", default=None, help="path of another quant_triton.py to time too")
     ap.add_argument("--out", default="quant_linear.json")
     args = ap.parse_args()
@@ -158,7 +172,8 @@ def main() -> None:
         spec = importlib.util.spec_from_file_location("old_quant_triton", args.old)
         old = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(old)
-    cfgs = compile_all(sweep_configs()) if args.sweep else []
+    cfgs = compile_all((sweep_configs() if args.sweep else [])
+                       + (tma_sweep_configs() if args.tma_sweep else []))
     bw = copy_bandwidth()
     card = torch.cuda.get_device_name()
     print(f"{card}: copy {bw / 1e12:.3f} TB/s", flush=True)
@@ -180,7 +195,8 @@ def main() -> None:
         json.dump({"card": card, "copy_bandwidth_Bps": bw, "torch": torch.__version__, "rows": rows,
                    "default_config": {b: default_config(4096, 4096, b) for b in (8, 4)}}, f, indent=1)
     print(f"\n{card}, copy {bw / 1e12:.3f} TB/s; microseconds per product (x = over its floor)")
-    cols = ["cublas", "triton_fp16", "int8", "int4"] + (["int8_old", "int4_old"] if old else [])
+    cols = (["cublas", "triton_fp16", "int8", "int4", "int8_ptr", "int4_ptr"]
+            + (["int8_old", "int4_old"] if old else []))
     print(f"{'shape':8s} {'M':>3s} " + " ".join(f"{c:>16s}" for c in cols))
     floor_of = {c: "fp16_floor_us" if c in ("cublas", "triton_fp16") else f"{c[:4]}_floor_us"
                 for c in cols}

@@ -202,3 +202,54 @@ def test_pdl_is_never_used_off_a_hopper_gpu(monkeypatch):
     monkeypatch.setattr(launch, "ENABLED", False)
     if torch.cuda.is_available():
         assert not launch.enabled(torch.zeros(2, device="cuda"))
+
+
+HALF = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+TMA = SMALL | {"tma": True}  # the Hopper form, forced (the interpreter runs it too)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_tma_form_matches_reference_with_its_epilogues(dtype, bias):
+    gen = torch.Generator().manual_seed(11)
+    # N and K not multiples of the tiles: TMA's zeros past the edges
+    w, x = _randn(40, 104, gen=gen, dtype=dtype), _randn(19, 104, gen=gen, dtype=dtype)
+    b = _randn(40, gen=gen, dtype=dtype) if bias else None
+    r = _randn(19, 40, gen=gen, dtype=dtype)
+    ref = linear_ref(x, w, b)
+    torch.testing.assert_close(linear(x, w, b, config=TMA), ref, rtol=TOL[dtype], atol=TOL[dtype])
+    got = linear(x, w, b, config=TMA, residual=r)
+    torch.testing.assert_close(got, (ref.float() + r.float()).to(dtype), rtol=TOL[dtype],
+                               atol=TOL[dtype])
+    # an unaligned x (a view one element in) is copied: the same values, the same bits
+    xs = _randn(19 * 104 + 1, gen=gen, dtype=dtype)
+    xs[1:] = x.reshape(-1)
+    assert torch.equal(linear(xs[1:].view(19, 104), w, b, config=TMA), linear(x, w, b, config=TMA))
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_linear_tma_row_is_bitwise_the_same_at_every_batch_size(dtype):
+    gen = torch.Generator().manual_seed(12)
+    w, b = _randn(48, 96, gen=gen, dtype=dtype), _randn(48, gen=gen, dtype=dtype)
+    row = _randn(1, 96, gen=gen, dtype=dtype)
+    alone = linear(row, w, b, config=TMA)
+    for tiles in (1, 2, 4):
+        for m, at in [(3, 1), (17, 16), (33, 5), (70, 66)]:
+            x = _randn(m, 96, gen=gen, dtype=dtype)
+            x[at] = row[0]
+            got = linear(x, w, b, config=TMA | {"max_m_tiles": tiles})
+            assert torch.equal(got[at], alone[0]), (tiles, m, at)
+
+
+def test_linear_tma_form_is_taken_only_where_it_can_be():
+    gen = torch.Generator().manual_seed(13)
+    form = linear_triton._tma_form
+    w16, x16 = _randn(40, 96, gen=gen, dtype=torch.float16), _randn(3, 96, gen=gen, dtype=torch.float16)
+    assert form(x16, w16, TMA, 0, 1)
+    assert not form(x16, w16, SMALL | {"tma": False}, 0, 1)
+    assert not form(x16.float(), w16.float(), TMA, 0, 1)  # float32: the IEEE products
+    assert not form(x16, w16, TMA, 1, 1) and not form(x16, w16, TMA, 0, 2)  # prologue, parts
+    odd = _randn(40, 70, gen=gen, dtype=torch.float16)  # rows of 140 bytes: no TMA
+    assert not form(x16[:, :70], odd, TMA, 0, 1)
+    assert form(x16, w16, SMALL, 0, 1) == (DEVICE == "cuda"
+                                           and torch.cuda.get_device_capability()[0] >= 9)

@@ -205,3 +205,30 @@ def test_quant_mm_float16_matches_reference_and_rows_do_not_depend_on_m(bits, cf
         x = xs[:m].clone()
         x[m // 2] = row[0]
         assert torch.equal(quant_mm(x, *w, config=cfg)[m // 2], alone[0]), m
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("cfg", [{}, {"split": 2, "block_n": 16}, {"max_m_tiles": 1}])
+def test_quant_mm_tma_form_matches_reference_and_rows_do_not_depend_on_m(bits, cfg):
+    """The Hopper form (TMA; forced here, the interpreter runs it too): equal to F.linear on the
+    dequantised matrix within float16 rounding, N past the tile and K past the step (zeros),
+    K in two parts summed in order, and a row bitwise the same alone and at M = 3, 17, 70."""
+    from flover.ops import quant
+    from flover.ops.quant_triton import quant_mm
+
+    n, k = 40, 768  # 768 = 1.5 int4 steps of 512
+    gen = torch.Generator().manual_seed(bits * 7 + len(cfg))
+    p = quant.quantize(torch.randn(n, k, generator=gen) * 0.05, bits, 32)
+    t = lambda a: None if a is None else a.to(DEVICE)  # noqa: E731
+    w = (t(p.qweight), t(p.scales), t(p.mins), bits, 32)
+    cfg = cfg | {"tma": True}
+    xs = torch.randn(70, k, generator=gen).half().to(DEVICE)
+    ref = torch.nn.functional.linear(xs.float().cpu(), p.dequantize().half().float())
+    ours = quant_mm(xs, *w, config=cfg)
+    torch.testing.assert_close(ours.cpu().float(), ref, rtol=2e-3, atol=2e-3)
+    row = xs[5:6]
+    alone = quant_mm(row, *w, config=cfg)
+    for m in (3, 17, 70):
+        x = xs[:m].clone()
+        x[m // 2] = row[0]
+        assert torch.equal(quant_mm(x, *w, config=cfg)[m // 2], alone[0]), m

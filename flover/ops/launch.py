@@ -1,4 +1,5 @@
-"""Programmatic dependent launch (PDL) for the decode step's Triton kernels (Hopper and newer).
+"""Hopper launch features of the Triton kernels: programmatic dependent launch (PDL), and the
+switch of the products' TMA forms.
 
 In a CUDA graph each kernel normally starts only once the one before it has finished and its
 writes are flushed: the launch latency and the ramp of the first loads sit between every two
@@ -16,6 +17,13 @@ engine's bitwise tests pass with it on (FLOVER_PDL=1).
 `ENABLED` is the switch (`set_enabled`; FLOVER_PDL=1 or 0 in the environment sets it at
 import); `enabled(x)` says whether a launch on x's device uses it: never on the CPU or under
 Triton's interpreter, never before compute capability 9 (Hopper).
+
+TMA: the linear and weight-only products have a form whose operands reach shared memory by
+the tensor memory accelerator, several K steps deep (`linear_triton._linear_tma_kernel`,
+`quant_triton._quant_tma_kernel`). `TMA` (FLOVER_TMA=0 turns it off, to compare) and
+`tma(x)` (also: compiled, compute capability 9 or more) say whether products take it
+where their shapes allow. Each form is batch-invariant on its own; the two give different bits,
+so a device takes one form for every M.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import triton
 import triton.language as tl
 
 ENABLED = os.environ.get("FLOVER_PDL", "0") == "1"
+TMA = os.environ.get("FLOVER_TMA", "1") != "0"
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _CAPABLE: dict[int, bool] = {}
 
@@ -36,13 +45,23 @@ def set_enabled(on: bool) -> None:
     ENABLED = on
 
 
-def enabled(x: torch.Tensor) -> bool:
-    if not (ENABLED and x.is_cuda) or _INTERPRETED:
+def _hopper(device: torch.device) -> bool:
+    """Compiled (not interpreted) on a GPU of compute capability 9 or more."""
+    if device.type != "cuda" or _INTERPRETED:
         return False
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _CAPABLE:
         _CAPABLE[index] = torch.cuda.get_device_capability(index)[0] >= 9
     return _CAPABLE[index]
+
+
+def enabled(x: torch.Tensor) -> bool:
+    return ENABLED and _hopper(x.device)
+
+
+def tma(x: torch.Tensor) -> bool:
+    """Whether products on x's device take their TMA forms (where the shapes allow)."""
+    return TMA and _hopper(x.device)
 
 
 def options(on: bool) -> dict:

@@ -317,6 +317,50 @@ def _linear_kernel(X, W, B, Y, XR, NW, S, YR, WS, CNT, M, N, K, KS, sx_m, sw_n, 
             _store(Y, acc3, bias, YR, r0 + 3 * BLOCK_M, rn, M, N, sy_m, syr_m, HAS_BIAS, HAS_RES)
 
 
+@triton.jit
+def _linear_tma_kernel(XD, WD, B, Y, YR, M, N, K, sy_m, syr_m,
+                       HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, M_TILES: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The Hopper form (float16 / bfloat16, no prologue, one part): y^T = W x^T, the weight
+    tile [BLOCK_N, BLOCK_K] the MMA's left operand, both operands brought into shared memory
+    by TMA (descriptors XD, WD; zeros past the edges), `num_stages` steps deep, so that the
+    weight streams without passing through registers. Each of the M_TILES row tiles is its
+    own [BLOCK_N, BLOCK_M] product per K step, in K order, whatever M is: a row's bits do not
+    depend on the others (not the same bits as `_linear_kernel`'s: another instruction)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    m0 = pid_m * (M_TILES * BLOCK_M)
+    n0 = pid_n * BLOCK_N
+    acc0 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        w = WD.load([n0, k0])
+        acc0 = tl.dot(w, tl.trans(XD.load([m0, k0])), acc0)
+        if M_TILES > 1:
+            acc1 = tl.dot(w, tl.trans(XD.load([m0 + BLOCK_M, k0])), acc1)
+        if M_TILES > 2:
+            acc2 = tl.dot(w, tl.trans(XD.load([m0 + 2 * BLOCK_M, k0])), acc2)
+        if M_TILES > 3:
+            acc3 = tl.dot(w, tl.trans(XD.load([m0 + 3 * BLOCK_M, k0])), acc3)
+    r0 = m0 + tl.arange(0, BLOCK_M)
+    rn = n0 + tl.arange(0, BLOCK_N)
+    bias = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(B + rn, mask=rn < N, other=0.0).to(tl.float32)
+    _store(Y, tl.trans(acc0), bias, YR, r0, rn, M, N, sy_m, syr_m, HAS_BIAS, HAS_RES)
+    if M_TILES > 1:
+        _store(Y, tl.trans(acc1), bias, YR, r0 + BLOCK_M, rn, M, N, sy_m, syr_m, HAS_BIAS,
+               HAS_RES)
+    if M_TILES > 2:
+        _store(Y, tl.trans(acc2), bias, YR, r0 + 2 * BLOCK_M, rn, M, N, sy_m, syr_m, HAS_BIAS,
+               HAS_RES)
+    if M_TILES > 3:
+        _store(Y, tl.trans(acc3), bias, YR, r0 + 3 * BLOCK_M, rn, M, N, sy_m, syr_m, HAS_BIAS,
+               HAS_RES)
+
+
 def default_config(element_size: int = 2) -> dict:
     """Launch parameters for every M (never chosen from M: that is the invariance). Picked on
     an H200 by `bench/decode_step.py --linear-configs` (docs/PERF.md, "Batch invariance"); float32
@@ -324,6 +368,46 @@ def default_config(element_size: int = 2) -> dict:
     weight tiles a program asks for in L2 before its PDL wait (with PDL only)."""
     return {"block_m": 16, "block_n": 64, "block_k": 512 // element_size, "num_warps": 4,
             "num_stages": 4, "max_m_tiles": 2, "prefetch": 4}
+
+
+def tma_config(element_size: int = 2) -> dict:
+    """Launch parameters of the TMA form (`_linear_tma_kernel`), for every M: a 64-row weight
+    tile is one warpgroup's MMA; `num_stages` K steps of both operands in flight."""
+    return {"block_m": 16, "block_n": 64, "block_k": 256 // max(1, element_size // 2),
+            "num_warps": 4, "num_stages": 4, "max_m_tiles": 2}
+
+
+def _tma_form(x: torch.Tensor, weight: torch.Tensor, cfg: dict, pro: int, parts: int) -> bool:
+    """The TMA form takes a product when asked ("tma": True; by default where `launch.tma`)
+    and it can: float16 / bfloat16, no prologue, one part, 16-byte aligned weight rows and
+    K. All of it fixed by the weight, the dtype and the device, never by M."""
+    want = cfg.get("tma")
+    if want is None:
+        want = launch.tma(x)
+    size = weight.element_size()
+    return bool(want and pro == 0 and parts == 1 and x.dtype in (torch.float16, torch.bfloat16)
+                and weight.data_ptr() % 16 == 0 and weight.stride(0) * size % 16 == 0
+                and weight.shape[1] * size % 16 == 0)
+
+
+def _linear_tma(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                y: torch.Tensor, yr: torch.Tensor | None, config: dict | None) -> None:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    cfg = tma_config(x2.element_size()) | (config or {})
+    (m, k), n = x2.shape, weight.shape[0]
+    if x2.stride(0) != k or x2.data_ptr() % 16:  # a copy has the same values: the same bits
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg["block_k"]
+    m_tiles = min(cfg["max_m_tiles"], triton.cdiv(m, bm))
+    grid = (triton.cdiv(m, bm * m_tiles), triton.cdiv(n, bn))
+    _linear_tma_kernel[grid](
+        TensorDescriptor.from_tensor(x2, [bm, bk]), TensorDescriptor.from_tensor(weight, [bn, bk]),
+        bias if bias is not None else weight, y, yr if yr is not None else y, m, n, k,
+        y.stride(0), yr.stride(0) if yr is not None else 0,
+        HAS_BIAS=bias is not None, HAS_RES=yr is not None, M_TILES=m_tiles,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
 
 
 # Off by default: measured on an H100 (docs/PERF.md, "Split-K and PDL"), the decode step was no
@@ -423,6 +507,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         pro = 1 if norm is not None else 2 if silu_gate else 0
         sms = sm_count(x.device)
         parts = 1 if pro else cfg.get("split") or (splits(n, k, cfg, sms) if x.is_cuda else 1)
+        if _tma_form(x2, weight, cfg, pro, parts):
+            _linear_tma(x2, weight, bias, y, yr, config)
+            return y.view(*lead, n)
         ks = triton.cdiv(triton.cdiv(k, cfg["block_k"]), parts) * cfg["block_k"]
         want = cfg.get("split_grid")
         if want is None:  # a choice of speed only: both ways give the same bits

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from flover.ops import launch
+
 BLOCK_M = 16
 DEQUANT = ("asm", "bits", "float")
 
@@ -246,6 +248,73 @@ def _sum_splits(P, Y, M, N, stride_ym, SPLIT: tl.constexpr, BLOCK: tl.constexpr)
     tl.store(Y + (i // N) * stride_ym + i % N, acc.to(Y.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _quant_tma_kernel(XD, XHD, QD, SD, ZD, Y, M, N, K, KS, stride_ym,
+                      BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, M_TILES: tl.constexpr,
+                      MODE: tl.constexpr):
+    """The Hopper form (groups of 32, float16 / bfloat16 activations): every operand of a K
+    step (packed weights, scales, mins, x) brought into shared memory by TMA, `num_stages`
+    steps deep, where `_quant_mm_kernel` waits on each step's loads. Program (row tiles, N
+    tile, part of K): the same order as `_quant_mm_kernel` (per step: int8 one product;
+    int4 the low nibbles' product, then the high ones'), each row tile its own accumulator.
+    int4's x comes as two [BLOCK_M, G, 16] tiles, the first and last 16 columns of each
+    block (XD, XHD), the columns its low and high nibbles multiply."""
+    G: tl.constexpr = BLOCK_K // 32
+    DT = Y.dtype.element_ty
+    m0 = tl.program_id(0) * (M_TILES * BLOCK_M)
+    n0 = tl.program_id(1) * BLOCK_N
+    k_lo = tl.program_id(2) * KS
+    acc0 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T
+    acc1, acc2, acc3 = acc0, acc0, acc0
+    for kb in range(k_lo, tl.minimum(k_lo + KS, K), BLOCK_K):
+        s = tl.reshape(SD.load([n0, kb // 32]), (BLOCK_N, G, 1))
+        if BITS == 8:
+            q = tl.reshape(QD.load([n0, kb]), (BLOCK_N, G, 32))
+            w = tl.reshape(_int8_weights(q, s, MODE, DT), (BLOCK_N, BLOCK_K))
+            acc0 = tl.dot(w, tl.trans(XD.load([m0, kb])), acc0)
+            if M_TILES > 1:
+                acc1 = tl.dot(w, tl.trans(XD.load([m0 + BLOCK_M, kb])), acc1)
+            if M_TILES > 2:
+                acc2 = tl.dot(w, tl.trans(XD.load([m0 + 2 * BLOCK_M, kb])), acc2)
+            if M_TILES > 3:
+                acc3 = tl.dot(w, tl.trans(XD.load([m0 + 3 * BLOCK_M, kb])), acc3)
+        else:
+            q = tl.reshape(QD.load([n0, kb // 2]), (BLOCK_N, G, 16))
+            z = tl.reshape(ZD.load([n0, kb // 32]), (BLOCK_N, G, 1))
+            lo, hi = _int4_weights(q, s, z, MODE, DT)
+            lo = tl.reshape(lo, (BLOCK_N, G * 16))
+            hi = tl.reshape(hi, (BLOCK_N, G * 16))
+            acc0 = _halves(lo, hi, XD, XHD, m0, kb, acc0, BLOCK_M, G)
+            if M_TILES > 1:
+                acc1 = _halves(lo, hi, XD, XHD, m0 + BLOCK_M, kb, acc1, BLOCK_M, G)
+            if M_TILES > 2:
+                acc2 = _halves(lo, hi, XD, XHD, m0 + 2 * BLOCK_M, kb, acc2, BLOCK_M, G)
+            if M_TILES > 3:
+                acc3 = _halves(lo, hi, XD, XHD, m0 + 3 * BLOCK_M, kb, acc3, BLOCK_M, G)
+    r0 = m0 + tl.arange(0, BLOCK_M)
+    rn = n0 + tl.arange(0, BLOCK_N)
+    if SPLIT > 1:
+        Y += tl.program_id(2) * M * N  # float32 partials, rows of N
+    _store(Y, acc0, r0, rn, M, N, stride_ym)
+    if M_TILES > 1:
+        _store(Y, acc1, r0 + BLOCK_M, rn, M, N, stride_ym)
+    if M_TILES > 2:
+        _store(Y, acc2, r0 + 2 * BLOCK_M, rn, M, N, stride_ym)
+    if M_TILES > 3:
+        _store(Y, acc3, r0 + 3 * BLOCK_M, rn, M, N, stride_ym)
+
+
+@triton.jit
+def _halves(lo, hi, XD, XHD, m0, kb, acc, BLOCK_M: tl.constexpr, G: tl.constexpr):
+    """int4: the low nibbles times x's first 16 columns of each block, then the high ones
+    times the last 16."""
+    xl = tl.reshape(XD.load([m0, kb // 32, 0]), (BLOCK_M, G * 16))
+    acc = tl.dot(lo, tl.trans(xl), acc)
+    xh = tl.reshape(XHD.load([m0, kb // 32, 0]), (BLOCK_M, G * 16))
+    return tl.dot(hi, tl.trans(xh), acc)
+
+
 def default_config(n: int, k: int, bits: int = 8) -> dict:
     """Launch parameters from the shape and bit width alone, never from M (that is the
     invariance). Picked on an H200 by `bench/quant_linear.py --sweep`
@@ -259,8 +328,69 @@ def default_config(n: int, k: int, bits: int = 8) -> dict:
             "num_stages": 2, "max_m_tiles": 4, "dequant": "asm"}
 
 
+def tma_config(n: int, k: int, bits: int = 8) -> dict:
+    """Launch parameters of the TMA form, from the shape and bit width alone (never M). A step
+    is at least 256 weights: a TMA box's last axis spans 16 bytes or more (8 scales)."""
+    if bits == 8:
+        return {"block_n": 64, "block_k": 256, "split": 1, "num_warps": 4, "num_stages": 4,
+                "max_m_tiles": 2, "dequant": "asm"}
+    return {"block_n": 64, "block_k": 512, "split": 1, "num_warps": 4, "num_stages": 3,
+            "max_m_tiles": 2, "dequant": "asm"}
+
+
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _tma_form(x: torch.Tensor, tensors: list[torch.Tensor], k: int, group: int,
+              want: bool | None) -> bool:
+    """Whether the TMA form takes this product: asked for ("tma": True; by default where
+    `launch.tma`), groups of 32, float16 / bfloat16 x, every
+    row of the packed weights, scales and mins 16-byte aligned (K a multiple of 256). Fixed by
+    the weight, the dtype and the device, never by M."""
+    if want is None:
+        want = launch.tma(x)
+    return bool(want and group == 32 and k % 256 == 0
+                and x.dtype in (torch.float16, torch.bfloat16)
+                and all(t.data_ptr() % 16 == 0 and t.is_contiguous() for t in tensors))
+
+
+def _quant_mm_tma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                  mins: torch.Tensor | None, bits: int, y: torch.Tensor, config: dict | None) -> None:
+    from triton.tools.tensor_descriptor import TensorDescriptor as TD
+
+    (m, k), n = x.shape, qweight.shape[0]
+    cfg = tma_config(n, k, bits) | (config or {})
+    mode = DEQUANT.index(cfg["dequant"])
+    if x.dtype != torch.float16:
+        mode = 2
+    elif mode == 0 and _interpreted():
+        mode = 1
+    if x.data_ptr() % 16:
+        x = x.clone()
+    bm, bn, bk = BLOCK_M, cfg["block_n"], cfg["block_k"]
+    steps = triton.cdiv(k, bk)
+    ks = triton.cdiv(steps, cfg["split"]) * bk  # K fixes the parts (never M)
+    split = triton.cdiv(k, ks)
+    g = bk // 32
+    if bits == 8:
+        xd = xh = TD.from_tensor(x, [bm, bk])
+        qd = TD.from_tensor(qweight, [bn, bk])
+    else:  # x's first and last 16 columns of each block of 32
+        xd = TD(x, [m, k // 32, 16], [k, 32, 1], [bm, g, 16])
+        xh = TD(x[:, 16:], [m, k // 32, 16], [k, 32, 1], [bm, g, 16])
+        qd = TD.from_tensor(qweight, [bn, bk // 2])
+    sd = TD.from_tensor(scales, [bn, g])
+    zd = TD.from_tensor(mins, [bn, g]) if mins is not None else sd
+    m_tiles = min(cfg["max_m_tiles"], triton.cdiv(m, bm))
+    grid = (triton.cdiv(m, bm * m_tiles), triton.cdiv(n, bn), split)
+    out = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    _quant_tma_kernel[grid](xd, xh, qd, sd, zd, out, m, n, k, ks,
+                            y.stride(0) if split == 1 else n, BITS=bits, BLOCK_M=bm, BLOCK_N=bn,
+                            BLOCK_K=bk, SPLIT=split, M_TILES=m_tiles, MODE=mode,
+                            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if split > 1:
+        _sum_splits[(triton.cdiv(m * n, 1024),)](out, y, m, n, y.stride(0), SPLIT=split, BLOCK=1024)
 
 
 def quant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -272,6 +402,10 @@ def quant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     x = x.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
+        return y
+    tensors = [qweight, scales] + ([mins] if mins is not None else [])
+    if _tma_form(x, tensors, k, group, (config or {}).get("tma")):
+        _quant_mm_tma(x, qweight, scales, mins, bits, y, config)
         return y
     cfg = default_config(n, k, bits) | (config or {})
     mode = DEQUANT.index(cfg["dequant"])
