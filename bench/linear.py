@@ -101,7 +101,7 @@ def main() -> None:
         configs += [{"tma": False}] + [
             tma_config() | {"tma": True, "block_n": n, "block_k": k, "num_stages": s,
                             "max_m_tiles": t}
-            for n, k, s, t in itertools.product((64, 128), (128, 256), (3, 4, 6), (1, 2))]
+            for n, k, s, t in itertools.product((64, 128), (128, 256), (3, 4, 6), (2,))]
     rows = []
     for dname in args.dtypes.split(","):
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dname]
