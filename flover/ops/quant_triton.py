@@ -219,8 +219,15 @@ def _quant_mm_kernel(X, Q, S, Z, Y, M, N, K, stride_xm, stride_ym,
                                         BITS, GROUP, G)
         acc0, acc1, acc2, acc3 = _step(X, qc, sc, zc, acc0, acc1, acc2, acc3, r0, kb, M,
                                        stride_xm, BITS, BLOCK_M, BLOCK_N, G, M_TILES, MODE, IEEE)
+    _store_tiles(Y, acc0, acc1, acc2, acc3, r0, rn, M, N, stride_ym, SPLIT, M_TILES, BLOCK_M)
+
+
+@triton.jit
+def _store_tiles(Y, acc0, acc1, acc2, acc3, r0, rn, M, N, stride_ym, SPLIT: tl.constexpr,
+                 M_TILES: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Each row tile's y^T; with SPLIT > 1, float32 partials [SPLIT, M, N] for _sum_splits."""
     if SPLIT > 1:
-        Y += tl.program_id(2) * M * N  # float32 partials, rows of N
+        Y += tl.program_id(2) * M * N
     _store(Y, acc0, r0, rn, M, N, stride_ym)
     if M_TILES > 1:
         _store(Y, acc1, r0 + BLOCK_M, rn, M, N, stride_ym)
@@ -294,15 +301,7 @@ def _quant_tma_kernel(XD, XHD, QD, SD, ZD, Y, M, N, K, KS, stride_ym,
                 acc3 = _halves(lo, hi, XD, XHD, m0 + 3 * BLOCK_M, kb, acc3, BLOCK_M, G)
     r0 = m0 + tl.arange(0, BLOCK_M)
     rn = n0 + tl.arange(0, BLOCK_N)
-    if SPLIT > 1:
-        Y += tl.program_id(2) * M * N  # float32 partials, rows of N
-    _store(Y, acc0, r0, rn, M, N, stride_ym)
-    if M_TILES > 1:
-        _store(Y, acc1, r0 + BLOCK_M, rn, M, N, stride_ym)
-    if M_TILES > 2:
-        _store(Y, acc2, r0 + 2 * BLOCK_M, rn, M, N, stride_ym)
-    if M_TILES > 3:
-        _store(Y, acc3, r0 + 3 * BLOCK_M, rn, M, N, stride_ym)
+    _store_tiles(Y, acc0, acc1, acc2, acc3, r0, rn, M, N, stride_ym, SPLIT, M_TILES, BLOCK_M)
 
 
 @triton.jit
