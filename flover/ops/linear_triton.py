@@ -326,7 +326,8 @@ def _linear_tma_kernel(XD, WD, B, Y, YR, M, N, K, sy_m, syr_m,
     by TMA (descriptors XD, WD; zeros past the edges), `num_stages` steps deep, so that the
     weight streams without passing through registers. Each of the M_TILES row tiles is its
     own [BLOCK_N, BLOCK_M] product per K step, in K order, whatever M is: a row's bits do not
-    depend on the others (not the same bits as `_linear_kernel`'s: another instruction)."""
+    depend on the others. Another MMA instruction than `_linear_kernel`'s (wgmma), so its bits
+    are not promised to be that kernel's; on an H100 the two forms' LLaMA logits were equal."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     m0 = pid_m * (M_TILES * BLOCK_M)
@@ -372,7 +373,9 @@ def default_config(element_size: int = 2) -> dict:
 
 def tma_config(element_size: int = 2) -> dict:
     """Launch parameters of the TMA form (`_linear_tma_kernel`), for every M: a 64-row weight
-    tile is one warpgroup's MMA; `num_stages` K steps of both operands in flight."""
+    tile is one warpgroup's MMA; `num_stages` K steps of both operands in flight (4 x 48 KB).
+    The best of `bench/linear.py --tma-sweep` on an H100 but for one shape at M = 32
+    (docs/PERF.md, "TMA forms")."""
     return {"block_m": 16, "block_n": 64, "block_k": 256 // max(1, element_size // 2),
             "num_warps": 4, "num_stages": 4, "max_m_tiles": 2}
 

@@ -329,11 +329,11 @@ def default_config(n: int, k: int, bits: int = 8) -> dict:
 
 def tma_config(n: int, k: int, bits: int = 8) -> dict:
     """Launch parameters of the TMA form, from the shape and bit width alone (never M). A step
-    is at least 256 weights: a TMA box's last axis spans 16 bytes or more (8 scales)."""
-    if bits == 8:
-        return {"block_n": 64, "block_k": 256, "split": 1, "num_warps": 4, "num_stages": 4,
-                "max_m_tiles": 2, "dequant": "asm"}
-    return {"block_n": 64, "block_k": 512, "split": 1, "num_warps": 4, "num_stages": 3,
+    is 256 weights (a TMA box's last axis spans 16 bytes or more: 8 scales); K in four parts
+    for up to 96 tiles of 128 outputs (LLaMA-7B's qkv, o and down), else int8 in two, int4
+    whole. Picked on an H100 by `bench/quant_linear.py --tma-sweep` (docs/PERF.md, "TMA forms")."""
+    split = 4 if n <= 96 * 128 else 2 if bits == 8 else 1
+    return {"block_n": 128, "block_k": 256, "split": split, "num_warps": 4, "num_stages": 3,
             "max_m_tiles": 2, "dequant": "asm"}
 
 
