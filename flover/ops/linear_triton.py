@@ -21,6 +21,11 @@ Small BLOCK_N gives decode enough programs. A program takes up to `max_m_tiles` 
 each weight tile once per program; M_TILES changes how many tiles share a load, never a
 tile's arithmetic.
 
+On Hopper (`launch.tma`; float16 / bfloat16, no prologue, one part, 16-byte aligned rows)
+`_linear_tma_kernel` takes the product instead: both operands reach shared memory by TMA,
+`num_stages` K steps deep, and the weight tile is the left operand of a warpgroup MMA, where
+this kernel's weight tiles go through registers (triton 3.6 does not stage them).
+
 With PDL (`flover.ops.launch`) a program first asks for its part's leading weight tiles in
 L2, then waits for the kernel before it: the weight does not depend on it.
 """
