@@ -208,11 +208,13 @@ def test_quant_mm_float16_matches_reference_and_rows_do_not_depend_on_m(bits, cf
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("cfg", [{}, {"split": 2, "block_n": 16}, {"max_m_tiles": 1}])
+@pytest.mark.parametrize("cfg", [{}, {"split": 2, "block_n": 16}, {"max_m_tiles": 1},
+                                 {"dequant": "float", "block_k": 512}])
 def test_quant_mm_tma_form_matches_reference_and_rows_do_not_depend_on_m(bits, cfg):
     """The Hopper form (TMA; forced here, the interpreter runs it too): equal to F.linear on the
     dequantised matrix within float16 rounding, N past the tile and K past the step (zeros),
-    K in two parts summed in order, and a row bitwise the same alone and at M = 3, 17, 70."""
+    K in two parts summed in order, the dequantisation through float32 (bfloat16's), and a
+    row bitwise the same alone and at M = 3, 17, 70."""
     from flover.ops import quant
     from flover.ops.quant_triton import quant_mm
 

@@ -273,7 +273,7 @@ def _quant_tma_kernel(XD, XHD, QD, SD, ZD, Y, M, N, K, KS, stride_ym,
     int4's x comes as two [BLOCK_M, G, 16] tiles, the first and last 16 columns of each
     block (XD, XHD), the columns its low and high nibbles multiply."""
     G: tl.constexpr = BLOCK_K // 32
-    DT = Y.dtype.element_ty
+    DT = XD.dtype  # x's (Y may be the float32 partial sums)
     m0 = tl.program_id(0) * (M_TILES * BLOCK_M)
     n0 = tl.program_id(1) * BLOCK_N
     k_lo = tl.program_id(2) * KS
