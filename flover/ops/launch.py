@@ -22,8 +22,8 @@ TMA: the linear and weight-only products have a form whose operands reach shared
 the tensor memory accelerator, several K steps deep (`linear_triton._linear_tma_kernel`,
 `quant_triton._quant_tma_kernel`). `TMA` (FLOVER_TMA=0 turns it off, to compare) and
 `tma(x)` (also: compiled, compute capability 9 or more) say whether products take it
-where their shapes allow. Each form is batch-invariant on its own; the two give different bits,
-so a device takes one form for every M.
+where their shapes allow. Each form is batch-invariant on its own; their bits are not promised
+to be each other's (other MMA instructions), so the choice never depends on M.
 """
 
 from __future__ import annotations

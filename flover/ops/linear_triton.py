@@ -376,13 +376,13 @@ def default_config(element_size: int = 2) -> dict:
             "num_stages": 4, "max_m_tiles": 2, "prefetch": 4}
 
 
-def tma_config(element_size: int = 2) -> dict:
-    """Launch parameters of the TMA form (`_linear_tma_kernel`), for every M: a 64-row weight
+def tma_config() -> dict:
+    """Launch parameters of the TMA form (`_linear_tma_kernel`, 16-bit dtypes), for every M: a 64-row weight
     tile is one warpgroup's MMA; `num_stages` K steps of both operands in flight (4 x 48 KB).
     The best of `bench/linear.py --tma-sweep` on an H100 but for one shape at M = 32
     (docs/PERF.md, "TMA forms")."""
-    return {"block_m": 16, "block_n": 64, "block_k": 256 // max(1, element_size // 2),
-            "num_warps": 4, "num_stages": 4, "max_m_tiles": 2}
+    return {"block_m": 16, "block_n": 64, "block_k": 256, "num_warps": 4, "num_stages": 4,
+            "max_m_tiles": 2}
 
 
 def _tma_form(x: torch.Tensor, weight: torch.Tensor, cfg: dict, pro: int, parts: int) -> bool:
@@ -402,7 +402,7 @@ def _linear_tma(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                 y: torch.Tensor, yr: torch.Tensor | None, config: dict | None) -> None:
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    cfg = tma_config(x2.element_size()) | (config or {})
+    cfg = tma_config() | (config or {})
     (m, k), n = x2.shape, weight.shape[0]
     if x2.stride(0) != k or x2.data_ptr() % 16:  # a copy has the same values: the same bits
         x2 = x2.clone(memory_format=torch.contiguous_format)
