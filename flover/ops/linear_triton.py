@@ -377,8 +377,9 @@ def default_config(element_size: int = 2) -> dict:
 
 
 def tma_config() -> dict:
-    """Launch parameters of the TMA form (`_linear_tma_kernel`, 16-bit dtypes), for every M: a 64-row weight
-    tile is one warpgroup's MMA; `num_stages` K steps of both operands in flight (4 x 48 KB).
+    """Launch parameters of the TMA form (`_linear_tma_kernel`, 16-bit dtypes), for every M:
+    a 64-row weight tile is one warpgroup's MMA; `num_stages` K steps of both operands in
+    flight (4 x 48 KB).
     The best of `bench/linear.py --tma-sweep` on an H100 but for one shape at M = 32
     (docs/PERF.md, "TMA forms")."""
     return {"block_m": 16, "block_n": 64, "block_k": 256, "num_warps": 4, "num_stages": 4,
