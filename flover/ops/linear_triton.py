@@ -323,6 +323,21 @@ def _linear_kernel(X, W, B, Y, XR, NW, S, YR, WS, CNT, M, N, K, KS, sx_m, sw_n, 
 
 
 @triton.jit
+def tma_products(w, XD, m0, k0, acc0, acc1, acc2, acc3, M_TILES: tl.constexpr,
+                 BLOCK_M: tl.constexpr):
+    """One K step of the TMA forms: the weight tile w [BLOCK_N, BLOCK_K] times each of the
+    M_TILES row tiles of x from row m0 (descriptor XD), each into its own y^T accumulator."""
+    acc0 = tl.dot(w, tl.trans(XD.load([m0, k0])), acc0)
+    if M_TILES > 1:
+        acc1 = tl.dot(w, tl.trans(XD.load([m0 + BLOCK_M, k0])), acc1)
+    if M_TILES > 2:
+        acc2 = tl.dot(w, tl.trans(XD.load([m0 + 2 * BLOCK_M, k0])), acc2)
+    if M_TILES > 3:
+        acc3 = tl.dot(w, tl.trans(XD.load([m0 + 3 * BLOCK_M, k0])), acc3)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def _linear_tma_kernel(XD, WD, B, Y, YR, M, N, K, sy_m, syr_m,
                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, M_TILES: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -342,14 +357,8 @@ def _linear_tma_kernel(XD, WD, B, Y, YR, M, N, K, sy_m, syr_m,
     acc2 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     acc3 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        w = WD.load([n0, k0])
-        acc0 = tl.dot(w, tl.trans(XD.load([m0, k0])), acc0)
-        if M_TILES > 1:
-            acc1 = tl.dot(w, tl.trans(XD.load([m0 + BLOCK_M, k0])), acc1)
-        if M_TILES > 2:
-            acc2 = tl.dot(w, tl.trans(XD.load([m0 + 2 * BLOCK_M, k0])), acc2)
-        if M_TILES > 3:
-            acc3 = tl.dot(w, tl.trans(XD.load([m0 + 3 * BLOCK_M, k0])), acc3)
+        acc0, acc1, acc2, acc3 = tma_products(WD.load([n0, k0]), XD, m0, k0, acc0, acc1, acc2,
+                                              acc3, M_TILES, BLOCK_M)
     r0 = m0 + tl.arange(0, BLOCK_M)
     rn = n0 + tl.arange(0, BLOCK_N)
     bias = tl.zeros([BLOCK_N], dtype=tl.float32)

@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from flover.ops import launch
+from flover.ops.linear_triton import tma_products
 
 BLOCK_M = 16
 DEQUANT = ("asm", "bits", "float")
@@ -284,13 +285,8 @@ def _quant_tma_kernel(XD, XHD, QD, SD, ZD, Y, M, N, K, KS, stride_ym,
         if BITS == 8:
             q = tl.reshape(QD.load([n0, kb]), (BLOCK_N, G, 32))
             w = tl.reshape(_int8_weights(q, s, MODE, DT), (BLOCK_N, BLOCK_K))
-            acc0 = tl.dot(w, tl.trans(XD.load([m0, kb])), acc0)
-            if M_TILES > 1:
-                acc1 = tl.dot(w, tl.trans(XD.load([m0 + BLOCK_M, kb])), acc1)
-            if M_TILES > 2:
-                acc2 = tl.dot(w, tl.trans(XD.load([m0 + 2 * BLOCK_M, kb])), acc2)
-            if M_TILES > 3:
-                acc3 = tl.dot(w, tl.trans(XD.load([m0 + 3 * BLOCK_M, kb])), acc3)
+            acc0, acc1, acc2, acc3 = tma_products(w, XD, m0, kb, acc0, acc1, acc2, acc3, M_TILES,
+                                                  BLOCK_M)
         else:
             q = tl.reshape(QD.load([n0, kb // 2]), (BLOCK_N, G, 16))
             z = tl.reshape(ZD.load([n0, kb // 32]), (BLOCK_N, G, 1))
