@@ -59,8 +59,11 @@ def enabled(x: torch.Tensor) -> bool:
     return ENABLED and _hopper(x.device)
 
 
-def tma(x: torch.Tensor) -> bool:
-    """Whether products on x's device take their TMA forms (where the shapes allow)."""
+def tma(x: torch.Tensor, asked: bool | None = None) -> bool:
+    """Whether products on x's device take their TMA forms (where the shapes allow): as
+    `asked` (a launch configuration's "tma"), else by the switch and the device."""
+    if asked is not None:
+        return asked
     return TMA and _hopper(x.device)
 
 

@@ -68,6 +68,24 @@ def _store(Y, acc, bias, R, rm, rn, M, N, sy_m, sr_m, HAS_BIAS: tl.constexpr, HA
 
 
 @triton.jit
+def _epilogue(Y, B, YR, acc0, acc1, acc2, acc3, r0, rn, M, N, sy_m, syr_m,
+              HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, M_TILES: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Each of the M_TILES row tiles' [BLOCK_M, BLOCK_N] sums from row r0: + bias, stored,
+    + the residual (`_store`)."""
+    bias = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(B + rn, mask=rn < N, other=0.0).to(tl.float32)
+    _store(Y, acc0, bias, YR, r0, rn, M, N, sy_m, syr_m, HAS_BIAS, HAS_RES)
+    if M_TILES > 1:
+        _store(Y, acc1, bias, YR, r0 + BLOCK_M, rn, M, N, sy_m, syr_m, HAS_BIAS, HAS_RES)
+    if M_TILES > 2:
+        _store(Y, acc2, bias, YR, r0 + 2 * BLOCK_M, rn, M, N, sy_m, syr_m, HAS_BIAS, HAS_RES)
+    if M_TILES > 3:
+        _store(Y, acc3, bias, YR, r0 + 3 * BLOCK_M, rn, M, N, sy_m, syr_m, HAS_BIAS, HAS_RES)
+
+
+@triton.jit
 def _summed(X, R, rm, rk, k0, M, K, sx_m, sr_m, HAS_SUM: tl.constexpr):
     """A tile of x, or of s = x + residual rounded to x's dtype (the reference's sum)."""
     x = _tile(X, rm, rk, k0, M, K, sx_m)
@@ -310,16 +328,8 @@ def _linear_kernel(X, W, B, Y, XR, NW, S, YR, WS, CNT, M, N, K, KS, sx_m, sw_n, 
                 a3, b3 = n3, m3
             nw = nw_next
     if store:  # SPLIT_GRID: only the tile's last part to arrive
-        bias = tl.zeros([BLOCK_N], dtype=tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(B + rn, mask=mask_n, other=0.0).to(tl.float32)
-        _store(Y, acc0, bias, YR, r0, rn, M, N, sy_m, syr_m, HAS_BIAS, HAS_RES)
-        if M_TILES > 1:
-            _store(Y, acc1, bias, YR, r0 + BLOCK_M, rn, M, N, sy_m, syr_m, HAS_BIAS, HAS_RES)
-        if M_TILES > 2:
-            _store(Y, acc2, bias, YR, r0 + 2 * BLOCK_M, rn, M, N, sy_m, syr_m, HAS_BIAS, HAS_RES)
-        if M_TILES > 3:
-            _store(Y, acc3, bias, YR, r0 + 3 * BLOCK_M, rn, M, N, sy_m, syr_m, HAS_BIAS, HAS_RES)
+        _epilogue(Y, B, YR, acc0, acc1, acc2, acc3, r0, rn, M, N, sy_m, syr_m, HAS_BIAS,
+                  HAS_RES, M_TILES, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -359,21 +369,9 @@ def _linear_tma_kernel(XD, WD, B, Y, YR, M, N, K, sy_m, syr_m,
     for k0 in range(0, K, BLOCK_K):
         acc0, acc1, acc2, acc3 = tma_products(WD.load([n0, k0]), XD, m0, k0, acc0, acc1, acc2,
                                               acc3, M_TILES, BLOCK_M)
-    r0 = m0 + tl.arange(0, BLOCK_M)
-    rn = n0 + tl.arange(0, BLOCK_N)
-    bias = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(B + rn, mask=rn < N, other=0.0).to(tl.float32)
-    _store(Y, tl.trans(acc0), bias, YR, r0, rn, M, N, sy_m, syr_m, HAS_BIAS, HAS_RES)
-    if M_TILES > 1:
-        _store(Y, tl.trans(acc1), bias, YR, r0 + BLOCK_M, rn, M, N, sy_m, syr_m, HAS_BIAS,
-               HAS_RES)
-    if M_TILES > 2:
-        _store(Y, tl.trans(acc2), bias, YR, r0 + 2 * BLOCK_M, rn, M, N, sy_m, syr_m, HAS_BIAS,
-               HAS_RES)
-    if M_TILES > 3:
-        _store(Y, tl.trans(acc3), bias, YR, r0 + 3 * BLOCK_M, rn, M, N, sy_m, syr_m, HAS_BIAS,
-               HAS_RES)
+    _epilogue(Y, B, YR, tl.trans(acc0), tl.trans(acc1), tl.trans(acc2), tl.trans(acc3),
+              m0 + tl.arange(0, BLOCK_M), n0 + tl.arange(0, BLOCK_N), M, N, sy_m, syr_m,
+              HAS_BIAS, HAS_RES, M_TILES, BLOCK_M, BLOCK_N)
 
 
 def default_config(element_size: int = 2) -> dict:
@@ -399,13 +397,10 @@ def _tma_form(x: torch.Tensor, weight: torch.Tensor, cfg: dict, pro: int, parts:
     """The TMA form takes a product when asked ("tma": True; by default where `launch.tma`)
     and it can: float16 / bfloat16, no prologue, one part, 16-byte aligned weight rows and
     K. All of it fixed by the weight, the dtype and the device, never by M."""
-    want = cfg.get("tma")
-    if want is None:
-        want = launch.tma(x)
     size = weight.element_size()
-    return bool(want and pro == 0 and parts == 1 and x.dtype in (torch.float16, torch.bfloat16)
-                and weight.data_ptr() % 16 == 0 and weight.stride(0) * size % 16 == 0
-                and weight.shape[1] * size % 16 == 0)
+    return bool(launch.tma(x, cfg.get("tma")) and pro == 0 and parts == 1
+                and x.dtype in (torch.float16, torch.bfloat16) and weight.data_ptr() % 16 == 0
+                and weight.stride(0) * size % 16 == 0 and weight.shape[1] * size % 16 == 0)
 
 
 def _linear_tma(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

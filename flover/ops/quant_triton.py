@@ -342,15 +342,36 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _mode(cfg: dict, x: torch.Tensor) -> int:
+    """The dequantisation (index in DEQUANT) for x's dtype: the float16 tricks make float16
+    weights, so other dtypes go through float32; the interpreter runs no inline assembly, and
+    "bits" is the same arithmetic."""
+    mode = DEQUANT.index(cfg["dequant"])
+    if x.dtype != torch.float16:
+        return 2
+    return 1 if mode == 0 and _interpreted() else mode
+
+
+def _partials(y: torch.Tensor, split: int) -> torch.Tensor:
+    """Where the kernels write: y itself, or float32 partial sums [split, M, N]."""
+    m, n = y.shape
+    return y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=y.device)
+
+
+def _sum_parts(out: torch.Tensor, y: torch.Tensor, split: int) -> None:
+    """y = the parts' partial sums added in order (nothing to do for one part)."""
+    if split > 1:
+        m, n = y.shape
+        _sum_splits[(triton.cdiv(m * n, 1024),)](out, y, m, n, y.stride(0), SPLIT=split, BLOCK=1024)
+
+
 def _tma_form(x: torch.Tensor, tensors: list[torch.Tensor], k: int, group: int,
               want: bool | None) -> bool:
     """Whether the TMA form takes this product: asked for ("tma": True; by default where
     `launch.tma`), groups of 32, float16 / bfloat16 x, every
     row of the packed weights, scales and mins 16-byte aligned (K a multiple of 256). Fixed by
     the weight, the dtype and the device, never by M."""
-    if want is None:
-        want = launch.tma(x)
-    return bool(want and group == 32 and k % 256 == 0
+    return bool(launch.tma(x, want) and group == 32 and k % 256 == 0
                 and x.dtype in (torch.float16, torch.bfloat16)
                 and all(t.data_ptr() % 16 == 0 and t.is_contiguous() for t in tensors))
 
@@ -361,11 +382,7 @@ def _quant_mm_tma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 
     (m, k), n = x.shape, qweight.shape[0]
     cfg = tma_config(n, k, bits) | (config or {})
-    mode = DEQUANT.index(cfg["dequant"])
-    if x.dtype != torch.float16:
-        mode = 2
-    elif mode == 0 and _interpreted():
-        mode = 1
+    mode = _mode(cfg, x)
     if x.data_ptr() % 16:
         x = x.clone()
     bm, bn, bk = BLOCK_M, cfg["block_n"], cfg["block_k"]
@@ -384,13 +401,12 @@ def _quant_mm_tma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     zd = TD.from_tensor(mins, [bn, g]) if mins is not None else sd
     m_tiles = min(cfg["max_m_tiles"], triton.cdiv(m, bm))
     grid = (triton.cdiv(m, bm * m_tiles), triton.cdiv(n, bn), split)
-    out = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    out = _partials(y, split)
     _quant_tma_kernel[grid](xd, xh, qd, sd, zd, out, m, n, k, ks,
                             y.stride(0) if split == 1 else n, BITS=bits, BLOCK_M=bm, BLOCK_N=bn,
                             BLOCK_K=bk, SPLIT=split, M_TILES=m_tiles, MODE=mode,
                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if split > 1:
-        _sum_splits[(triton.cdiv(m * n, 1024),)](out, y, m, n, y.stride(0), SPLIT=split, BLOCK=1024)
+    _sum_parts(out, y, split)
 
 
 def quant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -408,11 +424,7 @@ def quant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         _quant_mm_tma(x, qweight, scales, mins, bits, y, config)
         return y
     cfg = default_config(n, k, bits) | (config or {})
-    mode = DEQUANT.index(cfg["dequant"])
-    if x.dtype != torch.float16:
-        mode = 2  # the float16 tricks make float16 weights
-    elif mode == 0 and _interpreted():
-        mode = 1  # the interpreter runs no inline assembly; "bits" is the same arithmetic
+    mode = _mode(cfg, x)
     split, block_k = cfg["split"], cfg["block_k"]
     while k % (32 * split):  # K fixes both (never M): each part a whole number of steps
         split //= 2
@@ -420,13 +432,12 @@ def quant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         block_k //= 2
     m_tiles = min(cfg["max_m_tiles"], triton.cdiv(m, BLOCK_M))
     grid = (triton.cdiv(m, BLOCK_M * m_tiles), triton.cdiv(n, cfg["block_n"]), split)
-    out = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    out = _partials(y, split)
     _quant_mm_kernel[grid](x, qweight, scales, scales if mins is None else mins, out, m, n, k,
                            x.stride(0), y.stride(0) if split == 1 else n, BITS=bits, GROUP=group,
                            BLOCK_M=BLOCK_M, BLOCK_N=cfg["block_n"], BLOCK_K=block_k, SPLIT=split,
                            PREFETCH=int(cfg["prefetch"]), M_TILES=m_tiles, MODE=mode,
                            IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"],
                            num_stages=cfg["num_stages"])
-    if split > 1:
-        _sum_splits[(triton.cdiv(m * n, 1024),)](out, y, m, n, y.stride(0), SPLIT=split, BLOCK=1024)
+    _sum_parts(out, y, split)
     return y
