@@ -43,17 +43,22 @@ def test_linear_matches_reference(dtype, bias):
                                rtol=TOL[dtype], atol=TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_linear_row_is_bitwise_the_same_at_every_batch_size(dtype):
+HALF = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+TMA = SMALL | {"tma": True}  # the Hopper form, forced (the interpreter runs it too)
+
+
+@pytest.mark.parametrize(("dtype", "form"), [(d, SMALL) for d in DTYPES] + [(d, TMA) for d in HALF])
+def test_linear_row_is_bitwise_the_same_at_every_batch_size(dtype, form):
+    """Both forms: the pointer one (every dtype) and the TMA one (16-bit dtypes)."""
     gen = torch.Generator().manual_seed(2)
     w, b = _randn(48, 96, gen=gen, dtype=dtype), _randn(48, gen=gen, dtype=dtype)
     row = _randn(1, 96, gen=gen, dtype=dtype)
-    alone = linear(row, w, b, config=SMALL)
-    for tiles in (2, 4):  # row tiles sharing a program: 1 to 4 of them below
+    alone = linear(row, w, b, config=form)
+    for tiles in (1, 2, 4):  # row tiles sharing a program: 1 to 4 of them below
         for m, at in [(3, 1), (17, 16), (33, 5), (70, 66)]:  # other tiles, programs, offsets
             x = _randn(m, 96, gen=gen, dtype=dtype)
             x[at] = row[0]
-            got = linear(x, w, b, config=SMALL | {"max_m_tiles": tiles})
+            got = linear(x, w, b, config=form | {"max_m_tiles": tiles})
             assert torch.equal(got[at], alone[0]), (tiles, m, at)
 
 
@@ -204,10 +209,6 @@ def test_pdl_is_never_used_off_a_hopper_gpu(monkeypatch):
         assert not launch.enabled(torch.zeros(2, device="cuda"))
 
 
-HALF = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-TMA = SMALL | {"tma": True}  # the Hopper form, forced (the interpreter runs it too)
-
-
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_tma_form_matches_reference_with_its_epilogues(dtype, bias):
@@ -225,20 +226,6 @@ def test_linear_tma_form_matches_reference_with_its_epilogues(dtype, bias):
     xs = _randn(19 * 104 + 1, gen=gen, dtype=dtype)
     xs[1:] = x.reshape(-1)
     assert torch.equal(linear(xs[1:].view(19, 104), w, b, config=TMA), linear(x, w, b, config=TMA))
-
-
-@pytest.mark.parametrize("dtype", HALF)
-def test_linear_tma_row_is_bitwise_the_same_at_every_batch_size(dtype):
-    gen = torch.Generator().manual_seed(12)
-    w, b = _randn(48, 96, gen=gen, dtype=dtype), _randn(48, gen=gen, dtype=dtype)
-    row = _randn(1, 96, gen=gen, dtype=dtype)
-    alone = linear(row, w, b, config=TMA)
-    for tiles in (1, 2, 4):
-        for m, at in [(3, 1), (17, 16), (33, 5), (70, 66)]:
-            x = _randn(m, 96, gen=gen, dtype=dtype)
-            x[at] = row[0]
-            got = linear(x, w, b, config=TMA | {"max_m_tiles": tiles})
-            assert torch.equal(got[at], alone[0]), (tiles, m, at)
 
 
 def test_linear_tma_form_is_taken_only_where_it_can_be():

@@ -177,6 +177,18 @@ def test_quant_mm_matches_dequantised_reference(bits, m, n, k, group):
     assert torch.equal(one.cpu(), ours[-1:].cpu())
 
 
+def _assert_row_alone_equals_fused(xs, w, cfg):
+    """quant_mm of row 5 of xs alone, bitwise equal to the same row among M = 3, 17, 70."""
+    from flover.ops.quant_triton import quant_mm
+
+    row = xs[5:6]
+    alone = quant_mm(row, *w, config=cfg)
+    for m in (3, 17, 70):
+        x = xs[:m].clone()
+        x[m // 2] = row[0]
+        assert torch.equal(quant_mm(x, *w, config=cfg)[m // 2], alone[0]), m
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("cfg", [{"dequant": "asm"}, {"dequant": "bits"}, {"dequant": "float"},
                                  {"split": 2, "block_k": 64, "prefetch": 0, "block_n": 16},
@@ -199,12 +211,7 @@ def test_quant_mm_float16_matches_reference_and_rows_do_not_depend_on_m(bits, cf
     ours = quant_mm(xs, *w, config=cfg)
     assert ours.dtype == torch.float16
     torch.testing.assert_close(ours.cpu().float(), ref, rtol=2e-3, atol=2e-3)
-    row = xs[5:6]
-    alone = quant_mm(row, *w, config=cfg)
-    for m in (3, 17, 70):
-        x = xs[:m].clone()
-        x[m // 2] = row[0]
-        assert torch.equal(quant_mm(x, *w, config=cfg)[m // 2], alone[0]), m
+    _assert_row_alone_equals_fused(xs, w, cfg)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -228,9 +235,4 @@ def test_quant_mm_tma_form_matches_reference_and_rows_do_not_depend_on_m(bits, c
     ref = torch.nn.functional.linear(xs.float().cpu(), p.dequantize().half().float())
     ours = quant_mm(xs, *w, config=cfg)
     torch.testing.assert_close(ours.cpu().float(), ref, rtol=2e-3, atol=2e-3)
-    row = xs[5:6]
-    alone = quant_mm(row, *w, config=cfg)
-    for m in (3, 17, 70):
-        x = xs[:m].clone()
-        x[m // 2] = row[0]
-        assert torch.equal(quant_mm(x, *w, config=cfg)[m // 2], alone[0]), m
+    _assert_row_alone_equals_fused(xs, w, cfg)
