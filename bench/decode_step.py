@@ -12,7 +12,8 @@ Each row runs with batch invariance off and on (`--invariance`), in the same run
 times the invariant step in several forms, each with graphs captured afresh, in the same
 process: `nosplit` (the linear kernel's K in one part), `split` (in `linear_triton.splits`
 parts), `pdl` (split, and the kernels of the step launched with programmatic dependent launch,
-the linear kernel asking for its first weight tiles in L2 before it waits), `pdl-noprefetch`.
+the linear kernel asking for its first weight tiles in L2 before it waits), `pdl-noprefetch`;
+`tma` and `ptr` (the products' Hopper TMA forms on, off: `launch.TMA`).
 
     python3 bench/decode_step.py --out decode_step.json [--variants nosplit,split,pdl]
 """
@@ -170,7 +171,7 @@ def bench_model(name: str, dtype: str, batches: list[int], context: int, iters: 
             logits = step_logits(graphs, decode_batch(max(batches), context))
             if on and reference is None:
                 reference = (variant, logits)
-            elif on:  # a variant of the same arithmetic must give the same bits
+            elif on:  # reported: equal bits are promised only for the same arithmetic
                 same = torch.equal(logits, reference[1])
                 diff = (logits - reference[1]).abs().max().item()
                 print(f"{name} {dtype} {variant} vs {reference[0]}: logits bitwise equal {same}, "
