@@ -13,7 +13,9 @@ times the invariant step in several forms, each with graphs captured afresh, in 
 process: `nosplit` (the linear kernel's K in one part), `split` (in `linear_triton.splits`
 parts), `pdl` (split, and the kernels of the step launched with programmatic dependent launch,
 the linear kernel asking for its first weight tiles in L2 before it waits), `pdl-noprefetch`;
-`tma` and `ptr` (the products' Hopper TMA forms on, off: `launch.TMA`).
+`tma` and `ptr` (the products' Hopper TMA forms on, off: `launch.TMA`); `tma-nofold` (the TMA
+forms with the RMSNorm and SiLU in kernels of their own, not as the products' epilogues:
+`fused.FOLDED`).
 
     python3 bench/decode_step.py --out decode_step.json [--variants nosplit,split,pdl]
 """
@@ -66,22 +68,25 @@ def weight_bytes_read(model: torch.nn.Module) -> int:
     return sum(p.nbytes for p in model.parameters() if id(p) not in skip)
 
 
-VARIANTS = {  # name: (split K, PDL, prefetch steps, TMA forms)
-    "nosplit": (False, False, 0, True), "split": (True, False, 0, True),
-    "pdl": (True, True, None, True), "pdl-noprefetch": (True, True, 0, True),
-    "pdl-nosplit": (False, True, None, True), "pdl-prefetch2": (True, True, 2, True),
-    "pdl-prefetch8": (True, True, 8, True),
-    "tma": (False, False, 0, True), "ptr": (False, False, 0, False),
+VARIANTS = {  # name: (split K, PDL, prefetch steps, TMA forms, folded-norm epilogues)
+    "nosplit": (False, False, 0, True, True), "split": (True, False, 0, True, True),
+    "pdl": (True, True, None, True, True), "pdl-noprefetch": (True, True, 0, True, True),
+    "pdl-nosplit": (False, True, None, True, True), "pdl-prefetch2": (True, True, 2, True, True),
+    "pdl-prefetch8": (True, True, 8, True, True),
+    "tma": (False, False, 0, True, True), "tma-nofold": (False, False, 0, True, False),
+    "ptr": (False, False, 0, False, False),
 }
 
 
 _DEFAULT_LINEAR = linear_triton.default_config
-_SHIPPED = (linear_triton.SPLIT_K, launch.ENABLED, None, launch.TMA)  # as imported (environment included)
+_SHIPPED = (linear_triton.SPLIT_K, launch.ENABLED, None, launch.TMA,  # as imported
+            fused.FOLDED)  # (the environment included)
 
 
 def apply_variant(name: str | None) -> None:
     """Set the switches of `name` (None: back to the defaults as shipped)."""
-    split, pdl, prefetch, tma = VARIANTS.get(name, _SHIPPED)
+    split, pdl, prefetch, tma, folded = VARIANTS.get(name, _SHIPPED)
+    fused.FOLDED = folded
     linear_triton.SPLIT_K = split
     launch.set_enabled(pdl)
     launch.TMA = tma
@@ -230,8 +235,6 @@ def main() -> None:
     ap.add_argument("--invariance", default="off,on", help="batch invariance off, on or both")
     ap.add_argument("--linear-configs", default="", help="JSON list of linear_triton launch "
                     "configs to time instead of its default (tuning)")
-    ap.add_argument("--prologues", action="store_true", help="the norm and SiLU as the "
-                    "invariant linear's prologues (fused.PROLOGUES, off by default)")
     ap.add_argument("--variants", default="", help="e.g. nosplit,split,pdl: forms of the "
                     "invariant step to time (default: as shipped)")
     ap.add_argument("--hf-batches", default="", help="e.g. 1,32: transformers generate baseline")
@@ -239,7 +242,6 @@ def main() -> None:
     ap.add_argument("--out", default="decode_step.json")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    fused.PROLOGUES = args.prologues
     bw = copy_bandwidth()
     card = torch.cuda.get_device_name()
     print(f"{card}: device-to-device copy {bw / 1e12:.3f} TB/s (read + write)", flush=True)

@@ -8,9 +8,12 @@ launch configurations too (the default is the one `linear_triton.default_config`
 `--splits 1,2,3,4` times the kernel with its K cut into each of those numbers of parts beside
 the default (`linear_triton.splits`, printed as `auto`), and checks a row's bits with each.
 `--tma-sweep` times the pointer form ("tma": False) and the TMA form's launch configurations
-beside the default (the TMA form where the device has it).
+beside the default (the TMA form where the device has it). `--fused` times the folded-norm
+epilogues (Hopper): qkv's product with the norm as its epilogue against the norm kernel then
+the product, and gate_up's with the norm and SiLU * up against norm, product and silu_mul, for
+each of `--gated-configs` (JSON list; the default first).
 
-    python3 bench/linear.py --out linear.json [--sweep] [--splits 1,2,3,4] [--tma-sweep]
+    python3 bench/linear.py --out linear.json [--sweep] [--splits 1,2,3,4] [--tma-sweep] [--fused]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
+from flover.ops import fused_triton
 from flover.ops.linear_triton import default_config, linear, sm_count, splits, tma_config
 
 SHAPES = {  # name: (N, K)
@@ -31,6 +35,40 @@ SHAPES = {  # name: (N, K)
     "13b.qkv": (15360, 5120), "13b.o": (5120, 5120), "13b.gate_up": (27648, 5120),
     "13b.down": (5120, 13824), "13b.head": (32000, 5120),
 }
+
+
+def fused_rows(dtypes: str, shapes: str, batches: str, gated_configs: list[dict],
+               bw: float) -> list[dict]:
+    """Each RMSNorm-fed product (qkv: the norm as epilogue; gate_up: the norm and SiLU * up)
+    against the kernels it replaces, in CUDA graphs, weights cycled past L2."""
+    rows = []
+    for dname in dtypes.split(","):
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dname]
+        for shape in [s for s in shapes.split(",") if s.endswith(("qkv", "gate_up"))]:
+            n, k = SHAPES[shape]
+            gated = shape.endswith("gate_up")
+            w = torch.randn(n, k, device="cuda").to(dtype)
+            ws = [w] + [w.clone() for _ in range(-(-256 * 2**20 // w.nbytes) - 1)]
+            turn = itertools.cycle(ws)
+            ones = torch.ones(k, device="cuda", dtype=dtype)
+            for b in [int(x) for x in batches.split(",")]:
+                x = torch.randn(b, k, device="cuda").to(dtype)
+
+                def unfused():
+                    h, _ = fused_triton.rms_norm(x, ones, 1e-6)  # noqa: B023
+                    y = linear(h, next(turn))  # noqa: B023
+                    return fused_triton.silu_mul(y) if gated else y  # noqa: B023
+
+                base = timed(unfused)
+                for cfg in gated_configs if gated else [{}]:
+                    ms = timed(lambda: linear(x, next(turn), config=cfg or None,  # noqa: B023
+                                              rms_eps=1e-6, gated=gated))  # noqa: B023
+                    r = {"dtype": dname, "shape": shape, "M": b, "fused_config": cfg,
+                         "fused_ms": ms, "unfused_ms": base, "bw_frac": w.nbytes / (ms / 1e3) / bw}
+                    rows.append(r)
+                    print(f"{dname} {shape:12s} M={b:3d}  fused {ms * 1e3:7.1f} us "
+                          f"({r['bw_frac']:.0%})  unfused {base * 1e3:7.1f} us  {cfg}", flush=True)
+    return rows
 
 
 def timed(fn, iters: int = 10, calls: int = 20) -> float:
@@ -87,10 +125,20 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--splits", default="", help="e.g. 1,2,3,4: K parts to time beside auto")
     ap.add_argument("--tma-sweep", action="store_true")
+    ap.add_argument("--fused", action="store_true")
+    ap.add_argument("--gated-configs", default='[{}, {"block_k": 256, "num_stages": 2}, '
+                    '{"block_k": 64, "num_stages": 6}, {"block_k": 128, "num_stages": 3}]')
     ap.add_argument("--out", default="linear.json")
     args = ap.parse_args()
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.3f} TB/s", flush=True)
+    if args.fused:  # only these rows
+        rows = fused_rows(args.dtypes, args.shapes, args.batches,
+                          json.loads(args.gated_configs), bw)
+        with open(args.out, "w") as f:
+            json.dump({"card": torch.cuda.get_device_name(), "copy_bandwidth_Bps": bw,
+                       "rows": rows}, f, indent=1)
+        return
     configs = [default_config()]
     if args.sweep:
         configs += [{"block_m": m, "block_n": n, "block_k": k, "num_warps": 4, "num_stages": s}

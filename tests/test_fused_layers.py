@@ -1,8 +1,8 @@
-"""The decode step's fused layers (issue 11): the invariant linear with the RMSNorm (and the
-residual add) as its prologue, SiLU * up as its prologue and a residual add as its epilogue,
-and rotary with the KV-cache write in one kernel. Each against the unfused sequence it
-replaces, and a row's result bitwise the same at every batch size. Under TRITON_INTERPRET=1 on
-the CPU (small sizes, no bfloat16), compiled on a GPU machine.
+"""The decode step's fused layers (issue 11): the invariant linear with a residual add as its
+epilogue; its TMA form with a folded RMSNorm (each row scaled by its 1 / rms) and SiLU * up as
+its epilogues; rotary with the KV-cache write in one kernel. Each against the unfused sequence
+it replaces, and a row's result bitwise the same at every batch size. Under TRITON_INTERPRET=1
+on the CPU (small sizes, no bfloat16), compiled on a GPU machine.
 """
 
 from __future__ import annotations
@@ -32,44 +32,6 @@ def _randn(*shape, gen, dtype=torch.float32):
     return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
 
 
-def _unfused_norm_linear(x, nw, eps, w, b, residual):
-    """Today's sequence on the Triton path: the norm kernel, then the product."""
-    h, s = kf.rms_norm(x, nw, eps, residual)
-    return linear(h, w, b, config=SMALL), s
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("with_residual", [False, True])
-def test_norm_linear_matches_the_norm_then_the_product(dtype, with_residual):
-    gen = torch.Generator().manual_seed(11)
-    k, n = 80, 40  # K over two steps and a masked edge, N not a multiple of the tile
-    x, w = _randn(19, k, gen=gen, dtype=dtype), _randn(n, k, gen=gen, dtype=dtype)
-    r = _randn(19, k, gen=gen, dtype=dtype) if with_residual else None
-    nw, b = (torch.rand(k, generator=gen) + 0.5).to(DEVICE, dtype), _randn(n, gen=gen, dtype=dtype)
-    y, s = linear(x, w, b, config=SMALL, norm=(nw, 1e-5), x_residual=r)
-    y_ref, s_ref = _unfused_norm_linear(x, nw, 1e-5, w, b, r)
-    assert torch.equal(s, s_ref)  # the summed stream, stored once, is the reference's sum
-    assert (s is x) == (not with_residual)  # without a residual, s is x itself
-    # 1/rms sums K in BLOCK_K steps here, in one block there: the last bit may differ
-    torch.testing.assert_close(y, y_ref, rtol=TOL[dtype], atol=TOL[dtype])
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_mul_prologue_and_residual_epilogue_equal_the_unfused_sequence(dtype):
-    gen = torch.Generator().manual_seed(12)
-    inter, n = 72, 24
-    gate_up, w = _randn(7, 2 * inter, gen=gen, dtype=dtype), _randn(n, inter, gen=gen, dtype=dtype)
-    r = _randn(7, n, gen=gen, dtype=dtype)
-    got = linear(gate_up, w, config=SMALL, silu_gate=True, residual=r)
-    act = kf.silu_mul(gate_up)
-    ref = r + linear(act, w, config=SMALL)
-    tol = TOL[dtype]
-    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
-    # the product's input is the silu_mul kernel's output, bit for bit: same products, same sum
-    assert torch.equal(linear(gate_up, w, config=SMALL, silu_gate=True), linear(act, w, config=SMALL))
-    assert torch.equal(got, r + linear(act, w, config=SMALL))  # the add rounds as torch's does
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_residual_epilogue_equals_the_product_then_the_add(dtype):
     """The default decode path's down projection: the plain product, + residual as epilogue."""
@@ -81,26 +43,102 @@ def test_residual_epilogue_equals_the_product_then_the_add(dtype):
     assert torch.equal(one[0], linear(x, w, b, config=SMALL | {"max_m_tiles": 1}, residual=r)[4])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_linear_rows_are_bitwise_the_same_at_every_batch_size(dtype):
+HALF = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+TMA = SMALL | {"tma": True}  # the Hopper form, forced (the interpreter runs it too)
+
+
+def _rms_ref(x, w, b, eps):
+    """The folded norm's product in float32: rms_norm(x) (unit weight) @ w^T + b."""
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)) @ w.float().t()
+    return (y if b is None else y + b.float()).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("bias", [False, True])
+def test_rms_epilogue_matches_the_norm_then_the_product(dtype, bias):
+    gen = torch.Generator().manual_seed(11)
+    k, n = 112, 40  # K over several steps and a TMA edge, N not a multiple of the tile
+    x, w = _randn(19, k, gen=gen, dtype=dtype) * 3, _randn(n, k, gen=gen, dtype=dtype)
+    b = _randn(n, gen=gen, dtype=dtype) if bias else None
+    got = linear(x, w, b, config=TMA, rms_eps=1e-5)
+    tol = TOL[dtype]
+    torch.testing.assert_close(got, _rms_ref(x, w, b, 1e-5), rtol=tol, atol=tol)
+    # and the unfused sequence with the folded (unit) norm weight: the norm's rounding moved
+    ones = torch.ones(k, dtype=dtype, device=DEVICE)
+    h, _ = kf.rms_norm(x, ones, 1e-5)
+    torch.testing.assert_close(got, linear(h, w, b, config=TMA), rtol=4 * tol, atol=4 * tol)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("rms", [None, 1e-6])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gated_epilogue_is_bitwise_the_product_then_silu_mul(dtype, rms, bias):
+    """gate and up rounded as the product's output, then silu * up as `silu_mul` rounds it."""
+    gen = torch.Generator().manual_seed(12)
+    inter, k = 40, 96  # NI not a multiple of the tile: the gate tile's last rows are up's
+    x, w = _randn(7, k, gen=gen, dtype=dtype), _randn(2 * inter, k, gen=gen, dtype=dtype)
+    b = _randn(2 * inter, gen=gen, dtype=dtype) if bias else None
+    got = linear(x, w, b, config=TMA, rms_eps=rms, gated=True)
+    assert got.shape == (7, inter)
+    assert torch.equal(got, kf.silu_mul(linear(x, w, b, config=TMA, rms_eps=rms)))
+    ref = fused.silu_mul_ref(_rms_ref(x, w, b, rms) if rms else linear(x, w, b, config=TMA))
+    torch.testing.assert_close(got, ref, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_fused_epilogue_rows_are_bitwise_the_same_at_every_batch_size(dtype):
     gen = torch.Generator().manual_seed(13)
-    k, n = 64, 32
-    w, nw = _randn(n, k, gen=gen, dtype=dtype), (torch.rand(k, generator=gen) + 0.5).to(DEVICE, dtype)
-    w2 = _randn(n, k // 2, gen=gen, dtype=dtype)
-    row, res = _randn(1, k, gen=gen, dtype=dtype), _randn(1, k, gen=gen, dtype=dtype)
-    out_res = _randn(1, n, gen=gen, dtype=dtype)
-    alone_norm, alone_s = linear(row, w, config=SMALL, norm=(nw, 1e-6), x_residual=res)
-    alone_silu = linear(row, w2, config=SMALL, silu_gate=True, residual=out_res)
-    for tiles in (2, 4):
-        cfg = SMALL | {"max_m_tiles": tiles}
+    k, n = 96, 64
+    w = _randn(n, k, gen=gen, dtype=dtype)
+    row = _randn(1, k, gen=gen, dtype=dtype)
+    forms = [{"rms_eps": 1e-6}, {"gated": True}, {"rms_eps": 1e-6, "gated": True}]
+    alone = [linear(row, w, config=TMA, **f) for f in forms]
+    for tiles in (1, 2):
+        cfg = TMA | {"max_m_tiles": tiles}
         for m, at in [(3, 1), (17, 16), (40, 5)]:
-            x, xr = _randn(m, k, gen=gen, dtype=dtype), _randn(m, k, gen=gen, dtype=dtype)
-            yr = _randn(m, n, gen=gen, dtype=dtype)
-            x[at], xr[at], yr[at] = row[0], res[0], out_res[0]
-            y, s = linear(x, w, config=cfg, norm=(nw, 1e-6), x_residual=xr)
-            assert torch.equal(y[at], alone_norm[0]) and torch.equal(s[at], alone_s[0]), (m, at)
-            z = linear(x, w2, config=cfg, silu_gate=True, residual=yr)
-            assert torch.equal(z[at], alone_silu[0]), (tiles, m, at)
+            x = _randn(m, k, gen=gen, dtype=dtype) * 3  # other rows' norms far from this one's
+            x[at] = row[0]
+            for f, one in zip(forms, alone, strict=True):
+                assert torch.equal(linear(x, w, config=cfg, **f)[at], one[0]), (f, tiles, m, at)
+
+
+def test_fold_norms_keeps_the_model_and_is_idempotent():
+    """The folded LLaMA computes the function it did (the norm's weight now in the product's),
+    its norms are unit, and a second fold changes nothing; models without RMSNorm products and
+    products other than the invariant linear are left alone."""
+    from test_cuda_graph import prefilled_rows
+
+    from flover.engine.kv_cache import SlotCache
+    from flover.engine.runner import ModelRunner
+    from flover.models.layers import init_random
+    from flover.models.presets import preset
+    from flover.ops.linear import InvariantLinear, fold_norms, swap_linears
+    from flover.weights import allocate
+
+    model = allocate(preset("tiny_llama"), torch.float32, torch.device("cpu"))
+    init_random(model, seed=3)
+    for layer in model.model.layers:  # norms far from one, so that a lost fold would show
+        layer.input_layernorm.weight.data.uniform_(0.5, 2.0)
+        layer.post_attention_layernorm.weight.data.uniform_(0.5, 2.0)
+    cfg = model.cfg
+
+    def hidden():
+        cache = SlotCache(cfg.num_layers, 4, cfg.num_kv_heads, 64, cfg.head_dim, torch.float32,
+                          torch.device("cpu"))
+        runner = ModelRunner(model, cache, cuda_graphs=False, batch_invariant=True)
+        return runner.forward_logits(prefilled_rows(runner, cache))
+
+    before = hidden()
+    assert fold_norms(model, force=True) == 0  # plain nn.Linear products: not folded
+    swap_linears(model, only_cuda=False)  # on the CPU: swapped, not folded (no TMA form)
+    assert not any(m.folded_norm for m in model.modules() if isinstance(m, InvariantLinear))
+    assert fold_norms(model, force=True) == 2 * cfg.num_layers
+    assert all(torch.equal(n.weight, torch.ones_like(n.weight)) for n, _ in model.norm_products())
+    folded = [p.weight.clone() for _, p in model.norm_products()]
+    torch.testing.assert_close(hidden(), before, rtol=1e-4, atol=1e-4)
+    assert fold_norms(model, force=True) == 0
+    assert all(torch.equal(p.weight, f) for (_, p), f in zip(model.norm_products(), folded, strict=True))
 
 
 @pytest.mark.parametrize(("rot_dim", "interleaved", "paged"),
@@ -148,15 +186,20 @@ def test_fused_functions_run_their_references_off_the_invariant_gpu_path():
     y, s = fused.norm_linear(x, norm, lin, residual=r)
     h, s_ref = fused.rms_norm_ref(x, norm.weight, norm.eps, r)
     assert torch.equal(s, s_ref) and torch.equal(y, lin(h))
-    gu = torch.randn(3, 16, generator=gen)
-    assert torch.equal(fused.silu_mul_linear(gu, down, residual=s),
-                       s + down(fused.silu_mul_ref(gu)))
+    gate_up = torch.nn.Linear(16, 16)
+    act, s2 = fused.norm_linear(x, norm, gate_up, gated=True)
+    assert torch.equal(s2, x)
+    torch.testing.assert_close(act, fused.silu_mul_ref(gate_up(fused.rms_norm_ref(
+        x, norm.weight, norm.eps)[0])))  # the CPU's compiled kernels: last bits may differ
+    m = torch.randn(3, 8, generator=gen)
+    assert torch.equal(fused.linear_residual(m, down, s), s + down(m))
+    y, pending = fused.linear_add(m, down, s)  # the add left to the next norm
+    assert pending is s and torch.equal(y, down(m))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused layers run on a GPU only")
-@pytest.mark.parametrize("prologues", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_invariant_llama_with_fused_layers_matches_the_unfused_one(dtype, prologues):
+def test_invariant_llama_with_fused_layers_matches_the_unfused_one(dtype):
     """The whole model, slot layout (tests/test_engine_gpu.py runs the paged one bitwise)."""
     from test_cuda_graph import prefilled_rows
 
@@ -166,11 +209,12 @@ def test_invariant_llama_with_fused_layers_matches_the_unfused_one(dtype, prolog
     from flover.weights import load_model
 
     model, _ = load_model("tiny_llama", dtype, torch.device("cuda"), seed=2)
-    swap_linears(model)
+    plain, _ = load_model("tiny_llama", dtype, torch.device("cuda"), seed=2)
+    swap_linears(model)  # folds the norms on Hopper
     cfg = model.cfg
-    out, default = [], fused.PROLOGUES
+    out = []
     for enabled in (True, False):
-        fused.ENABLED, fused.PROLOGUES = enabled, prologues
+        fused.ENABLED = enabled
         try:
             cache = SlotCache(cfg.num_layers, 4, cfg.num_kv_heads, 64, cfg.head_dim, dtype,
                               torch.device("cuda"))
@@ -178,6 +222,11 @@ def test_invariant_llama_with_fused_layers_matches_the_unfused_one(dtype, prolog
             batch = prefilled_rows(runner, cache)
             out.append(runner.forward_logits(batch))
         finally:
-            fused.ENABLED, fused.PROLOGUES = True, default
+            fused.ENABLED = True
+    cache = SlotCache(cfg.num_layers, 4, cfg.num_kv_heads, 64, cfg.head_dim, dtype,
+                      torch.device("cuda"))
+    runner = ModelRunner(plain, cache, cuda_graphs=False, batch_invariant=False)
+    out.append(runner.forward_logits(prefilled_rows(runner, cache)))  # cuBLAS, norms unfolded
     tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
     torch.testing.assert_close(out[0], out[1], rtol=tol, atol=tol)
+    torch.testing.assert_close(out[0], out[2], rtol=2 * tol, atol=2 * tol)

@@ -232,11 +232,17 @@ def test_linear_tma_form_is_taken_only_where_it_can_be():
     gen = torch.Generator().manual_seed(13)
     form = linear_triton._tma_form
     w16, x16 = _randn(40, 96, gen=gen, dtype=torch.float16), _randn(3, 96, gen=gen, dtype=torch.float16)
-    assert form(x16, w16, TMA, 0, 1)
-    assert not form(x16, w16, SMALL | {"tma": False}, 0, 1)
-    assert not form(x16.float(), w16.float(), TMA, 0, 1)  # float32: the IEEE products
-    assert not form(x16, w16, TMA, 1, 1) and not form(x16, w16, TMA, 0, 2)  # prologue, parts
+    assert form(x16, w16, TMA, 1)
+    assert not form(x16, w16, SMALL | {"tma": False}, 1)
+    assert not form(x16.float(), w16.float(), TMA, 1)  # float32: the IEEE products
+    assert not form(x16, w16, TMA, 2)  # parts
     odd = _randn(40, 70, gen=gen, dtype=torch.float16)  # rows of 140 bytes: no TMA
-    assert not form(x16[:, :70], odd, TMA, 0, 1)
-    assert form(x16, w16, SMALL, 0, 1) == (DEVICE == "cuda"
-                                           and torch.cuda.get_device_capability()[0] >= 9)
+    assert not form(x16[:, :70], odd, TMA, 1)
+    hopper = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9
+    assert form(x16, w16, SMALL, 1) == hopper
+    # the folded-norm and gated epilogues go where the TMA form goes, and nowhere else
+    assert linear_triton.fusable(w16, TMA) and not linear_triton.fusable(odd, TMA)
+    assert linear_triton.fusable(w16) == hopper
+    assert not linear_triton.fusable(w16.float(), TMA)
+    with pytest.raises(ValueError, match="TMA form"):
+        linear(x16, w16, config=SMALL | {"tma": False}, rms_eps=1e-6)

@@ -28,14 +28,16 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x, norm: RMSNorm, rotary: Rotary, meta: AttentionMetadata, k_cache,
                 v_cache):
-        """o_proj(attention(qkv_proj(norm(x)))); each fused op falls back to its reference."""
+        """x + o_proj(attention(qkv_proj(norm(x)))) as `fused.linear_add`'s pair (the sum and
+        None, or the product and x, whose add the next norm does); each fused op falls back
+        to its reference."""
         t = x.shape[0]
         qkv, _ = fused.norm_linear(x, norm, self.qkv_proj)
         q, k, v = qkv.split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], -1)
         q = fused.rotary_write_kv(q.view(t, self.h, self.d), k.view(t, self.hkv, self.d),
                                   v.view(t, self.hkv, self.d), rotary, k_cache, v_cache, meta)
         out = attend(q, k_cache, v_cache, meta, self.scale)
-        return self.o_proj(out.view(t, self.h * self.d))
+        return fused.linear_add(out.view(t, self.h * self.d), self.o_proj, x)
 
 
 class LlamaMLP(nn.Module):
@@ -46,9 +48,9 @@ class LlamaMLP(nn.Module):
 
     def forward(self, a, norm: RMSNorm, x):
         """The residual stream after the layer: s + down(silu_mul(gate_up(norm(s)))), where
-        s = x + a (a: the attention's output)."""
-        gate_up, s = fused.norm_linear(a, norm, self.gate_up_proj, residual=x)
-        return fused.silu_mul_linear(gate_up, self.down_proj, residual=s)
+        s = a + x (a: the attention's output; x None: a is s already)."""
+        act, s = fused.norm_linear(a, norm, self.gate_up_proj, residual=x, gated=True)
+        return fused.linear_residual(act, self.down_proj, s)
 
 
 class LlamaLayer(nn.Module):
@@ -60,8 +62,8 @@ class LlamaLayer(nn.Module):
         self.mlp = LlamaMLP(cfg)
 
     def forward(self, x, rotary, meta, k_cache, v_cache):
-        a = self.self_attn(x, self.input_layernorm, rotary, meta, k_cache, v_cache)
-        return self.mlp(a, self.post_attention_layernorm, x)
+        a, pending = self.self_attn(x, self.input_layernorm, rotary, meta, k_cache, v_cache)
+        return self.mlp(a, self.post_attention_layernorm, pending)
 
 
 class LlamaModel(nn.Module):
@@ -94,6 +96,12 @@ class LlamaForCausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+    def norm_products(self) -> list[tuple[RMSNorm, nn.Module]]:
+        """Each RMSNorm with the one product that reads its output (`fold_norms`)."""
+        return [pair for layer in self.model.layers
+                for pair in ((layer.input_layernorm, layer.self_attn.qkv_proj),
+                             (layer.post_attention_layernorm, layer.mlp.gate_up_proj))]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         c = self.cfg

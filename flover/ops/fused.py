@@ -15,12 +15,7 @@ import torch.nn.functional as F
 from flover.ops import fused_cpu
 
 ENABLED = True
-# The norm and SiLU * up as prologues of the invariant linear. Off: on an H200 they made the
-# decode step slower, not faster (docs/perf/2026-11-26-fused-layers.md: every column-tile program redoes its
-# rows' elementwise work, 16-row tiles at B=1, a step bound by the conversions), so the norm
-# and SiLU keep their own kernels; the residual add is still the down projection's epilogue
-# and rotary + the KV write one kernel. The tests hold both paths.
-PROLOGUES = False
+FOLDED = True  # the folded norm and SiLU as epilogues where they can be (off: to compare)
 
 try:  # the kernels import triton; CPU-only installs go without it
     from flover.ops import fused_triton as _k
@@ -88,9 +83,12 @@ def write_kv(k_cache, v_cache, k, v, slot_ids, positions) -> bool:
 # exact sequence of calls the model made before, so that the CPU, invariance off (cuBLAS),
 # quantized and tensor-parallel linear modules run as before, bit for bit. The fused kernels
 # run only on the invariant GPU path: a batch-invariant linear (`InvariantLinear`) on a GPU
-# takes the residual add as its epilogue (and, with PROLOGUES, the norm or SiLU * up as its
-# prologue) at the reference's rounding points; rotary and the KV write are one kernel when
-# meta.batch_invariant. Each saves the launches in between.
+# takes a residual add as its epilogue; where its weight carries the norm before it
+# (`flover.ops.linear.fold_norms`, Hopper's TMA form) it also scales each row by its 1 / rms
+# and, for gate_up, applies silu * up; rotary and the KV write are one kernel when
+# meta.batch_invariant. Each saves the launches in between. (The norm and SiLU as the pointer
+# form's prologues, which recompute the rows' elementwise work in every column tile, made the
+# H200's decode step slower: docs/perf/2026-11-26-fused-layers.md; they are gone.)
 
 
 def _invariant(linear, x: torch.Tensor) -> bool:
@@ -101,29 +99,42 @@ def _invariant(linear, x: torch.Tensor) -> bool:
             and x.dim() == 2 and w.stride(-1) == 1 and x.dtype == w.dtype)
 
 
-def norm_linear(x: torch.Tensor, norm, linear, residual: torch.Tensor | None = None):
-    """(linear(rms_norm(s)), s) with s = x + residual (or x): `rms_norm` then the module.
-    Fused (PROLOGUES): the norm is the product's prologue (each program computes its rows'
-    1/rms over K in a fixed order; the first column tile's programs store s)."""
-    if PROLOGUES and _invariant(linear, x) and norm.weight.dtype == x.dtype:
-        return _lk.linear(x, linear.weight, linear.bias, norm=(norm.weight, norm.eps),
-                          x_residual=residual)
+def _folded(linear, x: torch.Tensor) -> bool:
+    """The product can take the norm as its epilogue: its weight carries the norm's
+    (`flover.ops.linear.fold_norms`) and the TMA form takes it."""
+    return (FOLDED and getattr(linear, "folded_norm", False) and _invariant(linear, x)
+            and _lk.fusable(linear.weight))
+
+
+def norm_linear(x: torch.Tensor, norm, linear, residual: torch.Tensor | None = None,
+                gated: bool = False):
+    """(y, s) with s = x + residual (or x) and y = linear(rms_norm(s)), or with `gated`
+    silu_mul of it (the linear's output is gate then up): `rms_norm`, the module, `silu_mul`.
+    Fused, where the norm's weight is folded into the linear's (`fold_norms`) and s is given
+    whole (no residual: `linear_add` added it as the last product's epilogue): one launch,
+    which scales each row's sums by its 1 / rms and applies silu * up in its epilogue.
+    Otherwise a folded norm's weight is ones, and the sequence computes the same function."""
+    if residual is None and _folded(linear, x):
+        return _lk.linear(x, linear.weight, linear.bias, rms_eps=norm.eps, gated=gated), x
     h, s = rms_norm(x, norm, residual)
-    return linear(h), s
+    y = linear(h)
+    return (silu_mul(y) if gated else y), s
 
 
-def silu_mul_linear(gate_up: torch.Tensor, linear,
-                    residual: torch.Tensor | None = None) -> torch.Tensor:
-    """residual + linear(silu_mul(gate_up)) (or without the residual): `silu_mul`, the module,
-    the add. Fused: the add is the product's epilogue (and with PROLOGUES, SiLU(gate) * up
-    its prologue)."""
-    if _invariant(linear, gate_up):
-        if PROLOGUES:
-            return _lk.linear(gate_up, linear.weight, linear.bias, silu_gate=True,
-                              residual=residual)
-        return _lk.linear(silu_mul(gate_up), linear.weight, linear.bias, residual=residual)
-    y = linear(silu_mul(gate_up))
-    return y if residual is None else residual + y
+def linear_add(x: torch.Tensor, linear, residual: torch.Tensor):
+    """residual + linear(x), as (sum, None) where the add is the product's epilogue (the
+    invariant GPU path), else as (linear(x), residual): the add left to the next
+    `norm_linear`, whose norm kernel does it with no launch of its own."""
+    if _invariant(linear, x):
+        return _lk.linear(x, linear.weight, linear.bias, residual=residual), None
+    return linear(x), residual
+
+
+def linear_residual(x: torch.Tensor, linear, residual: torch.Tensor) -> torch.Tensor:
+    """residual + linear(x); fused: the add is the product's epilogue."""
+    if _invariant(linear, x):
+        return _lk.linear(x, linear.weight, linear.bias, residual=residual)
+    return residual + linear(x)
 
 
 def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rot, k_cache, v_cache,

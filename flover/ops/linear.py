@@ -6,7 +6,9 @@ product of `flover.ops.linear_triton` (one configuration for every batch size) o
 tensors and F.linear elsewhere; `linear_ref` is what the tests hold the kernel to.
 `swap_linears` puts `InvariantLinear` and `InvariantTiedHead` in place of a loaded model's
 `nn.Linear` and `TiedHead` modules; modules of other types (quantized linears, the
-tensor-parallel wrappers) are left as they are.
+tensor-parallel wrappers) are left as they are. It then folds each RMSNorm's weight into the
+invariant product that reads the norm (`fold_norms`), where the product can take the norm as
+its epilogue.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class InvariantLinear(nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = source.in_features, source.out_features
         self.weight, self.bias = source.weight, source.bias
+        self.folded_norm = False  # the weight carries the norm before it (`fold_norms`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return invariant_linear(x, self.weight, self.bias)
@@ -91,4 +94,32 @@ def swap_linears(model: nn.Module, only_cuda: bool = True, invariant: bool = Tru
                if type(child) in swaps and (child.weight.is_cuda or not only_cuda)]
     for parent, name, child in targets:
         setattr(parent, name, swaps[type(child)](child))
+    if invariant:
+        fold_norms(model)
     return len(targets)
+
+
+@torch.no_grad()
+def fold_norms(model: nn.Module, force: bool = False) -> int:
+    """Fold each RMSNorm's weight g into the product that reads the norm's output
+    (`model.norm_products()`, where the model has it): W <- W diag(g) rounded to W's dtype,
+    g <- 1. The model computes the same function (the norm's rounding moves: see
+    `flover.ops.fused.norm_linear`), and that product can scale its rows by 1 / rms in its
+    epilogue: the norm's kernel, its pass over the stream and, for gate_up, SiLU's kernel are
+    gone. Only where the product is an `InvariantLinear` whose TMA form takes the fused
+    epilogue (`linear_triton.fusable`; `force`: whatever the device, for the tests), so the
+    CPU, cuBLAS, quantized and tensor-parallel models are never changed. Idempotent: a norm
+    already folded has a unit weight. Returns how many products were folded."""
+    folded = 0
+    for norm, product in getattr(model, "norm_products", list)():
+        if not (isinstance(product, InvariantLinear) and (force or (
+                _k is not None and _k.fusable(product.weight)))):
+            continue
+        if not product.folded_norm:
+            g = norm.weight.float()
+            for rows in product.weight.split(4096):  # one float32 copy of 4096 rows at a time
+                rows.copy_(rows.float() * g)
+            norm.weight.fill_(1.0)
+            product.folded_norm = True
+            folded += 1
+    return folded

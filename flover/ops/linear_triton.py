@@ -86,70 +86,6 @@ def _epilogue(Y, B, YR, acc0, acc1, acc2, acc3, r0, rn, M, N, sy_m, syr_m,
 
 
 @triton.jit
-def _summed(X, R, rm, rk, k0, M, K, sx_m, sr_m, HAS_SUM: tl.constexpr):
-    """A tile of x, or of s = x + residual rounded to x's dtype (the reference's sum)."""
-    x = _tile(X, rm, rk, k0, M, K, sx_m)
-    if HAS_SUM:
-        x = (x.to(tl.float32) + _tile(R, rm, rk, k0, M, K, sr_m).to(tl.float32)).to(x.dtype)
-    return x
-
-
-@triton.jit
-def _rstd(X, R, S, rm, rk, M, K, sx_m, sr_m, eps, S_ROWS, HAS_SUM: tl.constexpr,
-          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """1 / rms of each row of s (x, or x + residual), summed over K in steps of BLOCK_K in
-    order: fixed by K alone. Rows below S_ROWS (M in the first column tile's programs, else 0)
-    also store s, so that it is written once. Each step's tile is loaded one step ahead."""
-    sq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-    nxt = _summed(X, R, rm, rk, 0, M, K, sx_m, sr_m, HAS_SUM)
-    for k0 in range(0, K, BLOCK_K):
-        s = nxt
-        nxt = _summed(X, R, rm, rk, k0 + BLOCK_K, M, K, sx_m, sr_m, HAS_SUM)
-        if HAS_SUM:  # s shares x's (contiguous) row stride
-            mask = (rm < S_ROWS)[:, None] & ((k0 + rk) < K)[None, :]
-            tl.store(S + rm.to(tl.int64)[:, None] * sx_m + (k0 + rk)[None, :], s, mask=mask)
-        sf = s.to(tl.float32)
-        sq += sf * sf
-    return 1.0 / tl.sqrt(tl.sum(sq, axis=1) / K + eps)
-
-
-@triton.jit
-def _raw(X, R, rm, rk, k0, M, K, sx_m, sr_m, PRO: tl.constexpr, HAS_SUM: tl.constexpr):
-    """What the prologue reads for columns k0 + rk: (x, residual) for the norm (x twice without
-    a residual), (gate, up) for SiLU * up; zeros past K."""
-    if PRO == 2:
-        return _tile(X, rm, rk, k0, M, K, sx_m), _tile(X + K, rm, rk, k0, M, K, sx_m)
-    x = _tile(X, rm, rk, k0, M, K, sx_m)
-    if HAS_SUM:
-        return x, _tile(R, rm, rk, k0, M, K, sr_m)
-    return x, x
-
-
-@triton.jit
-def _operand(a, b, nw, rstd, PRO: tl.constexpr, HAS_SUM: tl.constexpr):
-    """The product's left tile from `_raw`'s pair: weight * norm(s), s = a (+ b), the norm
-    rounded to the activations' dtype before the weight as `fused.rms_norm` does (PRO 1); or
-    silu(a) * b, rounded as `fused.silu_mul` does (PRO 2)."""
-    if PRO == 1:
-        s = a
-        if HAS_SUM:
-            s = (a.to(tl.float32) + b.to(tl.float32)).to(a.dtype)
-        h = (s.to(tl.float32) * rstd[:, None]).to(s.dtype).to(tl.float32) * nw[None, :]
-        return h.to(s.dtype)
-    gf = a.to(tl.float32)
-    act = (gf / (1.0 + tl.exp(-gf))).to(a.dtype)
-    return (act.to(tl.float32) * b.to(tl.float32)).to(a.dtype)
-
-
-@triton.jit
-def _norm_w(NW, rk, k0, K, PRO: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The norm's weight for columns k0 + rk, in float32 (zeros unless PRO is the norm)."""
-    if PRO == 1:
-        return tl.load(NW + k0 + rk, mask=(k0 + rk) < K, other=0.0).to(tl.float32)
-    return tl.zeros([BLOCK_K], dtype=tl.float32)
-
-
-@triton.jit
 def _products(X, w_ptr, mask_n, r0, rk, k_lo, k_hi, M, K, sx_m, IEEE: tl.constexpr,
               M_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr):
@@ -204,12 +140,10 @@ def _prefetch_l2(W, rn, sw_n, mask_n, k_lo, k_hi, STEPS: tl.constexpr, BLOCK_K: 
 
 
 @triton.jit
-def _linear_kernel(X, W, B, Y, XR, NW, S, YR, WS, CNT, M, N, K, KS, sx_m, sw_n, sy_m, sxr_m,
-                   syr_m, eps,
+def _linear_kernel(X, W, B, Y, YR, WS, CNT, M, N, K, KS, sx_m, sw_n, sy_m, syr_m,
                    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, M_TILES: tl.constexpr,
-                   PRO: tl.constexpr, HAS_SUM: tl.constexpr, HAS_RES: tl.constexpr,
-                   SPLITS: tl.constexpr, SPLIT_GRID: tl.constexpr, PDL: tl.constexpr,
-                   PREFETCH: tl.constexpr, LINE: tl.constexpr,
+                   HAS_RES: tl.constexpr, SPLITS: tl.constexpr, SPLIT_GRID: tl.constexpr,
+                   PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """M_TILES row tiles per program, each its own accumulator, all fed by one load of the
     weight tile: every row tile runs the same BLOCK_M x BLOCK_N x BLOCK_K products in the
@@ -218,13 +152,7 @@ def _linear_kernel(X, W, B, Y, XR, NW, S, YR, WS, CNT, M, N, K, KS, sx_m, sw_n, 
     K in SPLITS parts of KS columns (a multiple of BLOCK_K): with SPLIT_GRID, part
     program_id(2) of a tile, its sums stored in WS, the last part to arrive (CNT counts them,
     and is put back to 0) adds them in order; without, this program sums every part in turn.
-
-    Optional prologue (PRO, SPLITS = 1): the RMSNorm of x (HAS_SUM: of x + XR, the summed
-    stream stored once into S by the programs of the first column tile), or SiLU(gate) * up
-    (`_operand`); optional epilogue (HAS_RES): + YR. Each is elementwise per row, or (the
-    norm's 1/rms) a per-row sum in a fixed order, so a row's bits still do not depend on the
-    other rows. The prologue's tiles go through registers, not the pipeliner's shared-memory
-    stages, so they are loaded one K step ahead by hand."""
+    Optional epilogue (HAS_RES): + YR, elementwise per row."""
     pid_m = tl.program_id(0)  # fastest: the row tiles of one weight tile run side by side
     pid_n = tl.program_id(1)
     r0 = pid_m * (M_TILES * BLOCK_M) + tl.arange(0, BLOCK_M)
@@ -240,93 +168,40 @@ def _linear_kernel(X, W, B, Y, XR, NW, S, YR, WS, CNT, M, N, K, KS, sx_m, sw_n, 
                      BLOCK_K, LINE)
     launch.prior(PDL)
     store = True
-    if PRO == 0:
-        if SPLIT_GRID:
-            acc0, acc1, acc2, acc3 = _products(X, w_ptr, mask_n, r0, rk, part * KS,
-                                               tl.minimum(part * KS + KS, K), M, K, sx_m, IEEE,
-                                               M_TILES, BLOCK_M, BLOCK_N, BLOCK_K)
-            _part(WS, acc0, part, r0, rn, M, N)
-            if M_TILES > 1:
-                _part(WS, acc1, part, r0 + BLOCK_M, rn, M, N)
-            if M_TILES > 2:
-                _part(WS, acc2, part, r0 + 2 * BLOCK_M, rn, M, N)
-            if M_TILES > 3:
-                _part(WS, acc3, part, r0 + 3 * BLOCK_M, rn, M, N)
-            tl.debug_barrier()  # every thread's part stored before the count says so
-            tile = pid_m * tl.num_programs(1) + pid_n
-            store = tl.atomic_add(CNT + tile, 1, sem="acq_rel") == SPLITS - 1
-            if store:
-                tl.atomic_xchg(CNT + tile, 0)  # ready for the next launch (graph replays too)
-                acc0 = _parts_sum(WS, r0, rn, M, N, SPLITS)
-                if M_TILES > 1:
-                    acc1 = _parts_sum(WS, r0 + BLOCK_M, rn, M, N, SPLITS)
-                if M_TILES > 2:
-                    acc2 = _parts_sum(WS, r0 + 2 * BLOCK_M, rn, M, N, SPLITS)
-                if M_TILES > 3:
-                    acc3 = _parts_sum(WS, r0 + 3 * BLOCK_M, rn, M, N, SPLITS)
-        else:
-            acc0, acc1, acc2, acc3 = _products(X, w_ptr, mask_n, r0, rk, 0, tl.minimum(KS, K), M,
-                                               K, sx_m, IEEE, M_TILES, BLOCK_M, BLOCK_N, BLOCK_K)
-            for p in tl.static_range(1, SPLITS):
-                p0, p1, p2, p3 = _products(X, w_ptr, mask_n, r0, rk, p * KS,
-                                           tl.minimum(p * KS + KS, K), M, K, sx_m, IEEE, M_TILES,
-                                           BLOCK_M, BLOCK_N, BLOCK_K)
-                acc0 += p0
-                acc1 += p1
-                acc2 += p2
-                acc3 += p3
-    else:
-        acc0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc3 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        rstd0 = tl.zeros([BLOCK_M], dtype=tl.float32)
-        rstd1 = tl.zeros([BLOCK_M], dtype=tl.float32)
-        rstd2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-        rstd3 = tl.zeros([BLOCK_M], dtype=tl.float32)
-        if PRO == 1:
-            first = (pid_n == 0).to(tl.int32) * M  # the rows of s this program stores
-            rstd0 = _rstd(X, XR, S, r0, rk, M, K, sx_m, sxr_m, eps, first, HAS_SUM, BLOCK_M,
-                          BLOCK_K)
-            if M_TILES > 1:
-                rstd1 = _rstd(X, XR, S, r0 + BLOCK_M, rk, M, K, sx_m, sxr_m, eps, first, HAS_SUM,
-                              BLOCK_M, BLOCK_K)
-            if M_TILES > 2:
-                rstd2 = _rstd(X, XR, S, r0 + 2 * BLOCK_M, rk, M, K, sx_m, sxr_m, eps, first,
-                              HAS_SUM, BLOCK_M, BLOCK_K)
-            if M_TILES > 3:
-                rstd3 = _rstd(X, XR, S, r0 + 3 * BLOCK_M, rk, M, K, sx_m, sxr_m, eps, first,
-                              HAS_SUM, BLOCK_M, BLOCK_K)
-        nw = _norm_w(NW, rk, 0, K, PRO, BLOCK_K)
-        a0, b0 = _raw(X, XR, r0, rk, 0, M, K, sx_m, sxr_m, PRO, HAS_SUM)
-        a1, b1, a2, b2, a3, b3 = a0, b0, a0, b0, a0, b0
+    if SPLIT_GRID:
+        acc0, acc1, acc2, acc3 = _products(X, w_ptr, mask_n, r0, rk, part * KS,
+                                           tl.minimum(part * KS + KS, K), M, K, sx_m, IEEE,
+                                           M_TILES, BLOCK_M, BLOCK_N, BLOCK_K)
+        _part(WS, acc0, part, r0, rn, M, N)
         if M_TILES > 1:
-            a1, b1 = _raw(X, XR, r0 + BLOCK_M, rk, 0, M, K, sx_m, sxr_m, PRO, HAS_SUM)
+            _part(WS, acc1, part, r0 + BLOCK_M, rn, M, N)
         if M_TILES > 2:
-            a2, b2 = _raw(X, XR, r0 + 2 * BLOCK_M, rk, 0, M, K, sx_m, sxr_m, PRO, HAS_SUM)
+            _part(WS, acc2, part, r0 + 2 * BLOCK_M, rn, M, N)
         if M_TILES > 3:
-            a3, b3 = _raw(X, XR, r0 + 3 * BLOCK_M, rk, 0, M, K, sx_m, sxr_m, PRO, HAS_SUM)
-        for k0 in range(0, K, BLOCK_K):
-            w = tl.load(w_ptr + k0, mask=mask_n[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
-            wt = tl.trans(w)
-            k1 = k0 + BLOCK_K  # the next step's tiles, loaded before this step's products
-            nw_next = _norm_w(NW, rk, k1, K, PRO, BLOCK_K)
-            n0, m0 = _raw(X, XR, r0, rk, k1, M, K, sx_m, sxr_m, PRO, HAS_SUM)
-            acc0 = _mma(_operand(a0, b0, nw, rstd0, PRO, HAS_SUM), wt, acc0, IEEE)
-            a0, b0 = n0, m0
+            _part(WS, acc3, part, r0 + 3 * BLOCK_M, rn, M, N)
+        tl.debug_barrier()  # every thread's part stored before the count says so
+        tile = pid_m * tl.num_programs(1) + pid_n
+        store = tl.atomic_add(CNT + tile, 1, sem="acq_rel") == SPLITS - 1
+        if store:
+            tl.atomic_xchg(CNT + tile, 0)  # ready for the next launch (graph replays too)
+            acc0 = _parts_sum(WS, r0, rn, M, N, SPLITS)
             if M_TILES > 1:
-                n1, m1 = _raw(X, XR, r0 + BLOCK_M, rk, k1, M, K, sx_m, sxr_m, PRO, HAS_SUM)
-                acc1 = _mma(_operand(a1, b1, nw, rstd1, PRO, HAS_SUM), wt, acc1, IEEE)
-                a1, b1 = n1, m1
+                acc1 = _parts_sum(WS, r0 + BLOCK_M, rn, M, N, SPLITS)
             if M_TILES > 2:
-                n2, m2 = _raw(X, XR, r0 + 2 * BLOCK_M, rk, k1, M, K, sx_m, sxr_m, PRO, HAS_SUM)
-                acc2 = _mma(_operand(a2, b2, nw, rstd2, PRO, HAS_SUM), wt, acc2, IEEE)
-                a2, b2 = n2, m2
+                acc2 = _parts_sum(WS, r0 + 2 * BLOCK_M, rn, M, N, SPLITS)
             if M_TILES > 3:
-                n3, m3 = _raw(X, XR, r0 + 3 * BLOCK_M, rk, k1, M, K, sx_m, sxr_m, PRO, HAS_SUM)
-                acc3 = _mma(_operand(a3, b3, nw, rstd3, PRO, HAS_SUM), wt, acc3, IEEE)
-                a3, b3 = n3, m3
-            nw = nw_next
+                acc3 = _parts_sum(WS, r0 + 3 * BLOCK_M, rn, M, N, SPLITS)
+    else:
+        acc0, acc1, acc2, acc3 = _products(X, w_ptr, mask_n, r0, rk, 0, tl.minimum(KS, K), M,
+                                           K, sx_m, IEEE, M_TILES, BLOCK_M, BLOCK_N, BLOCK_K)
+        for p in tl.static_range(1, SPLITS):
+            p0, p1, p2, p3 = _products(X, w_ptr, mask_n, r0, rk, p * KS,
+                                       tl.minimum(p * KS + KS, K), M, K, sx_m, IEEE, M_TILES,
+                                       BLOCK_M, BLOCK_N, BLOCK_K)
+            acc0 += p0
+            acc1 += p1
+            acc2 += p2
+            acc3 += p3
     if store:  # SPLIT_GRID: only the tile's last part to arrive
         _epilogue(Y, B, YR, acc0, acc1, acc2, acc3, r0, rn, M, N, sy_m, syr_m, HAS_BIAS,
                   HAS_RES, M_TILES, BLOCK_M, BLOCK_N)
@@ -335,8 +210,9 @@ def _linear_kernel(X, W, B, Y, XR, NW, S, YR, WS, CNT, M, N, K, KS, sx_m, sw_n, 
 @triton.jit
 def tma_products(w, XD, m0, k0, acc0, acc1, acc2, acc3, M_TILES: tl.constexpr,
                  BLOCK_M: tl.constexpr):
-    """One K step of the TMA forms: the weight tile w [BLOCK_N, BLOCK_K] times each of the
-    M_TILES row tiles of x from row m0 (descriptor XD), each into its own y^T accumulator."""
+    """One K step of the int8/int4 TMA form (`quant_triton`): the weight tile w [BLOCK_N,
+    BLOCK_K] times each of the M_TILES row tiles of x from row m0 (descriptor XD), each into
+    its own y^T accumulator."""
     acc0 = tl.dot(w, tl.trans(XD.load([m0, k0])), acc0)
     if M_TILES > 1:
         acc1 = tl.dot(w, tl.trans(XD.load([m0 + BLOCK_M, k0])), acc1)
@@ -348,30 +224,95 @@ def tma_products(w, XD, m0, k0, acc0, acc1, acc2, acc3, M_TILES: tl.constexpr,
 
 
 @triton.jit
-def _linear_tma_kernel(XD, WD, B, Y, YR, M, N, K, sy_m, syr_m,
-                       HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, M_TILES: tl.constexpr,
+def _tma_step(w, wu, x, acc, up, sq, GATED: tl.constexpr, RMS: tl.constexpr):
+    """One K step of one row tile x [BLOCK_M, BLOCK_K] in `_linear_tma_kernel`: the weight
+    tile's product into acc (y^T), the up tile's into `up` (GATED), and each row's sum of
+    squares of x into sq (RMS), in the same K order for every row."""
+    xt = tl.trans(x)
+    acc = tl.dot(w, xt, acc)
+    if GATED:
+        up = tl.dot(wu, xt, up)
+    if RMS:
+        xf = x.to(tl.float32)
+        sq += tl.sum(xf * xf, axis=1)
+    return acc, up, sq
+
+
+@triton.jit
+def _rms_scaled(acc, sq, K, eps, RMS: tl.constexpr):
+    """A row tile's sums [BLOCK_M, BLOCK_N], times each row's 1 / rms (RMS), as `rms_norm`
+    computes it: 1 / sqrt(sum of squares / K + eps)."""
+    if RMS:
+        acc = acc * (1.0 / tl.sqrt(sq / K + eps))[:, None]
+    return acc
+
+
+@triton.jit
+def _gated_store(Y, B, acc, up, rm, rn, M, NI, sy_m, HAS_BIAS: tl.constexpr):
+    """silu(gate) * up of a row tile, gate and up each rounded to Y's dtype first (the product's
+    output), then as `fused_triton.silu_mul` rounds: bitwise the two kernels' result."""
+    if HAS_BIAS:
+        acc += tl.load(B + rn, mask=rn < NI, other=0.0).to(tl.float32)[None, :]
+        up += tl.load(B + NI + rn, mask=rn < NI, other=0.0).to(tl.float32)[None, :]
+    dt = Y.dtype.element_ty
+    g = acc.to(dt).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(dt)
+    y = (act.to(tl.float32) * up.to(dt).to(tl.float32)).to(dt)
+    mask = (rm < M)[:, None] & (rn < NI)[None, :]
+    tl.store(Y + rm.to(tl.int64)[:, None] * sy_m + rn[None, :], y, mask=mask)
+
+
+@triton.jit
+def _linear_tma_kernel(XD, WD, B, Y, YR, M, N, K, NI, sy_m, syr_m, eps,
+                       HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RMS: tl.constexpr,
+                       GATED: tl.constexpr, M_TILES: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The Hopper form (float16 / bfloat16, no prologue, one part): y^T = W x^T, the weight
+    """The Hopper form (float16 / bfloat16, one part): y^T = W x^T, the weight
     tile [BLOCK_N, BLOCK_K] the MMA's left operand, both operands brought into shared memory
     by TMA (descriptors XD, WD; zeros past the edges), `num_stages` steps deep, so that the
-    weight streams without passing through registers. Each of the M_TILES row tiles is its
-    own [BLOCK_N, BLOCK_M] product per K step, in K order, whatever M is: a row's bits do not
-    depend on the others. Another MMA instruction than `_linear_kernel`'s (wgmma), so its bits
-    are not promised to be that kernel's; on an H100 the two forms' LLaMA logits were equal."""
+    weight streams without passing through registers. Each of the M_TILES (at most 2) row
+    tiles is its own [BLOCK_N, BLOCK_M] product per K step, in K order, whatever M is: a
+    row's bits do not depend on the others. Another MMA instruction than `_linear_kernel`'s
+    (wgmma), so its bits are not promised to be that kernel's; on an H100 the two forms'
+    LLaMA logits were equal.
+
+    RMS: the weight carries an RMSNorm's weight (`flover.ops.fused.fold_norms`); each row's
+    sum of squares is taken from the x tiles the product reads, and its sums are scaled by
+    its 1 / rms before the epilogue: the norm costs no launch and no pass of its own.
+    GATED: W is [2 NI, K] (gate then up); a program takes the gate tile at n0 and the up tile
+    at NI + n0 and stores silu(gate) * up [M, NI]: the activation costs no launch either."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     m0 = pid_m * (M_TILES * BLOCK_M)
     n0 = pid_n * BLOCK_N
     acc0 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    acc3 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    up0 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    up1 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    sq0 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    sq1 = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        acc0, acc1, acc2, acc3 = tma_products(WD.load([n0, k0]), XD, m0, k0, acc0, acc1, acc2,
-                                              acc3, M_TILES, BLOCK_M)
-    _epilogue(Y, B, YR, tl.trans(acc0), tl.trans(acc1), tl.trans(acc2), tl.trans(acc3),
-              m0 + tl.arange(0, BLOCK_M), n0 + tl.arange(0, BLOCK_N), M, N, sy_m, syr_m,
-              HAS_BIAS, HAS_RES, M_TILES, BLOCK_M, BLOCK_N)
+        w = WD.load([n0, k0])
+        wu = w
+        if GATED:
+            wu = WD.load([NI + n0, k0])
+        acc0, up0, sq0 = _tma_step(w, wu, XD.load([m0, k0]), acc0, up0, sq0, GATED, RMS)
+        if M_TILES > 1:
+            acc1, up1, sq1 = _tma_step(w, wu, XD.load([m0 + BLOCK_M, k0]), acc1, up1, sq1,
+                                       GATED, RMS)
+    rm = m0 + tl.arange(0, BLOCK_M)
+    rn = n0 + tl.arange(0, BLOCK_N)
+    acc0 = _rms_scaled(tl.trans(acc0), sq0, K, eps, RMS)
+    acc1 = _rms_scaled(tl.trans(acc1), sq1, K, eps, RMS)
+    if GATED:
+        _gated_store(Y, B, acc0, _rms_scaled(tl.trans(up0), sq0, K, eps, RMS), rm, rn, M, NI,
+                     sy_m, HAS_BIAS)
+        if M_TILES > 1:
+            _gated_store(Y, B, acc1, _rms_scaled(tl.trans(up1), sq1, K, eps, RMS),
+                         rm + BLOCK_M, rn, M, NI, sy_m, HAS_BIAS)
+    else:
+        _epilogue(Y, B, YR, acc0, acc1, acc0, acc0, rm, rn, M, N, sy_m, syr_m, HAS_BIAS,
+                  HAS_RES, M_TILES, BLOCK_M, BLOCK_N)
 
 
 def default_config(element_size: int = 2) -> dict:
@@ -383,44 +324,77 @@ def default_config(element_size: int = 2) -> dict:
             "num_stages": 4, "max_m_tiles": 2, "prefetch": 4}
 
 
-def tma_config() -> dict:
+def tma_config(gated: bool = False) -> dict:
     """Launch parameters of the TMA form (`_linear_tma_kernel`, 16-bit dtypes), for every M:
     a 64-row weight tile is one warpgroup's MMA; `num_stages` K steps of both operands in
     flight (4 x 48 KB).
     The best of `bench/linear.py --tma-sweep` on an H100 but for one shape at M = 32
-    (docs/PERF.md, "TMA forms")."""
+    (docs/PERF.md, "TMA forms"). The gated product reads two weight tiles a step: half the K
+    depth, so that as many steps fit in shared memory."""
+    if gated:
+        return {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4,
+                "max_m_tiles": 2}
     return {"block_m": 16, "block_n": 64, "block_k": 256, "num_warps": 4, "num_stages": 4,
             "max_m_tiles": 2}
 
 
-def _tma_form(x: torch.Tensor, weight: torch.Tensor, cfg: dict, pro: int, parts: int) -> bool:
+def _tma_form(x: torch.Tensor, weight: torch.Tensor, cfg: dict, parts: int) -> bool:
     """The TMA form takes a product when asked ("tma": True; by default where `launch.tma`)
-    and it can: float16 / bfloat16, no prologue, one part, 16-byte aligned weight rows and
-    K. All of it fixed by the weight, the dtype and the device, never by M."""
+    and it can: float16 / bfloat16, one part, 16-byte aligned weight rows and K. All of it
+    fixed by the weight, the dtype and the device, never by M."""
     size = weight.element_size()
-    return bool(launch.tma(x, cfg.get("tma")) and pro == 0 and parts == 1
+    return bool(launch.tma(x, cfg.get("tma")) and parts == 1
                 and x.dtype in (torch.float16, torch.bfloat16) and weight.data_ptr() % 16 == 0
                 and weight.stride(0) * size % 16 == 0 and weight.shape[1] * size % 16 == 0)
 
 
+def fusable(weight: torch.Tensor, config: dict | None = None) -> bool:
+    """Whether `linear` can take products with this weight (and x of its dtype) with `rms_eps`
+    or `gated`: where the TMA form takes them. Fixed by the weight and the device, never by M."""
+    cfg = default_config(weight.element_size()) | (config or {})
+    n, k = weight.shape
+    parts = cfg.get("split") or (splits(n, k, cfg, sm_count(weight.device))
+                                 if weight.is_cuda else 1)
+    return weight.stride(-1) == 1 and _tma_form(weight, weight, cfg, parts)
+
+
 def _linear_tma(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                y: torch.Tensor, yr: torch.Tensor | None, config: dict | None) -> None:
+                y: torch.Tensor, yr: torch.Tensor | None, config: dict | None,
+                rms_eps: float | None = None, gated: bool = False) -> None:
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    cfg = tma_config() | (config or {})
+    cfg = tma_config(gated) | (config or {})
     (m, k), n = x2.shape, weight.shape[0]
     if x2.stride(0) != k or x2.data_ptr() % 16:  # a copy has the same values: the same bits
         x2 = x2.clone(memory_format=torch.contiguous_format)
     bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg["block_k"]
-    m_tiles = min(cfg["max_m_tiles"], triton.cdiv(m, bm))
-    grid = (triton.cdiv(m, bm * m_tiles), triton.cdiv(n, bn))
+    m_tiles = min(cfg["max_m_tiles"], 2, triton.cdiv(m, bm))
+    grid = (triton.cdiv(m, bm * m_tiles), triton.cdiv(n // 2 if gated else n, bn))
     _linear_tma_kernel[grid](
         TensorDescriptor.from_tensor(x2, [bm, bk]), TensorDescriptor.from_tensor(weight, [bn, bk]),
-        bias if bias is not None else weight, y, yr if yr is not None else y, m, n, k,
+        bias if bias is not None else weight, y, yr if yr is not None else y, m, n, k, n // 2,
         y.stride(0), yr.stride(0) if yr is not None else 0,
-        HAS_BIAS=bias is not None, HAS_RES=yr is not None, M_TILES=m_tiles,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        rms_eps if rms_eps is not None else 0.0,
+        HAS_BIAS=bias is not None, HAS_RES=yr is not None, RMS=rms_eps is not None,
+        GATED=gated, M_TILES=m_tiles, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def _folded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            config: dict | None, rms_eps: float | None, gated: bool) -> torch.Tensor:
+    """`linear` with rms_eps / gated: the TMA form's fused epilogues."""
+    if not fusable(weight, config) or x.dtype != weight.dtype:
+        raise ValueError("the folded-norm and gated products need the TMA form (`fusable`)")
+    n, k = weight.shape
+    assert x.shape[-1] == k and (n % 2 == 0 or not gated)
+    out = n // 2 if gated else n
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty((x2.shape[0], out), dtype=x.dtype, device=x.device)
+    if x2.shape[0] > 0:
+        _linear_tma(x2, weight, bias, y, None, config, rms_eps, gated)
+    return y.view(*x.shape[:-1], out)
 
 
 # Off by default: measured on an H100 (docs/PERF.md, "Split-K and PDL"), the decode step was no
@@ -480,32 +454,29 @@ def _counters(device: torch.device) -> torch.Tensor | None:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           config: dict | None = None, *, norm: tuple[torch.Tensor, float] | None = None,
-           x_residual: torch.Tensor | None = None, silu_gate: bool = False,
-           residual: torch.Tensor | None = None
-           ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+           config: dict | None = None, *, residual: torch.Tensor | None = None,
+           rms_eps: float | None = None, gated: bool = False) -> torch.Tensor:
     """x [..., K] @ weight [N, K]^T (+ bias [N]) -> [..., N] in x's dtype.
 
-    Fused forms (each the same arithmetic as its unfused sequence, see `flover.ops.fused`):
-    norm=(w, eps): the product of w * rms_norm(s) with s = x (+ x_residual), returning (y, s);
-    silu_gate: x is [..., 2K] (gate then up) and the product is of silu(gate) * up;
-    residual [..., N]: y + residual.
+    residual [..., N]: y + residual, y rounded first (the reference's `x + linear(h)`).
+    Folded-norm forms (the TMA form only, where `fusable`; see `flover.ops.linear.fold_norms`):
+    rms_eps: the product of rms_norm(x) with a unit weight (the weight carries the norm's),
+    each row's sums scaled by its 1 / rms; gated: weight is [2 NI, K] (gate then up) and the
+    result silu(gate) * up [..., NI]. Either may come with the other, not with a residual.
     `config` may also set "split" (the K parts) and "split_grid" (parts as programs), which
     are otherwise chosen by `splits` and by the launch's size.
     """
     n, k = weight.shape
-    assert x.shape[-1] == (2 * k if silu_gate else k) and weight.stride(-1) == 1
-    assert norm is not None or x_residual is None
+    assert x.shape[-1] == k and weight.stride(-1) == 1
+    if rms_eps is not None or gated:
+        assert residual is None
+        return _folded(x, weight, bias, config, rms_eps, gated)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    xr = s = None
-    if x_residual is not None:
-        xr, x2 = x_residual.reshape(-1, k).contiguous(), x2.contiguous()
-        s = torch.empty_like(x2)  # x, x_residual and s: one row stride
     yr = None
     if residual is not None:
         yr = residual.reshape(-1, n)
@@ -517,10 +488,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         # weight tile up to 64 rows); the row tile itself, and so each row's arithmetic, is fixed
         m_tiles = min(cfg["max_m_tiles"], triton.cdiv(m, cfg["block_m"]))
         grid_m, grid_n = triton.cdiv(m, cfg["block_m"] * m_tiles), triton.cdiv(n, cfg["block_n"])
-        pro = 1 if norm is not None else 2 if silu_gate else 0
         sms = sm_count(x.device)
-        parts = 1 if pro else cfg.get("split") or (splits(n, k, cfg, sms) if x.is_cuda else 1)
-        if _tma_form(x2, weight, cfg, pro, parts):
+        parts = cfg.get("split") or (splits(n, k, cfg, sms) if x.is_cuda else 1)
+        if _tma_form(x2, weight, cfg, parts):
             _linear_tma(x2, weight, bias, y, yr, config)
             return y.view(*lead, n)
         ks = triton.cdiv(triton.cdiv(k, cfg["block_k"]), parts) * cfg["block_k"]
@@ -534,19 +504,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
               else y)
         pdl = launch.enabled(x)
         _linear_kernel[(grid_m, grid_n, parts if split_grid else 1)](
-            x2, weight, bias if bias is not None else weight, y,
-            xr if xr is not None else x2, norm[0] if norm is not None else weight,
-            s if s is not None else y, yr if yr is not None else y, ws,
+            x2, weight, bias if bias is not None else weight, y, yr if yr is not None else y, ws,
             cnt if split_grid else y, m, n, k, ks,
-            x2.stride(0), weight.stride(0), y.stride(0), xr.stride(0) if xr is not None else 0,
-            yr.stride(0) if yr is not None else 0, norm[1] if norm is not None else 0.0,
+            x2.stride(0), weight.stride(0), y.stride(0), yr.stride(0) if yr is not None else 0,
             HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, M_TILES=m_tiles,
-            PRO=pro, HAS_SUM=xr is not None, HAS_RES=yr is not None, SPLITS=parts,
-            SPLIT_GRID=split_grid, PDL=pdl, PREFETCH=cfg["prefetch"] if pdl else 0,
-            LINE=128 // weight.element_size(),
+            HAS_RES=yr is not None, SPLITS=parts, SPLIT_GRID=split_grid, PDL=pdl,
+            PREFETCH=cfg["prefetch"] if pdl else 0, LINE=128 // weight.element_size(),
             BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch.options(pdl))
-    y = y.view(*lead, n)
-    if norm is None:
-        return y
-    return y, (s.view(x.shape) if s is not None else x)
+    return y.view(*lead, n)
