@@ -15,7 +15,8 @@ parts), `pdl` (split, and the kernels of the step launched with programmatic dep
 the linear kernel asking for its first weight tiles in L2 before it waits), `pdl-noprefetch`;
 `tma` and `ptr` (the products' Hopper TMA forms on, off: `launch.TMA`); `tma-nofold` (the TMA
 forms with the RMSNorm and SiLU in kernels of their own, not as the products' epilogues:
-`fused.FOLDED`).
+`fused.FOLDED`, and attention's splits merged by a second kernel: `attention_triton.MERGE`);
+`tma-nomerge` (the epilogues, the second kernel).
 
     python3 bench/decode_step.py --out decode_step.json [--variants nosplit,split,pdl]
 """
@@ -38,7 +39,7 @@ from flover.engine.scheduler import Batch
 from flover.engine.sequence import Request, Status
 from flover.models.layers import init_random
 from flover.models.presets import preset
-from flover.ops import fused, launch, linear_triton
+from flover.ops import attention_triton, fused, launch, linear_triton
 from flover.ops.linear import swap_linears
 from flover.weights import allocate
 
@@ -68,25 +69,29 @@ def weight_bytes_read(model: torch.nn.Module) -> int:
     return sum(p.nbytes for p in model.parameters() if id(p) not in skip)
 
 
-VARIANTS = {  # name: (split K, PDL, prefetch steps, TMA forms, folded-norm epilogues)
-    "nosplit": (False, False, 0, True, True), "split": (True, False, 0, True, True),
-    "pdl": (True, True, None, True, True), "pdl-noprefetch": (True, True, 0, True, True),
-    "pdl-nosplit": (False, True, None, True, True), "pdl-prefetch2": (True, True, 2, True, True),
-    "pdl-prefetch8": (True, True, 8, True, True),
-    "tma": (False, False, 0, True, True), "tma-nofold": (False, False, 0, True, False),
-    "ptr": (False, False, 0, False, False),
+VARIANTS = {  # name: (split K, PDL, prefetch steps, TMA forms, folded-norm epilogues,
+    # attention's merge in its split kernel)
+    "nosplit": (False, False, 0, True, True, True), "split": (True, False, 0, True, True, True),
+    "pdl": (True, True, None, True, True, True),
+    "pdl-noprefetch": (True, True, 0, True, True, True),
+    "pdl-nosplit": (False, True, None, True, True, True),
+    "pdl-prefetch2": (True, True, 2, True, True, True),
+    "pdl-prefetch8": (True, True, 8, True, True, True),
+    "tma": (False, False, 0, True, True, True), "tma-nomerge": (False, False, 0, True, True, False),
+    "tma-nofold": (False, False, 0, True, False, False),
+    "ptr": (False, False, 0, False, False, False),
 }
 
 
 _DEFAULT_LINEAR = linear_triton.default_config
 _SHIPPED = (linear_triton.SPLIT_K, launch.ENABLED, None, launch.TMA,  # as imported
-            fused.FOLDED)  # (the environment included)
+            fused.FOLDED, attention_triton.MERGE)  # (the environment included)
 
 
 def apply_variant(name: str | None) -> None:
     """Set the switches of `name` (None: back to the defaults as shipped)."""
-    split, pdl, prefetch, tma, folded = VARIANTS.get(name, _SHIPPED)
-    fused.FOLDED = folded
+    split, pdl, prefetch, tma, folded, merge = VARIANTS.get(name, _SHIPPED)
+    fused.FOLDED, attention_triton.MERGE = folded, merge
     linear_triton.SPLIT_K = split
     launch.set_enabled(pdl)
     launch.TMA = tma

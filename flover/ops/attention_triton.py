@@ -241,6 +241,7 @@ def _ordered_combine_kernel(OutPart, LsePart, Lens, Out, so_b, so_h, so_s, sl_b,
            sl_h, sout_b, sout_h)
 
 
+MERGE = True  # the split kernel merges (off: the second kernel, to compare)
 MERGE_SLOTS = 1 << 16  # (token, kv head) counters of one launch that merges in the split kernel
 _MERGE_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
@@ -292,7 +293,7 @@ def row_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     lse = torch.empty((t, h, splits), dtype=torch.float32, device=q.device)
     pdl = launch.enabled(q)
     out = torch.empty_like(q)
-    cnt = _merge_counters(q.device) if cfg.get("merge", True) else None
+    cnt = _merge_counters(q.device) if cfg.get("merge", MERGE) else None
     merge = {} if cnt is None else {"Out": out, "Cnt": cnt, "sout_b": out.stride(0),
                                     "sout_h": out.stride(1), "MERGE": True}
     _split_kernel[(t, hkv, splits)](
