@@ -9,13 +9,17 @@ the kernels equal to. `ENABLED = False` turns every kernel off (the tests compar
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 from flover.ops import fused_cpu
 
 ENABLED = True
-FOLDED = True  # the folded norm and SiLU as epilogues where they can be (off: to compare)
+# The folded norm and SiLU as the products' epilogues where they can be (`fold_norms`);
+# FLOVER_FOLD=0 turns them off (to compare): no norm is folded, and folded ones run unfused.
+FOLDED = os.environ.get("FLOVER_FOLD", "1") != "0"
 
 try:  # the kernels import triton; CPU-only installs go without it
     from flover.ops import fused_triton as _k

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flover.models.layers import TiedHead
+from flover.ops import fused
 
 try:  # the kernel imports triton; CPU-only installs go without it
     from flover.ops import linear_triton as _k
@@ -106,11 +107,14 @@ def fold_norms(model: nn.Module, force: bool = False) -> int:
     g <- 1. The model computes the same function (the norm's rounding moves: see
     `flover.ops.fused.norm_linear`), and that product can scale its rows by 1 / rms in its
     epilogue: the norm's kernel, its pass over the stream and, for gate_up, SiLU's kernel are
-    gone. Only where the product is an `InvariantLinear` whose TMA form takes the fused
-    epilogue (`linear_triton.fusable`; `force`: whatever the device, for the tests), so the
+    gone. Only with `fused.FOLDED` and where the product is an `InvariantLinear` whose TMA
+    form takes the fused epilogue (`linear_triton.fusable`; `force`: whatever the device and
+    the switch, for the tests), so the
     CPU, cuBLAS, quantized and tensor-parallel models are never changed. Idempotent: a norm
     already folded has a unit weight. Returns how many products were folded."""
     folded = 0
+    if not (fused.FOLDED or force):
+        return 0
     for norm, product in getattr(model, "norm_products", list)():
         if not (isinstance(product, InvariantLinear) and (force or (
                 _k is not None and _k.fusable(product.weight)))):
