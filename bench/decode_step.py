@@ -16,7 +16,9 @@ the linear kernel asking for its first weight tiles in L2 before it waits), `pdl
 `tma` and `ptr` (the products' Hopper TMA forms on, off: `launch.TMA`); `tma-nofold` (the TMA
 forms with the RMSNorm and SiLU in kernels of their own, not as the products' epilogues:
 `fused.FOLDED`, and attention's splits merged by a second kernel: `attention_triton.MERGE`);
-`tma-nomerge` (the epilogues, the second kernel).
+`tma-nomerge` (the epilogues, the second kernel). The shipped step is `tma-nofold` on Hopper
+until the epilogues and the merge are measured (FLOVER_FOLD, FLOVER_ATTN_MERGE); list
+`tma-nofold` before the others, since a folded model stays folded (it runs the same function).
 
     python3 bench/decode_step.py --out decode_step.json [--variants nosplit,split,pdl]
 """
@@ -155,9 +157,9 @@ def bench_model(name: str, dtype: str, batches: list[int], context: int, iters: 
             for v in (variants if m == "on" else [None])]
     for mode, variant in runs:
         on = mode == "on"
+        apply_variant(variant)  # first: the swap folds the norms only where the variant does
         if on:
             swap_linears(model)
-        apply_variant(variant)
         graphs = plain = None
         try:  # a variant that fails (PDL where the driver lacks it) costs its rows only
             graphs = ModelRunner(model, cache, cuda_graphs=True, batch_invariant=on)

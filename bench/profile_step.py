@@ -10,7 +10,7 @@ import json
 from collections import defaultdict
 
 import torch
-from decode_step import DTYPES, decode_batch
+from decode_step import DTYPES, VARIANTS, apply_variant, decode_batch
 from torch.profiler import ProfilerActivity, profile
 
 from flover.engine.kv_cache import SlotCache
@@ -29,6 +29,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--batch-invariant", action="store_true",
                     help="the batch-invariant linear and attention (EngineConfig's default)")
+    ap.add_argument("--variant", default=None, choices=sorted(VARIANTS),
+                    help="the invariant step's form (bench/decode_step.py's variants)")
     ap.add_argument("--out", default="profile.json")
     args = ap.parse_args()
     cfg = preset(args.model)
@@ -38,6 +40,7 @@ def main() -> None:
                       cfg.head_dim, DTYPES[args.dtype], torch.device("cuda"))
     cache.k.normal_()
     cache.v.normal_()
+    apply_variant(args.variant)
     if args.batch_invariant:
         swap_linears(model)
     runner = ModelRunner(model, cache, cuda_graphs=False, batch_invariant=args.batch_invariant)
@@ -54,7 +57,8 @@ def main() -> None:
             by_name[e.name[:90]] += e.device_time / steps / 1e3
     total = sum(by_name.values())
     top = sorted(by_name.items(), key=lambda kv: -kv[1])
-    print(f"{args.model} {args.dtype} B={args.batch} invariant={args.batch_invariant}: "
+    print(f"{args.model} {args.dtype} B={args.batch} invariant={args.batch_invariant} "
+          f"variant={args.variant}: "
           f"{total:.3f} ms of kernels per step")
     for name, ms in top[:18]:
         print(f"{ms:8.3f} ms {100 * ms / total:5.1f}%  {name}")

@@ -2,11 +2,13 @@
 
 bench/decode_step.py's method (one fused decode step with CUDA graphs, median of --iters,
 floor = bytes read / device-to-device copy bandwidth) for a preset with random weights,
-run as fp16, then quantized to int8 and to int4 (groups of 32, float16 scales) in the same
-process. First checks the kernel against its reference at the model's shapes. A width named
-with "-ptr" (int8-ptr, int4-ptr) runs with the TMA forms off (`launch.TMA`), to compare.
+run in full precision (`--dtype`, fp16 or bf16: the activations' dtype throughout), then
+quantized to int8 and to int4 (groups of 32, float16 scales) in the same process; the width
+named "fp16" is the model in `--dtype` whichever it is. First checks the kernel against its
+reference at the model's shapes. A width named with "-ptr" (int8-ptr, int4-ptr) runs with the
+TMA forms off (`launch.TMA`), to compare.
 
-    python3 bench/quant_decode_step.py --out quant_decode_step.json
+    python3 bench/quant_decode_step.py --out quant_decode_step.json [--dtype bf16]
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--weights", default="fp16,int8,int4")
+    ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     ap.add_argument("--config", default=None,
                     help="JSON merged into quant_triton.default_config (both bit widths)")
     ap.add_argument("--out", default="quant_decode_step.json")
@@ -61,20 +64,21 @@ def main() -> None:
     bw = copy_bandwidth()
     card = torch.cuda.get_device_name()
     cfg = preset(args.model)
-    errs = check_kernel(cfg.intermediate_size, cfg.hidden_size, torch.float16)
+    dtype = DTYPES[args.dtype]
+    errs = check_kernel(cfg.intermediate_size, cfg.hidden_size, dtype)
     print(f"{card}: copy {bw / 1e12:.3f} TB/s; kernel vs reference (max rel err): {errs}", flush=True)
     rows = []
     shipped_tma = launch.TMA
     for quantization in args.weights.split(","):
         launch.TMA = shipped_tma and not quantization.endswith("-ptr")
-        model = allocate(cfg, DTYPES["fp16"], torch.device("cuda"))
+        model = allocate(cfg, dtype, torch.device("cuda"))
         init_random(model, seed=0)
         if not quantization.startswith("fp16"):
             quantize_model(model, 8 if quantization.startswith("int8") else 4)
             gc.collect()
             torch.cuda.empty_cache()
         cache = SlotCache(cfg.num_layers, max(batches), cfg.num_kv_heads, args.context + 8,
-                          cfg.head_dim, torch.float16, torch.device("cuda"))
+                          cfg.head_dim, dtype, torch.device("cuda"))
         cache.k.normal_()
         cache.v.normal_()
         wbytes = weight_bytes_read(model)
@@ -93,10 +97,12 @@ def main() -> None:
         torch.cuda.empty_cache()
     with open(args.out, "w") as f:
         json.dump({"card": card, "date": datetime.date.today().isoformat(), "model": args.model,
+                   "dtype": args.dtype,
                    "context": args.context, "torch": torch.__version__, "copy_bandwidth_Bps": bw,
                    "kernel_rel_err": errs, "config": args.config, "rows": rows}, f, indent=1)
     fp16 = {r["batch"]: r["step_ms"] for r in rows if r["weights"] == "fp16"}
-    print(f"\n{card}, {args.model}, context {args.context}, copy {bw / 1e12:.3f} TB/s")
+    print(f"\n{card}, {args.model} {args.dtype}, context {args.context}, "
+          f"copy {bw / 1e12:.3f} TB/s")
     print(f"{'weights':>7} {'B':>3} {'step ms':>8} {'floor ms':>8} {'x floor':>7} {'vs fp16':>7}")
     for r in rows:
         print(f"{r['weights']:>7} {r['batch']:>3} {r['step_ms']:8.3f} {r['floor_ms']:8.3f} "

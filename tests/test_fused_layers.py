@@ -199,7 +199,7 @@ def test_fused_functions_run_their_references_off_the_invariant_gpu_path():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused layers run on a GPU only")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_invariant_llama_with_fused_layers_matches_the_unfused_one(dtype):
+def test_invariant_llama_with_fused_layers_matches_the_unfused_one(dtype, monkeypatch):
     """The whole model, slot layout (tests/test_engine_gpu.py runs the paged one bitwise)."""
     from test_cuda_graph import prefilled_rows
 
@@ -210,6 +210,10 @@ def test_invariant_llama_with_fused_layers_matches_the_unfused_one(dtype):
 
     model, _ = load_model("tiny_llama", dtype, torch.device("cuda"), seed=2)
     plain, _ = load_model("tiny_llama", dtype, torch.device("cuda"), seed=2)
+    from flover.ops import attention_triton
+
+    monkeypatch.setattr(fused, "FOLDED", True)
+    monkeypatch.setattr(attention_triton, "MERGE", True)
     swap_linears(model)  # folds the norms on Hopper
     cfg = model.cfg
     out = []

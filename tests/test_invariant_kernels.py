@@ -185,9 +185,10 @@ def test_row_attention_is_bitwise_the_same_alone_fused_and_in_a_wider_grid(dtype
     # many tokens go in slices (bounded partials): the same bits
     sliced = row_attention(q, k, v, slots, lengths, 90, 0.25, cfg | {"max_partials": 2 * 4 * 3 * 16})
     assert torch.equal(sliced, fused)
-    # the splits merged by a second kernel, not by the split kernel's last program: the same bits
-    assert torch.equal(row_attention(q, k, v, slots, lengths, 90, 0.25, cfg | {"merge": False}),
-                       fused)
+    # the splits merged by the split kernel's last program, not by a second kernel: the same bits
+    for merge in (True, False):
+        got = row_attention(q, k, v, slots, lengths, 90, 0.25, cfg | {"merge": merge})
+        assert torch.equal(got, fused), merge
     from flover.ops import attention_triton
 
     assert attention_triton._merge_counters(q.device).eq(0).all()  # left at zero for the next

@@ -13,6 +13,8 @@ and replay with any per-row lengths.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -241,7 +243,9 @@ def _ordered_combine_kernel(OutPart, LsePart, Lens, Out, so_b, so_h, so_s, sl_b,
            sl_h, sout_b, sout_h)
 
 
-MERGE = True  # the split kernel merges (off: the second kernel, to compare)
+# The split kernel merges (off: the second kernel). Off until measured on a GPU (built
+# 2026-12-07 when no device could be had): FLOVER_ATTN_MERGE=1 turns it on.
+MERGE = os.environ.get("FLOVER_ATTN_MERGE", "0") == "1"
 MERGE_SLOTS = 1 << 16  # (token, kv head) counters of one launch that merges in the split kernel
 _MERGE_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
@@ -264,9 +268,9 @@ def row_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     and its length only. The KV range is split every SPLIT_LEN positions from 0 (each split
     walked in BLOCK_N steps from its start) and the splits are merged in position order, so
     neither the other tokens nor `max_len` (which only sizes the grid) change a bit of it.
-    The merge is done by the last of each (token, kv head)'s split programs (one launch); a
-    second kernel does the same arithmetic where the counters do not exist yet (first used
-    under graph capture) or `config["merge"]` is False.
+    With MERGE (or `config["merge"]`) the last of each (token, kv head)'s split programs
+    merges (one launch); otherwise, and where the counters do not exist yet (first used under
+    graph capture), a second kernel does the same arithmetic.
     A prompt's tokens use it too, one query row each: a token's attention is then the same
     whether its prompt is prefilled whole, in chunks, alone or beside decode rows."""
     t, h, d = q.shape

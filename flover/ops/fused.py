@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from flover.ops import fused_cpu
 
 ENABLED = True
-# The folded norm and SiLU as the products' epilogues where they can be (`fold_norms`);
-# FLOVER_FOLD=0 turns them off (to compare): no norm is folded, and folded ones run unfused.
-FOLDED = os.environ.get("FLOVER_FOLD", "1") != "0"
+# The folded norm and SiLU as the products' epilogues where they can be (`fold_norms`). Off
+# until measured on a GPU (built 2026-12-07 when no device could be had; docs/PERF.md, "Folded
+# norms"): FLOVER_FOLD=1 turns them on. Off, no norm is folded, and folded ones run unfused.
+FOLDED = os.environ.get("FLOVER_FOLD", "0") == "1"
 
 try:  # the kernels import triton; CPU-only installs go without it
     from flover.ops import fused_triton as _k
