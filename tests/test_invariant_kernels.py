@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from flover.models.layers import TiedHead  # noqa: E402
-from flover.ops import linear_triton  # noqa: E402
+from flover.ops import launch, linear_triton  # noqa: E402
 from flover.ops.attention import row_attention_ref  # noqa: E402
 from flover.ops.attention_triton import row_attention  # noqa: E402
 from flover.ops.linear import InvariantLinear, InvariantTiedHead, linear_ref, swap_linears  # noqa: E402
@@ -73,7 +73,7 @@ def test_linear_split_k_as_programs_or_in_one_program_gives_the_same_bits(dtype,
     assert torch.equal(grid, loop)
     ref = (linear_ref(x, w, b).float() + r.float()).to(dtype)
     torch.testing.assert_close(grid, ref, rtol=TOL[dtype], atol=TOL[dtype])
-    assert int(linear_triton._counters(torch.device(DEVICE)).abs().sum()) == 0  # left at zero
+    assert int(launch.counters("linear", torch.device(DEVICE), 1).abs().sum()) == 0  # left at zero
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -189,9 +189,7 @@ def test_row_attention_is_bitwise_the_same_alone_fused_and_in_a_wider_grid(dtype
     for merge in (True, False):
         got = row_attention(q, k, v, slots, lengths, 90, 0.25, cfg | {"merge": merge})
         assert torch.equal(got, fused), merge
-    from flover.ops import attention_triton
-
-    assert attention_triton._merge_counters(q.device).eq(0).all()  # left at zero for the next
+    assert launch.counters("attention", q.device, 1).eq(0).all()  # left at zero for the next
 
 
 def test_row_attention_ignores_positions_past_each_row_length():
@@ -206,8 +204,6 @@ def test_row_attention_ignores_positions_past_each_row_length():
 
 
 def test_pdl_is_never_used_off_a_hopper_gpu(monkeypatch):
-    from flover.ops import launch
-
     monkeypatch.setattr(launch, "ENABLED", True)
     assert not launch.enabled(torch.zeros(2))  # CPU tensors: the interpreter, no PDL
     assert launch.options(False) == {} and launch.options(True) == {"launch_pdl": True}

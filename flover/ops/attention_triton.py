@@ -247,17 +247,6 @@ def _ordered_combine_kernel(OutPart, LsePart, Lens, Out, so_b, so_h, so_s, sl_b,
 # 2026-12-07 when no device could be had): FLOVER_ATTN_MERGE=1 turns it on.
 MERGE = os.environ.get("FLOVER_ATTN_MERGE", "0") == "1"
 MERGE_SLOTS = 1 << 16  # (token, kv head) counters of one launch that merges in the split kernel
-_MERGE_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _merge_counters(device: torch.device) -> torch.Tensor | None:
-    """Zeros, left at zero by every launch; made outside graph capture only (a captured
-    memset would not run before the first eager launch): None until then."""
-    if device not in _MERGE_COUNTERS:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        _MERGE_COUNTERS[device] = torch.zeros(MERGE_SLOTS, dtype=torch.int32, device=device)
-    return _MERGE_COUNTERS[device]
 
 
 def row_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -297,7 +286,8 @@ def row_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     lse = torch.empty((t, h, splits), dtype=torch.float32, device=q.device)
     pdl = launch.enabled(q)
     out = torch.empty_like(q)
-    cnt = _merge_counters(q.device) if cfg.get("merge", MERGE) else None
+    cnt = (launch.counters("attention", q.device, MERGE_SLOTS) if cfg.get("merge", MERGE)
+           else None)
     merge = {} if cnt is None else {"Out": out, "Cnt": cnt, "sout_b": out.stride(0),
                                     "sout_h": out.stride(1), "MERGE": True}
     _split_kernel[(t, hkv, splits)](
