@@ -6,7 +6,8 @@ run in full precision (`--dtype`, fp16 or bf16: the activations' dtype throughou
 quantized to int8 and to int4 (groups of 32, float16 scales) in the same process; the width
 named "fp16" is the model in `--dtype` whichever it is. First checks the kernel against its
 reference at the model's shapes. A width named with "-ptr" (int8-ptr, int4-ptr) runs with the
-TMA forms off (`launch.TMA`), to compare.
+TMA forms off (`launch.TMA`), one with "-unfused" with the residual add and SiLU * up as ops
+of their own (`fused.QUANT_EPILOGUES`), to compare.
 
     python3 bench/quant_decode_step.py --out quant_decode_step.json [--dtype bf16]
 """
@@ -25,7 +26,7 @@ from flover.engine.kv_cache import SlotCache
 from flover.engine.runner import ModelRunner
 from flover.models.layers import init_random
 from flover.models.presets import preset
-from flover.ops import launch, quant, quant_triton
+from flover.ops import fused, launch, quant, quant_triton
 from flover.ops.quant_triton import quant_mm
 from flover.weights import allocate, quantize_model
 
@@ -68,9 +69,10 @@ def main() -> None:
     errs = check_kernel(cfg.intermediate_size, cfg.hidden_size, dtype)
     print(f"{card}: copy {bw / 1e12:.3f} TB/s; kernel vs reference (max rel err): {errs}", flush=True)
     rows = []
-    shipped_tma = launch.TMA
+    shipped_tma, shipped_epilogues = launch.TMA, fused.QUANT_EPILOGUES
     for quantization in args.weights.split(","):
         launch.TMA = shipped_tma and not quantization.endswith("-ptr")
+        fused.QUANT_EPILOGUES = shipped_epilogues and not quantization.endswith("-unfused")
         model = allocate(cfg, dtype, torch.device("cuda"))
         init_random(model, seed=0)
         if not quantization.startswith("fp16"):

@@ -236,3 +236,27 @@ def test_quant_mm_tma_form_matches_reference_and_rows_do_not_depend_on_m(bits, c
     ours = quant_mm(xs, *w, config=cfg)
     torch.testing.assert_close(ours.cpu().float(), ref, rtol=2e-3, atol=2e-3)
     _assert_row_alone_equals_fused(xs, w, cfg)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("cfg", [{"tma": True}, {"tma": True, "split": 1},
+                                 {"split": 2, "block_n": 16}, {"split": 1, "block_n": 16}])
+def test_quant_mm_epilogues_are_bitwise_the_unfused_ops(bits, cfg):
+    """The residual add and SiLU * up, applied by the parts' sum (or after the product, in one
+    part): the same bits as the product followed by `r + y` and by `silu_mul`."""
+    from flover.ops import quant
+    from flover.ops.fused_triton import silu_mul
+    from flover.ops.quant_triton import quant_mm
+
+    n, k = 48, 512  # gate and up of 24 outputs each
+    gen = torch.Generator().manual_seed(bits + len(cfg))
+    p = quant.quantize(torch.randn(n, k, generator=gen) * 0.05, bits, 32)
+    t = lambda a: None if a is None else a.to(DEVICE)  # noqa: E731
+    w = (t(p.qweight), t(p.scales), t(p.mins), bits, 32)
+    x = torch.randn(5, k, generator=gen).half().to(DEVICE)
+    r = torch.randn(5, n, generator=gen).half().to(DEVICE)
+    y = quant_mm(x, *w, config=cfg)
+    assert torch.equal(quant_mm(x, *w, config=cfg, residual=r), r + y)
+    gated = quant_mm(x, *w, config=cfg, gated=True)
+    assert gated.shape == (5, n // 2) and torch.equal(gated, silu_mul(y))
+    assert quant_mm(x[:0], *w, config=cfg, gated=True).shape == (0, n // 2)

@@ -21,6 +21,9 @@ ENABLED = True
 # until measured on a GPU (built 2026-12-07 when no device could be had; docs/PERF.md, "Folded
 # norms"): FLOVER_FOLD=1 turns them on. Off, no norm is folded, and folded ones run unfused.
 FOLDED = os.environ.get("FLOVER_FOLD", "0") == "1"
+# The residual add and SiLU * up as the int8/int4 products' epilogues on a GPU (bitwise the
+# unfused ops' results; off: their own ops, to compare).
+QUANT_EPILOGUES = True
 
 try:  # the kernels import triton; CPU-only installs go without it
     from flover.ops import fused_triton as _k
@@ -111,6 +114,15 @@ def _folded(linear, x: torch.Tensor) -> bool:
             and _lk.fusable(linear.weight))
 
 
+def _quant(linear, x: torch.Tensor) -> bool:
+    """A weight-only int8/int4 linear on a GPU, without bias: its parts' sum takes the residual
+    add and SiLU * up (`quant_triton.quant_mm`; QUANT_EPILOGUES)."""
+    from flover.ops.quant import QuantLinear  # here: quant.py imports the models
+
+    return (ENABLED and QUANT_EPILOGUES and isinstance(linear, QuantLinear) and x.is_cuda
+            and linear.bias is None)
+
+
 def norm_linear(x: torch.Tensor, norm, linear, residual: torch.Tensor | None = None,
                 gated: bool = False):
     """(y, s) with s = x + residual (or x) and y = linear(rms_norm(s)), or with `gated`
@@ -122,6 +134,8 @@ def norm_linear(x: torch.Tensor, norm, linear, residual: torch.Tensor | None = N
     if residual is None and _folded(linear, x):
         return _lk.linear(x, linear.weight, linear.bias, rms_eps=norm.eps, gated=gated), x
     h, s = rms_norm(x, norm, residual)
+    if gated and _quant(linear, h):
+        return linear.fused(h, gated=True), s
     y = linear(h)
     return (silu_mul(y) if gated else y), s
 
@@ -136,9 +150,12 @@ def linear_add(x: torch.Tensor, linear, residual: torch.Tensor):
 
 
 def linear_residual(x: torch.Tensor, linear, residual: torch.Tensor) -> torch.Tensor:
-    """residual + linear(x); fused: the add is the product's epilogue."""
+    """residual + linear(x); fused: the add is the product's epilogue (the invariant linear),
+    or the int8/int4 product's parts' sum's."""
     if _invariant(linear, x):
         return _lk.linear(x, linear.weight, linear.bias, residual=residual)
+    if _quant(linear, x):
+        return linear.fused(x, residual=residual)
     return residual + linear(x)
 
 

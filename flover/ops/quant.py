@@ -167,6 +167,19 @@ class QuantLinear(nn.Module):
             y = nn.functional.linear(x2, w, self.bias)
         return y.view(*shape[:-1], self.out_features)
 
+    def fused(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+              gated: bool = False) -> torch.Tensor:
+        """On a GPU, without bias: forward(x) with `quant_mm`'s epilogues, bitwise the unfused
+        ops' result: residual + y, or (gated: the rows are gate then up) silu(gate) * up."""
+        from flover.ops.quant_triton import quant_mm
+
+        assert x.is_cuda and self.bias is None
+        x2 = x.reshape(-1, self.in_features)
+        r = None if residual is None else residual.reshape(-1, self.out_features)
+        y = quant_mm(x2, self.qweight, self.scales, self.mins, self.bits, self.group,
+                     residual=r, gated=gated)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"int{self.bits}, group={self.group}")

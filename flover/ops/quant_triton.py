@@ -12,7 +12,8 @@ hold weights j (low nibble) and j + 16 (high), which are two products against x'
 and j + 16. `prefetch` steps are read ahead into registers (Triton does not pipeline loads
 that feed elementwise code), and K may be split into SPLIT parts (programs) whose float32
 partial sums a second kernel adds in order: LLaMA-7B's o and down have only 64 tiles of 64
-outputs for 132 multiprocessors.
+outputs for 132 multiprocessors. That sum also applies the layer's next elementwise step
+where asked (`quant_mm`'s residual add and SiLU * up), so those cost no launch of their own.
 
 On Hopper (`launch.tma`; groups of 32, K a multiple of 256) `_quant_tma_kernel` takes the
 product instead: packed weights, scales, mins and x reach shared memory by TMA, `num_stages`
@@ -251,14 +252,31 @@ def _store(Y, acc, rm, rn, M, N, stride_ym):
 
 
 @triton.jit
-def _sum_splits(P, Y, M, N, stride_ym, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
-    """y = P[0] + P[1] + ... in that order (float32), in y's dtype."""
+def _sum_splits(P, Y, R, M, N, NO, stride_ym, stride_rm, SPLIT: tl.constexpr,
+                BLOCK: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr):
+    """y = P[0] + P[1] + ... in that order (float32), in y's dtype [M, NO]. Epilogues, each
+    rounded as the unfused sequence rounds: HAS_RES: + R (y rounded first, as `r + y` does);
+    GATED (N = 2 NO, gate then up): silu(gate) * up, as `fused_triton.silu_mul` computes it."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = i < M * N
-    acc = tl.load(P + i, mask=mask, other=0.0)
+    mask = i < M * NO
+    row, col = i // NO, i % NO
+    dt = Y.dtype.element_ty
+    src = P + row * N + col  # P [SPLIT, M, N], contiguous
+    acc = tl.load(src, mask=mask, other=0.0)
     for j in tl.static_range(1, SPLIT):
-        acc += tl.load(P + j * M * N + i, mask=mask, other=0.0)
-    tl.store(Y + (i // N) * stride_ym + i % N, acc.to(Y.dtype.element_ty), mask=mask)
+        acc += tl.load(src + j * M * N, mask=mask, other=0.0)
+    y = acc.to(dt)
+    if GATED:
+        up = tl.load(src + NO, mask=mask, other=0.0)
+        for j in tl.static_range(1, SPLIT):
+            up += tl.load(src + NO + j * M * N, mask=mask, other=0.0)
+        g = y.to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(dt)
+        y = (act.to(tl.float32) * up.to(dt).to(tl.float32)).to(dt)
+    if HAS_RES:
+        r = tl.load(R + row * stride_rm + col, mask=mask, other=0.0)
+        y = (y.to(tl.float32) + r.to(tl.float32)).to(dt)
+    tl.store(Y + row * stride_ym + col, y, mask=mask)
 
 
 @triton.jit
@@ -358,11 +376,25 @@ def _partials(y: torch.Tensor, split: int) -> torch.Tensor:
     return y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=y.device)
 
 
-def _sum_parts(out: torch.Tensor, y: torch.Tensor, split: int) -> None:
-    """y = the parts' partial sums added in order (nothing to do for one part)."""
-    if split > 1:
-        m, n = y.shape
-        _sum_splits[(triton.cdiv(m * n, 1024),)](out, y, m, n, y.stride(0), SPLIT=split, BLOCK=1024)
+def _sum_parts(out: torch.Tensor, y: torch.Tensor, split: int,
+               residual: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+    """The product from the kernels' output `out`: the parts' partial sums added in order into
+    y (nothing to do for one part), with the epilogues (`quant_mm`); returns the result."""
+    if split == 1:  # the kernel wrote y: the epilogues as their own ops
+        if gated:
+            from flover.ops.fused_triton import silu_mul
+
+            y = silu_mul(y)
+        return y if residual is None else residual + y
+    m, n = out.shape[1:]
+    no = n // 2 if gated else n
+    if gated:
+        y = torch.empty(m, no, dtype=y.dtype, device=y.device)
+    r = residual if residual is not None else y
+    _sum_splits[(triton.cdiv(m * no, 1024),)](out, y, r, m, n, no, y.stride(0), r.stride(0),
+                                              SPLIT=split, BLOCK=1024, HAS_RES=residual is not None,
+                                              GATED=gated)
+    return y
 
 
 def _tma_form(x: torch.Tensor, tensors: list[torch.Tensor], k: int, group: int,
@@ -377,7 +409,8 @@ def _tma_form(x: torch.Tensor, tensors: list[torch.Tensor], k: int, group: int,
 
 
 def _quant_mm_tma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                  mins: torch.Tensor | None, bits: int, y: torch.Tensor, config: dict | None) -> None:
+                  mins: torch.Tensor | None, bits: int, y: torch.Tensor, config: dict | None,
+                  residual: torch.Tensor | None, gated: bool) -> torch.Tensor:
     from triton.tools.tensor_descriptor import TensorDescriptor as TD
 
     (m, k), n = x.shape, qweight.shape[0]
@@ -406,23 +439,29 @@ def _quant_mm_tma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                             y.stride(0) if split == 1 else n, BITS=bits, BLOCK_M=bm, BLOCK_N=bn,
                             BLOCK_K=bk, SPLIT=split, M_TILES=m_tiles, MODE=mode,
                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    _sum_parts(out, y, split)
+    return _sum_parts(out, y, split, residual, gated)
 
 
 def quant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
              mins: torch.Tensor | None, bits: int, group: int,
-             config: dict | None = None) -> torch.Tensor:
-    """y [M, N] = x [M, K] @ dequantize(W)^T, in x's dtype (float32 sums)."""
+             config: dict | None = None, *, residual: torch.Tensor | None = None,
+             gated: bool = False) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ dequantize(W)^T, in x's dtype (float32 sums). Epilogues, bitwise
+    the unfused ops' results: residual [M, N]: residual + y; gated (W is gate then up, N even):
+    silu(gate) * up [M, N / 2]. Where K is in parts, the parts' sum applies them (no launch of
+    their own); in one part they run after the product."""
     m, k = x.shape
     n = qweight.shape[0]
+    assert not gated or (n % 2 == 0 and residual is None)
     x = x.contiguous()
+    if residual is not None and residual.stride(-1) != 1:
+        residual = residual.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
-        return y
+        return y[:, : n // 2] if gated else y
     tensors = [qweight, scales] + ([mins] if mins is not None else [])
     if _tma_form(x, tensors, k, group, (config or {}).get("tma")):
-        _quant_mm_tma(x, qweight, scales, mins, bits, y, config)
-        return y
+        return _quant_mm_tma(x, qweight, scales, mins, bits, y, config, residual, gated)
     cfg = default_config(n, k, bits) | (config or {})
     mode = _mode(cfg, x)
     split, block_k = cfg["split"], cfg["block_k"]
@@ -439,5 +478,4 @@ def quant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                            PREFETCH=int(cfg["prefetch"]), M_TILES=m_tiles, MODE=mode,
                            IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"],
                            num_stages=cfg["num_stages"])
-    _sum_parts(out, y, split)
-    return y
+    return _sum_parts(out, y, split, residual, gated)
