@@ -111,7 +111,9 @@ def fold_norms(model: nn.Module, force: bool = False) -> int:
     form takes the fused epilogue (`linear_triton.fusable`; `force`: whatever the device and
     the switch, for the tests), so the
     CPU, cuBLAS, quantized and tensor-parallel models are never changed. Idempotent: a norm
-    already folded has a unit weight. Returns how many products were folded."""
+    already folded has a unit weight. A model swapped back (`swap_linears(invariant=False)`,
+    an engine reusing it without invariance) keeps its folded weights: the same function,
+    rounded at other points than a freshly loaded model. Returns how many products were folded."""
     folded = 0
     if not (fused.FOLDED or force):
         return 0
