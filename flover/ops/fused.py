@@ -92,9 +92,11 @@ def write_kv(k_cache, v_cache, k, v, slot_ids, positions) -> bool:
 # quantized and tensor-parallel linear modules run as before, bit for bit. The fused kernels
 # run only on the invariant GPU path: a batch-invariant linear (`InvariantLinear`) on a GPU
 # takes a residual add as its epilogue; where its weight carries the norm before it
-# (`flover.ops.linear.fold_norms`, Hopper's TMA form) it also scales each row by its 1 / rms
-# and, for gate_up, applies silu * up; rotary and the KV write are one kernel when
-# meta.batch_invariant. Each saves the launches in between. (The norm and SiLU as the pointer
+# (FOLDED: `flover.ops.linear.fold_norms`, Hopper's TMA form) it also scales each row by its
+# 1 / rms and, for gate_up, applies silu * up; rotary and the KV write are one kernel when
+# meta.batch_invariant. An int8/int4 product on a GPU whose K is in parts applies the residual
+# add and silu * up in the kernel that sums the parts (QUANT_EPILOGUES), with the same bits.
+# Each saves the launches in between. (The norm and SiLU as the pointer
 # form's prologues, which recompute the rows' elementwise work in every column tile, made the
 # H200's decode step slower: docs/perf/2026-11-26-fused-layers.md; they are gone.)
 
