@@ -103,42 +103,81 @@ def test_fused_epilogue_rows_are_bitwise_the_same_at_every_batch_size(dtype):
                 assert torch.equal(linear(x, w, config=cfg, **f)[at], one[0]), (f, tiles, m, at)
 
 
-def test_fold_norms_keeps_the_model_and_is_idempotent():
-    """The folded LLaMA computes the function it did (the norm's weight now in the product's),
-    its norms are unit, and a second fold changes nothing; models without RMSNorm products and
-    products other than the invariant linear are left alone."""
+def _tiny_llama(dtype: torch.dtype, seed: int):
+    """tiny_llama on the CPU with random weights and norms far from one (a lost fold shows)."""
+    from flover.models.layers import init_random
+    from flover.models.presets import preset
+    from flover.weights import allocate
+
+    model = allocate(preset("tiny_llama"), dtype, torch.device("cpu"))
+    init_random(model, seed=seed)
+    for layer in model.model.layers:
+        layer.input_layernorm.weight.data.uniform_(0.5, 2.0)
+        layer.post_attention_layernorm.weight.data.uniform_(0.5, 2.0)
+    return model
+
+
+def _logits(model, dtype: torch.dtype) -> torch.Tensor:
+    """Three prompts prefilled, then a decode step of two of them (test_cuda_graph's rows)."""
     from test_cuda_graph import prefilled_rows
 
     from flover.engine.kv_cache import SlotCache
     from flover.engine.runner import ModelRunner
-    from flover.models.layers import init_random
-    from flover.models.presets import preset
-    from flover.ops.linear import InvariantLinear, fold_norms, swap_linears
-    from flover.weights import allocate
 
-    model = allocate(preset("tiny_llama"), torch.float32, torch.device("cpu"))
-    init_random(model, seed=3)
-    for layer in model.model.layers:  # norms far from one, so that a lost fold would show
-        layer.input_layernorm.weight.data.uniform_(0.5, 2.0)
-        layer.post_attention_layernorm.weight.data.uniform_(0.5, 2.0)
     cfg = model.cfg
+    cache = SlotCache(cfg.num_layers, 4, cfg.num_kv_heads, 64, cfg.head_dim, dtype,
+                      torch.device("cpu"))
+    runner = ModelRunner(model, cache, cuda_graphs=False, batch_invariant=True)
+    return runner.forward_logits(prefilled_rows(runner, cache))
 
-    def hidden():
-        cache = SlotCache(cfg.num_layers, 4, cfg.num_kv_heads, 64, cfg.head_dim, torch.float32,
-                          torch.device("cpu"))
-        runner = ModelRunner(model, cache, cuda_graphs=False, batch_invariant=True)
-        return runner.forward_logits(prefilled_rows(runner, cache))
 
-    before = hidden()
+def test_fold_norms_keeps_the_model_and_is_idempotent():
+    """The folded LLaMA computes the function it did (the norm's weight now in the product's),
+    its norms are unit, and a second fold changes nothing; models without RMSNorm products and
+    products other than the invariant linear are left alone."""
+    from flover.ops.linear import InvariantLinear, fold_norms, swap_linears
+
+    model = _tiny_llama(torch.float32, seed=3)
+    before = _logits(model, torch.float32)
     assert fold_norms(model, force=True) == 0  # plain nn.Linear products: not folded
     swap_linears(model, only_cuda=False)  # on the CPU: swapped, not folded (no TMA form)
     assert not any(m.folded_norm for m in model.modules() if isinstance(m, InvariantLinear))
-    assert fold_norms(model, force=True) == 2 * cfg.num_layers
+    assert fold_norms(model, force=True) == 2 * model.cfg.num_layers
     assert all(torch.equal(n.weight, torch.ones_like(n.weight)) for n, _ in model.norm_products())
     folded = [p.weight.clone() for _, p in model.norm_products()]
-    torch.testing.assert_close(hidden(), before, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_logits(model, torch.float32), before, rtol=1e-4, atol=1e-4)
     assert fold_norms(model, force=True) == 0
     assert all(torch.equal(p.weight, f) for (_, p), f in zip(model.norm_products(), folded, strict=True))
+
+
+def test_llama_with_the_fused_epilogues_matches_the_unfused_model(monkeypatch):
+    """The GPU's invariant LLaMA path end to end, run by the interpreter on the CPU with its
+    device checks lifted: norms folded at the swap, qkv_proj and gate_up_proj taking the norm
+    (and SiLU * up) as their TMA form's epilogue, o_proj and down_proj the residual add. Its
+    logits are the unfused float16 model's within float16 rounding."""
+    from flover.ops import launch, linear_triton
+    from flover.ops.linear import InvariantLinear, swap_linears
+
+    model = _tiny_llama(torch.float16, seed=4)
+    before = _logits(model, torch.float16)
+    monkeypatch.setattr(fused, "FOLDED", True)
+    monkeypatch.setattr(launch, "_hopper", lambda device: True)  # the TMA forms, interpreted
+    monkeypatch.setattr(fused, "_invariant", lambda linear, x: (
+        isinstance(linear, InvariantLinear) and x.dim() == 2 and x.dtype == linear.weight.dtype))
+    forms = []
+    real = linear_triton.linear
+
+    def spy(x, weight, bias=None, config=None, **kw):
+        forms.append(tuple(sorted(k for k, v in kw.items() if v is not None and v is not False)))
+        return real(x, weight, bias, config, **kw)
+    monkeypatch.setattr(linear_triton, "linear", spy)
+    swap_linears(model, only_cuda=False)  # folds: the TMA form takes these products now
+    assert all(p.folded_norm for _, p in model.norm_products())
+    after = _logits(model, torch.float16)
+    layers = model.cfg.num_layers
+    assert forms.count(("rms_eps",)) == forms.count(("gated", "rms_eps")) >= layers
+    assert forms.count(("residual",)) >= 2 * layers  # o_proj and down_proj
+    torch.testing.assert_close(after, before, rtol=1e-2, atol=4e-3)  # observed: 4.9e-4
 
 
 @pytest.mark.parametrize(("rot_dim", "interleaved", "paged"),
