@@ -180,6 +180,37 @@ def test_llama_with_the_fused_epilogues_matches_the_unfused_model(monkeypatch):
     torch.testing.assert_close(after, before, rtol=1e-2, atol=4e-3)  # observed: 4.9e-4
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_llama_with_the_parts_sum_epilogues_matches_the_unfused_model(bits, monkeypatch):
+    """A quantized LLaMA on the GPU's path, interpreted on the CPU: gate_up's SiLU * up and
+    down_proj's residual add applied by the int8/int4 product (`QuantLinear.fused`), against
+    the same products followed by the ops (QUANT_EPILOGUES off)."""
+    from flover.ops import quant
+    from flover.ops.quant_triton import quant_mm
+    from flover.weights import quantize_model
+
+    model = _tiny_llama(torch.float16, seed=5)
+    quantize_model(model, bits)
+
+    def forward(self, x):  # the GPU's product on the CPU (the interpreter runs it)
+        y = quant_mm(x.reshape(-1, self.in_features), self.qweight, self.scales, self.mins,
+                     self.bits, self.group)
+        return y.view(*x.shape[:-1], self.out_features)
+    monkeypatch.setattr(quant.QuantLinear, "forward", forward)
+    monkeypatch.setattr(fused, "QUANT_EPILOGUES", False)
+    before = _logits(model, torch.float16)
+    monkeypatch.setattr(fused, "QUANT_EPILOGUES", True)
+    monkeypatch.setattr(fused, "_quant", lambda linear, x: isinstance(linear, quant.QuantLinear))
+    calls = []
+    real = quant.QuantLinear.fused
+    monkeypatch.setattr(quant.QuantLinear, "fused", lambda self, x, residual=None, gated=False: (
+        calls.append((residual is not None, gated)) or real(self, x, residual, gated)))
+    after = _logits(model, torch.float16)
+    layers = model.cfg.num_layers
+    assert calls.count((False, True)) == calls.count((True, False)) >= layers
+    torch.testing.assert_close(after, before, rtol=1e-2, atol=4e-3)
+
+
 @pytest.mark.parametrize(("rot_dim", "interleaved", "paged"),
                          [(16, False, False), (16, False, True), (8, True, False), (12, False, True)])
 def test_rotary_kv_equals_rotary_then_the_cache_write(rot_dim, interleaved, paged):

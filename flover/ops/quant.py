@@ -169,11 +169,12 @@ class QuantLinear(nn.Module):
 
     def fused(self, x: torch.Tensor, residual: torch.Tensor | None = None,
               gated: bool = False) -> torch.Tensor:
-        """On a GPU, without bias: forward(x) with `quant_mm`'s epilogues, bitwise the unfused
-        ops' result: residual + y, or (gated: the rows are gate then up) silu(gate) * up."""
+        """Without bias, on a GPU (`fused` calls it there; the tests also under the interpreter):
+        forward(x) with `quant_mm`'s epilogues, bitwise the unfused ops' result: residual + y,
+        or (gated: the rows are gate then up) silu(gate) * up."""
         from flover.ops.quant_triton import quant_mm
 
-        assert x.is_cuda and self.bias is None
+        assert self.bias is None
         x2 = x.reshape(-1, self.in_features)
         r = None if residual is None else residual.reshape(-1, self.out_features)
         y = quant_mm(x2, self.qweight, self.scales, self.mins, self.bits, self.group,
