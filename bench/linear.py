@@ -37,6 +37,13 @@ SHAPES = {  # name: (N, K)
 }
 
 
+def cycled_weights(n: int, k: int, dtype: torch.dtype):
+    """A random [n, k] weight and an endless cycle over it and enough copies, taken in turn,
+    that no call finds its weight in L2 (50 MB)."""
+    w = torch.randn(n, k, device="cuda").to(dtype)
+    return w, itertools.cycle([w] + [w.clone() for _ in range(-(-256 * 2**20 // w.nbytes) - 1)])
+
+
 def fused_rows(dtypes: str, shapes: str, batches: str, gated_configs: list[dict],
                bw: float) -> list[dict]:
     """Each RMSNorm-fed product (qkv: the norm as epilogue; gate_up: the norm and SiLU * up)
@@ -47,9 +54,7 @@ def fused_rows(dtypes: str, shapes: str, batches: str, gated_configs: list[dict]
         for shape in [s for s in shapes.split(",") if s.endswith(("qkv", "gate_up"))]:
             n, k = SHAPES[shape]
             gated = shape.endswith("gate_up")
-            w = torch.randn(n, k, device="cuda").to(dtype)
-            ws = [w] + [w.clone() for _ in range(-(-256 * 2**20 // w.nbytes) - 1)]
-            turn = itertools.cycle(ws)
+            w, turn = cycled_weights(n, k, dtype)
             ones = torch.ones(k, device="cuda", dtype=dtype)
             for b in [int(x) for x in batches.split(",")]:
                 x = torch.randn(b, k, device="cuda").to(dtype)
@@ -155,10 +160,7 @@ def main() -> None:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dname]
         for shape in args.shapes.split(","):
             n, k = SHAPES[shape]
-            w = torch.randn(n, k, device="cuda").to(dtype)
-            # enough copies, taken in turn, that no call finds its weight in L2 (50 MB)
-            ws = [w] + [w.clone() for _ in range(-(-256 * 2**20 // w.nbytes) - 1)]
-            turn = itertools.cycle(ws)
+            w, turn = cycled_weights(n, k, dtype)
             for b in [int(x) for x in args.batches.split(",")]:
                 x = torch.randn(b, k, device="cuda").to(dtype)
                 ms_cublas = timed(lambda: F.linear(x, next(turn)))  # noqa: B023

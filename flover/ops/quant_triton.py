@@ -370,17 +370,21 @@ def _mode(cfg: dict, x: torch.Tensor) -> int:
     return 1 if mode == 0 and _interpreted() else mode
 
 
-def _partials(y: torch.Tensor, split: int) -> torch.Tensor:
-    """Where the kernels write: y itself, or float32 partial sums [split, M, N]."""
-    m, n = y.shape
-    return y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=y.device)
+def _partials(x: torch.Tensor, n: int, split: int) -> torch.Tensor:
+    """Where the kernels write: the product [M, N] in x's dtype (one part), or the float32
+    partial sums [split, M, N]; row stride N either way."""
+    if split == 1:
+        return torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    return torch.empty(split, x.shape[0], n, dtype=torch.float32, device=x.device)
 
 
-def _sum_parts(out: torch.Tensor, y: torch.Tensor, split: int,
+def _sum_parts(out: torch.Tensor, dtype: torch.dtype, split: int,
                residual: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
-    """The product from the kernels' output `out`: the parts' partial sums added in order into
-    y (nothing to do for one part), with the epilogues (`quant_mm`); returns the result."""
-    if split == 1:  # the kernel wrote y: the epilogues as their own ops
+    """The product from the kernels' output `out` (`_partials`), in `dtype`, with the epilogues
+    (`quant_mm`): one part is the product already; parts are added in order by `_sum_splits`,
+    which applies the epilogues as it stores."""
+    if split == 1:  # the kernel wrote the product: the epilogues as their own ops
+        y = out
         if gated:
             from flover.ops.fused_triton import silu_mul
 
@@ -388,8 +392,7 @@ def _sum_parts(out: torch.Tensor, y: torch.Tensor, split: int,
         return y if residual is None else residual + y
     m, n = out.shape[1:]
     no = n // 2 if gated else n
-    if gated:
-        y = torch.empty(m, no, dtype=y.dtype, device=y.device)
+    y = torch.empty(m, no, dtype=dtype, device=out.device)
     r = residual if residual is not None else y
     _sum_splits[(triton.cdiv(m * no, 1024),)](out, y, r, m, n, no, y.stride(0), r.stride(0),
                                               SPLIT=split, BLOCK=1024, HAS_RES=residual is not None,
@@ -409,7 +412,7 @@ def _tma_form(x: torch.Tensor, tensors: list[torch.Tensor], k: int, group: int,
 
 
 def _quant_mm_tma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                  mins: torch.Tensor | None, bits: int, y: torch.Tensor, config: dict | None,
+                  mins: torch.Tensor | None, bits: int, config: dict | None,
                   residual: torch.Tensor | None, gated: bool) -> torch.Tensor:
     from triton.tools.tensor_descriptor import TensorDescriptor as TD
 
@@ -434,12 +437,11 @@ def _quant_mm_tma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     zd = TD.from_tensor(mins, [bn, g]) if mins is not None else sd
     m_tiles = min(cfg["max_m_tiles"], triton.cdiv(m, bm))
     grid = (triton.cdiv(m, bm * m_tiles), triton.cdiv(n, bn), split)
-    out = _partials(y, split)
-    _quant_tma_kernel[grid](xd, xh, qd, sd, zd, out, m, n, k, ks,
-                            y.stride(0) if split == 1 else n, BITS=bits, BLOCK_M=bm, BLOCK_N=bn,
+    out = _partials(x, n, split)
+    _quant_tma_kernel[grid](xd, xh, qd, sd, zd, out, m, n, k, ks, n, BITS=bits, BLOCK_M=bm, BLOCK_N=bn,
                             BLOCK_K=bk, SPLIT=split, M_TILES=m_tiles, MODE=mode,
                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return _sum_parts(out, y, split, residual, gated)
+    return _sum_parts(out, x.dtype, split, residual, gated)
 
 
 def quant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -456,12 +458,11 @@ def quant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     x = x.contiguous()
     if residual is not None and residual.stride(-1) != 1:
         residual = residual.contiguous()
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
-        return y[:, : n // 2] if gated else y
+        return torch.empty(0, n // 2 if gated else n, dtype=x.dtype, device=x.device)
     tensors = [qweight, scales] + ([mins] if mins is not None else [])
     if _tma_form(x, tensors, k, group, (config or {}).get("tma")):
-        return _quant_mm_tma(x, qweight, scales, mins, bits, y, config, residual, gated)
+        return _quant_mm_tma(x, qweight, scales, mins, bits, config, residual, gated)
     cfg = default_config(n, k, bits) | (config or {})
     mode = _mode(cfg, x)
     split, block_k = cfg["split"], cfg["block_k"]
@@ -471,11 +472,11 @@ def quant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         block_k //= 2
     m_tiles = min(cfg["max_m_tiles"], triton.cdiv(m, BLOCK_M))
     grid = (triton.cdiv(m, BLOCK_M * m_tiles), triton.cdiv(n, cfg["block_n"]), split)
-    out = _partials(y, split)
+    out = _partials(x, n, split)
     _quant_mm_kernel[grid](x, qweight, scales, scales if mins is None else mins, out, m, n, k,
-                           x.stride(0), y.stride(0) if split == 1 else n, BITS=bits, GROUP=group,
+                           x.stride(0), n, BITS=bits, GROUP=group,
                            BLOCK_M=BLOCK_M, BLOCK_N=cfg["block_n"], BLOCK_K=block_k, SPLIT=split,
                            PREFETCH=int(cfg["prefetch"]), M_TILES=m_tiles, MODE=mode,
                            IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"],
                            num_stages=cfg["num_stages"])
-    return _sum_parts(out, y, split, residual, gated)
+    return _sum_parts(out, x.dtype, split, residual, gated)
