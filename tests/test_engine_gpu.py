@@ -84,13 +84,10 @@ def record_logits(eng: Engine) -> dict[str, list[torch.Tensor]]:
 @pytest.mark.parametrize("epilogues", [False, True])
 def test_fused_and_chunked_logits_are_bitwise_the_solo_logits(model, dtype, epilogues,
                                                                monkeypatch):
-    """Also with the launch-saving switches on (the folded norm and SiLU as the products'
-    epilogues on Hopper, attention's merge in its split kernel), off by default until measured."""
-    from flover.ops import attention_triton
+    """Also with the folded norm and SiLU * up as the products' epilogues on Hopper."""
     from flover.ops import fused as fused_ops
 
     monkeypatch.setattr(fused_ops, "FOLDED", epilogues)
-    monkeypatch.setattr(attention_triton, "MERGE", epilogues)
     fused = _logged(model, dtype, 8, WORK)  # budget 8: the longer prompts prefill in chunks
     for i, item in enumerate(WORK):
         alone = _logged(model, dtype, 2048, [(0, item[1], item[2])])

@@ -13,8 +13,6 @@ and replay with any per-row lengths.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -29,12 +27,9 @@ def _split_kernel(Q, K, V, Lens, OutPart, LsePart, Slots,
                   split_len, scale,
                   D: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SLOTS: tl.constexpr,
-                  PDL: tl.constexpr = False, Out=None, Cnt=None, sout_b=0, sout_h=0,
-                  MERGE: tl.constexpr = False):
+                  PDL: tl.constexpr = False):
     """A group of G query heads per program, padded to BLOCK_G >= 16 rows for tl.dot.
-    Row b reads slot b, or slot Slots[b] with HAS_SLOTS. With MERGE, the last of a (row, kv
-    head)'s programs to finish (Cnt counts them, and is put back to 0) merges the row's
-    splits into Out (`_merge`): no second launch, and which program is last changes nothing."""
+    Row b reads slot b, or slot Slots[b] with HAS_SLOTS."""
     launch.prior(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -81,13 +76,6 @@ def _split_kernel(Q, K, V, Lens, OutPart, LsePart, Slots,
     o_ptr = OutPart + b * so_b + heads[:, None] * so_h + sp * so_s + d[None, :]
     tl.store(o_ptr, out, mask=mask_g[:, None] & mask_d[None, :])
     tl.store(LsePart + b * sl_b + heads * sl_h + sp, lse, mask=mask_g)
-    if MERGE:
-        tl.debug_barrier()  # every thread's part stored before the count says so
-        cnt = Cnt + b * tl.num_programs(1) + kvh
-        if tl.atomic_add(cnt, 1, sem="acq_rel") == tl.num_programs(2) - 1:
-            tl.atomic_xchg(cnt, 0)  # ready for the next launch (graph replays too)
-            _merge(OutPart, LsePart, Out, b, heads, mask_g, d, mask_d,
-                   tl.cdiv(length, split_len), so_b, so_h, so_s, sl_b, sl_h, sout_b, sout_h)
 
 
 @triton.jit
@@ -209,44 +197,29 @@ SPLIT_LEN = 128  # positions per split: fixed, never chosen from the batch or fr
 
 
 @triton.jit
-def _merge(OutPart, LsePart, Out, b, heads, mask_h, d, mask_d, n, so_b, so_h, so_s, sl_b, sl_h,
-           sout_b, sout_h):
-    """Row b's splits 0..n-1 (those its length reaches) for `heads`, merged one by one in
-    position order; the parts are read past L1 (other programs may have written them)."""
-    lse_row = LsePart + b * sl_b + heads * sl_h
-    o_row = OutPart + b * so_b + heads[:, None] * so_h + d[None, :]
-    mask = mask_h[:, None] & mask_d[None, :]
-    m = tl.load(lse_row, mask=mask_h, other=0.0, cache_modifier=".cg")
-    for s in range(1, n):
-        m = tl.maximum(m, tl.load(lse_row + s, mask=mask_h, other=0.0, cache_modifier=".cg"))
-    acc = tl.zeros(o_row.shape, tl.float32)
-    den = tl.zeros(lse_row.shape, tl.float32)
-    for s in range(0, n):
-        w = tl.exp(tl.load(lse_row + s, mask=mask_h, other=0.0, cache_modifier=".cg") - m)
-        acc += w[:, None] * tl.load(o_row + s * so_s, mask=mask, other=0.0, cache_modifier=".cg")
-        den += w
-    tl.store(Out + b * sout_b + heads[:, None] * sout_h + d[None, :],
-             (acc / den[:, None]).to(Out.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _ordered_combine_kernel(OutPart, LsePart, Lens, Out, so_b, so_h, so_s, sl_b, sl_h,
                             sout_b, sout_h, split_len,
                             D: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
-    """Row b's own splits merged for head h (`_merge`): where the split kernel does not."""
+    """Row b's own splits (those its length reaches) merged for head h one by one, in
+    position order."""
     launch.prior(PDL)
     b = tl.program_id(0)
-    heads = tl.program_id(1) + tl.arange(0, 1)
+    h = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
+    mask_d = d < D
     n = tl.cdiv(tl.load(Lens + b).to(tl.int32), split_len)
-    _merge(OutPart, LsePart, Out, b, heads, heads >= 0, d, d < D, n, so_b, so_h, so_s, sl_b,
-           sl_h, sout_b, sout_h)
-
-
-# The split kernel merges (off: the second kernel). Off until measured on a GPU (built
-# 2026-12-07 when no device could be had): FLOVER_ATTN_MERGE=1 turns it on.
-MERGE = os.environ.get("FLOVER_ATTN_MERGE", "0") == "1"
-MERGE_SLOTS = 1 << 16  # (token, kv head) counters of one launch that merges in the split kernel
+    lse_row = LsePart + b * sl_b + h * sl_h
+    o_row = OutPart + b * so_b + h * so_h + d
+    m = tl.load(lse_row)
+    for s in range(1, n):
+        m = tl.maximum(m, tl.load(lse_row + s))
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    den = 0.0
+    for s in range(0, n):
+        w = tl.exp(tl.load(lse_row + s) - m)
+        acc += w * tl.load(o_row + s * so_s, mask=mask_d, other=0.0)
+        den += w
+    tl.store(Out + b * sout_b + h * sout_h + d, (acc / den).to(Out.dtype.element_ty), mask=mask_d)
 
 
 def row_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -255,11 +228,9 @@ def row_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     """q [T, H, D]: token t attends to slot slots[t] of the cache [S, Hkv, L, D], positions
     < lengths[t]. Batch-invariant: token t's result depends on its query, its slot's cache
     and its length only. The KV range is split every SPLIT_LEN positions from 0 (each split
-    walked in BLOCK_N steps from its start) and the splits are merged in position order, so
-    neither the other tokens nor `max_len` (which only sizes the grid) change a bit of it.
-    With MERGE (or `config["merge"]`) the last of each (token, kv head)'s split programs
-    merges (one launch); otherwise, and where the counters do not exist yet (first used under
-    graph capture), a second kernel does the same arithmetic.
+    walked in BLOCK_N steps from its start) and a second kernel merges the splits in position
+    order, so neither the other tokens nor `max_len` (which only sizes the grid) change a bit
+    of it.
     A prompt's tokens use it too, one query row each: a token's attention is then the same
     whether its prompt is prefilled whole, in chunks, alone or beside decode rows."""
     t, h, d = q.shape
@@ -273,9 +244,8 @@ def row_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     block_n = cfg["block_n"]
     assert split_len % block_n == 0
     splits = max(1, triton.cdiv(max_len, split_len))
-    # long prompts: slices of tokens, so that the float32 partials stay under ~256 MB and a
-    # launch's (token, kv head) pairs have a merge counter each
-    step = max(1, min(cfg.get("max_partials", 64 << 20) // (h * splits * d), MERGE_SLOTS // hkv))
+    # long prompts: slices of tokens, so that the float32 partials stay under ~256 MB
+    step = max(1, cfg.get("max_partials", 64 << 20) // (h * splits * d))
     if t > step:
         return torch.cat([row_attention(q[i:i + step], k_cache, v_cache, slots[i:i + step],
                                         lengths[i:i + step], max_len, scale, config)
@@ -285,21 +255,15 @@ def row_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     part = torch.empty((t, h, splits, d), dtype=torch.float32, device=q.device)
     lse = torch.empty((t, h, splits), dtype=torch.float32, device=q.device)
     pdl = launch.enabled(q)
-    out = torch.empty_like(q)
-    cnt = (launch.counters("attention", q.device, MERGE_SLOTS) if cfg.get("merge", MERGE)
-           else None)
-    merge = {} if cnt is None else {"Out": out, "Cnt": cnt, "sout_b": out.stride(0),
-                                    "sout_h": out.stride(1), "MERGE": True}
     _split_kernel[(t, hkv, splits)](
         q, k_cache, v_cache, lengths, part, lse, slots,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
         split_len, scale, D=d, G=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=block_n, BLOCK_D=block_d, HAS_SLOTS=True, PDL=pdl, **merge,
+        BLOCK_N=block_n, BLOCK_D=block_d, HAS_SLOTS=True, PDL=pdl,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch.options(pdl))
-    if merge:
-        return out
+    out = torch.empty_like(q)
     _ordered_combine_kernel[(t, h)](
         part, lse, lengths, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0),
         lse.stride(1), out.stride(0), out.stride(1), split_len, D=d, BLOCK_D=block_d, PDL=pdl,
