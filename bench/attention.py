@@ -5,6 +5,12 @@ measured in the same run. Rows all at one context; several layers' caches are cy
 L2 cache does not hold the data between calls.
 
     python3 bench/attention.py --out attention.json
+    python3 bench/attention.py --invariant-sweep --out attention_sweep.json
+
+`--invariant-sweep` times the batch-invariant attention (`row_attention`: the split kernel
+and the ordered merge) for each fixed split length and launch configuration, graph-replayed,
+at contexts 512 and 2048 and B = 1 and 32, and prints each configuration's total against the
+shipped one's.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import triton.testing
 from decode_step import copy_bandwidth
 
 from flover.ops.attention import decode_attention_ref
-from flover.ops.attention_triton import decode_attention
+from flover.ops.attention_triton import SPLIT_LEN, decode_attention, row_attention
 
 SHAPES = {"llama_7b": (32, 32, 128), "llama_13b": (40, 40, 128), "gptj_6b": (16, 16, 256),
           "gqa_8b": (32, 8, 128)}  # (heads, kv heads, head dim)
@@ -29,8 +35,11 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--out", default="attention.json")
     ap.add_argument("--sweep", action="store_true", help="time launch configurations instead")
+    ap.add_argument("--invariant-sweep", action="store_true")
     args = ap.parse_args()
     bw = copy_bandwidth()
+    if args.invariant_sweep:
+        return invariant_sweep(bw, args.out)
     if args.sweep:
         return sweep(bw, args.context, args.out)
     layers, ctx, rows = 8, args.context, []
@@ -117,6 +126,54 @@ def sweep(bw: float, ctx: int, out: str) -> None:
     with open(out, "w") as f:
         json.dump({"card": torch.cuda.get_device_name(), "copy_bandwidth_Bps": bw,
                    "sweep": results}, f, indent=1)
+
+
+def invariant_sweep(bw: float, out: str, layers: int = 4, max_len: int = 4096) -> None:
+    """`row_attention` per split length (positions per split, fixed: the bits change with it,
+    never with the batch) and launch configuration, graph-replayed over `layers` caches;
+    max_len as a captured decode graph has it (the grid's size, not the work)."""
+    configs = [{"split_len": sl, "block_n": bn, "num_stages": st, "num_warps": 4}
+               for sl in (32, 64, 128, 256) for bn in (32, 64) for st in (2, 3) if bn <= sl]
+    shipped = {"split_len": SPLIT_LEN, "block_n": 64, "num_stages": 2, "num_warps": 4}
+    results, totals = [], {}
+    for name in ("llama_7b", "gqa_8b"):
+        h, hkv, d = SHAPES[name]
+        for ctx in (512, 2048):
+            for b in (1, 32):
+                k = torch.randn(layers, b, hkv, ctx + 8, d, device="cuda", dtype=torch.float16)
+                v = torch.randn_like(k)
+                q = torch.randn(b, h, d, device="cuda", dtype=torch.float16)
+                lens = torch.full((b,), ctx + 1, device="cuda")
+                slots = torch.arange(b, device="cuda")
+                floor = 2 * b * hkv * (ctx + 1) * d * 2 / bw * 1e3
+                line = []
+                for c in configs:
+                    def run(c=c, q=q, k=k, v=v, lens=lens, slots=slots, scale=d ** -0.5):
+                        for i in range(layers):
+                            row_attention(q, k[i], v[i], slots, lens, max_len, scale, c)
+                    run()
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g):
+                        run()
+                    t = triton.testing.do_bench(g.replay, return_mode="median") / layers
+                    key = json.dumps(c, sort_keys=True)
+                    totals[key] = totals.get(key, 0.0) + t
+                    results.append({"shape": name, "batch": b, "context": ctx, **c,
+                                    "kernel_ms": t, "floor_ms": floor})
+                    line.append((t, c))
+                    del g
+                best = min(line, key=lambda r: r[0])
+                ship = next(t for t, c in line if c == shipped)
+                print(f"{name:9s} ctx={ctx:5d} B={b:3d} floor {floor * 1e3:6.1f} us  shipped "
+                      f"{ship * 1e3:6.1f}  best {best[0] * 1e3:6.1f} {best[1]}", flush=True)
+                del k, v
+    base = totals[json.dumps(shipped, sort_keys=True)]
+    print("configuration: sum over the cases, and against the shipped one's")
+    for key, t in sorted(totals.items(), key=lambda kv: kv[1]):
+        print(f"  {t * 1e3:8.1f} us  {t / base:5.3f}  {key}", flush=True)
+    with open(out, "w") as f:
+        json.dump({"card": torch.cuda.get_device_name(), "copy_bandwidth_Bps": bw,
+                   "max_len": max_len, "invariant_sweep": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,13 @@ times the invariant step in several forms, each with graphs captured afresh, in 
 process: `nosplit` (the linear kernel's K in one part), `split` (in `linear_triton.splits`
 parts), `pdl` (split, and the kernels of the step launched with programmatic dependent launch,
 the linear kernel asking for its first weight tiles in L2 before it waits), `pdl-noprefetch`;
-`tma` and `ptr` (the products' Hopper TMA forms on, off: `launch.TMA`); `tma-nofold` (the TMA
-forms with the RMSNorm and SiLU in kernels of their own, not as the products' epilogues:
-`fused.FOLDED`, and attention's splits merged by a second kernel: `attention_triton.MERGE`);
-`tma-nomerge` (the epilogues, the second kernel). The shipped step is `tma-nofold` on Hopper
-until the epilogues and the merge are measured (FLOVER_FOLD, FLOVER_ATTN_MERGE); list
-`tma-nofold` before the others, since a folded model stays folded (it runs the same function).
+`tma` and `ptr` (the products' Hopper TMA forms on, off: `launch.TMA`), both with the
+RMSNorm and SiLU in kernels of their own; `fold` (the TMA forms with the norm folded into the
+next product, the norm and SiLU * up as its epilogue: `fused.FOLDED`) and `fold-rms256` (qkv's
+norm epilogue with the plain form's K steps: `linear_triton.EPILOGUE_TILES`); `split64`,
+`split32`, `split64-n32` (attention's fixed split length, `attention_triton.SPLIT_LEN`, and its
+K/V block) and `fold-split64`. List the `fold` variants after the others, since a folded model
+stays folded (it runs the same function).
 
     python3 bench/decode_step.py --out decode_step.json [--variants nosplit,split,pdl]
 """
@@ -71,35 +72,45 @@ def weight_bytes_read(model: torch.nn.Module) -> int:
     return sum(p.nbytes for p in model.parameters() if id(p) not in skip)
 
 
-VARIANTS = {  # name: (split K, PDL, prefetch steps, TMA forms, folded-norm epilogues,
-    # attention's merge in its split kernel)
-    "nosplit": (False, False, 0, True, True, True), "split": (True, False, 0, True, True, True),
-    "pdl": (True, True, None, True, True, True),
-    "pdl-noprefetch": (True, True, 0, True, True, True),
-    "pdl-nosplit": (False, True, None, True, True, True),
-    "pdl-prefetch2": (True, True, 2, True, True, True),
-    "pdl-prefetch8": (True, True, 8, True, True, True),
-    "tma": (False, False, 0, True, True, True), "tma-nomerge": (False, False, 0, True, True, False),
-    "tma-nofold": (False, False, 0, True, False, False),
-    "ptr": (False, False, 0, False, False, False),
+VARIANTS = {  # name: the switches it sets (`_SHIPPED`'s names); the others as shipped
+    "nosplit": {"split": False}, "split": {"split": True},
+    "pdl": {"split": True, "pdl": True}, "pdl-noprefetch": {"split": True, "pdl": True,
+                                                            "prefetch": 0},
+    "pdl-nosplit": {"pdl": True}, "pdl-prefetch2": {"split": True, "pdl": True, "prefetch": 2},
+    "pdl-prefetch8": {"split": True, "pdl": True, "prefetch": 8},
+    "ptr": {"tma": False, "folded": False}, "tma": {"tma": True, "folded": False},
+    "fold": {"tma": True, "folded": True},
+    "fold-rms256": {"tma": True, "folded": True, "epilogue_tiles": {
+        "rms": {"block_k": 256, "num_stages": 4}, "gated": {"block_k": 128, "num_stages": 3}}},
+    "split64": {"split_len": 64}, "split32": {"split_len": 32, "attn_block_n": 32},
+    "split64-n32": {"split_len": 64, "attn_block_n": 32},
+    "fold-split64": {"tma": True, "folded": True, "split_len": 64},
 }
 
 
 _DEFAULT_LINEAR = linear_triton.default_config
-_SHIPPED = (linear_triton.SPLIT_K, launch.ENABLED, None, launch.TMA,  # as imported
-            fused.FOLDED, attention_triton.MERGE)  # (the environment included)
+_DEFAULT_ATTENTION = attention_triton.default_config
+_SHIPPED = {"split": linear_triton.SPLIT_K, "pdl": launch.ENABLED, "prefetch": None,
+            "tma": launch.TMA, "folded": fused.FOLDED,  # as imported (the environment included)
+            "epilogue_tiles": linear_triton.EPILOGUE_TILES,
+            "split_len": attention_triton.SPLIT_LEN, "attn_block_n": None}
 
 
 def apply_variant(name: str | None) -> None:
     """Set the switches of `name` (None: back to the defaults as shipped)."""
-    split, pdl, prefetch, tma, folded, merge = VARIANTS.get(name, _SHIPPED)
-    fused.FOLDED, attention_triton.MERGE = folded, merge
-    linear_triton.SPLIT_K = split
-    launch.set_enabled(pdl)
-    launch.TMA = tma
-    base = _DEFAULT_LINEAR
+    v = _SHIPPED | VARIANTS.get(name, {})
+    fused.FOLDED = v["folded"]
+    linear_triton.SPLIT_K = v["split"]
+    linear_triton.EPILOGUE_TILES = v["epilogue_tiles"]
+    launch.set_enabled(v["pdl"])
+    launch.TMA = v["tma"]
+    attention_triton.SPLIT_LEN = v["split_len"]
+    base, prefetch = _DEFAULT_LINEAR, v["prefetch"]
     linear_triton.default_config = (base if prefetch is None
                                     else lambda *a: base(*a) | {"prefetch": prefetch})
+    abase, block_n = _DEFAULT_ATTENTION, v["attn_block_n"]
+    attention_triton.default_config = (abase if block_n is None
+                                       else lambda *a: abase(*a) | {"block_n": block_n})
 
 
 CHECKS: list[dict] = []  # variants' logits against the first invariant variant's

@@ -11,7 +11,7 @@ the default (`linear_triton.splits`, printed as `auto`), and checks a row's bits
 beside the default (the TMA form where the device has it). `--fused` times the folded-norm
 epilogues (Hopper): qkv's product with the norm as its epilogue against the norm kernel then
 the product, and gate_up's with the norm and SiLU * up against norm, product and silu_mul, for
-each of `--gated-configs` (JSON list; the default first).
+each of `--fused-configs` (JSON list of launch settings; {}: the shipped ones).
 
     python3 bench/linear.py --out linear.json [--sweep] [--splits 1,2,3,4] [--tma-sweep] [--fused]
 """
@@ -44,10 +44,11 @@ def cycled_weights(n: int, k: int, dtype: torch.dtype):
     return w, itertools.cycle([w] + [w.clone() for _ in range(-(-256 * 2**20 // w.nbytes) - 1)])
 
 
-def fused_rows(dtypes: str, shapes: str, batches: str, gated_configs: list[dict],
+def fused_rows(dtypes: str, shapes: str, batches: str, configs: list[dict],
                bw: float) -> list[dict]:
-    """Each RMSNorm-fed product (qkv: the norm as epilogue; gate_up: the norm and SiLU * up)
-    against the kernels it replaces, in CUDA graphs, weights cycled past L2."""
+    """Each RMSNorm-fed product (qkv: the norm as epilogue; gate_up: the norm and SiLU * up),
+    in each of `configs` ({}: the shipped one), against the kernels it replaces, in CUDA
+    graphs, weights cycled past L2."""
     rows = []
     for dname in dtypes.split(","):
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dname]
@@ -65,7 +66,7 @@ def fused_rows(dtypes: str, shapes: str, batches: str, gated_configs: list[dict]
                     return fused_triton.silu_mul(y) if gated else y  # noqa: B023
 
                 base = timed(unfused)
-                for cfg in gated_configs if gated else [{}]:
+                for cfg in configs:
                     ms = timed(lambda: linear(x, next(turn), config=cfg or None,  # noqa: B023
                                               rms_eps=1e-6, gated=gated))  # noqa: B023
                     r = {"dtype": dname, "shape": shape, "M": b, "fused_config": cfg,
@@ -131,15 +132,16 @@ def main() -> None:
     ap.add_argument("--splits", default="", help="e.g. 1,2,3,4: K parts to time beside auto")
     ap.add_argument("--tma-sweep", action="store_true")
     ap.add_argument("--fused", action="store_true")
-    ap.add_argument("--gated-configs", default='[{}, {"block_k": 256, "num_stages": 2}, '
-                    '{"block_k": 64, "num_stages": 6}, {"block_k": 128, "num_stages": 3}]')
+    ap.add_argument("--fused-configs", default='[{}, {"block_k": 128, "num_stages": 4}, '
+                    '{"block_k": 256, "num_stages": 2}, {"block_k": 64, "num_stages": 4}, '
+                    '{"block_k": 256, "num_stages": 4}]')
     ap.add_argument("--out", default="linear.json")
     args = ap.parse_args()
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.3f} TB/s", flush=True)
     if args.fused:  # only these rows
         rows = fused_rows(args.dtypes, args.shapes, args.batches,
-                          json.loads(args.gated_configs), bw)
+                          json.loads(args.fused_configs), bw)
         with open(args.out, "w") as f:
             json.dump({"card": torch.cuda.get_device_name(), "copy_bandwidth_Bps": bw,
                        "rows": rows}, f, indent=1)

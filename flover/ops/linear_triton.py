@@ -324,18 +324,24 @@ def default_config(element_size: int = 2) -> dict:
             "num_stages": 4, "max_m_tiles": 2, "prefetch": 4}
 
 
-def tma_config(gated: bool = False) -> dict:
+def tma_config(epilogue: str | None = None) -> dict:
     """Launch parameters of the TMA form (`_linear_tma_kernel`, 16-bit dtypes), for every M:
     a 64-row weight tile is one warpgroup's MMA; `num_stages` K steps of both operands in
-    flight (4 x 48 KB).
+    flight (4 x 40 KB).
     The best of `bench/linear.py --tma-sweep` on an H100 but for one shape at M = 32
-    (docs/PERF.md, "TMA forms"). The gated product reads two weight tiles a step: half the K
-    depth, so that as many steps fit in shared memory."""
-    if gated:
-        return {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4,
-                "max_m_tiles": 2}
-    return {"block_m": 16, "block_n": 64, "block_k": 256, "num_warps": 4, "num_stages": 4,
-            "max_m_tiles": 2}
+    (docs/PERF.md, "TMA forms"). With the norm ("rms") or the norm and SiLU * up ("gated") as
+    the epilogue, the K steps of `EPILOGUE_TILES`."""
+    cfg = {"block_m": 16, "block_n": 64, "block_k": 256, "num_warps": 4, "num_stages": 4,
+           "max_m_tiles": 2}
+    return cfg | EPILOGUE_TILES[epilogue] if epilogue else cfg
+
+
+# The epilogue forms' K steps: half as deep and three in flight (about 108 KB of shared memory
+# for the gated product's two weight tiles a step, so that two programs share an SM). Measured
+# on an H100 (docs/PERF.md, "Folded norms"): gate_up with the norm and SiLU * up 63.5 / 67.5
+# us at M = 1 / 32 against 70.9 / 98.3 with 4 steps in flight.
+EPILOGUE_TILES = {"rms": {"block_k": 128, "num_stages": 3},
+                  "gated": {"block_k": 128, "num_stages": 3}}
 
 
 def _tma_form(x: torch.Tensor, weight: torch.Tensor, cfg: dict, parts: int) -> bool:
@@ -363,7 +369,8 @@ def _linear_tma(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                 rms_eps: float | None = None, gated: bool = False) -> None:
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    cfg = tma_config(gated) | (config or {})
+    epilogue = "gated" if gated else "rms" if rms_eps is not None else None
+    cfg = tma_config(epilogue) | (config or {})
     (m, k), n = x2.shape, weight.shape[0]
     if x2.stride(0) != k or x2.data_ptr() % 16:  # a copy has the same values: the same bits
         x2 = x2.clone(memory_format=torch.contiguous_format)
