@@ -36,10 +36,15 @@ def main() -> None:
     ap.add_argument("--out", default="attention.json")
     ap.add_argument("--sweep", action="store_true", help="time launch configurations instead")
     ap.add_argument("--invariant-sweep", action="store_true")
+    ap.add_argument("--max-len", type=int, default=4096, help="--invariant-sweep's grid")
+    ap.add_argument("--split-lens", default="32,64,128,256")
+    ap.add_argument("--skips", default="1", help="1,0: also without skipping empty splits")
     args = ap.parse_args()
     bw = copy_bandwidth()
     if args.invariant_sweep:
-        return invariant_sweep(bw, args.out)
+        return invariant_sweep(bw, args.out, args.max_len,
+                               [int(x) for x in args.split_lens.split(",")],
+                               [x == "1" for x in args.skips.split(",")])
     if args.sweep:
         return sweep(bw, args.context, args.out)
     layers, ctx, rows = 8, args.context, []
@@ -128,13 +133,19 @@ def sweep(bw: float, ctx: int, out: str) -> None:
                    "sweep": results}, f, indent=1)
 
 
-def invariant_sweep(bw: float, out: str, layers: int = 4, max_len: int = 4096) -> None:
+def invariant_sweep(bw: float, out: str, max_len: int, split_lens: list[int],
+                    skips: list[bool], layers: int = 4) -> None:
     """`row_attention` per split length (positions per split, fixed: the bits change with it,
     never with the batch) and launch configuration, graph-replayed over `layers` caches;
-    max_len as a captured decode graph has it (the grid's size, not the work)."""
-    configs = [{"split_len": sl, "block_n": bn, "num_stages": st, "num_warps": 4}
-               for sl in (32, 64, 128, 256) for bn in (32, 64) for st in (2, 3) if bn <= sl]
-    shipped = {"split_len": SPLIT_LEN, "block_n": 64, "num_stages": 2, "num_warps": 4}
+    max_len as a captured decode graph has it (the cache's max_seq_len: the grid's size, not
+    the work); `skips`: the split programs past a row's length writing nothing (shipped) or
+    empty partials."""
+    configs = [{"split_len": sl, "block_n": bn, "num_stages": st, "num_warps": 4,
+                "skip_empty": skip}
+               for sl in split_lens for bn in (32, 64) for st in (2, 3) for skip in skips
+               if bn <= sl]
+    shipped = {"split_len": SPLIT_LEN, "block_n": 64, "num_stages": 2, "num_warps": 4,
+               "skip_empty": True}
     results, totals = [], {}
     for name in ("llama_7b", "gqa_8b"):
         h, hkv, d = SHAPES[name]

@@ -17,9 +17,11 @@ the linear kernel asking for its first weight tiles in L2 before it waits), `pdl
 RMSNorm and SiLU in kernels of their own; `fold` (the TMA forms with the norm folded into the
 next product, the norm and SiLU * up as its epilogue: `fused.FOLDED`) and `fold-rms256` (qkv's
 norm epilogue with the plain form's K steps: `linear_triton.EPILOGUE_TILES`); `split64`,
-`split32`, `split64-n32` (attention's fixed split length, `attention_triton.SPLIT_LEN`, and its
-K/V block) and `fold-split64`. List the `fold` variants after the others, since a folded model
-stays folded (it runs the same function).
+`split32`, `split64-n32`, `split256-n32` (attention's fixed split length,
+`attention_triton.SPLIT_LEN`, and its K/V block), `noskip` (attention's split programs past
+a row's length write empty partials, as before; with `--max-seq-len` above the context) and
+`fold-split64`. List the `fold` variants after the others, since a folded model stays folded
+(it runs the same function).
 
     python3 bench/decode_step.py --out decode_step.json [--variants nosplit,split,pdl]
 """
@@ -82,8 +84,10 @@ VARIANTS = {  # name: the switches it sets (`_SHIPPED`'s names); the others as s
     "fold": {"tma": True, "folded": True},
     "fold-rms256": {"tma": True, "folded": True, "epilogue_tiles": {
         "rms": {"block_k": 256, "num_stages": 4}, "gated": {"block_k": 128, "num_stages": 3}}},
-    "split64": {"split_len": 64}, "split32": {"split_len": 32, "attn_block_n": 32},
-    "split64-n32": {"split_len": 64, "attn_block_n": 32},
+    "split64": {"split_len": 64}, "split32": {"split_len": 32, "attention": {"block_n": 32}},
+    "split64-n32": {"split_len": 64, "attention": {"block_n": 32}},
+    "split256-n32": {"split_len": 256, "attention": {"block_n": 32}},
+    "noskip": {"attention": {"skip_empty": False}},
     "fold-split64": {"tma": True, "folded": True, "split_len": 64},
 }
 
@@ -93,7 +97,7 @@ _DEFAULT_ATTENTION = attention_triton.default_config
 _SHIPPED = {"split": linear_triton.SPLIT_K, "pdl": launch.ENABLED, "prefetch": None,
             "tma": launch.TMA, "folded": fused.FOLDED,  # as imported (the environment included)
             "epilogue_tiles": linear_triton.EPILOGUE_TILES,
-            "split_len": attention_triton.SPLIT_LEN, "attn_block_n": None}
+            "split_len": attention_triton.SPLIT_LEN, "attention": {}}
 
 
 def apply_variant(name: str | None) -> None:
@@ -108,9 +112,8 @@ def apply_variant(name: str | None) -> None:
     base, prefetch = _DEFAULT_LINEAR, v["prefetch"]
     linear_triton.default_config = (base if prefetch is None
                                     else lambda *a: base(*a) | {"prefetch": prefetch})
-    abase, block_n = _DEFAULT_ATTENTION, v["attn_block_n"]
-    attention_triton.default_config = (abase if block_n is None
-                                       else lambda *a: abase(*a) | {"block_n": block_n})
+    abase, extra = _DEFAULT_ATTENTION, v["attention"]
+    attention_triton.default_config = (lambda *a: abase(*a) | extra) if extra else abase
 
 
 CHECKS: list[dict] = []  # variants' logits against the first invariant variant's
@@ -149,14 +152,17 @@ def decode_batch(rows: int, context: int) -> Batch:
 
 def bench_model(name: str, dtype: str, batches: list[int], context: int, iters: int,
                 bw: float, eager: bool, invariance: list[str],
-                variants: list[str | None] = (None,)) -> list[dict]:
+                variants: list[str | None] = (None,), max_seq_len: int = 0) -> list[dict]:
     """Each batch size's step with batch invariance off (cuBLAS, SDPA) then on (the Triton
-    linear and per-row attention: `EngineConfig.batch_invariant`, the engine's default)."""
+    linear and per-row attention: `EngineConfig.batch_invariant`, the engine's default).
+    The cache's slots hold `max_seq_len` tokens (0: context + 8); graphs size attention's
+    grid by it, as the engine's do."""
     cfg = preset(name)
     model = allocate(cfg, DTYPES[dtype], torch.device("cuda"))
     init_random(model, seed=0)
     slots = max(batches)
-    cache = SlotCache(cfg.num_layers, slots, cfg.num_kv_heads, context + 8, cfg.head_dim,
+    cache = SlotCache(cfg.num_layers, slots, cfg.num_kv_heads, max_seq_len or context + 8,
+                      cfg.head_dim,
                       DTYPES[dtype], torch.device("cuda"))
     cache.k.normal_()
     cache.v.normal_()
@@ -249,6 +255,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--max-seq-len", type=int, default=0, help="the cache's slot length "
+                    "(default context + 8); the graphs' attention grid is sized by it")
     ap.add_argument("--eager", action="store_true", help="also time without CUDA graphs")
     ap.add_argument("--invariance", default="off,on", help="batch invariance off, on or both")
     ap.add_argument("--linear-configs", default="", help="JSON list of linear_triton launch "
@@ -282,7 +290,8 @@ def main() -> None:
                     print(f"linear config {cfg}", flush=True)
                 modes = args.invariance.split(",") if i == 0 else ["on"]
                 got = bench_model(name, dtype, batches, args.context, args.iters, bw, args.eager,
-                                  modes, [v for v in args.variants.split(",") if v] or [None])
+                                  modes, [v for v in args.variants.split(",") if v] or [None],
+                                  args.max_seq_len)
                 rows += [r | {"linear_config": cfg} if cfg else r for r in got]
                 save()
     for b in [int(x) for x in args.hf_batches.split(",") if x]:

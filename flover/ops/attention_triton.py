@@ -27,9 +27,11 @@ def _split_kernel(Q, K, V, Lens, OutPart, LsePart, Slots,
                   split_len, scale,
                   D: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SLOTS: tl.constexpr,
-                  PDL: tl.constexpr = False):
+                  PDL: tl.constexpr = False, SKIP_EMPTY: tl.constexpr = False):
     """A group of G query heads per program, padded to BLOCK_G >= 16 rows for tl.dot.
-    Row b reads slot b, or slot Slots[b] with HAS_SLOTS."""
+    Row b reads slot b, or slot Slots[b] with HAS_SLOTS. SKIP_EMPTY: a program whose split
+    starts at or past its row's length writes nothing (for a merge that reads only the splits
+    the length reaches: a graph's grid, sized by max_seq_len, is mostly such programs)."""
     launch.prior(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -40,6 +42,8 @@ def _split_kernel(Q, K, V, Lens, OutPart, LsePart, Slots,
     else:
         slot = b.to(tl.int64)
     start = sp * split_len
+    if SKIP_EMPTY and start >= length:
+        return
     end = tl.minimum(start + split_len, length)
 
     g = tl.arange(0, BLOCK_G)
@@ -262,7 +266,8 @@ def row_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
         split_len, scale, D=d, G=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n, BLOCK_D=block_d, HAS_SLOTS=True, PDL=pdl,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch.options(pdl))
+        SKIP_EMPTY=cfg.get("skip_empty", True), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **launch.options(pdl))
     out = torch.empty_like(q)
     _ordered_combine_kernel[(t, h)](
         part, lse, lengths, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0),
