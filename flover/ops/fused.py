@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from flover.ops import fused_cpu
 
 ENABLED = True
-# The folded norm and SiLU as the products' epilogues where they can be (`fold_norms`). Off
-# until measured on a GPU (built 2026-12-07 when no device could be had; docs/PERF.md, "Folded
-# norms"): FLOVER_FOLD=1 turns them on. Off, no norm is folded, and folded ones run unfused.
+# The folded norm and SiLU as the products' epilogues where they can be (`fold_norms`). Off:
+# on an H100 it took 1-1.4% off llama_13b's step and added 2.7-2.8% to llama_7b's (docs/PERF.md,
+# "The fold with its own K steps"). FLOVER_FOLD=1 turns it on. Off, no norm is folded, and
+# folded ones run unfused.
 FOLDED = os.environ.get("FLOVER_FOLD", "0") == "1"
 # The residual add and SiLU * up as the int8/int4 products' epilogues on a GPU (bitwise the
 # unfused ops' results; off: their own ops, to compare).
