@@ -1,6 +1,5 @@
 """Hopper launch features of the Triton kernels: programmatic dependent launch (PDL), and the
-switch of the products' TMA forms; and the arrival counters of kernels whose last program does
-a tile's final work (`counters`).
+switch of the products' TMA forms.
 
 In a CUDA graph each kernel normally starts only once the one before it has finished and its
 writes are flushed: the launch latency and the ramp of the first loads sit between every two
@@ -66,23 +65,6 @@ def tma(x: torch.Tensor, asked: bool | None = None) -> bool:
     if asked is not None:
         return asked
     return TMA and _hopper(x.device)
-
-
-_COUNTERS: dict[tuple[str, torch.device], torch.Tensor] = {}
-
-
-def counters(name: str, device: torch.device, slots: int) -> torch.Tensor | None:
-    """`slots` int32 zeros on `device`, one buffer per `name`, for kernels whose last program
-    to arrive does a tile's final work (it counts arrivals with an atomic and puts the count
-    back to 0, so the buffer is zeros before every launch, graph replays included). Made
-    outside graph capture only (a captured memset would not run before the first eager
-    launch): None until then, and the caller does that work another way."""
-    key = (name, device)
-    if key not in _COUNTERS:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        _COUNTERS[key] = torch.zeros(slots, dtype=torch.int32, device=device)
-    return _COUNTERS[key]
 
 
 def options(on: bool) -> dict:

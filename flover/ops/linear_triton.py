@@ -208,22 +208,6 @@ def _linear_kernel(X, W, B, Y, YR, WS, CNT, M, N, K, KS, sx_m, sw_n, sy_m, syr_m
 
 
 @triton.jit
-def tma_products(w, XD, m0, k0, acc0, acc1, acc2, acc3, M_TILES: tl.constexpr,
-                 BLOCK_M: tl.constexpr):
-    """One K step of the int8/int4 TMA form (`quant_triton`): the weight tile w [BLOCK_N,
-    BLOCK_K] times each of the M_TILES row tiles of x from row m0 (descriptor XD), each into
-    its own y^T accumulator."""
-    acc0 = tl.dot(w, tl.trans(XD.load([m0, k0])), acc0)
-    if M_TILES > 1:
-        acc1 = tl.dot(w, tl.trans(XD.load([m0 + BLOCK_M, k0])), acc1)
-    if M_TILES > 2:
-        acc2 = tl.dot(w, tl.trans(XD.load([m0 + 2 * BLOCK_M, k0])), acc2)
-    if M_TILES > 3:
-        acc3 = tl.dot(w, tl.trans(XD.load([m0 + 3 * BLOCK_M, k0])), acc3)
-    return acc0, acc1, acc2, acc3
-
-
-@triton.jit
 def _tma_step(w, wu, x, acc, up, sq, GATED: tl.constexpr, RMS: tl.constexpr):
     """One K step of one row tile x [BLOCK_M, BLOCK_K] in `_linear_tma_kernel`: the weight
     tile's product into acc (y^T), the up tile's into `up` (GATED), and each row's sum of
@@ -336,10 +320,10 @@ def tma_config(epilogue: str | None = None) -> dict:
     return cfg | EPILOGUE_TILES[epilogue] if epilogue else cfg
 
 
-# The epilogue forms' K steps: half as deep and three in flight (114,752 bytes of shared memory
-# for the gated product's two weight tiles a step on sm_90, so that two programs share an SM). Measured
-# on an H100 (docs/PERF.md, "Folded norms"): gate_up with the norm and SiLU * up 63.5 / 67.5
-# us at M = 1 / 32 against 70.9 / 98.3 with 4 steps in flight.
+# The epilogue forms' K steps: half as deep and three in flight (114,752 bytes of shared
+# memory for the gated product's two weight tiles a step on sm_90, so that two programs share
+# an SM). Measured on an H100 (docs/PERF.md, "The fold and the merge measured"): gate_up with
+# the norm and SiLU * up 63.5 / 67.5 us at M = 1 / 32 against 70.9 / 98.3 with 4 steps in flight.
 EPILOGUE_TILES = {"rms": {"block_k": 128, "num_stages": 3},
                   "gated": {"block_k": 128, "num_stages": 3}}
 
@@ -411,6 +395,7 @@ def _folded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 SPLIT_K = os.environ.get("FLOVER_SPLIT_K", "0") == "1"
 COUNTER_SLOTS = 4096  # tiles a SPLIT_GRID launch may count at once
 _SMS: dict[torch.device, int] = {}
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
 def sm_count(device: torch.device) -> int:
@@ -446,6 +431,18 @@ def splits(n: int, k: int, cfg: dict, sms: int) -> int:
         if t < best_t - 1e-9:
             best, best_t = parts, t
     return best
+
+
+def _counters(device: torch.device) -> torch.Tensor | None:
+    """The per-tile arrival counters of SPLIT_GRID launches on `device`: zeros, and left at
+    zero by every launch (the tile's last part puts its count back to 0, graph replays
+    included). Made outside graph capture only (a captured memset would not run before the
+    first eager launch); None until then, and launches sum the parts themselves."""
+    if device not in _COUNTERS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        _COUNTERS[device] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
+    return _COUNTERS[device]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -492,7 +489,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         want = cfg.get("split_grid")
         if want is None:  # a choice of speed only: both ways give the same bits
             want = grid_m * grid_n < 4 * max(sms, 32)
-        cnt = (launch.counters("linear", x.device, COUNTER_SLOTS)
+        cnt = (_counters(x.device)
                if want and parts > 1 and grid_m * grid_n <= COUNTER_SLOTS else None)
         split_grid = cnt is not None
         ws = (torch.empty((parts, m, n), dtype=torch.float32, device=x.device) if split_grid

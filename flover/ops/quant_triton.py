@@ -44,7 +44,6 @@ import triton
 import triton.language as tl
 
 from flover.ops import launch
-from flover.ops.linear_triton import tma_products
 
 BLOCK_M = 16
 DEQUANT = ("asm", "bits", "float")
@@ -303,8 +302,8 @@ def _quant_tma_kernel(XD, XHD, QD, SD, ZD, Y, M, N, K, KS, stride_ym,
         if BITS == 8:
             q = tl.reshape(QD.load([n0, kb]), (BLOCK_N, G, 32))
             w = tl.reshape(_int8_weights(q, s, MODE, DT), (BLOCK_N, BLOCK_K))
-            acc0, acc1, acc2, acc3 = tma_products(w, XD, m0, kb, acc0, acc1, acc2, acc3, M_TILES,
-                                                  BLOCK_M)
+            acc0, acc1, acc2, acc3 = _tma_products(w, XD, m0, kb, acc0, acc1, acc2, acc3, M_TILES,
+                                                   BLOCK_M)
         else:
             q = tl.reshape(QD.load([n0, kb // 2]), (BLOCK_N, G, 16))
             z = tl.reshape(ZD.load([n0, kb // 32]), (BLOCK_N, G, 1))
@@ -321,6 +320,22 @@ def _quant_tma_kernel(XD, XHD, QD, SD, ZD, Y, M, N, K, KS, stride_ym,
     r0 = m0 + tl.arange(0, BLOCK_M)
     rn = n0 + tl.arange(0, BLOCK_N)
     _store_tiles(Y, acc0, acc1, acc2, acc3, r0, rn, M, N, stride_ym, SPLIT, M_TILES, BLOCK_M)
+
+
+@triton.jit
+def _tma_products(w, XD, m0, k0, acc0, acc1, acc2, acc3, M_TILES: tl.constexpr,
+                 BLOCK_M: tl.constexpr):
+    """One K step of the int8 TMA form: the dequantised weight tile w [BLOCK_N,
+    BLOCK_K] times each of the M_TILES row tiles of x from row m0 (descriptor XD), each into
+    its own y^T accumulator."""
+    acc0 = tl.dot(w, tl.trans(XD.load([m0, k0])), acc0)
+    if M_TILES > 1:
+        acc1 = tl.dot(w, tl.trans(XD.load([m0 + BLOCK_M, k0])), acc1)
+    if M_TILES > 2:
+        acc2 = tl.dot(w, tl.trans(XD.load([m0 + 2 * BLOCK_M, k0])), acc2)
+    if M_TILES > 3:
+        acc3 = tl.dot(w, tl.trans(XD.load([m0 + 3 * BLOCK_M, k0])), acc3)
+    return acc0, acc1, acc2, acc3
 
 
 @triton.jit
