@@ -7,7 +7,8 @@ quantized to int8 and to int4 (groups of 32, float16 scales) in the same process
 named "fp16" is the model in `--dtype` whichever it is. First checks the kernel against its
 reference at the model's shapes. A width named with "-ptr" (int8-ptr, int4-ptr) runs with the
 TMA forms off (`launch.TMA`), one with "-unfused" with the residual add and SiLU * up as ops
-of their own (`fused.QUANT_EPILOGUES`), to compare.
+of their own (`fused.QUANT_EPILOGUES`), one with "-korder" keeps its packed bytes in the K
+order (no `quant.use_mma_order`: the TMA form before the mma order), to compare.
 
     python3 bench/quant_decode_step.py --out quant_decode_step.json [--dtype bf16]
 """
@@ -43,6 +44,10 @@ def check_kernel(n: int, k: int, dtype: torch.dtype) -> dict:
             ref = torch.nn.functional.linear(x.float(), ref_w.float())
             y = quant_mm(x, p.qweight, p.scales, p.mins, bits, p.group).float()
             out[f"int{bits}_m{m}"] = float((y - ref).abs().max() / ref.abs().max())
+            if quant_triton.mma_order_applies(x.device, dtype, k, p.group):
+                q = quant.to_mma_order(p.qweight, bits)
+                y = quant_mm(x, q, p.scales, p.mins, bits, p.group, mma_order=True).float()
+                out[f"int{bits}_m{m}_mma"] = float((y - ref).abs().max() / ref.abs().max())
     return out
 
 
@@ -77,6 +82,8 @@ def main() -> None:
         init_random(model, seed=0)
         if not quantization.startswith("fp16"):
             quantize_model(model, 8 if quantization.startswith("int8") else 4)
+            if not quantization.endswith("-korder"):
+                quant.use_mma_order(model)  # as load_model does
             gc.collect()
             torch.cuda.empty_cache()
         cache = SlotCache(cfg.num_layers, max(batches), cfg.num_kv_heads, args.context + 8,

@@ -5,7 +5,9 @@ calls, median of 10; the weights taken in turn from enough copies that none sits
 floor of its bytes (qweight + scales + mins over a device-to-device copy's bandwidth measured
 in the same run), and fp16's cuBLAS (`F.linear`) and invariant Triton linear on the same shape.
 Then a decode step's products summed (32 layers of qkv, o, gate_up, down, and the head), and
-whether a row is bitwise the same alone and at M = 3, 17, 32, 64. `--sweep` times launch
+whether a row is bitwise the same alone and at M = 3, 17, 32, 64. The shipped column reads the
+packed bytes in the mma order where the TMA form applies (as `load_model` leaves them); "korder"
+is the TMA form on the K order (before the mma order), "ptr" the pointer form. `--sweep` times launch
 configurations (compiled first in parallel processes, which fill Triton's cache); `--old PATH`
 times another quant_triton.py too (the kernel before this one).
 
@@ -35,12 +37,11 @@ PER_STEP = {"qkv": 32, "o": 32, "gate_up": 32, "down": 32, "head": 1}  # llama_7
 
 
 def tma_sweep_configs() -> list[dict]:
-    """The TMA form: BLOCK_N, the step (int4 only: 512), stages, K parts, row tiles."""
-    return [{"tma": True, "bits": b, "block_n": bn, "block_k": bk, "num_stages": st, "split": sp,
-             "max_m_tiles": mt}
-            for b, bn, bk, st, sp, mt in itertools.product((8, 4), (64, 128), (256, 512), (3, 4),
-                                                           (1, 2, 4), (1, 2))
-            if not (b == 8 and bk == 512)]
+    """The TMA form on the mma order: BLOCK_N, the step, stages, K parts (two row tiles)."""
+    return [{"tma": True, "mma": True, "bits": b, "block_n": bn, "block_k": bk, "num_stages": st,
+             "split": sp, "max_m_tiles": 2}
+            for b, bn, bk, st, sp in itertools.product((8, 4), (64, 128), (256, 512), (3, 4),
+                                                       (1, 2, 4))]
 
 
 def sweep_configs() -> list[dict]:
@@ -61,7 +62,7 @@ def _warm(cfgs: list[dict]) -> list[tuple[dict, str | None]]:
                 if cfg.get("bits", p.bits) != p.bits:
                     continue
                 x = torch.randn(m, p.scales.shape[1] * 32, device="cuda", dtype=torch.float16)
-                quant_mm(x, p.qweight, p.scales, p.mins, p.bits, p.group, config=cfg)
+                _mm(x, mma_ordered(p) if cfg.get("mma") else p, cfg)
             torch.cuda.synchronize()
             out.append((cfg, None))
         except Exception as e:  # noqa: BLE001 - a configuration that does not compile or fit
@@ -84,6 +85,18 @@ def rotated(make, nbytes: int) -> itertools.cycle:
     return itertools.cycle([first] + [make() for _ in range(-(-256 * 2**20 // nbytes) - 1)])
 
 
+def mma_ordered(p: quant.Packed) -> quant.Packed:
+    return quant.Packed(p.bits, p.group, quant.to_mma_order(p.qweight, p.bits), p.scales, p.mins)
+
+
+def _mm(x: torch.Tensor, p: quant.Packed, cfg: dict | None, mod=None) -> torch.Tensor:
+    """quant_mm (or an old module's) on p, in the mma order where cfg says "mma"."""
+    if mod is not None:
+        return mod.quant_mm(x, p.qweight, p.scales, p.mins, p.bits, p.group)
+    return quant_mm(x, p.qweight, p.scales, p.mins, p.bits, p.group, config=cfg,
+                    mma_order=bool(cfg and cfg.get("mma")))
+
+
 def packed_bytes(p: quant.Packed) -> int:
     return sum(t.nbytes for _, t in p.tensors(""))
 
@@ -92,11 +105,11 @@ def invariant(p: quant.Packed, cfg: dict | None) -> bool:
     k = p.qweight.shape[1] * (2 if p.bits == 4 else 1)
     g = torch.Generator(device="cuda").manual_seed(0)
     row = torch.randn(1, k, device="cuda", generator=g).half()
-    alone = quant_mm(row, p.qweight, p.scales, p.mins, p.bits, p.group, config=cfg)[0]
+    alone = _mm(row, p, cfg)[0]
     for m in (3, 17, 32, 64):
         x = torch.randn(m, k, device="cuda", generator=g).half()
         x[m // 2] = row[0]
-        y = quant_mm(x, p.qweight, p.scales, p.mins, p.bits, p.group, config=cfg)
+        y = _mm(x, p, cfg)
         if not torch.equal(y[m // 2], alone):
             return False
     return True
@@ -111,19 +124,23 @@ def time_fp16(w16: torch.Tensor, m: int) -> tuple[float, float]:
 
 
 def time_quant(p0: quant.Packed, m: int, cfgs: list[dict], old) -> dict:
-    """Microseconds of quant_mm (default configuration, each swept one, the old kernel)."""
-    ps = rotated(lambda: quant.Packed(p0.bits, p0.group, p0.qweight.clone(), p0.scales.clone(),
-                                      None if p0.mins is None else p0.mins.clone()), packed_bytes(p0))
+    """Microseconds of quant_mm (shipped: the mma order; the K order's TMA and pointer forms;
+    each swept configuration; the old kernel)."""
+    def copies(p: quant.Packed) -> itertools.cycle:
+        return rotated(lambda: quant.Packed(p.bits, p.group, p.qweight.clone(), p.scales.clone(),
+                                            None if p.mins is None else p.mins.clone()),
+                       packed_bytes(p))
+
+    ps, pm = copies(p0), copies(mma_ordered(p0))
     k = p0.qweight.shape[1] * (2 if p0.bits == 4 else 1)
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
 
     def run(cfg: dict | None, mod=None) -> torch.Tensor:
-        p = next(ps)
-        if mod is not None:
-            return mod.quant_mm(x, p.qweight, p.scales, p.mins, p.bits, p.group)
-        return quant_mm(x, p.qweight, p.scales, p.mins, p.bits, p.group, config=cfg)
+        return _mm(x, next(pm if cfg and cfg.get("mma") else ps), cfg, mod)
 
-    out = {"us": timed(lambda: run(None)) * 1e3, "ptr_us": timed(lambda: run({"tma": False})) * 1e3}
+    out = {"us": timed(lambda: run({"mma": True})) * 1e3,
+           "korder_us": timed(lambda: run({"tma": True})) * 1e3,
+           "ptr_us": timed(lambda: run({"tma": False})) * 1e3}
     if old is not None:
         out["old_us"] = timed(lambda: run(None, old)) * 1e3
     if cfgs:
@@ -148,10 +165,11 @@ def measure_shape(name: str, batches: list[int], bw: float, cfgs: list[dict], ol
             r[f"int{bits}_floor_us"] = floor = packed_bytes(p0) / bw * 1e6
             r.update({f"int{bits}_{key}": v for key, v in t.items()})
             print(f"{name:8s} M={r['M']:3d} int{bits}: {t['us']:8.1f} us, floor {floor:7.1f} "
-                  f"(x{t['us'] / floor:.2f}), ptr {t['ptr_us']:8.1f}"
+                  f"(x{t['us'] / floor:.2f}), K order {t['korder_us']:8.1f}, ptr {t['ptr_us']:8.1f}"
                   + (f", old {t['old_us']:8.1f}" if old else "")
                   + (f", best {t['best'][1]:8.1f} {t['best'][0]}" if cfgs else ""), flush=True)
-        inv = invariant(p0, None) and invariant(p0, {"tma": False})
+        inv = (invariant(mma_ordered(p0), {"mma": True}) and invariant(p0, {"tma": True})
+               and invariant(p0, {"tma": False}))
         rows.append({"shape": name, "bits": bits, "bitwise_invariant": inv})
         print(f"{name} int{bits}: a row bitwise the same at M = 1, 3, 17, 32, 64: {inv}", flush=True)
     return rows
@@ -195,7 +213,8 @@ def main() -> None:
         json.dump({"card": card, "copy_bandwidth_Bps": bw, "torch": torch.__version__, "rows": rows,
                    "default_config": {b: default_config(4096, 4096, b) for b in (8, 4)}}, f, indent=1)
     print(f"\n{card}, copy {bw / 1e12:.3f} TB/s; microseconds per product (x = over its floor)")
-    cols = (["cublas", "triton_fp16", "int8", "int4", "int8_ptr", "int4_ptr"]
+    cols = (["cublas", "triton_fp16", "int8", "int4", "int8_korder", "int4_korder", "int8_ptr",
+             "int4_ptr"]
             + (["int8_old", "int4_old"] if old else []))
     print(f"{'shape':8s} {'M':>3s} " + " ".join(f"{c:>16s}" for c in cols))
     floor_of = {c: "fp16_floor_us" if c in ("cublas", "triton_fp16") else f"{c[:4]}_floor_us"

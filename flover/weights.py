@@ -362,6 +362,7 @@ def load_model(spec: str | None, dtype: torch.dtype, device: torch.device,
     if quantization == "auto":
         quantization = "auto" if device.type == "cpu" else None
     model, tokenizer = _load(spec, dtype, device, seed, None if quantization == "none" else quantization)
+    quant.use_mma_order(model)  # int8 / int4 weights that a GPU's TMA form reads, permuted once
     if device.type == "cpu" and dtype == torch.float32 and not os.environ.get("FLOVER_NO_PACK"):
         pack_linears(model)  # oneDNN with packed weights: the fast CPU path (flover.cpu)
     return model, tokenizer

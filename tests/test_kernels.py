@@ -177,16 +177,16 @@ def test_quant_mm_matches_dequantised_reference(bits, m, n, k, group):
     assert torch.equal(one.cpu(), ours[-1:].cpu())
 
 
-def _assert_row_alone_equals_fused(xs, w, cfg):
+def _assert_row_alone_equals_fused(xs, w, cfg, mma_order=False):
     """quant_mm of row 5 of xs alone, bitwise equal to the same row among M = 3, 17, 70."""
     from flover.ops.quant_triton import quant_mm
 
     row = xs[5:6]
-    alone = quant_mm(row, *w, config=cfg)
+    alone = quant_mm(row, *w, config=cfg, mma_order=mma_order)
     for m in (3, 17, 70):
         x = xs[:m].clone()
         x[m // 2] = row[0]
-        assert torch.equal(quant_mm(x, *w, config=cfg)[m // 2], alone[0]), m
+        assert torch.equal(quant_mm(x, *w, config=cfg, mma_order=mma_order)[m // 2], alone[0]), m
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -217,11 +217,14 @@ def test_quant_mm_float16_matches_reference_and_rows_do_not_depend_on_m(bits, cf
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("cfg", [{}, {"split": 2, "block_n": 16}, {"max_m_tiles": 1},
                                  {"dequant": "float", "block_k": 512}])
-def test_quant_mm_tma_form_matches_reference_and_rows_do_not_depend_on_m(bits, cfg):
-    """The Hopper form (TMA; forced here, the interpreter runs it too): equal to F.linear on the
-    dequantised matrix within float16 rounding, N past the tile and K past the step (zeros),
-    K in two parts summed in order, the dequantisation through float32 (bfloat16's), and a
-    row bitwise the same alone and at M = 3, 17, 70."""
+@pytest.mark.parametrize("mma_order", [False, True])
+def test_quant_mm_tma_form_matches_reference_and_rows_do_not_depend_on_m(bits, cfg, mma_order):
+    """The Hopper form (TMA; forced here, the interpreter runs it too), on the K order's bytes
+    and on the mma order's: equal to F.linear on the dequantised matrix within float16
+    rounding, N past the tile and K past the step (zeros), K in two parts summed in order,
+    the dequantisation through float32 (bfloat16's), and a row bitwise the same alone and at
+    M = 3, 17, 70. int8's weights and products come in the same K order either way: bitwise
+    the K order's result."""
     from flover.ops import quant
     from flover.ops.quant_triton import quant_mm
 
@@ -229,13 +232,39 @@ def test_quant_mm_tma_form_matches_reference_and_rows_do_not_depend_on_m(bits, c
     gen = torch.Generator().manual_seed(bits * 7 + len(cfg))
     p = quant.quantize(torch.randn(n, k, generator=gen) * 0.05, bits, 32)
     t = lambda a: None if a is None else a.to(DEVICE)  # noqa: E731
-    w = (t(p.qweight), t(p.scales), t(p.mins), bits, 32)
+    q = quant.to_mma_order(p.qweight, bits) if mma_order else p.qweight
+    w = (t(q), t(p.scales), t(p.mins), bits, 32)
     cfg = cfg | {"tma": True}
     xs = torch.randn(70, k, generator=gen).half().to(DEVICE)
     ref = torch.nn.functional.linear(xs.float().cpu(), p.dequantize().half().float())
-    ours = quant_mm(xs, *w, config=cfg)
+    ours = quant_mm(xs, *w, config=cfg, mma_order=mma_order)
     torch.testing.assert_close(ours.cpu().float(), ref, rtol=2e-3, atol=2e-3)
-    _assert_row_alone_equals_fused(xs, w, cfg)
+    _assert_row_alone_equals_fused(xs, w, cfg, mma_order)
+    if mma_order and bits == 8:
+        k_order = quant_mm(xs, t(p.qweight), t(p.scales), None, bits, 32, config=cfg)
+        assert torch.equal(ours, k_order)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_mma_order_is_a_permutation_within_each_row(bits):
+    """to_mma_order / from_mma_order are inverses, keep shape and dtype, and move bytes (int8)
+    or nibbles (int4) only within each row's spans of 64 / 128 weights, as the layout says."""
+    from flover.ops import quant
+
+    gen = torch.Generator().manual_seed(bits)
+    p = quant.quantize(torch.randn(3, 512, generator=gen), bits, 32)
+    q = quant.to_mma_order(p.qweight, bits)
+    assert q.shape == p.qweight.shape and q.dtype == p.qweight.dtype
+    assert torch.equal(quant.from_mma_order(q, bits), p.qweight)
+    if bits == 8:  # row 1, span 2 (weights 128..191), word 4t + j = 6 (t 1, j 2): 34, 35, 42, 43
+        assert q[1, 128 + 24: 128 + 28].tolist() == p.qweight[1, [162, 163, 170, 171]].tolist()
+    else:  # word 4t + j = 4 * 3 + 1 of span 0: nibble i = weight 32 + 16(i // 2) + 8(i % 2) + 6
+        vals = quant._unpack_nibbles(p.qweight)[0]
+        word = q[0, 4 * 13: 4 * 14]
+        nibbles = torch.stack((word & 15, word >> 4), -1).flatten().tolist()
+        want = [int(vals[32 + 16 * (i // 2) + 8 * (i % 2) + 6]) for i in range(4)]
+        assert nibbles == want + [int(vals[k + 1]) for k in
+                                  [32 + 16 * (i // 2) + 8 * (i % 2) + 6 for i in range(4)]]
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -59,12 +59,12 @@ def enabled(x: torch.Tensor) -> bool:
     return ENABLED and _hopper(x.device)
 
 
-def tma(x: torch.Tensor, asked: bool | None = None) -> bool:
-    """Whether products on x's device take their TMA forms (where the shapes allow): as
-    `asked` (a launch configuration's "tma"), else by the switch and the device."""
+def tma(x: torch.Tensor | torch.device, asked: bool | None = None) -> bool:
+    """Whether products on x's device (or this device) take their TMA forms (where the shapes
+    allow): as `asked` (a launch configuration's "tma"), else by the switch and the device."""
     if asked is not None:
         return asked
-    return TMA and _hopper(x.device)
+    return TMA and _hopper(x if isinstance(x, torch.device) else x.device)
 
 
 def options(on: bool) -> dict:

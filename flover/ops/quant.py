@@ -8,7 +8,19 @@ Q4_0, Q4_1 and Q8_0 tensors are taken as they are (no requantisation, no loss):
           in float32 (Q4_1: scale d, min m; Q4_0: w = d * (q - 8), so scale d, min -8d, exact)
     int8: qweight int8 [N, K]; scales float16 [N, K/group]: w = q * scale (Q8_0 as is)
 
-`group` is a multiple of 32 (GGUF: 32). From a full-precision checkpoint, `quantize` makes
+`group` is a multiple of 32 (GGUF: 32). On a GPU whose products take the TMA form
+(`quant_triton.mma_order_applies`), each row's bytes are permuted once at load into the "mma
+order" (`to_mma_order`; same shape, dtype and bytes, `QuantLinear.mma_order`): every 16 bytes
+hold what one thread of the tensor cores' MMA needs, so the kernel reads them with 16-byte
+loads instead of 2-byte ones. Per row, in spans of 64 weights (int8) or 128 (int4), 32-bit
+word 4t + j (t = 0..3, a thread's column in the MMA's fragment) holds
+
+    int8: bytes = weights 16j + (2t, 2t+1, 2t+8, 2t+9)
+    int4: nibbles i and i + 4 (i = 0..3) = weights 32j + 16(i // 2) + 8(i % 2) + 2t, and + 1
+
+so an int4 word is one group of 32's weights for one thread, and its nibbles i and i + 4 are
+a neighbouring pair, which one `lop3` turns into two float16 (the kernel's dequantisation).
+From a full-precision checkpoint, `quantize` makes
 int4 asymmetric (min/max of each group) and int8 symmetric (absmax / 127). Activations and the
 KV cache stay in the model's dtype. The model's nn.Linear modules (and its LM head) are
 replaced by QuantLinear on `meta`, before storage is allocated, so a model is never held in
@@ -66,6 +78,58 @@ def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     n = q.shape[0]
     b = q.to(torch.uint8).view(n, -1, BLOCK)
     return (b[..., :BLOCK // 2] | (b[..., BLOCK // 2:] << 4)).reshape(n, -1).contiguous()
+
+
+def _mma_permutation(bits: int) -> torch.Tensor:
+    """perm such that the mma order's weight o of a span is the K order's weight perm[o]
+    (int8: bytes of 64 weights; int4: nibbles of 128, nibble 2b low and 2b + 1 high in byte b)."""
+    out = []
+    for t in range(4):
+        for j in range(4):  # word 4t + j
+            if bits == 8:
+                out += [16 * j + 2 * t + d for d in (0, 1, 8, 9)]
+            else:
+                pair = [32 * j + 16 * (i // 2) + 8 * (i % 2) + 2 * t for i in range(4)]
+                out += pair + [k + 1 for k in pair]
+    return torch.tensor(out)
+
+
+_MMA_SPAN = {8: 64, 4: 128}
+
+
+def _unpack_pairs(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """One weight per element ([N, K] int8, or int4's values) from a packing in which int4's
+    byte b holds weights 2b (low nibble) and 2b + 1 (high): the mma order's bytes."""
+    if bits == 8:
+        return qweight
+    return torch.stack((qweight & 15, qweight >> 4), dim=-1).reshape(qweight.shape[0], -1)
+
+
+def _pack_pairs(q: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 8:
+        return q.contiguous()
+    b = q.reshape(q.shape[0], -1, 2)
+    return (b[..., 0] | (b[..., 1] << 4)).contiguous()
+
+
+def to_mma_order(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """The K order's packed weights (module docstring) -> the mma order: same shape and dtype."""
+    n = qweight.shape[0]
+    q = _unpack_nibbles(qweight) if bits == 4 else qweight
+    span = _MMA_SPAN[bits]
+    perm = _mma_permutation(bits).to(q.device)
+    q = q.reshape(n, -1, span)[:, :, perm].reshape(n, -1)
+    return _pack_pairs(q, bits)
+
+
+def from_mma_order(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of to_mma_order."""
+    n = qweight.shape[0]
+    q = _unpack_pairs(qweight, bits)
+    span = _MMA_SPAN[bits]
+    inverse = torch.argsort(_mma_permutation(bits)).to(q.device)
+    q = q.reshape(n, -1, span)[:, :, inverse].reshape(n, -1)
+    return _pack_nibbles(q) if bits == 4 else q.contiguous()
 
 
 def dequantize(p: Packed) -> torch.Tensor:
@@ -141,9 +205,25 @@ class QuantLinear(nn.Module):
             self.mins = None
         self.scales = p(out_features, ng)
         self.bias = p(out_features, dt=dtype) if bias else None
+        self.dtype = dtype  # the activations'
+        self.mma_order = False  # qweight's bytes in the mma order (module docstring)
 
     def packed(self) -> Packed:
-        return Packed(self.bits, self.group, self.qweight, self.scales, self.mins)
+        """The weights in the K order (the reference's)."""
+        q = from_mma_order(self.qweight, self.bits) if self.mma_order else self.qweight
+        return Packed(self.bits, self.group, q, self.scales, self.mins)
+
+    @torch.no_grad()
+    def use_mma_order(self) -> None:
+        """Permute qweight once into the mma order where this device's Triton product takes
+        it (`quant_triton.mma_order_applies`: the TMA form, fixed by the weight, the
+        activations' dtype and the device): after the weights are loaded, before graphs."""
+        from flover.ops.quant_triton import mma_order_applies
+
+        if not self.mma_order and mma_order_applies(self.qweight.device, self.dtype,
+                                                     self.in_features, self.group):
+            self.qweight.copy_(to_mma_order(self.qweight, self.bits))
+            self.mma_order = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -159,7 +239,8 @@ class QuantLinear(nn.Module):
         elif x.is_cuda:
             from flover.ops.quant_triton import quant_mm
 
-            y = quant_mm(x2, self.qweight, self.scales, self.mins, self.bits, self.group)
+            y = quant_mm(x2, self.qweight, self.scales, self.mins, self.bits, self.group,
+                         mma_order=self.mma_order)
             if self.bias is not None:
                 y = y + self.bias
         else:
@@ -178,12 +259,20 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         r = None if residual is None else residual.reshape(-1, self.out_features)
         y = quant_mm(x2, self.qweight, self.scales, self.mins, self.bits, self.group,
-                     residual=r, gated=gated)
+                     residual=r, gated=gated, mma_order=self.mma_order)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"int{self.bits}, group={self.group}")
+
+
+def use_mma_order(model: nn.Module) -> None:
+    """Every QuantLinear of a loaded model into the mma order where its device's product takes
+    it (a no-op on the CPU and on GPUs without the TMA form)."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.use_mma_order()
 
 
 def linear_targets(model: nn.Module, group: int = DEFAULT_GROUP) -> dict[str, nn.Module]:

@@ -114,13 +114,101 @@ def _int4_weights(b, s, z, MODE: tl.constexpr, DT: tl.constexpr):
             }""",
             "=r,=r,=r,=r,r,r,r,r,r", [b, sb, zb], dtype=(tl.float16, tl.float16),
             is_pure=True, pack=4)
-    elif MODE == 1:
-        lo = ((b & 15).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
-        hi = ((b >> 4).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
-        return tl.fma(lo, s, z), tl.fma(hi, s, z)
+    return _nibble_weights(b & 15, s, z, MODE, DT), _nibble_weights(b >> 4, s, z, MODE, DT)
+
+
+@triton.jit
+def _nibble_weights(q, s, z, MODE: tl.constexpr, DT: tl.constexpr):
+    """int4 values q in [0, 15] (any integer type) -> q * s + m in DT: "bits", the float16
+    trick and one fma; "float", through float32."""
+    if MODE == 1:
+        v = (q.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+        return tl.fma(v, s, z)
     else:
-        s32, z32 = s.to(tl.float32), z.to(tl.float32)
-        return ((b & 15).to(tl.float32) * s32 + z32).to(DT), ((b >> 4).to(tl.float32) * s32 + z32).to(DT)
+        return (q.to(tl.float32) * s.to(tl.float32) + z.to(tl.float32)).to(DT)
+
+
+@triton.jit
+def _int8_words(wq, s, MODE: tl.constexpr, DT: tl.constexpr):
+    """int8 weights in the mma order (flover/ops/quant.py): int32 words [BN, SP, 4, 4] (span,
+    thread column t, word j) and their scales (same shape) -> the tile [BN, SP * 64] in K
+    order, each weight q * s as `_int8_weights` makes it."""
+    if MODE == 0:  # bytes biased to unsigned, 0x64 prepended: two float16 pairs per word
+        e0, e1, e2, e3 = tl.inline_asm_elementwise(
+            """{
+            .reg .b32 t, a, b, k, ss;
+            xor.b32 t, $4, 0x80808080;
+            mov.b32 k, 0x64806480;
+            mov.b32 ss, {$5, $5};
+            prmt.b32 a, t, 0x64646464, 0x5150;
+            prmt.b32 b, t, 0x64646464, 0x5352;
+            sub.f16x2 a, a, k;
+            sub.f16x2 b, b, k;
+            mul.rn.f16x2 a, a, ss;
+            mul.rn.f16x2 b, b, ss;
+            mov.b32 {$0, $1}, a;
+            mov.b32 {$2, $3}, b;
+            }""",
+            "=h,=h,=h,=h,r,h", [wq, s], dtype=(tl.float16,) * 4, is_pure=True, pack=1)
+    else:  # byte i, sign-extended
+        e0 = _int8_weights(((wq << 24) >> 24).to(tl.int8), s, MODE, DT)
+        e1 = _int8_weights(((wq << 16) >> 24).to(tl.int8), s, MODE, DT)
+        e2 = _int8_weights(((wq << 8) >> 24).to(tl.int8), s, MODE, DT)
+        e3 = _int8_weights((wq >> 24).to(tl.int8), s, MODE, DT)
+    # bytes 0, 1: weights 16j + 2t + (0, 1); bytes 2, 3: 16j + 2t + 8 + (0, 1)
+    w = tl.join(tl.join(e0, e1), tl.join(e2, e3))  # [BN, SP, t, j, p, h]
+    w = tl.permute(w, (0, 1, 3, 5, 2, 4))  # [BN, SP, j, h, t, p]: K = 64 SP + 16j + 8h + 2t + p
+    return tl.reshape(w, (w.shape[0], w.shape[1] * 64))
+
+
+@triton.jit
+def _int4_words(wq, s, z, MODE: tl.constexpr, DT: tl.constexpr):
+    """int4 weights in the mma order: int32 words [BN, SP, 4, 4] (span, thread column t, word
+    j; a word is one group of 32 for one t), scales and mins (same shape) -> the tile
+    [BN, SP * 128] in K order, each weight q * s + m as `_int4_weights` makes it."""
+    if MODE == 0:  # nibbles i and i + 4 -> one float16 pair, then one fma per pair
+        e00, e01, e10, e11, e20, e21, e30, e31 = tl.inline_asm_elementwise(
+            """{
+            .reg .b32 a0, a1, a2, a3, h, k, ss, zz;
+            mov.b32 k, 0x64006400;
+            mov.b32 ss, {$9, $9};
+            mov.b32 zz, {$10, $10};
+            lop3.b32 a0, $8, 0x000F000F, 0x64006400, 0xEA;
+            shr.b32 h, $8, 4;
+            lop3.b32 a1, h, 0x000F000F, 0x64006400, 0xEA;
+            shr.b32 h, $8, 8;
+            lop3.b32 a2, h, 0x000F000F, 0x64006400, 0xEA;
+            shr.b32 h, $8, 12;
+            lop3.b32 a3, h, 0x000F000F, 0x64006400, 0xEA;
+            sub.f16x2 a0, a0, k;
+            sub.f16x2 a1, a1, k;
+            sub.f16x2 a2, a2, k;
+            sub.f16x2 a3, a3, k;
+            fma.rn.f16x2 a0, a0, ss, zz;
+            fma.rn.f16x2 a1, a1, ss, zz;
+            fma.rn.f16x2 a2, a2, ss, zz;
+            fma.rn.f16x2 a3, a3, ss, zz;
+            mov.b32 {$0, $1}, a0;
+            mov.b32 {$2, $3}, a1;
+            mov.b32 {$4, $5}, a2;
+            mov.b32 {$6, $7}, a3;
+            }""",
+            "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h", [wq, s, z], dtype=(tl.float16,) * 8, is_pure=True,
+            pack=1)
+    else:
+        e00 = _nibble_weights(wq & 15, s, z, MODE, DT)
+        e01 = _nibble_weights((wq >> 16) & 15, s, z, MODE, DT)
+        e10 = _nibble_weights((wq >> 4) & 15, s, z, MODE, DT)
+        e11 = _nibble_weights((wq >> 20) & 15, s, z, MODE, DT)
+        e20 = _nibble_weights((wq >> 8) & 15, s, z, MODE, DT)
+        e21 = _nibble_weights((wq >> 24) & 15, s, z, MODE, DT)
+        e30 = _nibble_weights((wq >> 12) & 15, s, z, MODE, DT)
+        e31 = _nibble_weights((wq >> 28) & 15, s, z, MODE, DT)
+    # pair i = 2c + h (nibbles i, i + 4): weights 32j + 16c + 8h + 2t + (0, 1)
+    w = tl.join(tl.join(tl.join(e00, e01), tl.join(e10, e11)),
+                tl.join(tl.join(e20, e21), tl.join(e30, e31)))  # [BN, SP, t, j, p, h, c]
+    w = tl.permute(w, (0, 1, 3, 6, 5, 2, 4))  # [BN, SP, j, c, h, t, p]
+    return tl.reshape(w, (w.shape[0], w.shape[1] * 128))
 
 
 @triton.jit
@@ -282,7 +370,7 @@ def _sum_splits(P, Y, R, M, N, NO, stride_ym, stride_rm, SPLIT: tl.constexpr,
 def _quant_tma_kernel(XD, XHD, QD, SD, ZD, Y, M, N, K, KS, stride_ym,
                       BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, M_TILES: tl.constexpr,
-                      MODE: tl.constexpr):
+                      MODE: tl.constexpr, MMA_ORDER: tl.constexpr):
     """The Hopper form (groups of 32, float16 / bfloat16 activations): every operand of a K
     step (packed weights, scales, mins, x) brought into shared memory by TMA, `num_stages`
     steps deep, where `_quant_mm_kernel` waits on each step's loads. Program (row tiles, N
@@ -298,25 +386,41 @@ def _quant_tma_kernel(XD, XHD, QD, SD, ZD, Y, M, N, K, KS, stride_ym,
     acc0 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T
     acc1, acc2, acc3 = acc0, acc0, acc0
     for kb in range(k_lo, tl.minimum(k_lo + KS, K), BLOCK_K):
-        s = tl.reshape(SD.load([n0, kb // 32]), (BLOCK_N, G, 1))
-        if BITS == 8:
-            q = tl.reshape(QD.load([n0, kb]), (BLOCK_N, G, 32))
-            w = tl.reshape(_int8_weights(q, s, MODE, DT), (BLOCK_N, BLOCK_K))
+        if MMA_ORDER:  # 32-bit words, 16 bytes per thread and MMA fragment; one product
+            s = SD.load([n0, kb // 32])
+            if BITS == 8:
+                wq = tl.reshape(QD.load([n0, kb // 4]), (BLOCK_N, BLOCK_K // 64, 4, 4))
+                s = tl.broadcast_to(tl.reshape(s, (BLOCK_N, BLOCK_K // 64, 1, 2, 1)),
+                                    (BLOCK_N, BLOCK_K // 64, 4, 2, 2))  # word j: group j // 2
+                w = _int8_words(wq, tl.reshape(s, wq.shape), MODE, DT)
+            else:
+                wq = tl.reshape(QD.load([n0, kb // 8]), (BLOCK_N, BLOCK_K // 128, 4, 4))
+                z = ZD.load([n0, kb // 32])
+                s = tl.broadcast_to(tl.reshape(s, (BLOCK_N, BLOCK_K // 128, 1, 4)), wq.shape)
+                z = tl.broadcast_to(tl.reshape(z, (BLOCK_N, BLOCK_K // 128, 1, 4)), wq.shape)
+                w = _int4_words(wq, s, z, MODE, DT)
             acc0, acc1, acc2, acc3 = _tma_products(w, XD, m0, kb, acc0, acc1, acc2, acc3, M_TILES,
                                                    BLOCK_M)
-        else:
-            q = tl.reshape(QD.load([n0, kb // 2]), (BLOCK_N, G, 16))
-            z = tl.reshape(ZD.load([n0, kb // 32]), (BLOCK_N, G, 1))
-            lo, hi = _int4_weights(q, s, z, MODE, DT)
-            lo = tl.reshape(lo, (BLOCK_N, G * 16))
-            hi = tl.reshape(hi, (BLOCK_N, G * 16))
-            acc0 = _halves(lo, hi, XD, XHD, m0, kb, acc0, BLOCK_M, G)
-            if M_TILES > 1:
-                acc1 = _halves(lo, hi, XD, XHD, m0 + BLOCK_M, kb, acc1, BLOCK_M, G)
-            if M_TILES > 2:
-                acc2 = _halves(lo, hi, XD, XHD, m0 + 2 * BLOCK_M, kb, acc2, BLOCK_M, G)
-            if M_TILES > 3:
-                acc3 = _halves(lo, hi, XD, XHD, m0 + 3 * BLOCK_M, kb, acc3, BLOCK_M, G)
+        else:  # the K order
+            s = tl.reshape(SD.load([n0, kb // 32]), (BLOCK_N, G, 1))
+            if BITS == 8:
+                q = tl.reshape(QD.load([n0, kb]), (BLOCK_N, G, 32))
+                w = tl.reshape(_int8_weights(q, s, MODE, DT), (BLOCK_N, BLOCK_K))
+                acc0, acc1, acc2, acc3 = _tma_products(w, XD, m0, kb, acc0, acc1, acc2, acc3, M_TILES,
+                                                       BLOCK_M)
+            else:
+                q = tl.reshape(QD.load([n0, kb // 2]), (BLOCK_N, G, 16))
+                z = tl.reshape(ZD.load([n0, kb // 32]), (BLOCK_N, G, 1))
+                lo, hi = _int4_weights(q, s, z, MODE, DT)
+                lo = tl.reshape(lo, (BLOCK_N, G * 16))
+                hi = tl.reshape(hi, (BLOCK_N, G * 16))
+                acc0 = _halves(lo, hi, XD, XHD, m0, kb, acc0, BLOCK_M, G)
+                if M_TILES > 1:
+                    acc1 = _halves(lo, hi, XD, XHD, m0 + BLOCK_M, kb, acc1, BLOCK_M, G)
+                if M_TILES > 2:
+                    acc2 = _halves(lo, hi, XD, XHD, m0 + 2 * BLOCK_M, kb, acc2, BLOCK_M, G)
+                if M_TILES > 3:
+                    acc3 = _halves(lo, hi, XD, XHD, m0 + 3 * BLOCK_M, kb, acc3, BLOCK_M, G)
     r0 = m0 + tl.arange(0, BLOCK_M)
     rn = n0 + tl.arange(0, BLOCK_N)
     _store_tiles(Y, acc0, acc1, acc2, acc3, r0, rn, M, N, stride_ym, SPLIT, M_TILES, BLOCK_M)
@@ -415,20 +519,32 @@ def _sum_parts(out: torch.Tensor, dtype: torch.dtype, split: int,
     return y
 
 
+def _tma_shape(dtype: torch.dtype | None, k: int, group: int) -> bool:
+    """The TMA form's shapes: groups of 32, K a multiple of 256 (every row of the packed
+    weights, scales and mins 16-byte aligned), float16 / bfloat16 activations."""
+    return group == 32 and k % 256 == 0 and dtype in (torch.float16, torch.bfloat16)
+
+
+def mma_order_applies(device: torch.device, dtype: torch.dtype | None, k: int, group: int) -> bool:
+    """Whether a weight of K columns in groups of `group`, multiplied by activations of
+    `dtype` on `device`, goes into the mma order (flover/ops/quant.py) at load: where its
+    product takes the TMA form, which reads that order. Fixed by the weight, the dtype and
+    the device, never by M."""
+    return launch.tma(device) and _tma_shape(dtype, k, group)
+
+
 def _tma_form(x: torch.Tensor, tensors: list[torch.Tensor], k: int, group: int,
               want: bool | None) -> bool:
     """Whether the TMA form takes this product: asked for ("tma": True; by default where
-    `launch.tma`), groups of 32, float16 / bfloat16 x, every
-    row of the packed weights, scales and mins 16-byte aligned (K a multiple of 256). Fixed by
-    the weight, the dtype and the device, never by M."""
-    return bool(launch.tma(x, want) and group == 32 and k % 256 == 0
-                and x.dtype in (torch.float16, torch.bfloat16)
+    `launch.tma`), its shapes, the tensors contiguous and 16-byte aligned. Fixed by the
+    weight, the dtype and the device, never by M."""
+    return bool(launch.tma(x, want) and _tma_shape(x.dtype, k, group)
                 and all(t.data_ptr() % 16 == 0 and t.is_contiguous() for t in tensors))
 
 
 def _quant_mm_tma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                   mins: torch.Tensor | None, bits: int, config: dict | None,
-                  residual: torch.Tensor | None, gated: bool) -> torch.Tensor:
+                  residual: torch.Tensor | None, gated: bool, mma_order: bool) -> torch.Tensor:
     from triton.tools.tensor_descriptor import TensorDescriptor as TD
 
     (m, k), n = x.shape, qweight.shape[0]
@@ -441,7 +557,10 @@ def _quant_mm_tma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     ks = triton.cdiv(steps, cfg["split"]) * bk  # K fixes the parts (never M)
     split = triton.cdiv(k, ks)
     g = bk // 32
-    if bits == 8:
+    if mma_order:  # 32-bit words; x whole
+        xd = xh = TD.from_tensor(x, [bm, bk])
+        qd = TD.from_tensor(qweight.view(torch.int32), [bn, bk * bits // 32])
+    elif bits == 8:
         xd = xh = TD.from_tensor(x, [bm, bk])
         qd = TD.from_tensor(qweight, [bn, bk])
     else:  # x's first and last 16 columns of each block of 32
@@ -455,18 +574,19 @@ def _quant_mm_tma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     out = _partials(x, n, split)
     _quant_tma_kernel[grid](xd, xh, qd, sd, zd, out, m, n, k, ks, n, BITS=bits, BLOCK_M=bm, BLOCK_N=bn,
                             BLOCK_K=bk, SPLIT=split, M_TILES=m_tiles, MODE=mode,
-                            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                            MMA_ORDER=mma_order, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return _sum_parts(out, x.dtype, split, residual, gated)
 
 
 def quant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
              mins: torch.Tensor | None, bits: int, group: int,
              config: dict | None = None, *, residual: torch.Tensor | None = None,
-             gated: bool = False) -> torch.Tensor:
+             gated: bool = False, mma_order: bool = False) -> torch.Tensor:
     """y [M, N] = x [M, K] @ dequantize(W)^T, in x's dtype (float32 sums). Epilogues, bitwise
     the unfused ops' results: residual [M, N]: residual + y; gated (W is gate then up, N even):
     silu(gate) * up [M, N / 2]. Where K is in parts, the parts' sum applies them (no launch of
-    their own); in one part they run after the product."""
+    their own); in one part they run after the product. mma_order: qweight's bytes are in
+    that order (flover/ops/quant.py), which the TMA form alone reads."""
     m, k = x.shape
     n = qweight.shape[0]
     assert not gated or (n % 2 == 0 and residual is None)
@@ -476,8 +596,11 @@ def quant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if m == 0:
         return torch.empty(0, n // 2 if gated else n, dtype=x.dtype, device=x.device)
     tensors = [qweight, scales] + ([mins] if mins is not None else [])
-    if _tma_form(x, tensors, k, group, (config or {}).get("tma")):
-        return _quant_mm_tma(x, qweight, scales, mins, bits, config, residual, gated)
+    if _tma_form(x, tensors, k, group, True if mma_order else (config or {}).get("tma")):
+        return _quant_mm_tma(x, qweight, scales, mins, bits, config, residual, gated, mma_order)
+    if mma_order:
+        raise ValueError(f"weights in the mma order need the TMA form: groups of 32, K a "
+                         f"multiple of 256, float16 / bfloat16 x (group {group}, K {k}, {x.dtype})")
     cfg = default_config(n, k, bits) | (config or {})
     mode = _mode(cfg, x)
     split, block_k = cfg["split"], cfg["block_k"]
