@@ -19,6 +19,10 @@ On Hopper (`launch.tma`; groups of 32, K a multiple of 256) `_quant_tma_kernel` 
 product instead: packed weights, scales, mins and x reach shared memory by TMA, `num_stages`
 steps deep, so the loads no longer wait step by step (LLaMA-7B on an H100: the products of a
 decode step 1.43x (int8) and 1.51x (int4) faster than this kernel's; docs/PERF.md, "TMA forms").
+Its weights come in the mma order (flover/ops/quant.py; `QuantLinear.use_mma_order` at load):
+read as 32-bit words, each thread's MMA fragments are 16 contiguous bytes, where the K order
+leaves Triton two bytes per shared-memory load; the words are dequantised in registers and
+put back in K order by joins and a permute that move no data (`_int8_words`, `_int4_words`).
 
 Batch invariance: the split, the tile sizes, the read-ahead, warps and stages come from N, K
 and the bit width alone; each part walks its K range in order into one float32 accumulator
