@@ -6,9 +6,10 @@ run in full precision (`--dtype`, fp16 or bf16: the activations' dtype throughou
 quantized to int8 and to int4 (groups of 32, float16 scales) in the same process; the width
 named "fp16" is the model in `--dtype` whichever it is. First checks the kernel against its
 reference at the model's shapes. A width named with "-ptr" (int8-ptr, int4-ptr) runs with the
-TMA forms off (`launch.TMA`), one with "-unfused" with the residual add and SiLU * up as ops
-of their own (`fused.QUANT_EPILOGUES`), one with "-korder" keeps its packed bytes in the K
-order (no `quant.use_mma_order`: the TMA form before the mma order), to compare.
+TMA forms off (`launch.TMA`: the bytes stay in the K order, the pointer form reads them), one
+with "-unfused" with the residual add and SiLU * up as ops of their own
+(`fused.QUANT_EPILOGUES`), to compare. `--config` is merged into both forms' launch
+configurations.
 
     python3 bench/quant_decode_step.py --out quant_decode_step.json [--dtype bf16]
 """
@@ -60,12 +61,14 @@ def main() -> None:
     ap.add_argument("--weights", default="fp16,int8,int4")
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     ap.add_argument("--config", default=None,
-                    help="JSON merged into quant_triton.default_config (both bit widths)")
+                    help="JSON merged into quant_triton.default_config and tma_config (both widths)")
     ap.add_argument("--out", default="quant_decode_step.json")
     args = ap.parse_args()
     if args.config:
-        base, extra = quant_triton.default_config, json.loads(args.config)
-        quant_triton.default_config = lambda n, k, bits=8: base(n, k, bits) | extra
+        extra = json.loads(args.config)
+        for name in ("default_config", "tma_config"):
+            base = getattr(quant_triton, name)
+            setattr(quant_triton, name, lambda n, k, bits=8, base=base: base(n, k, bits) | extra)
     batches = [int(b) for b in args.batches.split(",")]
     bw = copy_bandwidth()
     card = torch.cuda.get_device_name()
@@ -82,8 +85,7 @@ def main() -> None:
         init_random(model, seed=0)
         if not quantization.startswith("fp16"):
             quantize_model(model, 8 if quantization.startswith("int8") else 4)
-            if not quantization.endswith("-korder"):
-                quant.use_mma_order(model)  # as load_model does
+            quant.use_mma_order(model)  # as load_model does (where launch.TMA)
             gc.collect()
             torch.cuda.empty_cache()
         cache = SlotCache(cfg.num_layers, max(batches), cfg.num_kv_heads, args.context + 8,

@@ -5,9 +5,9 @@ calls, median of 10; the weights taken in turn from enough copies that none sits
 floor of its bytes (qweight + scales + mins over a device-to-device copy's bandwidth measured
 in the same run), and fp16's cuBLAS (`F.linear`) and invariant Triton linear on the same shape.
 Then a decode step's products summed (32 layers of qkv, o, gate_up, down, and the head), and
-whether a row is bitwise the same alone and at M = 3, 17, 32, 64. The shipped column reads the
-packed bytes in the mma order where the TMA form applies (as `load_model` leaves them); "korder"
-is the TMA form on the K order (before the mma order), "ptr" the pointer form. `--sweep` times launch
+whether a row is bitwise the same alone and at M = 3, 17, 32, 64. The shipped column is the
+TMA form on the packed bytes in the mma order (as `load_model` leaves them on Hopper), "ptr"
+the pointer form on the K order. `--sweep` times launch
 configurations (compiled first in parallel processes, which fill Triton's cache); `--old PATH`
 times another quant_triton.py too (the kernel before this one).
 
@@ -38,7 +38,7 @@ PER_STEP = {"qkv": 32, "o": 32, "gate_up": 32, "down": 32, "head": 1}  # llama_7
 
 def tma_sweep_configs() -> list[dict]:
     """The TMA form on the mma order: BLOCK_N, the step, stages, K parts (two row tiles)."""
-    return [{"tma": True, "mma": True, "bits": b, "block_n": bn, "block_k": bk, "num_stages": st,
+    return [{"mma": True, "bits": b, "block_n": bn, "block_k": bk, "num_stages": st,
              "split": sp, "max_m_tiles": 2}
             for b, bn, bk, st, sp in itertools.product((8, 4), (64, 128), (256, 512), (3, 4),
                                                        (1, 2, 4))]
@@ -124,8 +124,8 @@ def time_fp16(w16: torch.Tensor, m: int) -> tuple[float, float]:
 
 
 def time_quant(p0: quant.Packed, m: int, cfgs: list[dict], old) -> dict:
-    """Microseconds of quant_mm (shipped: the mma order; the K order's TMA and pointer forms;
-    each swept configuration; the old kernel)."""
+    """Microseconds of quant_mm (shipped: the TMA form on the mma order; the pointer form on the
+    K order; each swept configuration; the old kernel)."""
     def copies(p: quant.Packed) -> itertools.cycle:
         return rotated(lambda: quant.Packed(p.bits, p.group, p.qweight.clone(), p.scales.clone(),
                                             None if p.mins is None else p.mins.clone()),
@@ -138,9 +138,7 @@ def time_quant(p0: quant.Packed, m: int, cfgs: list[dict], old) -> dict:
     def run(cfg: dict | None, mod=None) -> torch.Tensor:
         return _mm(x, next(pm if cfg and cfg.get("mma") else ps), cfg, mod)
 
-    out = {"us": timed(lambda: run({"mma": True})) * 1e3,
-           "korder_us": timed(lambda: run({"tma": True})) * 1e3,
-           "ptr_us": timed(lambda: run({"tma": False})) * 1e3}
+    out = {"us": timed(lambda: run({"mma": True})) * 1e3, "ptr_us": timed(lambda: run(None)) * 1e3}
     if old is not None:
         out["old_us"] = timed(lambda: run(None, old)) * 1e3
     if cfgs:
@@ -165,11 +163,10 @@ def measure_shape(name: str, batches: list[int], bw: float, cfgs: list[dict], ol
             r[f"int{bits}_floor_us"] = floor = packed_bytes(p0) / bw * 1e6
             r.update({f"int{bits}_{key}": v for key, v in t.items()})
             print(f"{name:8s} M={r['M']:3d} int{bits}: {t['us']:8.1f} us, floor {floor:7.1f} "
-                  f"(x{t['us'] / floor:.2f}), K order {t['korder_us']:8.1f}, ptr {t['ptr_us']:8.1f}"
+                  f"(x{t['us'] / floor:.2f}), ptr {t['ptr_us']:8.1f}"
                   + (f", old {t['old_us']:8.1f}" if old else "")
                   + (f", best {t['best'][1]:8.1f} {t['best'][0]}" if cfgs else ""), flush=True)
-        inv = (invariant(mma_ordered(p0), {"mma": True}) and invariant(p0, {"tma": True})
-               and invariant(p0, {"tma": False}))
+        inv = invariant(mma_ordered(p0), {"mma": True}) and invariant(p0, None)
         rows.append({"shape": name, "bits": bits, "bitwise_invariant": inv})
         print(f"{name} int{bits}: a row bitwise the same at M = 1, 3, 17, 32, 64: {inv}", flush=True)
     return rows
@@ -213,8 +210,7 @@ def main() -> None:
         json.dump({"card": card, "copy_bandwidth_Bps": bw, "torch": torch.__version__, "rows": rows,
                    "default_config": {b: default_config(4096, 4096, b) for b in (8, 4)}}, f, indent=1)
     print(f"\n{card}, copy {bw / 1e12:.3f} TB/s; microseconds per product (x = over its floor)")
-    cols = (["cublas", "triton_fp16", "int8", "int4", "int8_korder", "int4_korder", "int8_ptr",
-             "int4_ptr"]
+    cols = (["cublas", "triton_fp16", "int8", "int4", "int8_ptr", "int4_ptr"]
             + (["int8_old", "int4_old"] if old else []))
     print(f"{'shape':8s} {'M':>3s} " + " ".join(f"{c:>16s}" for c in cols))
     floor_of = {c: "fp16_floor_us" if c in ("cublas", "triton_fp16") else f"{c[:4]}_floor_us"

@@ -216,33 +216,35 @@ def test_quant_mm_float16_matches_reference_and_rows_do_not_depend_on_m(bits, cf
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("cfg", [{}, {"split": 2, "block_n": 16}, {"max_m_tiles": 1},
-                                 {"dequant": "float", "block_k": 512}])
-@pytest.mark.parametrize("mma_order", [False, True])
-def test_quant_mm_tma_form_matches_reference_and_rows_do_not_depend_on_m(bits, cfg, mma_order):
-    """The Hopper form (TMA; forced here, the interpreter runs it too), on the K order's bytes
-    and on the mma order's: equal to F.linear on the dequantised matrix within float16
-    rounding, N past the tile and K past the step (zeros), K in two parts summed in order,
-    the dequantisation through float32 (bfloat16's), and a row bitwise the same alone and at
-    M = 3, 17, 70. int8's weights and products come in the same K order either way: bitwise
-    the K order's result."""
+                                 {"dequant": "float", "block_k": 512, "num_stages": 2}])
+def test_quant_mm_tma_form_matches_reference_and_rows_do_not_depend_on_m(bits, cfg):
+    """The Hopper form (TMA, weights in the mma order; the interpreter runs it too): equal to
+    F.linear on the dequantised matrix within float16 rounding, N past the tile and K past
+    the step (zeros), K in parts summed in order, the dequantisation through float32
+    (bfloat16's), and a row bitwise the same alone and at M = 3, 17, 70."""
     from flover.ops import quant
     from flover.ops.quant_triton import quant_mm
 
-    n, k = 40, 768  # 768 = 1.5 int4 steps of 512
+    n, k = 40, 768  # 768 = 1.5 steps of 512
     gen = torch.Generator().manual_seed(bits * 7 + len(cfg))
     p = quant.quantize(torch.randn(n, k, generator=gen) * 0.05, bits, 32)
     t = lambda a: None if a is None else a.to(DEVICE)  # noqa: E731
-    q = quant.to_mma_order(p.qweight, bits) if mma_order else p.qweight
-    w = (t(q), t(p.scales), t(p.mins), bits, 32)
-    cfg = cfg | {"tma": True}
+    w = (t(quant.to_mma_order(p.qweight, bits)), t(p.scales), t(p.mins), bits, 32)
     xs = torch.randn(70, k, generator=gen).half().to(DEVICE)
     ref = torch.nn.functional.linear(xs.float().cpu(), p.dequantize().half().float())
-    ours = quant_mm(xs, *w, config=cfg, mma_order=mma_order)
+    ours = quant_mm(xs, *w, config=cfg, mma_order=True)
     torch.testing.assert_close(ours.cpu().float(), ref, rtol=2e-3, atol=2e-3)
-    _assert_row_alone_equals_fused(xs, w, cfg, mma_order)
-    if mma_order and bits == 8:
-        k_order = quant_mm(xs, t(p.qweight), t(p.scales), None, bits, 32, config=cfg)
-        assert torch.equal(ours, k_order)
+    _assert_row_alone_equals_fused(xs, w, cfg, mma_order=True)
+
+
+def test_weights_in_the_mma_order_refuse_shapes_without_the_tma_form():
+    from flover.ops import quant
+    from flover.ops.quant_triton import quant_mm
+
+    p = quant.quantize(torch.randn(16, 128), 8, 32)  # K = 128: not a multiple of 256
+    with pytest.raises(ValueError, match="mma order"):
+        quant_mm(torch.randn(1, 128).half().to(DEVICE), p.qweight.to(DEVICE), p.scales.to(DEVICE),
+                 None, 8, 32, mma_order=True)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -268,11 +270,13 @@ def test_mma_order_is_a_permutation_within_each_row(bits):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("cfg", [{"tma": True}, {"tma": True, "split": 1},
-                                 {"split": 2, "block_n": 16}, {"split": 1, "block_n": 16}])
-def test_quant_mm_epilogues_are_bitwise_the_unfused_ops(bits, cfg):
+@pytest.mark.parametrize(("cfg", "mma_order"), [({}, True), ({"split": 1}, True),
+                                                ({"split": 2, "block_n": 16}, False),
+                                                ({"split": 1, "block_n": 16}, False)])
+def test_quant_mm_epilogues_are_bitwise_the_unfused_ops(bits, cfg, mma_order):
     """The residual add and SiLU * up, applied by the parts' sum (or after the product, in one
-    part): the same bits as the product followed by `r + y` and by `silu_mul`."""
+    part), in the TMA form (mma order) and the pointer form: the same bits as the product
+    followed by `r + y` and by `silu_mul`."""
     from flover.ops import quant
     from flover.ops.fused_triton import silu_mul
     from flover.ops.quant_triton import quant_mm
@@ -281,11 +285,13 @@ def test_quant_mm_epilogues_are_bitwise_the_unfused_ops(bits, cfg):
     gen = torch.Generator().manual_seed(bits + len(cfg))
     p = quant.quantize(torch.randn(n, k, generator=gen) * 0.05, bits, 32)
     t = lambda a: None if a is None else a.to(DEVICE)  # noqa: E731
-    w = (t(p.qweight), t(p.scales), t(p.mins), bits, 32)
+    q = quant.to_mma_order(p.qweight, bits) if mma_order else p.qweight
+    w = (t(q), t(p.scales), t(p.mins), bits, 32)
     x = torch.randn(5, k, generator=gen).half().to(DEVICE)
     r = torch.randn(5, n, generator=gen).half().to(DEVICE)
-    y = quant_mm(x, *w, config=cfg)
-    assert torch.equal(quant_mm(x, *w, config=cfg, residual=r), r + y)
-    gated = quant_mm(x, *w, config=cfg, gated=True)
+    kw = {"config": cfg, "mma_order": mma_order}
+    y = quant_mm(x, *w, **kw)
+    assert torch.equal(quant_mm(x, *w, **kw, residual=r), r + y)
+    gated = quant_mm(x, *w, **kw, gated=True)
     assert gated.shape == (5, n // 2) and torch.equal(gated, silu_mul(y))
-    assert quant_mm(x[:0], *w, config=cfg, gated=True).shape == (0, n // 2)
+    assert quant_mm(x[:0], *w, **kw, gated=True).shape == (0, n // 2)

@@ -35,10 +35,10 @@ def _module(p: quant.Packed, n: int, k: int) -> quant.QuantLinear:
 def test_a_quant_linear_in_the_mma_order_computes_what_it_did(bits, monkeypatch):
     """`use_mma_order` (what load_model does on a GPU whose TMA form reads that order; on the
     CPU forced, the interpreter running the kernel): the module still dequantises to the same
-    matrix (`packed`), its product and epilogues match the K order's within float16 rounding
-    (int8: bitwise), and a second call changes nothing. Where the TMA form does not apply
-    (the CPU unforced, group 64) the bytes stay in the K order."""
-    from flover.ops import launch, quant_triton
+    matrix (`packed`), its product matches the reference within float16 rounding, and a
+    second call changes nothing. Where the TMA form does not apply (the CPU unforced, group
+    64) the bytes stay in the K order."""
+    from flover.ops import launch
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     n, k = 48, 512
@@ -47,8 +47,6 @@ def test_a_quant_linear_in_the_mma_order_computes_what_it_did(bits, monkeypatch)
     m.dtype = torch.float16
     x = torch.randn(5, k, generator=torch.Generator().manual_seed(1)).half().to(dev)
     ref = torch.nn.functional.linear(x.float().cpu(), p.dequantize().half().float())
-    t = [a.to(dev) if a is not None else None for a in (p.qweight, p.scales, p.mins)]
-    k_order = quant_triton.quant_mm(x, *t, bits, 32, config={"tma": True})
     if dev.type == "cpu":
         m.use_mma_order()
         assert not m.mma_order  # no TMA form on the CPU
@@ -70,8 +68,6 @@ def test_a_quant_linear_in_the_mma_order_computes_what_it_did(bits, monkeypatch)
     # forward: the GPU's kernel; the CPU's reference path on the dequantised (K order) matrix
     assert torch.equal(m(x), ours if dev.type == "cuda" else
                        torch.nn.functional.linear(x, p.dequantize().half()))
-    if bits == 8:
-        assert torch.equal(ours, k_order)
     r = torch.randn(5, n, generator=torch.Generator().manual_seed(2)).half().to(dev)
     assert torch.equal(m.fused(x, residual=r), r + ours)
 

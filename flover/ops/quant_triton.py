@@ -15,14 +15,16 @@ partial sums a second kernel adds in order: LLaMA-7B's o and down have only 64 t
 outputs for 132 multiprocessors. That sum also applies the layer's next elementwise step
 where asked (`quant_mm`'s residual add and SiLU * up), so those cost no launch of their own.
 
-On Hopper (`launch.tma`; groups of 32, K a multiple of 256) `_quant_tma_kernel` takes the
-product instead: packed weights, scales, mins and x reach shared memory by TMA, `num_stages`
-steps deep, so the loads no longer wait step by step (LLaMA-7B on an H100: the products of a
-decode step 1.43x (int8) and 1.51x (int4) faster than this kernel's; docs/PERF.md, "TMA forms").
-Its weights come in the mma order (flover/ops/quant.py; `QuantLinear.use_mma_order` at load):
-read as 32-bit words, each thread's MMA fragments are 16 contiguous bytes, where the K order
-leaves Triton two bytes per shared-memory load; the words are dequantised in registers and
-put back in K order by joins and a permute that move no data (`_int8_words`, `_int4_words`).
+On Hopper (`launch.tma`; groups of 32, K a multiple of 256, float16 / bfloat16 activations)
+the weights are permuted at load into the mma order (flover/ops/quant.py,
+`QuantLinear.use_mma_order`) and `_quant_tma_kernel` takes the product: packed weights,
+scales, mins and x reach shared memory by TMA, `num_stages` steps deep, so the loads no longer
+wait step by step. Read as 32-bit words, each thread's MMA fragments are 16 contiguous bytes
+(the K order left Triton two bytes per shared-memory load); the words are dequantised in
+registers and put back in K order by joins and a permute that move no data (`_int8_words`,
+`_int4_words`), so each step is one product in K order. LLaMA-7B on an H100, the decode step
+against the K order's TMA form: int8 0.91x, int4 0.88x at B = 1 (docs/PERF.md, "The mma
+order"); against this pointer form's products 1.43x (int8) and 1.51x (int4) faster before that.
 
 Batch invariance: the split, the tile sizes, the read-ahead, warps and stages come from N, K
 and the bit width alone; each part walks its K range in order into one float32 accumulator
@@ -371,18 +373,16 @@ def _sum_splits(P, Y, R, M, N, NO, stride_ym, stride_rm, SPLIT: tl.constexpr,
 
 
 @triton.jit
-def _quant_tma_kernel(XD, XHD, QD, SD, ZD, Y, M, N, K, KS, stride_ym,
+def _quant_tma_kernel(XD, QD, SD, ZD, Y, M, N, K, KS, stride_ym,
                       BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, M_TILES: tl.constexpr,
-                      MODE: tl.constexpr, MMA_ORDER: tl.constexpr):
-    """The Hopper form (groups of 32, float16 / bfloat16 activations): every operand of a K
-    step (packed weights, scales, mins, x) brought into shared memory by TMA, `num_stages`
-    steps deep, where `_quant_mm_kernel` waits on each step's loads. Program (row tiles, N
-    tile, part of K): the same order as `_quant_mm_kernel` (per step: int8 one product;
-    int4 the low nibbles' product, then the high ones'), each row tile its own accumulator.
-    int4's x comes as two [BLOCK_M, G, 16] tiles, the first and last 16 columns of each
-    block (XD, XHD), the columns its low and high nibbles multiply."""
-    G: tl.constexpr = BLOCK_K // 32
+                      MODE: tl.constexpr):
+    """The Hopper form (groups of 32, float16 / bfloat16 activations, weights in the mma
+    order): every operand of a K step (packed weights as 32-bit words, scales, mins, x)
+    brought into shared memory by TMA, `num_stages` steps deep, where `_quant_mm_kernel`
+    waits on each step's loads. Program (row tiles, N tile, part of K): per step one product
+    of the dequantised tile [BLOCK_N, BLOCK_K] (K order) with each row tile's x, each into
+    its own y^T accumulator."""
     DT = XD.dtype  # x's (Y may be the float32 partial sums)
     m0 = tl.program_id(0) * (M_TILES * BLOCK_M)
     n0 = tl.program_id(1) * BLOCK_N
@@ -390,70 +390,28 @@ def _quant_tma_kernel(XD, XHD, QD, SD, ZD, Y, M, N, K, KS, stride_ym,
     acc0 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T
     acc1, acc2, acc3 = acc0, acc0, acc0
     for kb in range(k_lo, tl.minimum(k_lo + KS, K), BLOCK_K):
-        if MMA_ORDER:  # 32-bit words, 16 bytes per thread and MMA fragment; one product
-            s = SD.load([n0, kb // 32])
-            if BITS == 8:
-                wq = tl.reshape(QD.load([n0, kb // 4]), (BLOCK_N, BLOCK_K // 64, 4, 4))
-                s = tl.broadcast_to(tl.reshape(s, (BLOCK_N, BLOCK_K // 64, 1, 2, 1)),
-                                    (BLOCK_N, BLOCK_K // 64, 4, 2, 2))  # word j: group j // 2
-                w = _int8_words(wq, tl.reshape(s, wq.shape), MODE, DT)
-            else:
-                wq = tl.reshape(QD.load([n0, kb // 8]), (BLOCK_N, BLOCK_K // 128, 4, 4))
-                z = ZD.load([n0, kb // 32])
-                s = tl.broadcast_to(tl.reshape(s, (BLOCK_N, BLOCK_K // 128, 1, 4)), wq.shape)
-                z = tl.broadcast_to(tl.reshape(z, (BLOCK_N, BLOCK_K // 128, 1, 4)), wq.shape)
-                w = _int4_words(wq, s, z, MODE, DT)
-            acc0, acc1, acc2, acc3 = _tma_products(w, XD, m0, kb, acc0, acc1, acc2, acc3, M_TILES,
-                                                   BLOCK_M)
-        else:  # the K order
-            s = tl.reshape(SD.load([n0, kb // 32]), (BLOCK_N, G, 1))
-            if BITS == 8:
-                q = tl.reshape(QD.load([n0, kb]), (BLOCK_N, G, 32))
-                w = tl.reshape(_int8_weights(q, s, MODE, DT), (BLOCK_N, BLOCK_K))
-                acc0, acc1, acc2, acc3 = _tma_products(w, XD, m0, kb, acc0, acc1, acc2, acc3, M_TILES,
-                                                       BLOCK_M)
-            else:
-                q = tl.reshape(QD.load([n0, kb // 2]), (BLOCK_N, G, 16))
-                z = tl.reshape(ZD.load([n0, kb // 32]), (BLOCK_N, G, 1))
-                lo, hi = _int4_weights(q, s, z, MODE, DT)
-                lo = tl.reshape(lo, (BLOCK_N, G * 16))
-                hi = tl.reshape(hi, (BLOCK_N, G * 16))
-                acc0 = _halves(lo, hi, XD, XHD, m0, kb, acc0, BLOCK_M, G)
-                if M_TILES > 1:
-                    acc1 = _halves(lo, hi, XD, XHD, m0 + BLOCK_M, kb, acc1, BLOCK_M, G)
-                if M_TILES > 2:
-                    acc2 = _halves(lo, hi, XD, XHD, m0 + 2 * BLOCK_M, kb, acc2, BLOCK_M, G)
-                if M_TILES > 3:
-                    acc3 = _halves(lo, hi, XD, XHD, m0 + 3 * BLOCK_M, kb, acc3, BLOCK_M, G)
+        s = SD.load([n0, kb // 32])
+        if BITS == 8:
+            wq = tl.reshape(QD.load([n0, kb // 4]), (BLOCK_N, BLOCK_K // 64, 4, 4))
+            s = tl.broadcast_to(tl.reshape(s, (BLOCK_N, BLOCK_K // 64, 1, 2, 1)),
+                                (BLOCK_N, BLOCK_K // 64, 4, 2, 2))  # word j: group j // 2
+            w = _int8_words(wq, tl.reshape(s, wq.shape), MODE, DT)
+        else:
+            wq = tl.reshape(QD.load([n0, kb // 8]), (BLOCK_N, BLOCK_K // 128, 4, 4))
+            z = ZD.load([n0, kb // 32])
+            s = tl.broadcast_to(tl.reshape(s, (BLOCK_N, BLOCK_K // 128, 1, 4)), wq.shape)
+            z = tl.broadcast_to(tl.reshape(z, (BLOCK_N, BLOCK_K // 128, 1, 4)), wq.shape)
+            w = _int4_words(wq, s, z, MODE, DT)
+        acc0 = tl.dot(w, tl.trans(XD.load([m0, kb])), acc0)
+        if M_TILES > 1:
+            acc1 = tl.dot(w, tl.trans(XD.load([m0 + BLOCK_M, kb])), acc1)
+        if M_TILES > 2:
+            acc2 = tl.dot(w, tl.trans(XD.load([m0 + 2 * BLOCK_M, kb])), acc2)
+        if M_TILES > 3:
+            acc3 = tl.dot(w, tl.trans(XD.load([m0 + 3 * BLOCK_M, kb])), acc3)
     r0 = m0 + tl.arange(0, BLOCK_M)
     rn = n0 + tl.arange(0, BLOCK_N)
     _store_tiles(Y, acc0, acc1, acc2, acc3, r0, rn, M, N, stride_ym, SPLIT, M_TILES, BLOCK_M)
-
-
-@triton.jit
-def _tma_products(w, XD, m0, k0, acc0, acc1, acc2, acc3, M_TILES: tl.constexpr,
-                 BLOCK_M: tl.constexpr):
-    """One K step of the int8 TMA form: the dequantised weight tile w [BLOCK_N,
-    BLOCK_K] times each of the M_TILES row tiles of x from row m0 (descriptor XD), each into
-    its own y^T accumulator."""
-    acc0 = tl.dot(w, tl.trans(XD.load([m0, k0])), acc0)
-    if M_TILES > 1:
-        acc1 = tl.dot(w, tl.trans(XD.load([m0 + BLOCK_M, k0])), acc1)
-    if M_TILES > 2:
-        acc2 = tl.dot(w, tl.trans(XD.load([m0 + 2 * BLOCK_M, k0])), acc2)
-    if M_TILES > 3:
-        acc3 = tl.dot(w, tl.trans(XD.load([m0 + 3 * BLOCK_M, k0])), acc3)
-    return acc0, acc1, acc2, acc3
-
-
-@triton.jit
-def _halves(lo, hi, XD, XHD, m0, kb, acc, BLOCK_M: tl.constexpr, G: tl.constexpr):
-    """int4: the low nibbles times x's first 16 columns of each block, then the high ones
-    times the last 16."""
-    xl = tl.reshape(XD.load([m0, kb // 32, 0]), (BLOCK_M, G * 16))
-    acc = tl.dot(lo, tl.trans(xl), acc)
-    xh = tl.reshape(XHD.load([m0, kb // 32, 0]), (BLOCK_M, G * 16))
-    return tl.dot(hi, tl.trans(xh), acc)
 
 
 def default_config(n: int, k: int, bits: int = 8) -> dict:
@@ -470,12 +428,12 @@ def default_config(n: int, k: int, bits: int = 8) -> dict:
 
 
 def tma_config(n: int, k: int, bits: int = 8) -> dict:
-    """Launch parameters of the TMA form, from the shape and bit width alone (never M). A step
-    is 256 weights (a TMA box's last axis spans 16 bytes or more: 8 scales); K in four parts
-    for up to 96 tiles of 128 outputs (LLaMA-7B's qkv, o and down), else int8 in two, int4
-    whole. Picked on an H100 by `bench/quant_linear.py --tma-sweep` (docs/PERF.md, "TMA forms")."""
-    split = 4 if n <= 96 * 128 else 2 if bits == 8 else 1
-    return {"block_n": 128, "block_k": 256, "split": split, "num_warps": 4, "num_stages": 3,
+    """Launch parameters of the TMA form, from the shape and bit width alone (never M): steps
+    of 256 weights (a TMA box's last axis spans 16 bytes or more: 8 scales), tiles of 64
+    outputs, K in four parts, 3 stages, two row tiles per program. Picked on an H100 by
+    `bench/quant_linear.py --tma-sweep` over LLaMA-7B's shapes at M = 1 and 32, both bit
+    widths (docs/PERF.md, "The mma order")."""
+    return {"block_n": 64, "block_k": 256, "split": 4, "num_warps": 4, "num_stages": 3,
             "max_m_tiles": 2, "dequant": "asm"}
 
 
@@ -537,18 +495,9 @@ def mma_order_applies(device: torch.device, dtype: torch.dtype | None, k: int, g
     return launch.tma(device) and _tma_shape(dtype, k, group)
 
 
-def _tma_form(x: torch.Tensor, tensors: list[torch.Tensor], k: int, group: int,
-              want: bool | None) -> bool:
-    """Whether the TMA form takes this product: asked for ("tma": True; by default where
-    `launch.tma`), its shapes, the tensors contiguous and 16-byte aligned. Fixed by the
-    weight, the dtype and the device, never by M."""
-    return bool(launch.tma(x, want) and _tma_shape(x.dtype, k, group)
-                and all(t.data_ptr() % 16 == 0 and t.is_contiguous() for t in tensors))
-
-
 def _quant_mm_tma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                   mins: torch.Tensor | None, bits: int, config: dict | None,
-                  residual: torch.Tensor | None, gated: bool, mma_order: bool) -> torch.Tensor:
+                  residual: torch.Tensor | None, gated: bool) -> torch.Tensor:
     from triton.tools.tensor_descriptor import TensorDescriptor as TD
 
     (m, k), n = x.shape, qweight.shape[0]
@@ -560,25 +509,16 @@ def _quant_mm_tma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     steps = triton.cdiv(k, bk)
     ks = triton.cdiv(steps, cfg["split"]) * bk  # K fixes the parts (never M)
     split = triton.cdiv(k, ks)
-    g = bk // 32
-    if mma_order:  # 32-bit words; x whole
-        xd = xh = TD.from_tensor(x, [bm, bk])
-        qd = TD.from_tensor(qweight.view(torch.int32), [bn, bk * bits // 32])
-    elif bits == 8:
-        xd = xh = TD.from_tensor(x, [bm, bk])
-        qd = TD.from_tensor(qweight, [bn, bk])
-    else:  # x's first and last 16 columns of each block of 32
-        xd = TD(x, [m, k // 32, 16], [k, 32, 1], [bm, g, 16])
-        xh = TD(x[:, 16:], [m, k // 32, 16], [k, 32, 1], [bm, g, 16])
-        qd = TD.from_tensor(qweight, [bn, bk // 2])
-    sd = TD.from_tensor(scales, [bn, g])
-    zd = TD.from_tensor(mins, [bn, g]) if mins is not None else sd
+    xd = TD.from_tensor(x, [bm, bk])
+    qd = TD.from_tensor(qweight.view(torch.int32), [bn, bk * bits // 32])  # 32-bit words
+    sd = TD.from_tensor(scales, [bn, bk // 32])
+    zd = TD.from_tensor(mins, [bn, bk // 32]) if mins is not None else sd
     m_tiles = min(cfg["max_m_tiles"], triton.cdiv(m, bm))
     grid = (triton.cdiv(m, bm * m_tiles), triton.cdiv(n, bn), split)
     out = _partials(x, n, split)
-    _quant_tma_kernel[grid](xd, xh, qd, sd, zd, out, m, n, k, ks, n, BITS=bits, BLOCK_M=bm, BLOCK_N=bn,
+    _quant_tma_kernel[grid](xd, qd, sd, zd, out, m, n, k, ks, n, BITS=bits, BLOCK_M=bm, BLOCK_N=bn,
                             BLOCK_K=bk, SPLIT=split, M_TILES=m_tiles, MODE=mode,
-                            MMA_ORDER=mma_order, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return _sum_parts(out, x.dtype, split, residual, gated)
 
 
@@ -590,7 +530,8 @@ def quant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     the unfused ops' results: residual [M, N]: residual + y; gated (W is gate then up, N even):
     silu(gate) * up [M, N / 2]. Where K is in parts, the parts' sum applies them (no launch of
     their own); in one part they run after the product. mma_order: qweight's bytes are in
-    that order (flover/ops/quant.py), which the TMA form alone reads."""
+    that order (flover/ops/quant.py), which the TMA form reads (Hopper; forced under the
+    interpreter by passing such weights); the K order takes the pointer form."""
     m, k = x.shape
     n = qweight.shape[0]
     assert not gated or (n % 2 == 0 and residual is None)
@@ -599,12 +540,14 @@ def quant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         residual = residual.contiguous()
     if m == 0:
         return torch.empty(0, n // 2 if gated else n, dtype=x.dtype, device=x.device)
-    tensors = [qweight, scales] + ([mins] if mins is not None else [])
-    if _tma_form(x, tensors, k, group, True if mma_order else (config or {}).get("tma")):
-        return _quant_mm_tma(x, qweight, scales, mins, bits, config, residual, gated, mma_order)
-    if mma_order:
-        raise ValueError(f"weights in the mma order need the TMA form: groups of 32, K a "
-                         f"multiple of 256, float16 / bfloat16 x (group {group}, K {k}, {x.dtype})")
+    if mma_order:  # the TMA form's order (`mma_order_applies`), fixed by the weight
+        tensors = [qweight, scales] + ([mins] if mins is not None else [])
+        if not (_tma_shape(x.dtype, k, group)
+                and all(t.data_ptr() % 16 == 0 and t.is_contiguous() for t in tensors)):
+            raise ValueError(f"weights in the mma order need the TMA form: groups of 32, K a "
+                             f"multiple of 256, float16 / bfloat16 x, contiguous 16-byte aligned "
+                             f"tensors (group {group}, K {k}, {x.dtype})")
+        return _quant_mm_tma(x, qweight, scales, mins, bits, config, residual, gated)
     cfg = default_config(n, k, bits) | (config or {})
     mode = _mode(cfg, x)
     split, block_k = cfg["split"], cfg["block_k"]
