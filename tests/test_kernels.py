@@ -217,11 +217,13 @@ def test_quant_mm_float16_matches_reference_and_rows_do_not_depend_on_m(bits, cf
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("cfg", [{}, {"split": 2, "block_n": 16}, {"max_m_tiles": 1},
                                  {"dequant": "float", "block_k": 512, "num_stages": 2}])
-def test_quant_mm_tma_form_matches_reference_and_rows_do_not_depend_on_m(bits, cfg):
-    """The Hopper form (TMA, weights in the mma order; the interpreter runs it too): equal to
-    F.linear on the dequantised matrix within float16 rounding, N past the tile and K past
-    the step (zeros), K in parts summed in order, the dequantisation through float32
-    (bfloat16's), and a row bitwise the same alone and at M = 3, 17, 70."""
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
+def test_quant_mm_tma_form_matches_reference_and_rows_do_not_depend_on_m(bits, cfg, dtype):
+    """The Hopper form (TMA, weights in the mma order; the interpreter runs it too, without
+    bfloat16): equal to F.linear on the dequantised matrix within the activations' rounding,
+    N past the tile and K past the step (zeros), K in parts summed in order, the
+    dequantisation through float32 (bfloat16's), and a row bitwise the same alone and at
+    M = 3, 17, 70."""
     from flover.ops import quant
     from flover.ops.quant_triton import quant_mm
 
@@ -230,10 +232,11 @@ def test_quant_mm_tma_form_matches_reference_and_rows_do_not_depend_on_m(bits, c
     p = quant.quantize(torch.randn(n, k, generator=gen) * 0.05, bits, 32)
     t = lambda a: None if a is None else a.to(DEVICE)  # noqa: E731
     w = (t(quant.to_mma_order(p.qweight, bits)), t(p.scales), t(p.mins), bits, 32)
-    xs = torch.randn(70, k, generator=gen).half().to(DEVICE)
-    ref = torch.nn.functional.linear(xs.float().cpu(), p.dequantize().half().float())
+    xs = torch.randn(70, k, generator=gen).to(dtype).to(DEVICE)
+    ref = torch.nn.functional.linear(xs.float().cpu(), p.dequantize().to(dtype).float())
     ours = quant_mm(xs, *w, config=cfg, mma_order=True)
-    torch.testing.assert_close(ours.cpu().float(), ref, rtol=2e-3, atol=2e-3)
+    tol = 2e-3 if dtype == torch.float16 else 2e-2
+    torch.testing.assert_close(ours.cpu().float(), ref, rtol=tol, atol=tol)
     _assert_row_alone_equals_fused(xs, w, cfg, mma_order=True)
 
 
