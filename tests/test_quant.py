@@ -68,6 +68,8 @@ def test_a_quant_linear_in_the_mma_order_computes_what_it_did(bits, monkeypatch)
     # forward: the GPU's kernel; the CPU's reference path on the dequantised (K order) matrix
     assert torch.equal(m(x), ours if dev.type == "cuda" else
                        torch.nn.functional.linear(x, p.dequantize().half()))
+    if dev.type == "cpu":  # float32: not the C kernels (K order), the reference path
+        assert torch.equal(m(x.float()), torch.nn.functional.linear(x.float(), p.dequantize()))
     r = torch.randn(5, n, generator=torch.Generator().manual_seed(2)).half().to(dev)
     assert torch.equal(m.fused(x, residual=r), r + ours)
 

@@ -226,9 +226,12 @@ class QuantLinear(nn.Module):
             self.mma_order = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The CPU's kernels and the pointer form read the K order; a module left in the mma
+        order (moved off its GPU) takes the reference path."""
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if x.device.type == "cpu" and x.dtype == torch.float32 and quant_cpu.lib() is not None:
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and not self.mma_order
+                and quant_cpu.lib() is not None):
             x2 = x2.contiguous()
             if self.bits == 4:
                 y = quant_cpu.int4_mm(x2, self.qweight, self.scales, self.mins, self.group)
