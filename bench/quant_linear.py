@@ -40,8 +40,8 @@ def tma_sweep_configs() -> list[dict]:
     """The TMA form on the mma order: BLOCK_N, the step, stages, K parts (two row tiles)."""
     return [{"mma": True, "bits": b, "block_n": bn, "block_k": bk, "num_stages": st,
              "split": sp, "max_m_tiles": 2}
-            for b, bn, bk, st, sp in itertools.product((8, 4), (64, 128), (256, 512), (3, 4),
-                                                       (1, 2, 4))]
+            for b, bn, bk, st, sp in itertools.product((8, 4), (32, 64, 128), (256, 512), (3, 4),
+                                                       (1, 2, 4, 8))]
 
 
 def sweep_configs() -> list[dict]:

@@ -14,3 +14,8 @@ cd ..
 tail -1 $OUT/tests.log; grep "^FAILED" $OUT/tests.log | head
 grep "kernel vs reference" $OUT/quant_step_*.log | cut -c1-400
 tail -12 $OUT/quant_step_fp16.log; tail -7 $OUT/quant_step_bf16.log
+# then the mma order's sweep, wider (tiles of 32 outputs, K in eight parts), its top lines
+cd bench
+timeout 240 python3 quant_linear.py --tma-sweep --out $OUT/quant_sweep.json \
+    > $OUT/quant_sweep.log 2>&1; echo "sweep rc=$?"
+grep "^sweep" $OUT/quant_sweep.log
