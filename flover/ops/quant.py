@@ -20,8 +20,9 @@ word 4t + j (t = 0..3, a thread's column in the MMA's fragment) holds
 
 so an int4 word is one group of 32's weights for one thread, and its nibbles i and i + 4 are
 a neighbouring pair, which one `lop3` turns into two float16 (the kernel's dequantisation).
-From a full-precision checkpoint, `quantize` makes
-int4 asymmetric (min/max of each group) and int8 symmetric (absmax / 127). Activations and the
+
+From a full-precision checkpoint, `quantize` makes int4 asymmetric (min/max of each group)
+and int8 symmetric (absmax / 127). Activations and the
 KV cache stay in the model's dtype. The model's nn.Linear modules (and its LM head) are
 replaced by QuantLinear on `meta`, before storage is allocated, so a model is never held in
 full precision and quantized at once (flover/weights.py streams the tensors into them).
