@@ -95,42 +95,37 @@ def _mma_permutation(bits: int) -> torch.Tensor:
     return torch.tensor(out)
 
 
-_MMA_SPAN = {8: 64, 4: 128}
-
-
-def _unpack_pairs(qweight: torch.Tensor, bits: int) -> torch.Tensor:
-    """One weight per element ([N, K] int8, or int4's values) from a packing in which int4's
-    byte b holds weights 2b (low nibble) and 2b + 1 (high): the mma order's bytes."""
-    if bits == 8:
-        return qweight
+def _unpack_pairs(qweight: torch.Tensor) -> torch.Tensor:
+    """int4's values one per element [N, K] from bytes b holding weights 2b (low nibble) and
+    2b + 1 (high): the mma order's packing."""
     return torch.stack((qweight & 15, qweight >> 4), dim=-1).reshape(qweight.shape[0], -1)
 
 
-def _pack_pairs(q: torch.Tensor, bits: int) -> torch.Tensor:
-    if bits == 8:
-        return q.contiguous()
+def _pack_pairs(q: torch.Tensor) -> torch.Tensor:
     b = q.reshape(q.shape[0], -1, 2)
     return (b[..., 0] | (b[..., 1] << 4)).contiguous()
 
 
+def _permute_spans(q: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """One weight per element [N, K]: in each row's spans of len(index), weight o <- index[o]."""
+    n = q.shape[0]
+    return q.reshape(n, -1, len(index))[:, :, index.to(q.device)].reshape(n, -1).contiguous()
+
+
 def to_mma_order(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     """The K order's packed weights (module docstring) -> the mma order: same shape and dtype."""
-    n = qweight.shape[0]
-    q = _unpack_nibbles(qweight) if bits == 4 else qweight
-    span = _MMA_SPAN[bits]
-    perm = _mma_permutation(bits).to(q.device)
-    q = q.reshape(n, -1, span)[:, :, perm].reshape(n, -1)
-    return _pack_pairs(q, bits)
+    perm = _mma_permutation(bits)
+    if bits == 8:
+        return _permute_spans(qweight, perm)
+    return _pack_pairs(_permute_spans(_unpack_nibbles(qweight), perm))
 
 
 def from_mma_order(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     """The inverse of to_mma_order."""
-    n = qweight.shape[0]
-    q = _unpack_pairs(qweight, bits)
-    span = _MMA_SPAN[bits]
-    inverse = torch.argsort(_mma_permutation(bits)).to(q.device)
-    q = q.reshape(n, -1, span)[:, :, inverse].reshape(n, -1)
-    return _pack_nibbles(q) if bits == 4 else q.contiguous()
+    inverse = torch.argsort(_mma_permutation(bits))
+    if bits == 8:
+        return _permute_spans(qweight, inverse)
+    return _pack_nibbles(_permute_spans(_unpack_pairs(qweight), inverse))
 
 
 def dequantize(p: Packed) -> torch.Tensor:
