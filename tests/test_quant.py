@@ -74,6 +74,17 @@ def test_a_quant_linear_in_the_mma_order_computes_what_it_did(bits, monkeypatch)
     assert torch.equal(m.fused(x, residual=r), r + ours)
 
 
+def test_loading_a_quantized_model_on_the_cpu_asks_nothing_of_triton(llama_dir, monkeypatch):
+    """load_model's pass into the mma order skips CPU modules before importing the Triton
+    kernels (a CPU install of torch may come without Triton)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "flover.ops.quant_triton", None)  # importing it fails
+    model, _ = load_model(str(llama_dir), torch.float32, torch.device("cpu"), quantization="int4")
+    layers = [m for m in model.modules() if isinstance(m, quant.QuantLinear)]
+    assert layers and not any(m.mma_order for m in layers)
+
+
 # --- formats ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bits", [4, 8])

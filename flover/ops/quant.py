@@ -268,9 +268,10 @@ class QuantLinear(nn.Module):
 
 def use_mma_order(model: nn.Module) -> None:
     """Every QuantLinear of a loaded model into the mma order where its device's product takes
-    it (a no-op on the CPU and on GPUs without the TMA form)."""
+    it (a no-op on GPUs without the TMA form; on the CPU nothing is asked of Triton, which a
+    CPU install may not have)."""
     for m in model.modules():
-        if isinstance(m, QuantLinear):
+        if isinstance(m, QuantLinear) and m.qweight.is_cuda:
             m.use_mma_order()
 
 
