@@ -267,9 +267,8 @@ def test_mma_order_is_a_permutation_within_each_row(bits):
         vals = quant._unpack_nibbles(p.qweight)[0]
         word = q[0, 4 * 13: 4 * 14]
         nibbles = torch.stack((word & 15, word >> 4), -1).flatten().tolist()
-        want = [int(vals[32 + 16 * (i // 2) + 8 * (i % 2) + 6]) for i in range(4)]
-        assert nibbles == want + [int(vals[k + 1]) for k in
-                                  [32 + 16 * (i // 2) + 8 * (i % 2) + 6 for i in range(4)]]
+        ks = [32 + 16 * (i // 2) + 8 * (i % 2) + 6 for i in range(4)]
+        assert nibbles == [int(vals[k]) for k in ks] + [int(vals[k + 1]) for k in ks]
 
 
 @pytest.mark.parametrize("bits", [4, 8])
