@@ -17,8 +17,9 @@ from flover.engine.kv_cache import SlotCache
 from flover.engine.runner import ModelRunner
 from flover.models.layers import init_random
 from flover.models.presets import preset
+from flover.ops import quant
 from flover.ops.linear import swap_linears
-from flover.weights import allocate
+from flover.weights import allocate, quantize_model
 
 
 def main() -> None:
@@ -31,6 +32,8 @@ def main() -> None:
                     help="the batch-invariant linear and attention (EngineConfig's default)")
     ap.add_argument("--variant", default=None, choices=sorted(VARIANTS),
                     help="the invariant step's form (bench/decode_step.py's variants)")
+    ap.add_argument("--quantization", default=None, choices=["int8", "int4"],
+                    help="weight-only int8 / int4 (groups of 32, in the mma order where it applies)")
     ap.add_argument("--out", default="profile.json")
     args = ap.parse_args()
     cfg = preset(args.model)
@@ -40,6 +43,9 @@ def main() -> None:
                       cfg.head_dim, DTYPES[args.dtype], torch.device("cuda"))
     cache.k.normal_()
     cache.v.normal_()
+    if args.quantization:
+        quantize_model(model, int(args.quantization[3:]))
+        quant.use_mma_order(model)  # as load_model does
     apply_variant(args.variant)
     if args.batch_invariant:
         swap_linears(model)
@@ -58,7 +64,7 @@ def main() -> None:
     total = sum(by_name.values())
     top = sorted(by_name.items(), key=lambda kv: -kv[1])
     print(f"{args.model} {args.dtype} B={args.batch} invariant={args.batch_invariant} "
-          f"variant={args.variant}: "
+          f"variant={args.variant} quantization={args.quantization}: "
           f"{total:.3f} ms of kernels per step")
     for name, ms in top[:18]:
         print(f"{ms:8.3f} ms {100 * ms / total:5.1f}%  {name}")

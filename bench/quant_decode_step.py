@@ -8,7 +8,8 @@ named "fp16" is the model in `--dtype` whichever it is. First checks the kernel 
 reference at the model's shapes. A width named with "-ptr" (int8-ptr, int4-ptr) runs with the
 TMA forms off (`launch.TMA`: the bytes stay in the K order, the pointer form reads them), one
 with "-unfused" with the residual add and SiLU * up as ops of their own
-(`fused.QUANT_EPILOGUES`), to compare. `--config` is merged into both forms' launch
+(`fused.QUANT_EPILOGUES`), one with "-sum2" with the TMA form's K parts summed by a launch
+of their own (`sum_in_kernel` off), to compare. `--config` is merged into both forms' launch
 configurations.
 
     python3 bench/quant_decode_step.py --out quant_decode_step.json [--dtype bf16]
@@ -78,9 +79,14 @@ def main() -> None:
     print(f"{card}: copy {bw / 1e12:.3f} TB/s; kernel vs reference (max rel err): {errs}", flush=True)
     rows = []
     shipped_tma, shipped_epilogues = launch.TMA, fused.QUANT_EPILOGUES
+    shipped_tma_config = quant_triton.tma_config
     for quantization in args.weights.split(","):
         launch.TMA = shipped_tma and not quantization.endswith("-ptr")
         fused.QUANT_EPILOGUES = shipped_epilogues and not quantization.endswith("-unfused")
+        quant_triton.tma_config = shipped_tma_config
+        if quantization.endswith("-sum2"):
+            quant_triton.tma_config = lambda n, k, bits=8: (shipped_tma_config(n, k, bits)
+                                                            | {"sum_in_kernel": False})
         model = allocate(cfg, dtype, torch.device("cuda"))
         init_random(model, seed=0)
         if not quantization.startswith("fp16"):
