@@ -197,15 +197,22 @@ def main() -> None:
     for name in args.shapes.split(","):
         rows += measure_shape(name, batches, bw, cfgs if name in args.sweep_shapes.split(",") else [], old)
         torch.cuda.empty_cache()
-    if cfgs:  # the configurations with the least time summed over the swept shapes and M
-        for bits in (8, 4):
+    if cfgs:  # the configurations with the least time over the swept shapes and M, each shape
+        for bits in (8, 4):  # weighted by its launches per llama_7b step; then each shape's best
             total: dict[str, float] = {}
             for r in rows:
                 for cfg, us in r.get(f"int{bits}_sweep", []):
                     key = json.dumps(cfg, sort_keys=True)
-                    total[key] = total.get(key, 0.0) + us
-            for key, us in sorted(total.items(), key=lambda kv: kv[1])[:5]:
-                print(f"sweep int{bits} {us:9.1f} us  {key}")
+                    total[key] = total.get(key, 0.0) + us * PER_STEP[r["shape"]] / 1e3
+            for key, ms in sorted(total.items(), key=lambda kv: kv[1])[:5]:
+                print(f"sweep int{bits} {ms:7.3f} ms per step  {key}")
+            for r in rows:
+                if r.get(f"int{bits}_best"):
+                    cfg, us = r[f"int{bits}_best"]
+                    print(f"sweep int{bits} best {r['shape']:8s} M={r['M']:3d} {us:7.1f} us "
+                          f"(shipped {r[f'int{bits}_us']:7.1f})  "
+                          + " ".join(f"{k}={cfg[k]}" for k in ("block_n", "block_k",
+                                                               "num_stages", "split")))
     with open(args.out, "w") as f:
         json.dump({"card": card, "copy_bandwidth_Bps": bw, "torch": torch.__version__, "rows": rows,
                    "default_config": {b: default_config(4096, 4096, b) for b in (8, 4)}}, f, indent=1)
