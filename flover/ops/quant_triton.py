@@ -22,7 +22,10 @@ scales, mins and x reach shared memory by TMA, `num_stages` steps deep, so the l
 wait step by step. Read as 32-bit words, each thread's MMA fragments are 16 contiguous bytes
 (the K order left Triton two bytes per shared-memory load); the words are dequantised in
 registers and put back in K order by joins and a permute that move no data (`_int8_words`,
-`_int4_words`), so each step is one product in K order. LLaMA-7B on an H100: the TMA form on
+`_int4_words`), so each step is one product in K order. Its K parts are summed in the same
+launch: each output tile's last part to arrive (a counter per tile, `launch.counters`) adds
+them and applies the epilogues, with `_sum_splits`'s arithmetic (`sum_in_kernel`; the pointer
+form keeps the second launch). LLaMA-7B on an H100: the TMA form on
 the K order made a decode step's products 1.43x (int8) and 1.51x (int4) faster than this
 kernel's ("TMA forms" in docs/PERF.md); the mma order with its own tiles took the step a
 further 9% (int8) and 12% (int4) off at B = 1 ("The mma order").
