@@ -37,11 +37,13 @@ PER_STEP = {"qkv": 32, "o": 32, "gate_up": 32, "down": 32, "head": 1}  # llama_7
 
 
 def tma_sweep_configs() -> list[dict]:
-    """The TMA form on the mma order: BLOCK_N, the step, stages, K parts (two row tiles)."""
+    """The TMA form on the mma order: BLOCK_N, stages, K parts and where they are summed (steps
+    of 256, two row tiles; steps of 512 lost everywhere in session 9's sweep)."""
     return [{"mma": True, "bits": b, "block_n": bn, "block_k": bk, "num_stages": st,
-             "split": sp, "max_m_tiles": 2}
-            for b, bn, bk, st, sp in itertools.product((8, 4), (32, 64, 128), (256, 512), (3, 4),
-                                                       (1, 2, 4, 8))]
+             "split": sp, "max_m_tiles": 2, "sum_in_kernel": inside}
+            for b, bn, bk, st, sp, inside in itertools.product(
+                (8, 4), (32, 64, 128), (256,), (3, 4), (1, 2, 4, 8), (False, True))
+            if sp > 1 or not inside]
 
 
 def sweep_configs() -> list[dict]:
@@ -206,13 +208,22 @@ def main() -> None:
                     total[key] = total.get(key, 0.0) + us * PER_STEP[r["shape"]] / 1e3
             for key, ms in sorted(total.items(), key=lambda kv: kv[1])[:5]:
                 print(f"sweep int{bits} {ms:7.3f} ms per step  {key}")
-            for r in rows:
-                if r.get(f"int{bits}_best"):
-                    cfg, us = r[f"int{bits}_best"]
-                    print(f"sweep int{bits} best {r['shape']:8s} M={r['M']:3d} {us:7.1f} us "
-                          f"(shipped {r[f'int{bits}_us']:7.1f})  "
-                          + " ".join(f"{k}={cfg[k]}" for k in ("block_n", "block_k",
-                                                               "num_stages", "split")))
+            for shape in SHAPES:  # each shape's best over its Ms (one configuration serves all)
+                mine = [r for r in rows if r.get("shape") == shape and r.get(f"int{bits}_sweep")]
+                if not mine:
+                    continue
+                by_cfg: dict[str, float] = {}
+                for r in mine:
+                    for cfg, us in r[f"int{bits}_sweep"]:
+                        key = " ".join(f"{k}={cfg[k]}" for k in ("block_n", "block_k",
+                                                                 "num_stages", "split",
+                                                                 "sum_in_kernel"))
+                        by_cfg[key] = by_cfg.get(key, 0.0) + us
+                key, us = min(by_cfg.items(), key=lambda kv: kv[1])
+                shipped = sum(r[f"int{bits}_us"] for r in mine)
+                per_m = " ".join(f"M={r['M']} {r[f'int{bits}_us']:.1f}" for r in mine)
+                print(f"sweep int{bits} best {shape:8s} {us:7.1f} us over the Ms, shipped "
+                      f"{shipped:7.1f} ({per_m})  {key}")
     with open(args.out, "w") as f:
         json.dump({"card": card, "copy_bandwidth_Bps": bw, "torch": torch.__version__, "rows": rows,
                    "default_config": {b: default_config(4096, 4096, b) for b in (8, 4)}}, f, indent=1)

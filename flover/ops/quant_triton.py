@@ -480,7 +480,7 @@ def tma_config(n: int, k: int, bits: int = 8) -> dict:
     `bench/quant_linear.py --tma-sweep` over LLaMA-7B's shapes at M = 1 and 32, both bit
     widths (docs/PERF.md, "The mma order")."""
     return {"block_n": 64, "block_k": 256, "split": 4, "num_warps": 4, "num_stages": 3,
-            "max_m_tiles": 2, "dequant": "asm", "sum_in_kernel": True}
+            "max_m_tiles": 2, "dequant": "asm", "sum_in_kernel": False}
 
 
 def _interpreted() -> bool:
