@@ -240,6 +240,31 @@ def test_quant_mm_tma_form_matches_reference_and_rows_do_not_depend_on_m(bits, c
     _assert_row_alone_equals_fused(xs, w, cfg, mma_order=True)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize(("dtype", "mma_order"), [(torch.float32, False), (torch.float16, False),
+                                                  (torch.float16, True)]
+                         + ([(torch.bfloat16, True)] if DEVICE == "cuda" else []))
+def test_quant_mm_float_dequantisation_is_bitwise_the_conversions(bits, dtype, mma_order):
+    """"float" makes each q by the float32 trick (2^23 + q), "cvt" by int -> float conversions:
+    the same weights, so the same bits, in the pointer form (float32 and float16 x) and the
+    TMA form (float16, and bfloat16 on a GPU)."""
+    from flover.ops import quant
+    from flover.ops.quant_triton import quant_mm
+
+    n, k = 40, 512
+    gen = torch.Generator().manual_seed(bits + 5)
+    p = quant.quantize(torch.randn(n, k, generator=gen) * 0.05, bits, 32)
+    t = lambda a: None if a is None else a.to(DEVICE)  # noqa: E731
+    q = quant.to_mma_order(p.qweight, bits) if mma_order else p.qweight
+    w = (t(q), t(p.scales), t(p.mins), bits, 32)
+    x = torch.randn(17, k, generator=gen).to(dtype).to(DEVICE)
+    trick = quant_mm(x, *w, config={"dequant": "float"}, mma_order=mma_order)
+    assert torch.equal(trick, quant_mm(x, *w, config={"dequant": "cvt"}, mma_order=mma_order))
+    ref = torch.nn.functional.linear(x.float().cpu(), p.dequantize().to(dtype).float())
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(trick.cpu().float(), ref, rtol=tol, atol=tol)
+
+
 def test_weights_in_the_mma_order_refuse_shapes_without_the_tma_form():
     from flover.ops import quant
     from flover.ops.quant_triton import quant_mm

@@ -42,7 +42,9 @@ operations and one packed float16 fma per two weights, instead of int -> float c
 (a quarter-rate instruction). int8 weights come out bitwise as the reference's (q * s is exact
 in float32, then rounded once); int4's fma rounds q * s + m once where the reference rounds
 twice (float32, then float16). "bits" is the same trick in plain Triton (the interpreter runs
-it; it has no inline assembly); "float" goes through float32 (bfloat16, float32 activations).
+it; it has no inline assembly); "float" goes through float32 (bfloat16, float32 activations),
+where the same trick in float32 (2^23 + q) takes the place of the int -> float conversions,
+a quarter-rate instruction ("cvt" keeps them, to compare: the same values, so the same bits).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ import triton.language as tl
 from flover.ops import launch
 
 BLOCK_M = 16
-DEQUANT = ("asm", "bits", "float")
+DEQUANT = ("asm", "bits", "float", "cvt")
 
 
 @triton.jit
@@ -90,7 +92,10 @@ def _int8_weights(q, s, MODE: tl.constexpr, DT: tl.constexpr):
     elif MODE == 1:  # bits: the same in plain Triton
         w = (q.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
         return w * s
-    else:
+    elif MODE == 2:  # float: 2^23 + 128 + q as float32 bits, less 2^23 + 128: q exactly
+        w = (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+        return (w * s.to(tl.float32)).to(DT)
+    else:  # cvt: the same values by int -> float conversions
         return (q.to(tl.float32) * s.to(tl.float32)).to(DT)
 
 
@@ -130,10 +135,13 @@ def _int4_weights(b, s, z, MODE: tl.constexpr, DT: tl.constexpr):
 @triton.jit
 def _nibble_weights(q, s, z, MODE: tl.constexpr, DT: tl.constexpr):
     """int4 values q in [0, 15] (any integer type) -> q * s + m in DT: "bits", the float16
-    trick and one fma; "float", through float32."""
+    trick and one fma; "float", through float32 (q by the float32 trick; "cvt": converted)."""
     if MODE == 1:
         v = (q.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
         return tl.fma(v, s, z)
+    elif MODE == 2:
+        v = (q.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        return (v * s.to(tl.float32) + z.to(tl.float32)).to(DT)
     else:
         return (q.to(tl.float32) * s.to(tl.float32) + z.to(tl.float32)).to(DT)
 
@@ -493,7 +501,7 @@ def _mode(cfg: dict, x: torch.Tensor) -> int:
     "bits" is the same arithmetic."""
     mode = DEQUANT.index(cfg["dequant"])
     if x.dtype != torch.float16:
-        return 2
+        return 3 if mode == 3 else 2
     return 1 if mode == 0 and _interpreted() else mode
 
 
