@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from flover.ops import fused_triton
-from flover.ops.linear_triton import default_config, linear, sm_count, splits, tma_config
+from flover.ops.launch import sm_count
+from flover.ops.linear_triton import default_config, linear, splits, tma_config
 
 SHAPES = {  # name: (N, K)
     "7b.qkv": (12288, 4096), "7b.o": (4096, 4096), "7b.gate_up": (22016, 4096),

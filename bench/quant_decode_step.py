@@ -11,7 +11,8 @@ with "-unfused" with the residual add and SiLU * up as ops of their own
 (`fused.QUANT_EPILOGUES`), one with "-insum" with the TMA form's K parts summed in the
 product's own launch (`sum_in_kernel`, off by default), one with "-cvt" with the "float"
 dequantisation's q made by int -> float conversions instead of the float32 trick (bfloat16
-activations), to compare. `--config` is merged into both forms' launch configurations.
+activations), one with "-s4" with K in four parts for every shape (session 9's configuration), to
+compare. `--config` is merged into both forms' launch configurations.
 
     python3 bench/quant_decode_step.py --out quant_decode_step.json [--dtype bf16]
 """
@@ -70,7 +71,7 @@ def main() -> None:
         extra = json.loads(args.config)
         for name in ("default_config", "tma_config"):
             base = getattr(quant_triton, name)
-            setattr(quant_triton, name, lambda n, k, bits=8, base=base: base(n, k, bits) | extra)
+            setattr(quant_triton, name, lambda *a, base=base: base(*a) | extra)
     batches = [int(b) for b in args.batches.split(",")]
     bw = copy_bandwidth()
     card = torch.cuda.get_device_name()
@@ -86,10 +87,10 @@ def main() -> None:
         fused.QUANT_EPILOGUES = shipped_epilogues and not quantization.endswith("-unfused")
         quant_triton.tma_config = shipped_tma_config
         extra = ({"sum_in_kernel": True} if quantization.endswith("-insum")
-                 else {"dequant": "cvt"} if quantization.endswith("-cvt") else {})
+                 else {"dequant": "cvt"} if quantization.endswith("-cvt")
+                 else {"split": 4} if quantization.endswith("-s4") else {})
         if extra:
-            quant_triton.tma_config = lambda n, k, bits=8, extra=extra: (
-                shipped_tma_config(n, k, bits) | extra)
+            quant_triton.tma_config = lambda *a, extra=extra: shipped_tma_config(*a) | extra
         model = allocate(cfg, dtype, torch.device("cuda"))
         init_random(model, seed=0)
         if not quantization.startswith("fp16"):

@@ -240,12 +240,12 @@ def test_quant_mm_tma_form_matches_reference_and_rows_do_not_depend_on_m(bits, c
     _assert_row_alone_equals_fused(xs, w, cfg, mma_order=True)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [8])  # int4's "float" converts as "cvt" does
 @pytest.mark.parametrize(("dtype", "mma_order"), [(torch.float32, False), (torch.float16, False),
                                                   (torch.float16, True)]
                          + ([(torch.bfloat16, True)] if DEVICE == "cuda" else []))
 def test_quant_mm_float_dequantisation_is_bitwise_the_conversions(bits, dtype, mma_order):
-    """"float" makes each q by the float32 trick (2^23 + q), "cvt" by int -> float conversions:
+    """"float" makes each int8 q by the float32 trick (2^23 + q), "cvt" by int -> float conversions:
     the same weights, so the same bits, in the pointer form (float32 and float16 x) and the
     TMA form (float16, and bfloat16 on a GPU)."""
     from flover.ops import quant

@@ -40,6 +40,7 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _CAPABLE: dict[int, bool] = {}
 COUNTER_SLOTS = 4096  # tiles one launch may count arrivals of
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
+_SMS: dict[torch.device, int] = {}
 
 
 def set_enabled(on: bool) -> None:
@@ -97,3 +98,12 @@ def counters(device: torch.device) -> torch.Tensor | None:
             return None
         _COUNTERS[device] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
     return _COUNTERS[device]
+
+
+def sm_count(device: torch.device) -> int:
+    """The device's multiprocessors (1 off the GPU): the products' K parts are chosen from it
+    and the weight's shape, never from M."""
+    if device not in _SMS:
+        _SMS[device] = (torch.cuda.get_device_properties(device).multi_processor_count
+                        if device.type == "cuda" else 1)
+    return _SMS[device]

@@ -343,7 +343,7 @@ def fusable(weight: torch.Tensor, config: dict | None = None) -> bool:
     or `gated`: where the TMA form takes them. Fixed by the weight and the device, never by M."""
     cfg = default_config(weight.element_size()) | (config or {})
     n, k = weight.shape
-    parts = cfg.get("split") or (splits(n, k, cfg, sm_count(weight.device))
+    parts = cfg.get("split") or (splits(n, k, cfg, launch.sm_count(weight.device))
                                  if weight.is_cuda else 1)
     return weight.stride(-1) == 1 and _tma_form(weight, weight, cfg, parts)
 
@@ -393,14 +393,6 @@ def _folded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 # for every narrow weight but LLaMA-7B's down_proj. FLOVER_SPLIT_K=1 turns it on (to measure
 # on other cards: `bench/decode_step.py --variants nosplit,split`, `bench/linear.py --splits`).
 SPLIT_K = os.environ.get("FLOVER_SPLIT_K", "0") == "1"
-_SMS: dict[torch.device, int] = {}
-
-
-def sm_count(device: torch.device) -> int:
-    if device not in _SMS:
-        _SMS[device] = (torch.cuda.get_device_properties(device).multi_processor_count
-                        if device.type == "cuda" else 1)
-    return _SMS[device]
 
 
 def splits(n: int, k: int, cfg: dict, sms: int) -> int:
@@ -466,7 +458,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         # weight tile up to 64 rows); the row tile itself, and so each row's arithmetic, is fixed
         m_tiles = min(cfg["max_m_tiles"], triton.cdiv(m, cfg["block_m"]))
         grid_m, grid_n = triton.cdiv(m, cfg["block_m"] * m_tiles), triton.cdiv(n, cfg["block_n"])
-        sms = sm_count(x.device)
+        sms = launch.sm_count(x.device)
         parts = cfg.get("split") or (splits(n, k, cfg, sms) if x.is_cuda else 1)
         if _tma_form(x2, weight, cfg, parts):
             _linear_tma(x2, weight, bias, y, yr, config)

@@ -43,8 +43,9 @@ operations and one packed float16 fma per two weights, instead of int -> float c
 in float32, then rounded once); int4's fma rounds q * s + m once where the reference rounds
 twice (float32, then float16). "bits" is the same trick in plain Triton (the interpreter runs
 it; it has no inline assembly); "float" goes through float32 (bfloat16, float32 activations),
-where the same trick in float32 (2^23 + q) takes the place of the int -> float conversions,
-a quarter-rate instruction ("cvt" keeps them, to compare: the same values, so the same bits).
+where int8's q is made by the same trick in float32 (2^23 + q) in place of an int -> float
+conversion ("cvt" keeps it, to compare: the same values, so the same bits; H100, bfloat16,
+int8: the llama_7b step 9% faster at B = 1). int4's q stays converted: the trick was no faster.
 """
 
 from __future__ import annotations
@@ -135,14 +136,11 @@ def _int4_weights(b, s, z, MODE: tl.constexpr, DT: tl.constexpr):
 @triton.jit
 def _nibble_weights(q, s, z, MODE: tl.constexpr, DT: tl.constexpr):
     """int4 values q in [0, 15] (any integer type) -> q * s + m in DT: "bits", the float16
-    trick and one fma; "float", through float32 (q by the float32 trick; "cvt": converted)."""
+    trick and one fma; "float" (and "cvt"), through float32, q converted."""
     if MODE == 1:
         v = (q.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
         return tl.fma(v, s, z)
-    elif MODE == 2:
-        v = (q.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        return (v * s.to(tl.float32) + z.to(tl.float32)).to(DT)
-    else:
+    else:  # "float" and "cvt" alike: the float32 trick was no faster here (docs/PERF.md)
         return (q.to(tl.float32) * s.to(tl.float32) + z.to(tl.float32)).to(DT)
 
 
@@ -481,13 +479,18 @@ def default_config(n: int, k: int, bits: int = 8) -> dict:
             "num_stages": 2, "max_m_tiles": 4, "dequant": "asm"}
 
 
-def tma_config(n: int, k: int, bits: int = 8) -> dict:
-    """Launch parameters of the TMA form, from the shape and bit width alone (never M): steps
-    of 256 weights (a TMA box's last axis spans 16 bytes or more: 8 scales), tiles of 64
-    outputs, K in four parts, 3 stages, two row tiles per program. Picked on an H100 by
-    `bench/quant_linear.py --tma-sweep` over LLaMA-7B's shapes at M = 1 and 32, both bit
-    widths (docs/PERF.md, "The mma order")."""
-    return {"block_n": 64, "block_k": 256, "split": 4, "num_warps": 4, "num_stages": 3,
+def tma_config(n: int, k: int, bits: int = 8, sms: int = 132) -> dict:
+    """Launch parameters of the TMA form, from the shape, the bit width and the device's
+    multiprocessors alone (never M): steps of 256 weights (a TMA box's last axis spans 16 bytes
+    or more: 8 scales), tiles of 64 outputs, 3 stages, two row tiles per program; K in four
+    parts where the weight has at most one tile of 64 outputs per multiprocessor, two where it
+    has up to two, else one (the parts' float32 sums cost little at M = 1 but up to a third of
+    the weight's bytes at M = 32). Picked on an H100 by `bench/quant_linear.py --tma-sweep`
+    over LLaMA-7B's shapes at M = 1 and 32, both bit widths (docs/PERF.md, "The mma order",
+    and session 10's per-shape sweep)."""
+    tiles = triton.cdiv(n, 64)
+    split = 4 if tiles <= sms else 2 if tiles <= 2 * sms else 1
+    return {"block_n": 64, "block_k": 256, "split": split, "num_warps": 4, "num_stages": 3,
             "max_m_tiles": 2, "dequant": "asm", "sum_in_kernel": False}
 
 
@@ -555,7 +558,7 @@ def _quant_mm_tma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     from triton.tools.tensor_descriptor import TensorDescriptor as TD
 
     (m, k), n = x.shape, qweight.shape[0]
-    cfg = tma_config(n, k, bits) | (config or {})
+    cfg = tma_config(n, k, bits, launch.sm_count(x.device)) | (config or {})
     mode = _mode(cfg, x)
     if x.data_ptr() % 16:
         x = x.clone()
