@@ -22,10 +22,11 @@ scales, mins and x reach shared memory by TMA, `num_stages` steps deep, so the l
 wait step by step. Read as 32-bit words, each thread's MMA fragments are 16 contiguous bytes
 (the K order left Triton two bytes per shared-memory load); the words are dequantised in
 registers and put back in K order by joins and a permute that move no data (`_int8_words`,
-`_int4_words`), so each step is one product in K order. Its K parts are summed in the same
-launch: each output tile's last part to arrive (a counter per tile, `launch.counters`) adds
-them and applies the epilogues, with `_sum_splits`'s arithmetic (`sum_in_kernel`; the pointer
-form keeps the second launch). LLaMA-7B on an H100: the TMA form on
+`_int4_words`), so each step is one product in K order. Its K parts can be summed in the
+same launch (`sum_in_kernel`): each output tile's last part to arrive (a counter per tile,
+`launch.counters`) adds them and applies the epilogues with `_sum_splits`'s arithmetic, the
+same bits; off, as the H100 measured it slower than the second launch in three of four steps
+(docs/PERF.md, "the parts' sum in the product's launch"). LLaMA-7B on an H100: the TMA form on
 the K order made a decode step's products 1.43x (int8) and 1.51x (int4) faster than this
 kernel's ("TMA forms" in docs/PERF.md); the mma order with its own tiles took the step a
 further 9% (int8) and 12% (int4) off at B = 1 ("The mma order").
@@ -484,10 +485,10 @@ def tma_config(n: int, k: int, bits: int = 8, sms: int = 132) -> dict:
     multiprocessors alone (never M): steps of 256 weights (a TMA box's last axis spans 16 bytes
     or more: 8 scales), tiles of 64 outputs, 3 stages, two row tiles per program; K in four
     parts where the weight has at most one tile of 64 outputs per multiprocessor, two where it
-    has up to two, else one (the parts' float32 sums cost little at M = 1 but up to a third of
-    the weight's bytes at M = 32). Picked on an H100 by `bench/quant_linear.py --tma-sweep`
-    over LLaMA-7B's shapes at M = 1 and 32, both bit widths (docs/PERF.md, "The mma order",
-    and session 10's per-shape sweep)."""
+    has up to two, else one (the parts' float32 sums cost little at M = 1; at M = 32 four
+    parts of gate_up write and read again half as many bytes as its int4 weight). Picked on
+    an H100 by `bench/quant_linear.py --tma-sweep` over LLaMA-7B's shapes at M = 1 and 32,
+    both bit widths (docs/PERF.md, "The mma order", and session 10's per-shape sweep)."""
     tiles = triton.cdiv(n, 64)
     split = 4 if tiles <= sms else 2 if tiles <= 2 * sms else 1
     return {"block_n": 64, "block_k": 256, "split": split, "num_warps": 4, "num_stages": 3,
