@@ -8,11 +8,10 @@ named "fp16" is the model in `--dtype` whichever it is. First checks the kernel 
 reference at the model's shapes. A width named with "-ptr" (int8-ptr, int4-ptr) runs with the
 TMA forms off (`launch.TMA`: the bytes stay in the K order, the pointer form reads them), one
 with "-unfused" with the residual add and SiLU * up as ops of their own
-(`fused.QUANT_EPILOGUES`), one with "-insum" with the TMA form's K parts summed in the
-product's own launch (`sum_in_kernel`, off by default), one with "-cvt" with the "float"
-dequantisation's q made by int -> float conversions instead of the float32 trick (bfloat16
-activations), one with "-s4" with K in four parts for every shape (session 9's configuration), to
-compare. `--config` is merged into both forms' launch configurations.
+(`fused.QUANT_EPILOGUES`), one with "-cvt" with the "float" dequantisation's q made by
+int -> float conversions instead of the float32 trick (bfloat16 activations), one with "-s4"
+with K in four parts for every shape (session 9's configuration), to compare. `--config` is
+merged into both forms' launch configurations.
 
     python3 bench/quant_decode_step.py --out quant_decode_step.json [--dtype bf16]
 """
@@ -86,8 +85,7 @@ def main() -> None:
         launch.TMA = shipped_tma and not quantization.endswith("-ptr")
         fused.QUANT_EPILOGUES = shipped_epilogues and not quantization.endswith("-unfused")
         quant_triton.tma_config = shipped_tma_config
-        extra = ({"sum_in_kernel": True} if quantization.endswith("-insum")
-                 else {"dequant": "cvt"} if quantization.endswith("-cvt")
+        extra = ({"dequant": "cvt"} if quantization.endswith("-cvt")
                  else {"split": 4} if quantization.endswith("-s4") else {})
         if extra:
             quant_triton.tma_config = lambda *a, extra=extra: shipped_tma_config(*a) | extra

@@ -37,13 +37,12 @@ PER_STEP = {"qkv": 32, "o": 32, "gate_up": 32, "down": 32, "head": 1}  # llama_7
 
 
 def tma_sweep_configs() -> list[dict]:
-    """The TMA form on the mma order: BLOCK_N, K parts and where they are summed (steps of 256,
-    3 stages, two row tiles; tiles of 128, steps of 512 and 4 stages lost in session 9's)."""
+    """The TMA form on the mma order: BLOCK_N and K parts (steps of 256, 3 stages, two row
+    tiles; tiles of 128, steps of 512 and 4 stages lost in session 9's sweep)."""
     return [{"mma": True, "bits": b, "block_n": bn, "block_k": bk, "num_stages": st,
-             "split": sp, "max_m_tiles": 2, "sum_in_kernel": inside}
-            for b, bn, bk, st, sp, inside in itertools.product(
-                (8, 4), (32, 64), (256,), (3,), (1, 2, 4, 8), (False, True))
-            if sp > 1 or not inside]
+             "split": sp, "max_m_tiles": 2}
+            for b, bn, bk, st, sp in itertools.product((8, 4), (32, 64), (256,), (3,),
+                                                       (1, 2, 4, 8))]
 
 
 def sweep_configs() -> list[dict]:
@@ -216,8 +215,7 @@ def main() -> None:
                 for r in mine:
                     for cfg, us in r[f"int{bits}_sweep"]:
                         key = " ".join(f"{k}={cfg[k]}" for k in ("block_n", "block_k",
-                                                                 "num_stages", "split",
-                                                                 "sum_in_kernel"))
+                                                                 "num_stages", "split"))
                         by_cfg[key] = by_cfg.get(key, 0.0) + us
                 key, us = min(by_cfg.items(), key=lambda kv: kv[1])
                 shipped = sum(r[f"int{bits}_us"] for r in mine)

@@ -323,28 +323,3 @@ def test_quant_mm_epilogues_are_bitwise_the_unfused_ops(bits, cfg, mma_order):
     assert gated.shape == (5, n // 2) and torch.equal(gated, silu_mul(y))
     assert quant_mm(x[:0], *w, **kw, gated=True).shape == (0, n // 2)
 
-
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("cfg", [{"split": 1, "block_n": 16}, {"split": 2, "block_n": 32},
-                                 {"split": 4, "block_n": 16, "max_m_tiles": 1}])
-def test_quant_mm_parts_summed_in_the_launch_are_bitwise_the_second_launchs(bits, cfg):
-    """The TMA form's parts summed by each tile's last part to arrive (`sum_in_kernel`, with the
-    residual add and SiLU * up, gate and up tiles counting together) against the same parts
-    summed by `_sum_splits` in a launch of its own: the same bits, for one and several row
-    tiles and programs of rows (M = 5, 70), and every counter left at zero."""
-    from flover.ops import launch, quant
-    from flover.ops.quant_triton import quant_mm
-
-    n, k = 64, 512  # gate and up of 32 outputs each: whole tiles of 16 and 32
-    gen = torch.Generator().manual_seed(bits * 3 + cfg["split"])
-    p = quant.quantize(torch.randn(n, k, generator=gen) * 0.05, bits, 32)
-    t = lambda a: None if a is None else a.to(DEVICE)  # noqa: E731
-    w = (t(quant.to_mma_order(p.qweight, bits)), t(p.scales), t(p.mins), bits, 32)
-    for m in (5, 70):
-        x = torch.randn(m, k, generator=gen).half().to(DEVICE)
-        r = torch.randn(m, n, generator=gen).half().to(DEVICE)
-        for kw in ({}, {"residual": r}, {"gated": True}):
-            inside = quant_mm(x, *w, config=cfg | {"sum_in_kernel": True}, mma_order=True, **kw)
-            apart = quant_mm(x, *w, config=cfg | {"sum_in_kernel": False}, mma_order=True, **kw)
-            assert torch.equal(inside, apart), (m, kw)
-    assert int(launch.counters(torch.device(DEVICE)).abs().sum()) == 0

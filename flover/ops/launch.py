@@ -1,5 +1,6 @@
 """Hopper launch features of the Triton kernels: programmatic dependent launch (PDL), and the
-switch of the products' TMA forms.
+switch of the products' TMA forms; and the device's multiprocessor count (`sm_count`), from
+which the products choose their K parts.
 
 In a CUDA graph each kernel normally starts only once the one before it has finished and its
 writes are flushed: the launch latency and the ramp of the first loads sit between every two
@@ -38,8 +39,6 @@ ENABLED = os.environ.get("FLOVER_PDL", "0") == "1"
 TMA = os.environ.get("FLOVER_TMA", "1") != "0"
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _CAPABLE: dict[int, bool] = {}
-COUNTER_SLOTS = 4096  # tiles one launch may count arrivals of
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
 _SMS: dict[torch.device, int] = {}
 
 
@@ -83,21 +82,6 @@ def prior(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-
-
-def counters(device: torch.device) -> torch.Tensor | None:
-    """The per-tile arrival counters of kernels whose K parts are programs of their own, the
-    last part of a tile to arrive adding them (`linear_triton._linear_kernel`'s SPLIT_GRID,
-    `quant_triton._quant_tma_kernel`'s SUM_IN): COUNTER_SLOTS zeros on `device`, left at
-    zero by every launch (the last part puts its tile's count back to 0, graph replays
-    included); launches on one stream, so one set serves every kernel. Made outside graph
-    capture only (a captured memset would not run before the first eager launch): None until
-    then, and launches sum the parts another way."""
-    if device not in _COUNTERS:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        _COUNTERS[device] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
-    return _COUNTERS[device]
 
 
 def sm_count(device: torch.device) -> int:

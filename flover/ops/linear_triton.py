@@ -393,6 +393,8 @@ def _folded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 # for every narrow weight but LLaMA-7B's down_proj. FLOVER_SPLIT_K=1 turns it on (to measure
 # on other cards: `bench/decode_step.py --variants nosplit,split`, `bench/linear.py --splits`).
 SPLIT_K = os.environ.get("FLOVER_SPLIT_K", "0") == "1"
+COUNTER_SLOTS = 4096  # tiles a SPLIT_GRID launch may count at once
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
 def splits(n: int, k: int, cfg: dict, sms: int) -> int:
@@ -421,6 +423,18 @@ def splits(n: int, k: int, cfg: dict, sms: int) -> int:
         if t < best_t - 1e-9:
             best, best_t = parts, t
     return best
+
+
+def _counters(device: torch.device) -> torch.Tensor | None:
+    """The per-tile arrival counters of SPLIT_GRID launches on `device`: zeros, and left at
+    zero by every launch (the tile's last part puts its count back to 0, graph replays
+    included). Made outside graph capture only (a captured memset would not run before the
+    first eager launch); None until then, and launches sum the parts themselves."""
+    if device not in _COUNTERS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        _COUNTERS[device] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
+    return _COUNTERS[device]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -467,8 +481,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         want = cfg.get("split_grid")
         if want is None:  # a choice of speed only: both ways give the same bits
             want = grid_m * grid_n < 4 * max(sms, 32)
-        cnt = (launch.counters(x.device)
-               if want and parts > 1 and grid_m * grid_n <= launch.COUNTER_SLOTS else None)
+        cnt = (_counters(x.device)
+               if want and parts > 1 and grid_m * grid_n <= COUNTER_SLOTS else None)
         split_grid = cnt is not None
         ws = (torch.empty((parts, m, n), dtype=torch.float32, device=x.device) if split_grid
               else y)

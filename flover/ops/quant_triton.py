@@ -22,11 +22,10 @@ scales, mins and x reach shared memory by TMA, `num_stages` steps deep, so the l
 wait step by step. Read as 32-bit words, each thread's MMA fragments are 16 contiguous bytes
 (the K order left Triton two bytes per shared-memory load); the words are dequantised in
 registers and put back in K order by joins and a permute that move no data (`_int8_words`,
-`_int4_words`), so each step is one product in K order. Its K parts can be summed in the
-same launch (`sum_in_kernel`): each output tile's last part to arrive (a counter per tile,
-`launch.counters`) adds them and applies the epilogues with `_sum_splits`'s arithmetic, the
-same bits; off, as the H100 measured it slower than the second launch in three of four steps
-(docs/PERF.md, "the parts' sum in the product's launch"). LLaMA-7B on an H100: the TMA form on
+`_int4_words`), so each step is one product in K order; its K parts are summed by
+`_sum_splits` as the pointer form's are (summing them in the product's own launch, the last
+part of a tile to arrive adding them, was slower on an H100 in three of four steps and is
+gone: docs/PERF.md, "the parts' sum in the product's launch"). LLaMA-7B on an H100: the TMA form on
 the K order made a decode step's products 1.43x (int8) and 1.51x (int4) faster than this
 kernel's ("TMA forms" in docs/PERF.md); the mma order with its own tiles took the step a
 further 9% (int8) and 12% (int4) off at B = 1 ("The mma order").
@@ -356,72 +355,45 @@ def _store(Y, acc, rm, rn, M, N, stride_ym):
 
 
 @triton.jit
-def _parts_epilogue(src, dst, res, mask, MN, NO, SPLIT: tl.constexpr, HAS_RES: tl.constexpr,
-                    GATED: tl.constexpr):
-    """dst = src[0] + src[MN] + ... (float32 partials, added in part order), rounded to dst's
-    dtype, for a block of pointers of any shape. Epilogues, each rounded as the unfused
-    sequence rounds: HAS_RES: + res (y rounded first, as `r + y` does); GATED (src's gate
-    columns, their up columns NO further): silu(gate) * up, as `fused_triton.silu_mul`
-    computes it. The partials are read past L1 (other multiprocessors may have written them)."""
-    dt = dst.dtype.element_ty
-    acc = tl.load(src, mask=mask, other=0.0, cache_modifier=".cg")
+def _sum_splits(P, Y, R, M, N, NO, stride_ym, stride_rm, SPLIT: tl.constexpr,
+                BLOCK: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr):
+    """y = P[0] + P[1] + ... in that order (float32), in y's dtype [M, NO]. Epilogues, each
+    rounded as the unfused sequence rounds: HAS_RES: + R (y rounded first, as `r + y` does);
+    GATED (N = 2 NO, gate then up): silu(gate) * up, as `fused_triton.silu_mul` computes it."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < M * NO
+    row, col = i // NO, i % NO
+    dt = Y.dtype.element_ty
+    src = P + row * N + col  # P [SPLIT, M, N], contiguous
+    acc = tl.load(src, mask=mask, other=0.0)
     for j in tl.static_range(1, SPLIT):
-        acc += tl.load(src + j * MN, mask=mask, other=0.0, cache_modifier=".cg")
+        acc += tl.load(src + j * M * N, mask=mask, other=0.0)
     y = acc.to(dt)
     if GATED:
-        up = tl.load(src + NO, mask=mask, other=0.0, cache_modifier=".cg")
+        up = tl.load(src + NO, mask=mask, other=0.0)
         for j in tl.static_range(1, SPLIT):
-            up += tl.load(src + NO + j * MN, mask=mask, other=0.0, cache_modifier=".cg")
+            up += tl.load(src + NO + j * M * N, mask=mask, other=0.0)
         g = y.to(tl.float32)
         act = (g / (1.0 + tl.exp(-g))).to(dt)
         y = (act.to(tl.float32) * up.to(dt).to(tl.float32)).to(dt)
     if HAS_RES:
-        r = tl.load(res, mask=mask, other=0.0)
+        r = tl.load(R + row * stride_rm + col, mask=mask, other=0.0)
         y = (y.to(tl.float32) + r.to(tl.float32)).to(dt)
-    tl.store(dst, y, mask=mask)
+    tl.store(Y + row * stride_ym + col, y, mask=mask)
 
 
 @triton.jit
-def _sum_splits(P, Y, R, M, N, NO, stride_ym, stride_rm, SPLIT: tl.constexpr,
-                BLOCK: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr):
-    """y [M, NO] from the partials P [SPLIT, M, N] (`_parts_epilogue`), a flat block of
-    outputs per program."""
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    row, col = i // NO, i % NO
-    _parts_epilogue(P + row * N + col, Y + row * stride_ym + col, R + row * stride_rm + col,
-                    i < M * NO, M * N, NO, SPLIT, HAS_RES, GATED)
-
-
-@triton.jit
-def _sum_tile(P, Y, R, rm, cn, M, N, NO, stride_ym, stride_rm, SPLIT: tl.constexpr,
-              HAS_RES: tl.constexpr, GATED: tl.constexpr):
-    """y's rows rm and output columns cn from the partials P [SPLIT, M, N] (`_parts_epilogue`):
-    the same arithmetic per output as `_sum_splits`, so the same bits."""
-    _parts_epilogue(P + rm[:, None] * N + cn[None, :], Y + rm[:, None] * stride_ym + cn[None, :],
-                    R + rm[:, None] * stride_rm + cn[None, :],
-                    (rm < M)[:, None] & (cn < NO)[None, :], M * N, NO, SPLIT, HAS_RES, GATED)
-
-
-@triton.jit
-def _quant_tma_kernel(XD, QD, SD, ZD, P, Y, R, CNT, M, N, NO, K, KS, stride_ym, stride_rm,
+def _quant_tma_kernel(XD, QD, SD, ZD, Y, M, N, K, KS, stride_ym,
                       BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, M_TILES: tl.constexpr,
-                      MODE: tl.constexpr, SUM_IN: tl.constexpr, HAS_RES: tl.constexpr,
-                      GATED: tl.constexpr):
+                      MODE: tl.constexpr):
     """The Hopper form (groups of 32, float16 / bfloat16 activations, weights in the mma
     order): every operand of a K step (packed weights as 32-bit words, scales, mins, x)
     brought into shared memory by TMA, `num_stages` steps deep, where `_quant_mm_kernel`
     waits on each step's loads. Program (row tiles, N tile, part of K): per step one product
     of the dequantised tile [BLOCK_N, BLOCK_K] (K order) with each row tile's x, each into
-    its own y^T accumulator, stored to P (y, or with SPLIT > 1 the float32 partials
-    [SPLIT, M, N]).
-
-    SUM_IN: the parts' sum in this launch. Each program stores its partials and counts its
-    arrival (CNT, a counter per output tile: with GATED the gate tile's and its up tile's,
-    NO / BLOCK_N tiles further, count together); the tile's last arrival puts the count back
-    to 0 and writes y [M, NO] to Y with the epilogues (`_sum_tile`, the same bits as
-    `_sum_splits`, which a second launch runs otherwise)."""
-    DT = XD.dtype  # x's (P may be the float32 partial sums)
+    its own y^T accumulator."""
+    DT = XD.dtype  # x's (Y may be the float32 partial sums)
     m0 = tl.program_id(0) * (M_TILES * BLOCK_M)
     n0 = tl.program_id(1) * BLOCK_N
     k_lo = tl.program_id(2) * KS
@@ -449,22 +421,7 @@ def _quant_tma_kernel(XD, QD, SD, ZD, P, Y, R, CNT, M, N, NO, K, KS, stride_ym, 
             acc3 = tl.dot(w, tl.trans(XD.load([m0 + 3 * BLOCK_M, kb])), acc3)
     r0 = m0 + tl.arange(0, BLOCK_M)
     rn = n0 + tl.arange(0, BLOCK_N)
-    _store_tiles(P, acc0, acc1, acc2, acc3, r0, rn, M, N, N, SPLIT, M_TILES, BLOCK_M)
-    if SUM_IN:
-        tl.debug_barrier()  # every thread's partials stored before the count says so
-        tiles = tl.num_programs(1)
-        if GATED:
-            tiles = tiles // 2
-        nt = tl.program_id(1) % tiles
-        arrivals = SPLIT * 2 if GATED else SPLIT
-        cnt = CNT + tl.program_id(0) * tiles + nt
-        if tl.atomic_add(cnt, 1, sem="acq_rel") == arrivals - 1:
-            tl.atomic_xchg(cnt, 0)  # ready for the next launch (graph replays too)
-            cn = nt * BLOCK_N + tl.arange(0, BLOCK_N)
-            rm = m0 + tl.arange(0, BLOCK_M)
-            for t in tl.static_range(M_TILES):
-                _sum_tile(P, Y, R, rm + t * BLOCK_M, cn, M, N, NO, stride_ym, stride_rm, SPLIT,
-                          HAS_RES, GATED)
+    _store_tiles(Y, acc0, acc1, acc2, acc3, r0, rn, M, N, stride_ym, SPLIT, M_TILES, BLOCK_M)
 
 
 def default_config(n: int, k: int, bits: int = 8) -> dict:
@@ -489,10 +446,11 @@ def tma_config(n: int, k: int, bits: int = 8, sms: int = 132) -> dict:
     parts of gate_up write and read again half as many bytes as its int4 weight). Picked on
     an H100 by `bench/quant_linear.py --tma-sweep` over LLaMA-7B's shapes at M = 1 and 32,
     both bit widths (docs/PERF.md, "The mma order", and session 10's per-shape sweep)."""
-    tiles = triton.cdiv(n, 64)
+    block_n = 64
+    tiles = triton.cdiv(n, block_n)
     split = 4 if tiles <= sms else 2 if tiles <= 2 * sms else 1
-    return {"block_n": 64, "block_k": 256, "split": split, "num_warps": 4, "num_stages": 3,
-            "max_m_tiles": 2, "dequant": "asm", "sum_in_kernel": False}
+    return {"block_n": block_n, "block_k": 256, "split": split, "num_warps": 4, "num_stages": 3,
+            "max_m_tiles": 2, "dequant": "asm"}
 
 
 def _interpreted() -> bool:
@@ -574,24 +532,9 @@ def _quant_mm_tma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     m_tiles = min(cfg["max_m_tiles"], triton.cdiv(m, bm))
     grid = (triton.cdiv(m, bm * m_tiles), triton.cdiv(n, bn), split)
     out = _partials(x, n, split)
-    no = n // 2 if gated else n
-    # the parts' sum in the launch where it can be: more than one part, or an epilogue that a
-    # tile cannot apply alone (gate and up are other tiles); each output tile its counter
-    cnt = None
-    if cfg["sum_in_kernel"] and (split > 1 or gated or residual is not None) and (
-            not gated or no % bn == 0) and grid[0] * triton.cdiv(no, bn) <= launch.COUNTER_SLOTS:
-        cnt = launch.counters(x.device)
-    if cnt is not None and split == 1:
-        out = torch.empty(1, m, n, dtype=torch.float32, device=x.device)  # partials, to sum
-    y = torch.empty(m, no, dtype=x.dtype, device=x.device) if cnt is not None else out
-    r = residual if residual is not None else y
-    _quant_tma_kernel[grid](xd, qd, sd, zd, out, y, r, cnt if cnt is not None else y,
-                            m, n, no, k, ks, y.stride(0), r.stride(0), BITS=bits, BLOCK_M=bm,
-                            BLOCK_N=bn, BLOCK_K=bk, SPLIT=split, M_TILES=m_tiles, MODE=mode,
-                            SUM_IN=cnt is not None, HAS_RES=residual is not None, GATED=gated,
+    _quant_tma_kernel[grid](xd, qd, sd, zd, out, m, n, k, ks, n, BITS=bits, BLOCK_M=bm, BLOCK_N=bn,
+                            BLOCK_K=bk, SPLIT=split, M_TILES=m_tiles, MODE=mode,
                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if cnt is not None:
-        return y
     return _sum_parts(out, x.dtype, split, residual, gated)
 
 
