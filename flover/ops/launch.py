@@ -13,7 +13,10 @@ first in each such kernel, is that wait.
 
 Off by default: on an H100 (docs/PERF.md, "Split-K and PDL") the LLaMA-7B and 13B decode steps
 were within 0.7% of the same step without it, so nothing measured pays for it yet; the
-engine's bitwise tests pass with it on (FLOVER_PDL=1).
+engine's bitwise tests pass with it on (FLOVER_PDL=1). That was before the products' TMA
+forms, which since 2026-12-08 take part too (each asking for its first weight tiles in L2
+with `prefetch_l2` before it waits), and whether a CUDA graph keeps the programmatic edges
+was never checked: bench/pdl_probe.py measures both (docs/PERF.md, session 11).
 
 `ENABLED` is the switch (`set_enabled`; FLOVER_PDL=1 or 0 in the environment sets it at
 import); `enabled(x)` says whether a launch on x's device uses it: never on the CPU or under
@@ -82,6 +85,25 @@ def prior(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def prefetch_l2(P, rows, stride, mask, lo, hi, LINES: tl.constexpr, LINE: tl.constexpr):
+    """Ask for elements [lo, lo + LINES * LINE) (up to hi) of P's rows `rows` (where mask) in
+    L2, one prefetch per line of LINE elements (128 bytes): issued before `prior`'s wait, they
+    load while the kernel before still runs (a weight does not depend on it). A hint: nothing
+    waits for it, and L2 is where every SM's reads and writes meet, so it reads nothing stale."""
+    rl = lo + tl.arange(0, LINES) * LINE
+    ok = mask[:, None] & (rl < hi)[None, :]
+    off = tl.where(ok, rows.to(tl.int64)[:, None] * stride + rl[None, :], 0)
+    tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;",
+                              "=r,l", [P + off], dtype=tl.int32, is_pure=False, pack=1)
+
+
+def prefetch_lines(nbytes: int) -> int:
+    """`prefetch_l2`'s LINES for a span of nbytes a row: 128-byte lines, a power of two (at
+    least one)."""
+    return triton.next_power_of_2(max(1, -(-nbytes // 128)))
 
 
 def sm_count(device: torch.device) -> int:

@@ -127,19 +127,6 @@ def _parts_sum(WS, rm, rn, M, N, SPLITS: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_l2(W, rn, sw_n, mask_n, k_lo, k_hi, STEPS: tl.constexpr, BLOCK_K: tl.constexpr,
-                 LINE: tl.constexpr):
-    """Ask for the first STEPS weight tiles of this program's part [k_lo, k_hi) in L2, one
-    prefetch per 128-byte line (LINE elements): issued before the PDL wait, they load while
-    the kernel before still runs. A prefetch is a hint: nothing waits for it."""
-    rl = k_lo + tl.arange(0, STEPS * BLOCK_K // LINE) * LINE
-    ok = mask_n[:, None] & (rl < k_hi)[None, :]
-    off = tl.where(ok, rn.to(tl.int64)[:, None] * sw_n + rl[None, :], 0)
-    tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;",
-                              "=r,l", [W + off], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _linear_kernel(X, W, B, Y, YR, WS, CNT, M, N, K, KS, sx_m, sw_n, sy_m, syr_m,
                    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, M_TILES: tl.constexpr,
                    HAS_RES: tl.constexpr, SPLITS: tl.constexpr, SPLIT_GRID: tl.constexpr,
@@ -164,8 +151,8 @@ def _linear_kernel(X, W, B, Y, YR, WS, CNT, M, N, K, KS, sx_m, sw_n, sy_m, syr_m
     if SPLIT_GRID:
         part = tl.program_id(2)
     if PREFETCH > 0:
-        _prefetch_l2(W, rn, sw_n, mask_n, part * KS, tl.minimum(part * KS + KS, K), PREFETCH,
-                     BLOCK_K, LINE)
+        launch.prefetch_l2(W, rn, sw_n, mask_n, part * KS, tl.minimum(part * KS + KS, K),
+                           PREFETCH * BLOCK_K // LINE, LINE)
     launch.prior(PDL)
     store = True
     if SPLIT_GRID:
@@ -247,9 +234,10 @@ def _gated_store(Y, B, acc, up, rm, rn, M, NI, sy_m, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
-def _linear_tma_kernel(XD, WD, B, Y, YR, M, N, K, NI, sy_m, syr_m, eps,
+def _linear_tma_kernel(XD, WD, W, B, Y, YR, M, N, K, NI, sw_n, sy_m, syr_m, eps,
                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RMS: tl.constexpr,
-                       GATED: tl.constexpr, M_TILES: tl.constexpr,
+                       GATED: tl.constexpr, M_TILES: tl.constexpr, PDL: tl.constexpr,
+                       PREFETCH: tl.constexpr, LINE: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The Hopper form (float16 / bfloat16, one part): y^T = W x^T, the weight
     tile [BLOCK_N, BLOCK_K] the MMA's left operand, both operands brought into shared memory
@@ -264,11 +252,21 @@ def _linear_tma_kernel(XD, WD, B, Y, YR, M, N, K, NI, sy_m, syr_m, eps,
     sum of squares is taken from the x tiles the product reads, and its sums are scaled by
     its 1 / rms before the epilogue: the norm costs no launch and no pass of its own.
     GATED: W is [2 NI, K] (gate then up); a program takes the gate tile at n0 and the up tile
-    at NI + n0 and stores silu(gate) * up [M, NI]: the activation costs no launch either."""
+    at NI + n0 and stores silu(gate) * up [M, NI]: the activation costs no launch either.
+
+    PDL: the program asks for its first PREFETCH weight tiles in L2 (W, the weight's pointer,
+    rows sw_n apart), then waits for the kernel before it (`launch.prior`)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     m0 = pid_m * (M_TILES * BLOCK_M)
     n0 = pid_n * BLOCK_N
+    if PREFETCH > 0:
+        rw = n0 + tl.arange(0, BLOCK_N)
+        launch.prefetch_l2(W, rw, sw_n, rw < N, 0, K, PREFETCH * BLOCK_K // LINE, LINE)
+        if GATED:
+            launch.prefetch_l2(W, NI + rw, sw_n, NI + rw < N, 0, K, PREFETCH * BLOCK_K // LINE,
+                               LINE)
+    launch.prior(PDL)
     acc0 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     up0 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -316,7 +314,7 @@ def tma_config(epilogue: str | None = None) -> dict:
     (docs/PERF.md, "TMA forms"). With the norm ("rms") or the norm and SiLU * up ("gated") as
     the epilogue, the K steps of `EPILOGUE_TILES`."""
     cfg = {"block_m": 16, "block_n": 64, "block_k": 256, "num_warps": 4, "num_stages": 4,
-           "max_m_tiles": 2}
+           "max_m_tiles": 2, "prefetch": 4}
     return cfg | EPILOGUE_TILES[epilogue] if epilogue else cfg
 
 
@@ -361,14 +359,16 @@ def _linear_tma(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg["block_k"]
     m_tiles = min(cfg["max_m_tiles"], 2, triton.cdiv(m, bm))
     grid = (triton.cdiv(m, bm * m_tiles), triton.cdiv(n // 2 if gated else n, bn))
+    pdl = launch.enabled(x2)
     _linear_tma_kernel[grid](
         TensorDescriptor.from_tensor(x2, [bm, bk]), TensorDescriptor.from_tensor(weight, [bn, bk]),
-        bias if bias is not None else weight, y, yr if yr is not None else y, m, n, k, n // 2,
-        y.stride(0), yr.stride(0) if yr is not None else 0,
+        weight, bias if bias is not None else weight, y, yr if yr is not None else y, m, n, k,
+        n // 2, weight.stride(0), y.stride(0), yr.stride(0) if yr is not None else 0,
         rms_eps if rms_eps is not None else 0.0,
         HAS_BIAS=bias is not None, HAS_RES=yr is not None, RMS=rms_eps is not None,
-        GATED=gated, M_TILES=m_tiles, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        GATED=gated, M_TILES=m_tiles, PDL=pdl, PREFETCH=cfg["prefetch"] if pdl else 0,
+        LINE=128 // weight.element_size(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch.options(pdl))
 
 
 def _folded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

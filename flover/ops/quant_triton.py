@@ -30,6 +30,14 @@ the K order made a decode step's products 1.43x (int8) and 1.51x (int4) faster t
 kernel's ("TMA forms" in docs/PERF.md); the mma order with its own tiles took the step a
 further 9% (int8) and 12% (int4) off at B = 1 ("The mma order").
 
+A part's length KS is a constexpr, so its K loop has a fixed trip count (the last part's steps
+past K read zeros by TMA, which add nothing): with a runtime end the loop could run zero times,
+the path around it set the accumulators with plain moves, and ptxas then serialised every
+warpgroup MMA of the loop (its info C7515: each wgmma waiting for the one before, 16 MMA
+latencies a step). tests/test_sm90_codegen.py compiles the kernel for sm_90a and fails on it.
+With PDL (`flover.ops.launch`) a program first asks for its part's leading weights in L2, then
+waits for the kernel before it; `_sum_splits` waits too.
+
 Batch invariance: the split, the tile sizes, the read-ahead, warps and stages come from N, K
 and the bit width alone; each part walks its K range in order into one float32 accumulator
 per 16 rows of x, and the parts are summed in a fixed order. A program takes up to four
@@ -356,10 +364,12 @@ def _store(Y, acc, rm, rn, M, N, stride_ym):
 
 @triton.jit
 def _sum_splits(P, Y, R, M, N, NO, stride_ym, stride_rm, SPLIT: tl.constexpr,
-                BLOCK: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr):
+                BLOCK: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr,
+                PDL: tl.constexpr):
     """y = P[0] + P[1] + ... in that order (float32), in y's dtype [M, NO]. Epilogues, each
     rounded as the unfused sequence rounds: HAS_RES: + R (y rounded first, as `r + y` does);
     GATED (N = 2 NO, gate then up): silu(gate) * up, as `fused_triton.silu_mul` computes it."""
+    launch.prior(PDL)
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < M * NO
     row, col = i // NO, i % NO
@@ -383,23 +393,37 @@ def _sum_splits(P, Y, R, M, N, NO, stride_ym, stride_rm, SPLIT: tl.constexpr,
 
 
 @triton.jit
-def _quant_tma_kernel(XD, QD, SD, ZD, Y, M, N, K, KS, stride_ym,
+def _quant_tma_kernel(XD, QD, SD, ZD, Q, S, Z, Y, M, N, K, stride_ym, KS: tl.constexpr,
                       BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, M_TILES: tl.constexpr,
-                      MODE: tl.constexpr):
+                      MODE: tl.constexpr, PDL: tl.constexpr, QLINES: tl.constexpr,
+                      SLINES: tl.constexpr):
     """The Hopper form (groups of 32, float16 / bfloat16 activations, weights in the mma
     order): every operand of a K step (packed weights as 32-bit words, scales, mins, x)
     brought into shared memory by TMA, `num_stages` steps deep, where `_quant_mm_kernel`
     waits on each step's loads. Program (row tiles, N tile, part of K): per step one product
     of the dequantised tile [BLOCK_N, BLOCK_K] (K order) with each row tile's x, each into
-    its own y^T accumulator."""
+    its own y^T accumulator.
+
+    PDL: the program first asks for its part's leading packed weights (QLINES lines of 128
+    bytes a row; Q, S, Z are the tensors' pointers) and scales and mins (SLINES lines) in
+    L2, then waits for the kernel before it (`launch.prior`)."""
     DT = XD.dtype  # x's (Y may be the float32 partial sums)
     m0 = tl.program_id(0) * (M_TILES * BLOCK_M)
     n0 = tl.program_id(1) * BLOCK_N
     k_lo = tl.program_id(2) * KS
+    if QLINES > 0:
+        rw = n0 + tl.arange(0, BLOCK_N)
+        k_hi = tl.minimum(k_lo + KS, K)
+        launch.prefetch_l2(Q, rw, K * BITS // 8, rw < N, k_lo * BITS // 8, k_hi * BITS // 8,
+                           QLINES, 128)
+        launch.prefetch_l2(S, rw, K // 32, rw < N, k_lo // 32, k_hi // 32, SLINES, 64)
+        if BITS == 4:
+            launch.prefetch_l2(Z, rw, K // 32, rw < N, k_lo // 32, k_hi // 32, SLINES, 64)
+    launch.prior(PDL)
     acc0 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T
     acc1, acc2, acc3 = acc0, acc0, acc0
-    for kb in range(k_lo, tl.minimum(k_lo + KS, K), BLOCK_K):
+    for kb in range(k_lo, k_lo + KS, BLOCK_K):  # a fixed trip count: past K, TMA reads zeros
         s = SD.load([n0, kb // 32])
         if BITS == 8:
             wq = tl.reshape(QD.load([n0, kb // 4]), (BLOCK_N, BLOCK_K // 64, 4, 4))
@@ -450,7 +474,7 @@ def tma_config(n: int, k: int, bits: int = 8, sms: int = 132) -> dict:
     tiles = triton.cdiv(n, block_n)
     split = 4 if tiles <= sms else 2 if tiles <= 2 * sms else 1
     return {"block_n": block_n, "block_k": 256, "split": split, "num_warps": 4, "num_stages": 3,
-            "max_m_tiles": 2, "dequant": "asm"}
+            "max_m_tiles": 2, "dequant": "asm", "prefetch": 4}
 
 
 def _interpreted() -> bool:
@@ -491,9 +515,10 @@ def _sum_parts(out: torch.Tensor, dtype: torch.dtype, split: int,
     no = n // 2 if gated else n
     y = torch.empty(m, no, dtype=dtype, device=out.device)
     r = residual if residual is not None else y
+    pdl = launch.enabled(out)
     _sum_splits[(triton.cdiv(m * no, 1024),)](out, y, r, m, n, no, y.stride(0), r.stride(0),
                                               SPLIT=split, BLOCK=1024, HAS_RES=residual is not None,
-                                              GATED=gated)
+                                              GATED=gated, PDL=pdl, **launch.options(pdl))
     return y
 
 
@@ -532,9 +557,15 @@ def _quant_mm_tma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     m_tiles = min(cfg["max_m_tiles"], triton.cdiv(m, bm))
     grid = (triton.cdiv(m, bm * m_tiles), triton.cdiv(n, bn), split)
     out = _partials(x, n, split)
-    _quant_tma_kernel[grid](xd, qd, sd, zd, out, m, n, k, ks, n, BITS=bits, BLOCK_M=bm, BLOCK_N=bn,
-                            BLOCK_K=bk, SPLIT=split, M_TILES=m_tiles, MODE=mode,
-                            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    pdl = launch.enabled(x)
+    steps = min(cfg["prefetch"], ks // bk) if pdl else 0
+    _quant_tma_kernel[grid](xd, qd, sd, zd, qweight, scales, mins if mins is not None else scales,
+                            out, m, n, k, n, KS=ks, BITS=bits, BLOCK_M=bm, BLOCK_N=bn,
+                            BLOCK_K=bk, SPLIT=split, M_TILES=m_tiles, MODE=mode, PDL=pdl,
+                            QLINES=launch.prefetch_lines(steps * bk * bits // 8) if steps else 0,
+                            SLINES=launch.prefetch_lines(steps * bk // 16),
+                            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                            **launch.options(pdl))
     return _sum_parts(out, x.dtype, split, residual, gated)
 
 
