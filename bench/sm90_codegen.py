@@ -1,0 +1,139 @@
+"""The Hopper (sm_90a) machine code of the products' TMA forms, read without a GPU.
+
+Compiles `quant_triton._quant_tma_kernel` and `linear_triton._linear_tma_kernel` in the
+configurations the decode step launches, for sm_90a, with the installed triton, then runs its
+ptxas with -v on the PTX: registers, spills, shared memory, and whether ptxas serialised the
+warpgroup MMAs (its info C7515, "wgmma.mma_async instructions are serialized"): each wgmma
+then waits for the one before it to finish, a whole MMA latency per 16 K of every step.
+
+Why it matters: until 2026-12-08 the int8 / int4 kernel's K loop ran from a runtime start to a
+runtime end, so it could run zero times, and the path that skips it set the accumulators to
+zero with plain moves; ptxas then serialised every wgmma of the loop (C7515). Its part's length
+is now a constexpr (a fixed trip count; steps past K read zeros by TMA) and the info is gone
+(triton 3.6 with CUDA 12.8's ptxas, and triton 3.9 with 13.4's). tests/test_sm90_codegen.py
+runs this and fails on C7515 or a spill.
+
+    python3 bench/sm90_codegen.py [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from flover.ops import launch
+from flover.ops.linear_triton import EPILOGUE_TILES, _linear_tma_kernel, tma_config
+from flover.ops.quant_triton import BLOCK_M, _quant_tma_kernel
+from flover.ops.quant_triton import tma_config as quant_tma_config
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def ptxas_path() -> str:
+    from triton.backends.nvidia import compiler
+
+    try:
+        return compiler.get_ptxas(90).path  # triton 3.9: ptxas-blackwell past sm_90
+    except TypeError:
+        return compiler.get_ptxas().path  # triton 3.6
+
+
+def compile_report(name: str, fn, signature: dict, constants: dict, num_warps: int,
+                   num_stages: int) -> dict:
+    """Compile fn for sm_90a; ptxas -v's registers, spills, and C7515 on its PTX."""
+    sig = dict(signature) | {k: "constexpr" for k in constants}
+    kernel = triton.compile(ASTSource(fn, sig, constants), target=TARGET,
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    ptx = kernel.asm["ptx"]
+    arch = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([ptxas_path(), f"-arch={arch}", "-v", src, "-o",
+                              os.path.join(d, "k.cubin")], capture_output=True, text=True)
+    log = out.stdout + out.stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
+    return {"kernel": name, "arch": arch, "ptxas_rc": out.returncode,
+            "registers": int(regs.group(1)) if regs else None, "spill_bytes": sum(spills),
+            "shared_bytes": kernel.metadata.shared,
+            "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
+            "wgmma_serialized": "C7515" in log,
+            "log": [line for line in log.splitlines() if "C7515" in line or "error" in line]}
+
+
+def quant_cases() -> list[tuple]:
+    """LLaMA-7B's qkv at M = 1 and 32, in float16 (the "asm" dequantisation) and bfloat16
+    ("float"), both widths; launched as `quant_triton._quant_mm_tma` does, with PDL."""
+    cases = []
+    for bits in (4, 8):
+        cfg = quant_tma_config(12288, 4096, bits)
+        bn, bk = cfg["block_n"], cfg["block_k"]
+        ks = triton.cdiv(4096 // bk, cfg["split"]) * bk
+        steps = min(cfg["prefetch"], ks // bk)
+        for dt, mode in (("fp16", 0), ("bf16", 2)):
+            for m_tiles in (1, 2):
+                sig = {"XD": f"tensordesc<{dt}[{BLOCK_M},{bk}]>",
+                       "QD": f"tensordesc<i32[{bn},{bk * bits // 32}]>",
+                       "SD": f"tensordesc<fp16[{bn},{bk // 32}]>",
+                       "ZD": f"tensordesc<fp16[{bn},{bk // 32}]>", "Q": "*u8", "S": "*fp16",
+                       "Z": "*fp16", "Y": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+                       "stride_ym": "i32"}
+                const = {"KS": ks, "BITS": bits, "BLOCK_M": BLOCK_M, "BLOCK_N": bn,
+                         "BLOCK_K": bk, "SPLIT": cfg["split"], "M_TILES": m_tiles, "MODE": mode,
+                         "PDL": True, "QLINES": launch.prefetch_lines(steps * bk * bits // 8),
+                         "SLINES": launch.prefetch_lines(steps * bk // 16)}
+                cases.append((f"quant int{bits} {dt} m_tiles={m_tiles}", _quant_tma_kernel, sig,
+                              const, cfg["num_warps"], cfg["num_stages"]))
+    return cases
+
+
+def linear_cases() -> list[tuple]:
+    """The float16 linear's TMA form as the step launches it: plain with the residual
+    epilogue, and the folded forms (the norm; the norm and SiLU * up)."""
+    cases = []
+    for label, epilogue, res, rms, gated in (("residual", None, True, False, False),
+                                             ("rms", "rms", False, True, False),
+                                             ("rms+gated", "gated", False, True, True)):
+        cfg = tma_config(epilogue)
+        if epilogue:
+            assert cfg["block_k"] == EPILOGUE_TILES[epilogue]["block_k"]
+        bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg["block_k"]
+        sig = {"XD": f"tensordesc<fp16[{bm},{bk}]>", "WD": f"tensordesc<fp16[{bn},{bk}]>",
+               "W": "*fp16", "B": "*fp16", "Y": "*fp16", "YR": "*fp16", "M": "i32", "N": "i32",
+               "K": "i32", "NI": "i32", "sw_n": "i32", "sy_m": "i32", "syr_m": "i32",
+               "eps": "fp32"}
+        const = {"HAS_BIAS": False, "HAS_RES": res, "RMS": rms, "GATED": gated, "M_TILES": 2,
+                 "PDL": True, "PREFETCH": cfg["prefetch"], "LINE": 64, "BLOCK_M": bm,
+                 "BLOCK_N": bn, "BLOCK_K": bk}
+        cases.append((f"linear {label}", _linear_tma_kernel, sig, const, cfg["num_warps"],
+                      cfg["num_stages"]))
+    return cases
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="one JSON list on stdout")
+    args = ap.parse_args()
+    rows = [compile_report(*case) for case in quant_cases() + linear_cases()]
+    if args.json:
+        print(json.dumps(rows))
+        return
+    print(f"triton {triton.__version__}, ptxas {ptxas_path()}")
+    for r in rows:
+        print(f"{r['kernel']:32s} {r['arch']:7s} regs {r['registers']!s:>4} spills "
+              f"{r['spill_bytes']:4d} B  shared {r['shared_bytes']:7d} B  wgmma {r['wgmma']:3d}  "
+              f"serialised {r['wgmma_serialized']}")
+
+
+if __name__ == "__main__":
+    main()
