@@ -14,7 +14,9 @@ process: `nosplit` (the linear kernel's K in one part), `split` (in `linear_trit
 parts), `pdl` (split, and the kernels of the step launched with programmatic dependent launch,
 the linear kernel asking for its first weight tiles in L2 before it waits), `pdl-noprefetch`;
 `tma` and `ptr` (the products' Hopper TMA forms on, off: `launch.TMA`), both with the
-RMSNorm and SiLU in kernels of their own; `fold` (the TMA forms with the norm folded into the
+RMSNorm and SiLU in kernels of their own; `tma-pdl` (the TMA forms with every Triton kernel
+of the step launched with PDL, each product asking for its first weight tiles in L2 before it
+waits) and `tma-pdl-noprefetch`; `fold` (the TMA forms with the norm folded into the
 next product, the norm and SiLU * up as its epilogue: `fused.FOLDED`) and `fold-rms256` (qkv's
 norm epilogue with the plain form's K steps: `linear_triton.EPILOGUE_TILES`); `split64`,
 `split32`, `split64-n32`, `split256-n32` (attention's fixed split length,
@@ -81,6 +83,8 @@ VARIANTS = {  # name: the switches it sets (`_SHIPPED`'s names); the others as s
     "pdl-nosplit": {"pdl": True}, "pdl-prefetch2": {"split": True, "pdl": True, "prefetch": 2},
     "pdl-prefetch8": {"split": True, "pdl": True, "prefetch": 8},
     "ptr": {"tma": False, "folded": False}, "tma": {"tma": True, "folded": False},
+    "tma-pdl": {"tma": True, "folded": False, "pdl": True},
+    "tma-pdl-noprefetch": {"tma": True, "folded": False, "pdl": True, "prefetch": 0},
     "fold": {"tma": True, "folded": True},
     "fold-rms256": {"tma": True, "folded": True, "epilogue_tiles": {
         "rms": {"block_k": 256, "num_stages": 4}, "gated": {"block_k": 128, "num_stages": 3}}},
@@ -93,6 +97,7 @@ VARIANTS = {  # name: the switches it sets (`_SHIPPED`'s names); the others as s
 
 
 _DEFAULT_LINEAR = linear_triton.default_config
+_DEFAULT_TMA = linear_triton.tma_config
 _DEFAULT_ATTENTION = attention_triton.default_config
 _SHIPPED = {"split": linear_triton.SPLIT_K, "pdl": launch.ENABLED, "prefetch": None,
             "tma": launch.TMA, "folded": fused.FOLDED,  # as imported (the environment included)
@@ -109,9 +114,11 @@ def apply_variant(name: str | None) -> None:
     launch.set_enabled(v["pdl"])
     launch.TMA = v["tma"]
     attention_triton.SPLIT_LEN = v["split_len"]
-    base, prefetch = _DEFAULT_LINEAR, v["prefetch"]
+    base, tbase, prefetch = _DEFAULT_LINEAR, _DEFAULT_TMA, v["prefetch"]
     linear_triton.default_config = (base if prefetch is None
                                     else lambda *a: base(*a) | {"prefetch": prefetch})
+    linear_triton.tma_config = (tbase if prefetch is None
+                                else lambda *a: tbase(*a) | {"prefetch": prefetch})
     abase, extra = _DEFAULT_ATTENTION, v["attention"]
     attention_triton.default_config = (lambda *a: abase(*a) | extra) if extra else abase
 

@@ -10,8 +10,11 @@ TMA forms off (`launch.TMA`: the bytes stay in the K order, the pointer form rea
 with "-unfused" with the residual add and SiLU * up as ops of their own
 (`fused.QUANT_EPILOGUES`), one with "-cvt" with the "float" dequantisation's q made by
 int -> float conversions instead of the float32 trick (bfloat16 activations), one with "-s4"
-with K in four parts for every shape (session 9's configuration), to compare. `--config` is
-merged into both forms' launch configurations.
+with K in four parts for every shape (session 9's configuration), one with "-pdl" with the
+step's Triton kernels launched with programmatic dependent launch (`launch.ENABLED`: each
+product first asks for its part's leading weights in L2, then waits for the kernel before
+it), one with "-old" with `--old`'s quant_mm (another quant_triton.py, the kernel before), to
+compare. `--config` is merged into both forms' launch configurations.
 
     python3 bench/quant_decode_step.py --out quant_decode_step.json [--dtype bf16]
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib.util
 import json
 
 import torch
@@ -64,8 +68,16 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     ap.add_argument("--config", default=None,
                     help="JSON merged into quant_triton.default_config and tma_config (both widths)")
+    ap.add_argument("--old", default=None,
+                    help="path of another quant_triton.py: widths named with '-old' run its quant_mm")
     ap.add_argument("--out", default="quant_decode_step.json")
     args = ap.parse_args()
+    shipped_mm, old_mm = quant_triton.quant_mm, None
+    if args.old:
+        spec = importlib.util.spec_from_file_location("old_quant_triton", args.old)
+        old = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(old)
+        old_mm = old.quant_mm
     if args.config:
         extra = json.loads(args.config)
         for name in ("default_config", "tma_config"):
@@ -79,11 +91,13 @@ def main() -> None:
     errs = check_kernel(cfg.intermediate_size, cfg.hidden_size, dtype)
     print(f"{card}: copy {bw / 1e12:.3f} TB/s; kernel vs reference (max rel err): {errs}", flush=True)
     rows = []
-    shipped_tma, shipped_epilogues = launch.TMA, fused.QUANT_EPILOGUES
+    shipped_tma, shipped_epilogues, shipped_pdl = launch.TMA, fused.QUANT_EPILOGUES, launch.ENABLED
     shipped_tma_config = quant_triton.tma_config
     for quantization in args.weights.split(","):
         launch.TMA = shipped_tma and not quantization.endswith("-ptr")
         fused.QUANT_EPILOGUES = shipped_epilogues and not quantization.endswith("-unfused")
+        launch.set_enabled(shipped_pdl or quantization.endswith("-pdl"))
+        quant_triton.quant_mm = old_mm if quantization.endswith("-old") else shipped_mm
         quant_triton.tma_config = shipped_tma_config
         extra = ({"dequant": "cvt"} if quantization.endswith("-cvt")
                  else {"split": 4} if quantization.endswith("-s4") else {})

@@ -9,7 +9,8 @@ whether a row is bitwise the same alone and at M = 3, 17, 32, 64. The shipped co
 TMA form on the packed bytes in the mma order (as `load_model` leaves them on Hopper), "ptr"
 the pointer form on the K order. `--sweep` times launch
 configurations (compiled first in parallel processes, which fill Triton's cache); `--old PATH`
-times another quant_triton.py too (the kernel before this one).
+times another quant_triton.py's TMA form too, on the same mma-ordered bytes (the kernel before
+this one).
 
     python3 bench/quant_linear.py --out quant_linear.json [--sweep] [--old old_quant_triton.py]
 """
@@ -93,7 +94,8 @@ def mma_ordered(p: quant.Packed) -> quant.Packed:
 def _mm(x: torch.Tensor, p: quant.Packed, cfg: dict | None, mod=None) -> torch.Tensor:
     """quant_mm (or an old module's) on p, in the mma order where cfg says "mma"."""
     if mod is not None:
-        return mod.quant_mm(x, p.qweight, p.scales, p.mins, p.bits, p.group)
+        return mod.quant_mm(x, p.qweight, p.scales, p.mins, p.bits, p.group,
+                            mma_order=bool(cfg and cfg.get("mma")))
     return quant_mm(x, p.qweight, p.scales, p.mins, p.bits, p.group, config=cfg,
                     mma_order=bool(cfg and cfg.get("mma")))
 
@@ -141,7 +143,7 @@ def time_quant(p0: quant.Packed, m: int, cfgs: list[dict], old) -> dict:
 
     out = {"us": timed(lambda: run({"mma": True})) * 1e3, "ptr_us": timed(lambda: run(None)) * 1e3}
     if old is not None:
-        out["old_us"] = timed(lambda: run(None, old)) * 1e3
+        out["old_us"] = timed(lambda: run({"mma": True}, old)) * 1e3
     if cfgs:
         out["sweep"] = [(cfg, timed(lambda c=cfg: run(c), iters=5, calls=10) * 1e3) for cfg in cfgs
                         if cfg.get("bits", p0.bits) == p0.bits]
