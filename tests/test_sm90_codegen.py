@@ -1,7 +1,8 @@
 """The products' Hopper TMA forms compiled for sm_90a here, without a GPU (bench/sm90_codegen.py):
 ptxas must not serialise their warpgroup MMAs (its info C7515), which the int8 / int4 kernel's
-K loop did until its part's length became a constexpr. Compiled apart from this process, which
-runs Triton in its interpreter."""
+K loop did until its part's length became a constexpr (and, under the GPU machines' triton 3.6,
+the float16 linear's folded forms until their trip count did). Compiled apart from this process,
+which runs Triton in its interpreter."""
 
 from __future__ import annotations
 

@@ -237,7 +237,7 @@ def _gated_store(Y, B, acc, up, rm, rn, M, NI, sy_m, HAS_BIAS: tl.constexpr):
 def _linear_tma_kernel(XD, WD, W, B, Y, YR, M, N, K, NI, sw_n, sy_m, syr_m, eps,
                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RMS: tl.constexpr,
                        GATED: tl.constexpr, M_TILES: tl.constexpr, PDL: tl.constexpr,
-                       PREFETCH: tl.constexpr, LINE: tl.constexpr,
+                       PREFETCH: tl.constexpr, LINE: tl.constexpr, STEPS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The Hopper form (float16 / bfloat16, one part): y^T = W x^T, the weight
     tile [BLOCK_N, BLOCK_K] the MMA's left operand, both operands brought into shared memory
@@ -255,7 +255,11 @@ def _linear_tma_kernel(XD, WD, W, B, Y, YR, M, N, K, NI, sw_n, sy_m, syr_m, eps,
     at NI + n0 and stores silu(gate) * up [M, NI]: the activation costs no launch either.
 
     PDL: the program asks for its first PREFETCH weight tiles in L2 (W, the weight's pointer,
-    rows sw_n apart), then waits for the kernel before it (`launch.prior`)."""
+    rows sw_n apart), then waits for the kernel before it (`launch.prior`).
+
+    STEPS = cdiv(K, BLOCK_K), a constexpr: the K loop's trip count fixed at compile time. With
+    a runtime bound, ptxas serialised the warpgroup MMAs of the RMS and GATED forms (info
+    C7515, triton 3.6; tests/test_sm90_codegen.py) as it did the int8 / int4 kernel's."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     m0 = pid_m * (M_TILES * BLOCK_M)
@@ -273,7 +277,7 @@ def _linear_tma_kernel(XD, WD, W, B, Y, YR, M, N, K, NI, sw_n, sy_m, syr_m, eps,
     up1 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     sq0 = tl.zeros([BLOCK_M], dtype=tl.float32)
     sq1 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, STEPS * BLOCK_K, BLOCK_K):
         w = WD.load([n0, k0])
         wu = w
         if GATED:
@@ -367,7 +371,8 @@ def _linear_tma(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         rms_eps if rms_eps is not None else 0.0,
         HAS_BIAS=bias is not None, HAS_RES=yr is not None, RMS=rms_eps is not None,
         GATED=gated, M_TILES=m_tiles, PDL=pdl, PREFETCH=cfg["prefetch"] if pdl else 0,
-        LINE=128 // weight.element_size(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        LINE=128 // weight.element_size(), STEPS=triton.cdiv(k, bk), BLOCK_M=bm, BLOCK_N=bn,
+        BLOCK_K=bk,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch.options(pdl))
 
 
