@@ -24,11 +24,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import importlib.util
 import json
 
 import torch
 from decode_step import DTYPES, copy_bandwidth, decode_batch, time_steps, weight_bytes_read
+from quant_linear import load_quant_module
 
 from flover.engine.kv_cache import SlotCache
 from flover.engine.runner import ModelRunner
@@ -72,12 +72,8 @@ def main() -> None:
                     help="path of another quant_triton.py: widths named with '-old' run its quant_mm")
     ap.add_argument("--out", default="quant_decode_step.json")
     args = ap.parse_args()
-    shipped_mm, old_mm = quant_triton.quant_mm, None
-    if args.old:
-        spec = importlib.util.spec_from_file_location("old_quant_triton", args.old)
-        old = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(old)
-        old_mm = old.quant_mm
+    shipped_mm = quant_triton.quant_mm
+    old_mm = load_quant_module(args.old).quant_mm if args.old else None
     if args.config:
         extra = json.loads(args.config)
         for name in ("default_config", "tma_config"):

@@ -91,13 +91,19 @@ def mma_ordered(p: quant.Packed) -> quant.Packed:
     return quant.Packed(p.bits, p.group, quant.to_mma_order(p.qweight, p.bits), p.scales, p.mins)
 
 
+def load_quant_module(path: str):
+    """Another quant_triton.py (the kernel before this one), imported from its path."""
+    spec = importlib.util.spec_from_file_location("old_quant_triton", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _mm(x: torch.Tensor, p: quant.Packed, cfg: dict | None, mod=None) -> torch.Tensor:
     """quant_mm (or an old module's) on p, in the mma order where cfg says "mma"."""
-    if mod is not None:
-        return mod.quant_mm(x, p.qweight, p.scales, p.mins, p.bits, p.group,
-                            mma_order=bool(cfg and cfg.get("mma")))
-    return quant_mm(x, p.qweight, p.scales, p.mins, p.bits, p.group, config=cfg,
-                    mma_order=bool(cfg and cfg.get("mma")))
+    mm = quant_mm if mod is None else mod.quant_mm
+    return mm(x, p.qweight, p.scales, p.mins, p.bits, p.group, config=cfg,
+              mma_order=bool(cfg and cfg.get("mma")))
 
 
 def packed_bytes(p: quant.Packed) -> int:
@@ -185,11 +191,7 @@ def main() -> None:
     ap.add_argument("--old", default=None, help="path of another quant_triton.py to time too")
     ap.add_argument("--out", default="quant_linear.json")
     args = ap.parse_args()
-    old = None
-    if args.old:
-        spec = importlib.util.spec_from_file_location("old_quant_triton", args.old)
-        old = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(old)
+    old = load_quant_module(args.old) if args.old else None
     cfgs = compile_all((sweep_configs() if args.sweep else [])
                        + (tma_sweep_configs() if args.tma_sweep else []))
     bw = copy_bandwidth()
