@@ -92,6 +92,8 @@ VARIANTS = {  # name: the switches it sets (`_SHIPPED`'s names); the others as s
     "split64-n32": {"split_len": 64, "attention": {"block_n": 32}},
     "split256-n32": {"split_len": 256, "attention": {"block_n": 32}},
     "noskip": {"attention": {"skip_empty": False}},
+    # attention's tile per token, as before a prompt's tokens shared it (row_attention)
+    "tokens1": {"attention": {"tokens": 1}},
     "fold-split64": {"tma": True, "folded": True, "split_len": 64},
 }
 

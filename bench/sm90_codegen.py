@@ -33,6 +33,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from flover.ops import launch
+from flover.ops.attention_triton import _split_kernel
+from flover.ops.attention_triton import default_config as attention_config
 from flover.ops.linear_triton import EPILOGUE_TILES, _linear_tma_kernel, tma_config
 from flover.ops.quant_triton import BLOCK_M, _quant_tma_kernel
 from flover.ops.quant_triton import tma_config as quant_tma_config
@@ -124,11 +126,31 @@ def linear_cases() -> list[tuple]:
     return cases
 
 
+def attention_cases() -> list[tuple]:
+    """The batch-invariant attention's split kernel (`row_attention`) for head_dim 128 in
+    float16: a tile per token (tokens=1) and a prompt's tokens sharing it (multi-head: 16
+    tokens; GQA with groups of 4: 4)."""
+    cases = []
+    cfg = attention_config(1, 128)
+    for group, tokens in ((1, 1), (1, 16), (4, 4)):
+        sig = {n: "*fp16" for n in ("Q", "K", "V")} | {"Lens": "*i64", "OutPart": "*fp32",
+                                                        "LsePart": "*fp32", "Slots": "*i64"}
+        sig |= {n: "i32" for n in ("sq_b", "sq_h", "sk_s", "sk_h", "sk_l", "sv_s", "sv_h",
+                                   "sv_l", "so_b", "so_h", "so_s", "sl_b", "sl_h", "split_len")}
+        sig |= {"scale": "fp32"}
+        const = {"D": 128, "G": group, "BLOCK_G": 16, "BLOCK_N": cfg["block_n"], "BLOCK_D": 128,
+                 "HAS_SLOTS": True, "PDL": True, "SKIP_EMPTY": True, "TOKENS": tokens}
+        cases.append((f"attention fp16 group={group} tokens={tokens}", _split_kernel, sig, const,
+                      cfg["num_warps"], cfg["num_stages"]))
+    return cases
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="one JSON list on stdout")
     args = ap.parse_args()
-    rows = [compile_report(*case) for case in quant_cases() + linear_cases()]
+    rows = [compile_report(*case)
+            for case in quant_cases() + linear_cases() + attention_cases()]
     if args.json:
         print(json.dumps(rows))
         return

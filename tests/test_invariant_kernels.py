@@ -14,6 +14,7 @@ from torch import nn
 if not torch.cuda.is_available():
     assert os.environ.get("TRITON_INTERPRET") == "1", "conftest.py sets this before imports"
 triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
 
 from flover.models.layers import TiedHead  # noqa: E402
 from flover.ops import launch, linear_triton  # noqa: E402
@@ -188,6 +189,52 @@ def test_row_attention_is_bitwise_the_same_alone_fused_and_in_a_wider_grid(dtype
     # split programs past a row's length writing empty partials (not skipped): the same bits
     assert torch.equal(row_attention(q, k, v, slots, lengths, 96, 0.25, cfg | {"skip_empty": False}),
                        fused)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dtype"),
+                         [(2, 2, torch.float32), (4, 2, torch.float16), (6, 1, torch.float16)])
+def test_a_prompts_tokens_sharing_a_tile_are_bitwise_each_token_alone(dtype, heads, kv_heads):
+    """Up to 16 // group consecutive tokens of a prompt share a program's rows (one K/V read);
+    each token's result is still bitwise its result as a lone decode row, whole or chunked,
+    at any offset in the batch, beside decode rows and graph padding (slot 0, length 1)."""
+    gen = torch.Generator().manual_seed(heads + kv_heads)
+    d, n = 16, 37  # a prompt of 37 tokens in slot 1, after 3 decode rows: windows misaligned
+    k, v = _randn(3, kv_heads, 80, d, gen=gen, dtype=dtype), _randn(3, kv_heads, 80, d, gen=gen, dtype=dtype)
+    q = _randn(3 + n + 4, heads, d, gen=gen, dtype=dtype)
+    slots = torch.tensor([2, 0, 2] + [1] * n + [0] * 4, device=DEVICE)
+    lengths = torch.tensor([50, 9, 70] + list(range(30, 30 + n)) + [1] * 4, device=DEVICE)
+    cfg = {"block_n": 16, "split_len": 32}
+    whole = row_attention(q, k, v, slots, lengths, 80, 0.25, cfg)
+    torch.testing.assert_close(whole, row_attention_ref(q, k, v, slots, lengths, 0.25),
+                               rtol=2e-3, atol=2e-3)
+    for i in [0, 1, 2, 3, 4, 5, 12, 18, 19, 26, 35, 39, 40, 43]:  # decode, prompt, padding
+        alone = row_attention(q[i:i + 1], k, v, slots[i:i + 1], lengths[i:i + 1], 80, 0.25, cfg)
+        assert torch.equal(alone[0], whole[i]), i
+    for cut in (5, 20):  # the prompt in two chunks, each beside other rows
+        a, b = slice(0, 3 + cut), slice(3 + cut, len(q))
+        assert torch.equal(row_attention(q[a], k, v, slots[a], lengths[a], 80, 0.25, cfg), whole[a])
+        assert torch.equal(row_attention(q[b], k, v, slots[b], lengths[b], 80, 0.25, cfg), whole[b])
+    one = row_attention(q, k, v, slots, lengths, 80, 0.25, cfg | {"tokens": 1})  # a tile per token
+    torch.testing.assert_close(one, whole, rtol=1e-3, atol=1e-3)
+
+
+@triton.jit
+def _runs_kernel(Lens, Slots, Count, TOKENS: tl.constexpr):
+    from flover.ops.attention_triton import _run
+
+    b = tl.program_id(0)
+    count, _ = _run(Lens, Slots, b, TOKENS)
+    tl.store(Count + b, count)
+
+
+def test_runs_cover_every_token_once_with_consecutive_lengths_of_one_slot():
+    slots = [3, 1, 1, 1, 1, 1, 0, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0]
+    lens = [9, 4, 5, 6, 7, 9, 1, 8, 9, 1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 1, 1]
+    count = torch.zeros(len(slots), dtype=torch.int32, device=DEVICE)
+    _runs_kernel[(len(slots),)](torch.tensor(lens, device=DEVICE),
+                                torch.tensor(slots, device=DEVICE), count, TOKENS=4)
+    # windows of 4 from token 0; a run breaks at a window, a slot change or a length jump
+    assert count.tolist() == [1, 3, 0, 0, 1, 1, 1, 1, 1, 3, 0, 0, 4, 0, 0, 0, 2, 0, 1, 1, 1]
 
 
 def test_row_attention_ignores_positions_past_each_row_length():

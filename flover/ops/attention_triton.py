@@ -21,37 +21,86 @@ from flover.ops import launch
 
 
 @triton.jit
+def _run(Lens, Slots, b, TOKENS: tl.constexpr):
+    """The tokens program b does: token b and those after it in its window of TOKENS tokens
+    (the window b // TOKENS) that read the same slot at consecutive lengths (a prompt's
+    tokens), as (count, token b's length). count is 0 where token b belongs to its
+    predecessor's run: that program does its rows. Every token is in exactly one run."""
+    i = tl.arange(0, TOKENS)
+    tok = b + i
+    ok = ((b % TOKENS) + i < TOKENS) & (tok < tl.num_programs(0))
+    slots = tl.load(Slots + tok, mask=ok, other=-1)
+    lens = tl.load(Lens + tok, mask=ok, other=0).to(tl.int32)
+    slot0 = tl.load(Slots + b)
+    len0 = tl.load(Lens + b).to(tl.int32)
+    inner = b % TOKENS != 0  # a window's first token always leads
+    prev_slot = tl.load(Slots + b - 1, mask=inner, other=-1)
+    prev_len = tl.load(Lens + b - 1, mask=inner, other=0).to(tl.int32)
+    run = ok & (slots == slot0) & (lens == len0 + i)
+    count = tl.min(tl.where(run, TOKENS, i), axis=0)  # the first token past the run
+    led = (prev_slot != slot0) | (prev_len + 1 != len0)
+    return tl.where(led, count, 0), len0
+
+
+@triton.jit
 def _split_kernel(Q, K, V, Lens, OutPart, LsePart, Slots,
                   sq_b, sq_h, sk_s, sk_h, sk_l, sv_s, sv_h, sv_l,
                   so_b, so_h, so_s, sl_b, sl_h,
                   split_len, scale,
                   D: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SLOTS: tl.constexpr,
-                  PDL: tl.constexpr = False, SKIP_EMPTY: tl.constexpr = False):
+                  PDL: tl.constexpr = False, SKIP_EMPTY: tl.constexpr = False,
+                  TOKENS: tl.constexpr = 1):
     """A group of G query heads per program, padded to BLOCK_G >= 16 rows for tl.dot.
     Row b reads slot b, or slot Slots[b] with HAS_SLOTS. SKIP_EMPTY: a program whose split
     starts at or past its row's length writes nothing (for a merge that reads only the splits
-    the length reaches: a graph's grid, sized by max_seq_len, is mostly such programs)."""
+    the length reaches: a graph's grid, sized by max_seq_len, is mostly such programs).
+
+    TOKENS > 1 (with HAS_SLOTS): the BLOCK_G rows are TOKENS tokens x BLOCK_G // TOKENS
+    padded heads, the run of a prompt's consecutive tokens that `_run` gives program b, so
+    each K/V tile is read once for up to TOKENS tokens instead of once per token. A row's
+    bits do not depend on the other rows of its tile: each output element of tl.dot is its
+    own row's sum, scores past a row's own length are -inf (p = 0), and a block wholly past
+    it leaves the row's state as it was (`where`, not arithmetic), so a token's result is the
+    same as when it runs alone as a decode row (one token, in this same compiled kernel).
+    What the shorter rows of a run do see: the longer rows' keys and values, which this
+    iteration wrote (the run's lengths are consecutive), multiplied by an exact 0, which can
+    differ only in the sign of an exact zero sum (equal under ==) or, should the model have
+    overflowed there, make a NaN of a non-finite value."""
     launch.prior(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
-    length = tl.load(Lens + b).to(tl.int32)
+    if TOKENS > 1:
+        count, len0 = _run(Lens, Slots, b, TOKENS)
+        if count == 0:
+            return
+    else:
+        count = 1
+        len0 = tl.load(Lens + b).to(tl.int32)
     if HAS_SLOTS:
         slot = tl.load(Slots + b).to(tl.int64)
     else:
         slot = b.to(tl.int64)
+    length = len0 + count - 1  # the run's longest row
     start = sp * split_len
     if SKIP_EMPTY and start >= length:
         return
     end = tl.minimum(start + split_len, length)
 
-    g = tl.arange(0, BLOCK_G)
+    GP: tl.constexpr = BLOCK_G // TOKENS  # rows per token
+    r = tl.arange(0, BLOCK_G)
+    j = r // GP  # the row's token: b + j
+    g = r % GP
     d = tl.arange(0, BLOCK_D)
-    mask_g = g < G
+    mask_g = (g < G) & (j < count)
     mask_d = d < D
     heads = kvh * G + g
-    q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + d[None, :],
+    row_end = tl.minimum(start + split_len, tl.where(j < count, len0 + j, 0))
+    # rows with nothing in this split (padding, or a run's shorter rows) score the whole
+    # range, never update (below) and so stay empty, without a NaN from -inf - -inf
+    score_end = tl.where(row_end > start, row_end, end)
+    q = tl.load(Q + (b + j)[:, None] * sq_b + heads[:, None] * sq_h + d[None, :],
                 mask=mask_g[:, None] & mask_d[None, :], other=0.0)
 
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -66,20 +115,30 @@ def _split_kernel(Q, K, V, Lens, OutPart, LsePart, Slots,
         k = tl.load(k_base + n[:, None] * sk_l + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + n[:, None] * sv_l + d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k).to(q.dtype))
-        s = tl.where(mask_n[None, :], s * scale, float("-inf"))
+        if TOKENS > 1:
+            s = tl.where(n[None, :] < score_end[:, None], s * scale, float("-inf"))
+        else:
+            s = tl.where(mask_n[None, :], s * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
-        s_exp = s_exp * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+        if TOKENS > 1:  # rows whose positions ended before this block keep their state
+            on = n0 < row_end
+            s_exp = tl.where(on, s_exp * alpha + tl.sum(p, axis=1), s_exp)
+            acc = tl.where(on[:, None], acc * alpha[:, None] + tl.dot(p.to(v.dtype), v), acc)
+            m = tl.where(on, m_new, m)
+        else:
+            s_exp = s_exp * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
 
     nonempty = s_exp > 0
     out = acc / tl.where(nonempty, s_exp, 1.0)[:, None]
     lse = tl.where(nonempty, m + tl.log(tl.where(nonempty, s_exp, 1.0)), float("-inf"))
-    o_ptr = OutPart + b * so_b + heads[:, None] * so_h + sp * so_s + d[None, :]
+    rows = b + j
+    o_ptr = OutPart + rows[:, None] * so_b + heads[:, None] * so_h + sp * so_s + d[None, :]
     tl.store(o_ptr, out, mask=mask_g[:, None] & mask_d[None, :])
-    tl.store(LsePart + b * sl_b + heads * sl_h + sp, lse, mask=mask_g)
+    tl.store(LsePart + rows * sl_b + heads * sl_h + sp, lse, mask=mask_g)
 
 
 @triton.jit
@@ -235,8 +294,11 @@ def row_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     walked in BLOCK_N steps from its start) and a second kernel merges the splits in position
     order, so neither the other tokens nor `max_len` (which only sizes the grid) change a bit
     of it.
-    A prompt's tokens use it too, one query row each: a token's attention is then the same
-    whether its prompt is prefilled whole, in chunks, alone or beside decode rows."""
+    A prompt's tokens use it too, each its own row: a token's attention is then the same
+    whether its prompt is prefilled whole, in chunks, alone or beside decode rows. Up to
+    `tokens` consecutive tokens of a prompt (16 for multi-head attention, 16 // group for
+    GQA) share a program's tile, so a long prompt reads each K/V tile once per 16 tokens,
+    not once per token; a row's bits do not depend on its tile-mates (`_split_kernel`)."""
     t, h, d = q.shape
     hkv = k_cache.shape[1]
     assert h % hkv == 0 and k_cache.shape[-1] == d
@@ -255,6 +317,10 @@ def row_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                         lengths[i:i + step], max_len, scale, config)
                           for i in range(0, t, step)])
     group = h // hkv
+    block_g = max(16, triton.next_power_of_2(group))
+    # a prompt's consecutive tokens share the tile's rows (one K/V read for all of them)
+    tokens = cfg.get("tokens", block_g // triton.next_power_of_2(group))
+    assert tokens >= 1 and block_g % tokens == 0 and block_g // tokens >= group
     block_d = triton.next_power_of_2(d)
     part = torch.empty((t, h, splits, d), dtype=torch.float32, device=q.device)
     lse = torch.empty((t, h, splits), dtype=torch.float32, device=q.device)
@@ -264,9 +330,9 @@ def row_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-        split_len, scale, D=d, G=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=block_n, BLOCK_D=block_d, HAS_SLOTS=True, PDL=pdl,
-        SKIP_EMPTY=cfg.get("skip_empty", True), num_warps=cfg["num_warps"],
+        split_len, scale, D=d, G=group, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
+        HAS_SLOTS=True, PDL=pdl, SKIP_EMPTY=cfg.get("skip_empty", True), TOKENS=tokens,
+        num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **launch.options(pdl))
     out = torch.empty_like(q)
     _ordered_combine_kernel[(t, h)](
