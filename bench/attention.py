@@ -11,6 +11,15 @@ L2 cache does not hold the data between calls.
 and the ordered merge) for each fixed split length and launch configuration, graph-replayed,
 at contexts 512 and 2048 and B = 1 and 32, and prints each configuration's total against the
 shipped one's.
+
+`--forms` times `row_attention`'s forms, graph-replayed, per layer: decode rows (B = 1 and 32,
+contexts 512 and 2048, the grid sized by --max-len as a decode graph's is) and one prompt of
+512 or 2048 tokens prefilled whole: "tokens1" (a tile per token, as before 2026-12-08), the
+shipped grid (a prompt's consecutive tokens sharing a tile) and "items" (the persistent form,
+its work list built once per replay as the first layer of a forward does), with each form's
+largest difference from the shipped one's output.
+
+    python3 bench/attention.py --forms --out attention_forms.json
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ def main() -> None:
     ap.add_argument("--out", default="attention.json")
     ap.add_argument("--sweep", action="store_true", help="time launch configurations instead")
     ap.add_argument("--invariant-sweep", action="store_true")
+    ap.add_argument("--forms", action="store_true", help="row_attention's forms (see above)")
     ap.add_argument("--max-len", type=int, default=4096, help="--invariant-sweep's grid")
     ap.add_argument("--split-lens", default="32,64,128,256")
     ap.add_argument("--skips", default="1", help="1,0: also without skipping empty splits")
@@ -45,6 +55,8 @@ def main() -> None:
         return invariant_sweep(bw, args.out, args.max_len,
                                [int(x) for x in args.split_lens.split(",")],
                                [x == "1" for x in args.skips.split(",")])
+    if args.forms:
+        return forms(bw, args.out, args.max_len)
     if args.sweep:
         return sweep(bw, args.context, args.out)
     layers, ctx, rows = 8, args.context, []
@@ -185,6 +197,64 @@ def invariant_sweep(bw: float, out: str, max_len: int, split_lens: list[int],
     with open(out, "w") as f:
         json.dump({"card": torch.cuda.get_device_name(), "copy_bandwidth_Bps": bw,
                    "max_len": max_len, "invariant_sweep": results}, f, indent=1)
+
+
+FORMS = {"tokens1": {"tokens": 1}, "shipped": {}, "items": {"persistent": True}}
+
+
+def _time_form(q, k, v, slots, lens, pos, grid_len, cfg) -> tuple[float, torch.Tensor]:
+    """ms per layer of one form, graph-replayed over k.shape[0] layers; the first's output."""
+    layers, scale = k.shape[0], q.shape[-1] ** -0.5
+
+    def run():
+        plan = {}  # one forward: the work list built by the first layer
+        return [row_attention(q, k[i], v[i], slots, lens, grid_len, scale, cfg, positions=pos,
+                              plan=plan) for i in range(layers)]
+    first = run()[0]
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        run()
+    return triton.testing.do_bench(g.replay, return_mode="median") / layers, first
+
+
+def forms(bw: float, out: str, max_len: int, layers: int = 4) -> None:
+    """`row_attention`'s forms (FORMS) on decode rows and on one whole prompt, us per layer."""
+    results = []
+    cases = [("decode", b, ctx) for b in (1, 32) for ctx in (512, 2048)]
+    cases += [("prompt", 1, n) for n in (512, 2048)]
+    print(f"{'shape':9s} {'case':7s} {'B':>3s} {'ctx':>5s} {'floor us':>9s} "
+          + " ".join(f"{f:>9s}" for f in FORMS) + "  max |diff| vs shipped", flush=True)
+    for name in ("llama_7b", "gqa_8b"):
+        h, hkv, d = SHAPES[name]
+        for kind, b, ctx in cases:
+            rows = b if kind == "decode" else ctx
+            k = torch.randn(layers, b, hkv, ctx + 8, d, device="cuda", dtype=torch.float16)
+            v = torch.randn_like(k)
+            q = torch.randn(rows, h, d, device="cuda", dtype=torch.float16)
+            if kind == "decode":
+                lens = torch.full((b,), ctx + 1, device="cuda")
+                slots = torch.arange(b, device="cuda")
+                grid_len, floor_bytes = max_len, 2 * b * hkv * (ctx + 1) * d * 2
+            else:  # token i of the prompt reads positions 0..i (its own written)
+                lens = torch.arange(1, ctx + 1, device="cuda")
+                slots = torch.zeros(ctx, dtype=torch.long, device="cuda")
+                grid_len, floor_bytes = ctx, 2 * hkv * ctx * d * 2  # each tile once
+            pos = lens - 1
+            floor = floor_bytes / bw * 1e3
+            times, outs = {}, {}
+            for form, cfg in FORMS.items():
+                times[form], outs[form] = _time_form(q, k, v, slots, lens, pos, grid_len, cfg)
+            diffs = {f: (outs[f].float() - outs["shipped"].float()).abs().max().item()
+                     for f in FORMS}
+            results.append({"shape": name, "case": kind, "batch": b, "context": ctx,
+                            "floor_ms": floor, "ms": times, "max_diff_vs_shipped": diffs})
+            print(f"{name:9s} {kind:7s} {b:3d} {ctx:5d} {floor * 1e3:9.1f} "
+                  + " ".join(f"{times[f] * 1e3:9.1f}" for f in FORMS) + "  "
+                  + " ".join(f"{f}={diffs[f]:.1e}" for f in FORMS if f != "shipped"), flush=True)
+            del k, v
+    with open(out, "w") as f:
+        json.dump({"card": torch.cuda.get_device_name(), "copy_bandwidth_Bps": bw,
+                   "max_len": max_len, "forms": results}, f, indent=1)
 
 
 if __name__ == "__main__":

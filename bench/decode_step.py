@@ -94,6 +94,8 @@ VARIANTS = {  # name: the switches it sets (`_SHIPPED`'s names); the others as s
     "noskip": {"attention": {"skip_empty": False}},
     # attention's tile per token, as before a prompt's tokens shared it (row_attention)
     "tokens1": {"attention": {"tokens": 1}},
+    # attention's persistent form: a work list walked by a fixed grid (row_attention)
+    "items": {"attention": {"persistent": True}},
     "fold-split64": {"tma": True, "folded": True, "split_len": 64},
 }
 

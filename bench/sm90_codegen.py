@@ -33,7 +33,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from flover.ops import launch
-from flover.ops.attention_triton import _split_kernel
+from flover.ops.attention_triton import _items_kernel, _split_items_kernel, _split_kernel
 from flover.ops.attention_triton import default_config as attention_config
 from flover.ops.linear_triton import EPILOGUE_TILES, _linear_tma_kernel, tma_config
 from flover.ops.quant_triton import BLOCK_M, _quant_tma_kernel
@@ -142,6 +142,16 @@ def attention_cases() -> list[tuple]:
                  "HAS_SLOTS": True, "PDL": True, "SKIP_EMPTY": True, "TOKENS": tokens}
         cases.append((f"attention fp16 group={group} tokens={tokens}", _split_kernel, sig, const,
                       cfg["num_warps"], cfg["num_stages"]))
+        # the persistent form: the same tile per item of the work list
+        isig = {k: v for k, v in sig.items() if k not in ("Lens", "Slots")}
+        isig |= {"Items": "*i32", "NumItems": "*i32"}
+        iconst = {k: v for k, v in const.items() if k not in ("HAS_SLOTS", "SKIP_EMPTY")}
+        cases.append((f"attention items fp16 group={group} tokens={tokens}", _split_items_kernel,
+                      isig, iconst, cfg["num_warps"], cfg["num_stages"]))
+    cases.append(("attention work list", _items_kernel,
+                  {"Slots": "*i64", "Lens": "*i64", "Pos": "*i64", "Items": "*i32",
+                   "NumItems": "*i32", "T": "i32", "split_len": "i32"},
+                  {"TOKENS": 16, "HAS_POS": True, "BLOCK_T": 128, "BLOCK_S": 16, "PDL": True}, 4, 1))
     return cases
 
 

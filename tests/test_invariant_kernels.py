@@ -26,6 +26,8 @@ from flover.ops.linear_triton import default_config, linear, splits  # noqa: E40
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 SMALL = {"block_n": 16, "block_k": 32}  # small tiles keep the interpreter fast
+# row_attention's persistent form: the work list, walked by 3 programs per kv head
+PERSISTENT = {"persistent": True, "programs": 3}
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
@@ -170,13 +172,14 @@ def test_row_attention_matches_reference(dtype, heads, kv_heads, head_dim):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_row_attention_is_bitwise_the_same_alone_fused_and_in_a_wider_grid(dtype):
+@pytest.mark.parametrize("form", [{}, PERSISTENT])
+def test_row_attention_is_bitwise_the_same_alone_fused_and_in_a_wider_grid(dtype, form):
     gen = torch.Generator().manual_seed(5)
     k, v = _randn(3, 2, 96, 16, gen=gen, dtype=dtype), _randn(3, 2, 96, 16, gen=gen, dtype=dtype)
     q = _randn(5, 4, 16, gen=gen, dtype=dtype)
     slots = torch.tensor([0, 1, 2, 2, 2], device=DEVICE)
     lengths = torch.tensor([90, 7, 40, 41, 42], device=DEVICE)
-    cfg = {"block_n": 16, "split_len": 32}
+    cfg = {"block_n": 16, "split_len": 32} | form
     fused = row_attention(q, k, v, slots, lengths, 90, 0.25, cfg)
     for i in range(5):
         alone = row_attention(q[i:i + 1], k, v, slots[i:i + 1], lengths[i:i + 1],
@@ -191,31 +194,42 @@ def test_row_attention_is_bitwise_the_same_alone_fused_and_in_a_wider_grid(dtype
                        fused)
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "dtype"),
-                         [(2, 2, torch.float32), (4, 2, torch.float16), (6, 1, torch.float16)])
-def test_a_prompts_tokens_sharing_a_tile_are_bitwise_each_token_alone(dtype, heads, kv_heads):
+@pytest.mark.parametrize(("heads", "kv_heads", "dtype", "form"),
+                         [(2, 2, torch.float32, {}), (4, 2, torch.float16, {}),
+                          (6, 1, torch.float16, {}), (2, 2, torch.float16, PERSISTENT),
+                          (4, 2, torch.float32, PERSISTENT)])
+def test_a_prompts_tokens_sharing_a_tile_are_bitwise_each_token_alone(heads, kv_heads, dtype,
+                                                                       form):
     """Up to 16 // group consecutive tokens of a prompt share a program's rows (one K/V read);
     each token's result is still bitwise its result as a lone decode row, whole or chunked,
-    at any offset in the batch, beside decode rows and graph padding (slot 0, length 1)."""
+    at any offset in the batch, beside decode rows and graph padding (slot 0, length 1, at
+    the last position: with the positions given, the persistent form gives it zeros)."""
     gen = torch.Generator().manual_seed(heads + kv_heads)
     d, n = 16, 37  # a prompt of 37 tokens in slot 1, after 3 decode rows: windows misaligned
     k, v = _randn(3, kv_heads, 80, d, gen=gen, dtype=dtype), _randn(3, kv_heads, 80, d, gen=gen, dtype=dtype)
     q = _randn(3 + n + 4, heads, d, gen=gen, dtype=dtype)
     slots = torch.tensor([2, 0, 2] + [1] * n + [0] * 4, device=DEVICE)
     lengths = torch.tensor([50, 9, 70] + list(range(30, 30 + n)) + [1] * 4, device=DEVICE)
-    cfg = {"block_n": 16, "split_len": 32}
-    whole = row_attention(q, k, v, slots, lengths, 80, 0.25, cfg)
-    torch.testing.assert_close(whole, row_attention_ref(q, k, v, slots, lengths, 0.25),
+    pos = torch.where(torch.arange(len(q), device=DEVICE) < 3 + n, lengths - 1, 79)
+    cfg = {"block_n": 16, "split_len": 32} | form
+
+    def attend(rows: slice):
+        return row_attention(q[rows], k, v, slots[rows], lengths[rows], 80, 0.25, cfg,
+                             positions=pos[rows])
+
+    whole = attend(slice(0, len(q)))
+    real = slice(0, 3 + n)
+    torch.testing.assert_close(whole[real], row_attention_ref(q, k, v, slots, lengths, 0.25)[real],
                                rtol=2e-3, atol=2e-3)
+    if form:
+        assert not whole[3 + n:].any()  # padding: no work, zeros
     for i in [0, 1, 2, 3, 4, 5, 12, 18, 19, 26, 35, 39, 40, 43]:  # decode, prompt, padding
-        alone = row_attention(q[i:i + 1], k, v, slots[i:i + 1], lengths[i:i + 1], 80, 0.25, cfg)
-        assert torch.equal(alone[0], whole[i]), i
+        assert torch.equal(attend(slice(i, i + 1))[0], whole[i]), i
     for cut in (5, 20):  # the prompt in two chunks, each beside other rows
         a, b = slice(0, 3 + cut), slice(3 + cut, len(q))
-        assert torch.equal(row_attention(q[a], k, v, slots[a], lengths[a], 80, 0.25, cfg), whole[a])
-        assert torch.equal(row_attention(q[b], k, v, slots[b], lengths[b], 80, 0.25, cfg), whole[b])
+        assert torch.equal(attend(a), whole[a]) and torch.equal(attend(b), whole[b])
     one = row_attention(q, k, v, slots, lengths, 80, 0.25, cfg | {"tokens": 1})  # a tile per token
-    torch.testing.assert_close(one, whole, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(one[real], whole[real], rtol=1e-3, atol=1e-3)
 
 
 @triton.jit
@@ -223,18 +237,37 @@ def _runs_kernel(Lens, Slots, Count, TOKENS: tl.constexpr):
     from flover.ops.attention_triton import _run
 
     b = tl.program_id(0)
-    count, _ = _run(Lens, Slots, b, TOKENS)
+    count, _ = _run(Lens, Slots, b, tl.num_programs(0), TOKENS)
     tl.store(Count + b, count)
 
 
+SLOTS = [3, 1, 1, 1, 1, 1, 0, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0]
+LENS = [9, 4, 5, 6, 7, 9, 1, 8, 9, 1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 1, 1]
+# windows of 4 from token 0; a run breaks at a window, a slot change or a length jump
+RUNS = [1, 3, 0, 0, 1, 1, 1, 1, 1, 3, 0, 0, 4, 0, 0, 0, 2, 0, 1, 1, 1]
+
+
 def test_runs_cover_every_token_once_with_consecutive_lengths_of_one_slot():
-    slots = [3, 1, 1, 1, 1, 1, 0, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0]
-    lens = [9, 4, 5, 6, 7, 9, 1, 8, 9, 1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 1, 1]
-    count = torch.zeros(len(slots), dtype=torch.int32, device=DEVICE)
-    _runs_kernel[(len(slots),)](torch.tensor(lens, device=DEVICE),
-                                torch.tensor(slots, device=DEVICE), count, TOKENS=4)
-    # windows of 4 from token 0; a run breaks at a window, a slot change or a length jump
-    assert count.tolist() == [1, 3, 0, 0, 1, 1, 1, 1, 1, 3, 0, 0, 4, 0, 0, 0, 2, 0, 1, 1, 1]
+    count = torch.zeros(len(SLOTS), dtype=torch.int32, device=DEVICE)
+    _runs_kernel[(len(SLOTS),)](torch.tensor(LENS, device=DEVICE),
+                                torch.tensor(SLOTS, device=DEVICE), count, TOKENS=4)
+    assert count.tolist() == RUNS
+
+
+def test_the_work_list_holds_each_runs_splits_and_skips_padding():
+    from flover.ops.attention_triton import _items_kernel
+
+    # the last three tokens are padding (length 1 at the last position); split length 4
+    pos = [n - 1 for n in LENS[:18]] + [99] * 3
+    items = torch.full((len(SLOTS) * 4, 4), -1, dtype=torch.int32, device=DEVICE)
+    count = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    _items_kernel[(1,)](torch.tensor(SLOTS, device=DEVICE), torch.tensor(LENS, device=DEVICE),
+                        torch.tensor(pos, device=DEVICE), items, count, len(SLOTS), 4,
+                        TOKENS=4, HAS_POS=True, BLOCK_T=8, BLOCK_S=2, PDL=False)
+    want = [(b, sp * 32 + RUNS[b], SLOTS[b], LENS[b]) for b in range(18) if RUNS[b]
+            for sp in range(-(-(LENS[b] + RUNS[b] - 1) // 4))]
+    assert int(count) == len(want)
+    assert [tuple(r) for r in items[:len(want)].tolist()] == want
 
 
 def test_row_attention_ignores_positions_past_each_row_length():

@@ -35,12 +35,15 @@ def test_tma_products_compile_for_sm90_with_their_wgmmas_pipelined():
     rows = json.loads(out.stdout.strip().splitlines()[-1])
     names = {r["kernel"] for r in rows}
     assert {"quant int4 fp16 m_tiles=1", "quant int8 bf16 m_tiles=2", "linear rms+gated",
-            "attention fp16 group=1 tokens=16"} <= names
+            "attention fp16 group=1 tokens=16", "attention items fp16 group=1 tokens=16",
+            "attention work list"} <= names
     for r in rows:
         assert r["ptxas_rc"] == 0 and r["arch"] == "sm_90a", r
         assert not r["wgmma_serialized"], r
         if not r["kernel"].startswith("attention"):  # attention's 16-row tiles: mma.sync
             assert r["wgmma"] > 0, r
     # the float16 forms (the shipped decode path; attention's tile per token and a prompt's
-    # tokens sharing it) keep every value in registers
-    assert all(r["spill_bytes"] == 0 for r in rows if "bf16" not in r["kernel"]), rows
+    # tokens sharing it) keep every value in registers; not checked: the bf16 products and
+    # attention's persistent form (off; 8 bytes spilled with groups of 4 under triton 3.9)
+    shipped = [r for r in rows if "bf16" not in r["kernel"] and "items" not in r["kernel"]]
+    assert all(r["spill_bytes"] == 0 for r in shipped), rows

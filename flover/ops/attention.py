@@ -13,7 +13,7 @@ then bitwise the same whatever else runs in its iteration.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,9 @@ class AttentionMetadata:
     # (built by `_rows` / `_paged_rows`, or given by cuda_graph.TokenGraphs, whose tokens are
     # all rows)
     rows: tuple[torch.Tensor, torch.Tensor, int] | None = None
+    # row_attention's own state for this forward (its persistent form's work list, built by
+    # the first layer, read by the others)
+    row_plan: dict = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -229,7 +232,8 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         return paged_attention(q, k_cache, v_cache, meta, scale)
     if meta.batch_invariant and q.is_cuda and _triton_rows is not None:
         slots, lengths, max_len = _rows(meta)
-        return _triton_rows(q, k_cache, v_cache, slots, lengths, max_len, scale)
+        return _triton_rows(q, k_cache, v_cache, slots, lengths, max_len, scale,
+                            positions=meta.positions[:len(slots)], plan=meta.row_plan)
     if meta.rows is not None:  # tokens given as rows (cuda_graph.TokenGraphs) without Triton
         slots, lengths, _ = meta.rows
         return row_attention_ref(q, k_cache, v_cache, slots, lengths, scale)

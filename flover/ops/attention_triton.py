@@ -13,6 +13,8 @@ and replay with any per-row lengths.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -21,14 +23,14 @@ from flover.ops import launch
 
 
 @triton.jit
-def _run(Lens, Slots, b, TOKENS: tl.constexpr):
+def _run(Lens, Slots, b, T, TOKENS: tl.constexpr):
     """The tokens program b does: token b and those after it in its window of TOKENS tokens
     (the window b // TOKENS) that read the same slot at consecutive lengths (a prompt's
     tokens), as (count, token b's length). count is 0 where token b belongs to its
     predecessor's run: that program does its rows. Every token is in exactly one run."""
     i = tl.arange(0, TOKENS)
     tok = b + i
-    ok = ((b % TOKENS) + i < TOKENS) & (tok < tl.num_programs(0))
+    ok = ((b % TOKENS) + i < TOKENS) & (tok < T)
     slots = tl.load(Slots + tok, mask=ok, other=-1)
     lens = tl.load(Lens + tok, mask=ok, other=0).to(tl.int32)
     slot0 = tl.load(Slots + b)
@@ -43,49 +45,25 @@ def _run(Lens, Slots, b, TOKENS: tl.constexpr):
 
 
 @triton.jit
-def _split_kernel(Q, K, V, Lens, OutPart, LsePart, Slots,
-                  sq_b, sq_h, sk_s, sk_h, sk_l, sv_s, sv_h, sv_l,
-                  so_b, so_h, so_s, sl_b, sl_h,
-                  split_len, scale,
-                  D: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SLOTS: tl.constexpr,
-                  PDL: tl.constexpr = False, SKIP_EMPTY: tl.constexpr = False,
-                  TOKENS: tl.constexpr = 1):
-    """A group of G query heads per program, padded to BLOCK_G >= 16 rows for tl.dot.
-    Row b reads slot b, or slot Slots[b] with HAS_SLOTS. SKIP_EMPTY: a program whose split
-    starts at or past its row's length writes nothing (for a merge that reads only the splits
-    the length reaches: a graph's grid, sized by max_seq_len, is mostly such programs).
+def _tile(Q, K, V, OutPart, LsePart, sq_b, sq_h, sk_s, sk_h, sk_l, sv_s, sv_h, sv_l,
+          so_b, so_h, so_s, sl_b, sl_h, split_len, scale, b, kvh, sp, slot, len0, count,
+          D: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+          BLOCK_D: tl.constexpr, TOKENS: tl.constexpr):
+    """Split sp of kv head kvh for the `count` tokens from token b (their lengths len0,
+    len0 + 1, ...; all of slot `slot`): a partial output and log-sum-exp per row.
 
-    TOKENS > 1 (with HAS_SLOTS): the BLOCK_G rows are TOKENS tokens x BLOCK_G // TOKENS
-    padded heads, the run of a prompt's consecutive tokens that `_run` gives program b, so
-    each K/V tile is read once for up to TOKENS tokens instead of once per token. A row's
-    bits do not depend on the other rows of its tile: each output element of tl.dot is its
-    own row's sum, scores past a row's own length are -inf (p = 0), and a block wholly past
-    it leaves the row's state as it was (`where`, not arithmetic), so a token's result is the
-    same as when it runs alone as a decode row (one token, in this same compiled kernel).
-    What the shorter rows of a run do see: the longer rows' keys and values, which this
-    iteration wrote (the run's lengths are consecutive), multiplied by an exact 0, which can
-    differ only in the sign of an exact zero sum (equal under ==) or, should the model have
-    overflowed there, make a NaN of a non-finite value."""
-    launch.prior(PDL)
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    sp = tl.program_id(2)
-    if TOKENS > 1:
-        count, len0 = _run(Lens, Slots, b, TOKENS)
-        if count == 0:
-            return
-    else:
-        count = 1
-        len0 = tl.load(Lens + b).to(tl.int32)
-    if HAS_SLOTS:
-        slot = tl.load(Slots + b).to(tl.int64)
-    else:
-        slot = b.to(tl.int64)
+    The BLOCK_G rows are TOKENS tokens x BLOCK_G // TOKENS padded heads, so each K/V tile is
+    read once for up to TOKENS tokens instead of once per token. A row's bits do not depend
+    on the other rows of its tile: each output element of tl.dot is its own row's sum,
+    scores past a row's own length are -inf (p = 0), and a block wholly past it leaves the
+    row's state as it was (`where`, not arithmetic), so a token's result is the same as when
+    it runs alone as a decode row (one token, in this same compiled kernel). What the shorter
+    rows of a run do see: the longer rows' keys and values, which this iteration wrote (the
+    run's lengths are consecutive), multiplied by an exact 0, which can differ only in the
+    sign of an exact zero sum (equal under ==) or, should the model have overflowed there,
+    make a NaN of a non-finite value."""
     length = len0 + count - 1  # the run's longest row
     start = sp * split_len
-    if SKIP_EMPTY and start >= length:
-        return
     end = tl.minimum(start + split_len, length)
 
     GP: tl.constexpr = BLOCK_G // TOKENS  # rows per token
@@ -139,6 +117,118 @@ def _split_kernel(Q, K, V, Lens, OutPart, LsePart, Slots,
     o_ptr = OutPart + rows[:, None] * so_b + heads[:, None] * so_h + sp * so_s + d[None, :]
     tl.store(o_ptr, out, mask=mask_g[:, None] & mask_d[None, :])
     tl.store(LsePart + rows * sl_b + heads * sl_h + sp, lse, mask=mask_g)
+
+
+@triton.jit
+def _split_kernel(Q, K, V, Lens, OutPart, LsePart, Slots,
+                  sq_b, sq_h, sk_s, sk_h, sk_l, sv_s, sv_h, sv_l,
+                  so_b, so_h, so_s, sl_b, sl_h,
+                  split_len, scale,
+                  D: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SLOTS: tl.constexpr,
+                  PDL: tl.constexpr = False, SKIP_EMPTY: tl.constexpr = False,
+                  TOKENS: tl.constexpr = 1):
+    """Grid (tokens, kv heads, splits): a group of G query heads per program, padded to
+    BLOCK_G >= 16 rows for tl.dot (`_tile`). Row b reads slot b, or slot Slots[b] with
+    HAS_SLOTS. SKIP_EMPTY: a program whose split starts at or past its row's length writes
+    nothing (for a merge that reads only the splits the length reaches: a graph's grid,
+    sized by max_seq_len, is mostly such programs). TOKENS > 1 (with HAS_SLOTS): program b
+    does the run of a prompt's consecutive tokens that `_run` gives it (none if token b is
+    in its predecessor's run)."""
+    launch.prior(PDL)
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    sp = tl.program_id(2)
+    if TOKENS > 1:
+        count, len0 = _run(Lens, Slots, b, tl.num_programs(0), TOKENS)
+        if count == 0:
+            return
+    else:
+        count = 1
+        len0 = tl.load(Lens + b).to(tl.int32)
+    if HAS_SLOTS:
+        slot = tl.load(Slots + b).to(tl.int64)
+    else:
+        slot = b.to(tl.int64)
+    if SKIP_EMPTY and sp * split_len >= len0 + count - 1:
+        return
+    _tile(Q, K, V, OutPart, LsePart, sq_b, sq_h, sk_s, sk_h, sk_l, sv_s, sv_h, sv_l,
+          so_b, so_h, so_s, sl_b, sl_h, split_len, scale, b, kvh, sp, slot, len0, count,
+          D, G, BLOCK_G, BLOCK_N, BLOCK_D, TOKENS)
+
+
+@triton.jit
+def _items_kernel(Slots, Lens, Pos, Items, NumItems, T, split_len, TOKENS: tl.constexpr,
+                  HAS_POS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
+                  PDL: tl.constexpr):
+    """One program: the work of `_split_items_kernel`, one item per (run, split) that the
+    run's longest row reaches, in token order: [b, split * 32 + count, slot, len0] each, and
+    their number. Runs as `_run` forms them; with HAS_POS a token whose length is not its
+    position + 1 (a graph's padding token) takes no part."""
+    launch.prior(PDL)
+    base = tl.full([], 0, tl.int32)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        ok = t < T
+        slot = tl.load(Slots + t, mask=ok, other=-1)
+        len0 = tl.load(Lens + t, mask=ok, other=0).to(tl.int32)
+        inner = ok & (t % TOKENS != 0)
+        prev_slot = tl.load(Slots + t - 1, mask=inner, other=-1)
+        prev_len = tl.load(Lens + t - 1, mask=inner, other=0).to(tl.int32)
+        real = ok & (len0 > 0)
+        prev_real = inner
+        if HAS_POS:
+            real = real & (len0 == tl.load(Pos + t, mask=ok, other=-2).to(tl.int32) + 1)
+            prev_pos = tl.load(Pos + t - 1, mask=inner, other=-2).to(tl.int32)
+            prev_real = prev_real & (prev_len == prev_pos + 1)
+        lead = real & (~prev_real | (prev_slot != slot) | (prev_len + 1 != len0))
+        i = tl.arange(0, TOKENS)
+        tok = t[:, None] + i[None, :]
+        in_run = ok[:, None] & ((t % TOKENS)[:, None] + i[None, :] < TOKENS) & (tok < T)
+        slots = tl.load(Slots + tok, mask=in_run, other=-1)
+        lens = tl.load(Lens + tok, mask=in_run, other=0).to(tl.int32)
+        in_run = in_run & (slots == slot[:, None]) & (lens == len0[:, None] + i[None, :])
+        if HAS_POS:
+            in_run = in_run & (lens == tl.load(Pos + tok, mask=in_run, other=-2).to(tl.int32) + 1)
+        count = tl.min(tl.where(in_run, TOKENS, i[None, :]), axis=1)
+        splits = tl.where(lead, tl.cdiv(len0 + count - 1, split_len), 0)
+        first = base + tl.cumsum(splits, axis=0) - splits
+        for s0 in range(0, tl.max(splits, axis=0), BLOCK_S):
+            sp = s0 + tl.arange(0, BLOCK_S)
+            put = sp[None, :] < splits[:, None]
+            at = Items + (first[:, None] + sp[None, :]) * 4
+            tl.store(at, tl.broadcast_to(t[:, None], (BLOCK_T, BLOCK_S)), mask=put)
+            tl.store(at + 1, sp[None, :] * 32 + count[:, None], mask=put)
+            tl.store(at + 2, tl.broadcast_to(slot[:, None].to(tl.int32), (BLOCK_T, BLOCK_S)),
+                     mask=put)
+            tl.store(at + 3, tl.broadcast_to(len0[:, None], (BLOCK_T, BLOCK_S)), mask=put)
+        base += tl.sum(splits, axis=0)
+    tl.store(NumItems, base)
+
+
+@triton.jit
+def _split_items_kernel(Q, K, V, Items, NumItems, OutPart, LsePart,
+                        sq_b, sq_h, sk_s, sk_h, sk_l, sv_s, sv_h, sv_l,
+                        so_b, so_h, so_s, sl_b, sl_h, split_len, scale,
+                        D: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TOKENS: tl.constexpr,
+                        PDL: tl.constexpr):
+    """Grid (programs, kv heads), persistent: program p does items p, p + programs, ... of
+    `_items_kernel`'s list, so no program is launched for a split past its row's length or
+    for a token that another program's run holds (a graph's grid is otherwise sized by
+    max_seq_len and by every token)."""
+    launch.prior(PDL)
+    kvh = tl.program_id(1)
+    f = tl.arange(0, 4)
+    for it in range(tl.program_id(0), tl.load(NumItems), tl.num_programs(0)):
+        rec = tl.load(Items + it * 4 + f)
+        b = tl.sum(tl.where(f == 0, rec, 0), axis=0)
+        packed = tl.sum(tl.where(f == 1, rec, 0), axis=0)
+        slot = tl.sum(tl.where(f == 2, rec, 0), axis=0).to(tl.int64)
+        len0 = tl.sum(tl.where(f == 3, rec, 0), axis=0)
+        _tile(Q, K, V, OutPart, LsePart, sq_b, sq_h, sk_s, sk_h, sk_l, sv_s, sv_h, sv_l,
+              so_b, so_h, so_s, sl_b, sl_h, split_len, scale, b, kvh, packed // 32, slot,
+              len0, packed % 32, D, G, BLOCK_G, BLOCK_N, BLOCK_D, TOKENS)
 
 
 @triton.jit
@@ -257,23 +347,30 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 # --- batch-invariant attention: the KV split fixed by position --------------------------------
 
 SPLIT_LEN = 128  # positions per split: fixed, never chosen from the batch or from max_len
+# row_attention's persistent form (a list of the work, walked by a fixed grid): built
+# 2026-12-08 without a GPU, so off until measured (FLOVER_ATTN_ITEMS=1 turns it on)
+PERSISTENT = os.environ.get("FLOVER_ATTN_ITEMS", "0") == "1"
 
 
 @triton.jit
-def _ordered_combine_kernel(OutPart, LsePart, Lens, Out, so_b, so_h, so_s, sl_b, sl_h,
-                            sout_b, sout_h, split_len,
-                            D: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+def _ordered_combine_kernel(OutPart, LsePart, Lens, Pos, Out, so_b, so_h, so_s, sl_b, sl_h,
+                            sout_b, sout_h, split_len, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                            HAS_POS: tl.constexpr, PDL: tl.constexpr):
     """Row b's own splits (those its length reaches) merged for head h one by one, in
-    position order."""
+    position order. With HAS_POS a row whose length is not its position + 1 (a graph's
+    padding token, which `_items_kernel` gives no work) gets zeros."""
     launch.prior(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
     mask_d = d < D
-    n = tl.cdiv(tl.load(Lens + b).to(tl.int32), split_len)
+    length = tl.load(Lens + b).to(tl.int32)
+    n = tl.cdiv(length, split_len)
+    if HAS_POS:
+        n = tl.where(length == tl.load(Pos + b).to(tl.int32) + 1, n, 0)
     lse_row = LsePart + b * sl_b + h * sl_h
     o_row = OutPart + b * so_b + h * so_h + d
-    m = tl.load(lse_row)
+    m = tl.load(lse_row, mask=n > 0, other=0.0)
     for s in range(1, n):
         m = tl.maximum(m, tl.load(lse_row + s))
     acc = tl.zeros([BLOCK_D], tl.float32)
@@ -282,12 +379,14 @@ def _ordered_combine_kernel(OutPart, LsePart, Lens, Out, so_b, so_h, so_s, sl_b,
         w = tl.exp(tl.load(lse_row + s) - m)
         acc += w * tl.load(o_row + s * so_s, mask=mask_d, other=0.0)
         den += w
-    tl.store(Out + b * sout_b + h * sout_h + d, (acc / den).to(Out.dtype.element_ty), mask=mask_d)
+    out = tl.where(n > 0, acc / tl.where(n > 0, den, 1.0), 0.0)
+    tl.store(Out + b * sout_b + h * sout_h + d, out.to(Out.dtype.element_ty), mask=mask_d)
 
 
 def row_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   slots: torch.Tensor, lengths: torch.Tensor, max_len: int, scale: float,
-                  config: dict | None = None) -> torch.Tensor:
+                  config: dict | None = None, positions: torch.Tensor | None = None,
+                  plan: dict | None = None) -> torch.Tensor:
     """q [T, H, D]: token t attends to slot slots[t] of the cache [S, Hkv, L, D], positions
     < lengths[t]. Batch-invariant: token t's result depends on its query, its slot's cache
     and its length only. The KV range is split every SPLIT_LEN positions from 0 (each split
@@ -298,7 +397,15 @@ def row_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     whether its prompt is prefilled whole, in chunks, alone or beside decode rows. Up to
     `tokens` consecutive tokens of a prompt (16 for multi-head attention, 16 // group for
     GQA) share a program's tile, so a long prompt reads each K/V tile once per 16 tokens,
-    not once per token; a row's bits do not depend on its tile-mates (`_split_kernel`)."""
+    not once per token; a row's bits do not depend on its tile-mates (`_tile`).
+
+    config "persistent" (`PERSISTENT`): instead of a grid of every (token, kv head, split),
+    `_items_kernel` lists the (run, split) pairs that have work and a fixed number of
+    programs per kv head walk that list (`_split_items_kernel`); the same `_tile` per item.
+    `positions` (each token's): a token whose length is not its position + 1 (a graph's
+    padding) then gets no work and zeros. `plan`: a dict kept for one forward (the
+    iteration's `AttentionMetadata.row_plan`), where the list is built by the first layer
+    and read by the others."""
     t, h, d = q.shape
     hkv = k_cache.shape[1]
     assert h % hkv == 0 and k_cache.shape[-1] == d
@@ -310,33 +417,55 @@ def row_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     block_n = cfg["block_n"]
     assert split_len % block_n == 0
     splits = max(1, triton.cdiv(max_len, split_len))
-    # long prompts: slices of tokens, so that the float32 partials stay under ~256 MB
-    step = max(1, cfg.get("max_partials", 64 << 20) // (h * splits * d))
-    if t > step:
-        return torch.cat([row_attention(q[i:i + step], k_cache, v_cache, slots[i:i + step],
-                                        lengths[i:i + step], max_len, scale, config)
-                          for i in range(0, t, step)])
     group = h // hkv
     block_g = max(16, triton.next_power_of_2(group))
     # a prompt's consecutive tokens share the tile's rows (one K/V read for all of them)
     tokens = cfg.get("tokens", block_g // triton.next_power_of_2(group))
     assert tokens >= 1 and block_g % tokens == 0 and block_g // tokens >= group
+    # long prompts: slices of tokens, so that the float32 partials stay under ~256 MB
+    step = max(1, cfg.get("max_partials", 64 << 20) // (h * splits * d))
+    if t > step:
+        plan = {} if plan is None else plan
+        return torch.cat([row_attention(q[i:i + step], k_cache, v_cache, slots[i:i + step],
+                                        lengths[i:i + step], max_len, scale, config,
+                                        None if positions is None else positions[i:i + step],
+                                        plan.setdefault(i, {}))
+                          for i in range(0, t, step)])
     block_d = triton.next_power_of_2(d)
     part = torch.empty((t, h, splits, d), dtype=torch.float32, device=q.device)
     lse = torch.empty((t, h, splits), dtype=torch.float32, device=q.device)
     pdl = launch.enabled(q)
-    _split_kernel[(t, hkv, splits)](
-        q, k_cache, v_cache, lengths, part, lse, slots,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-        split_len, scale, D=d, G=group, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
-        HAS_SLOTS=True, PDL=pdl, SKIP_EMPTY=cfg.get("skip_empty", True), TOKENS=tokens,
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **launch.options(pdl))
+    strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+               k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+               part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+               split_len, scale)
+    tile = {"D": d, "G": group, "BLOCK_G": block_g, "BLOCK_N": block_n, "BLOCK_D": block_d,
+            "TOKENS": tokens, "PDL": pdl, "num_warps": cfg["num_warps"],
+            "num_stages": cfg["num_stages"]} | launch.options(pdl)
+    persistent = cfg.get("persistent", PERSISTENT)
+    if persistent:
+        plan = {} if plan is None else plan
+        if "items" not in plan:  # the first layer of the forward lists the work
+            items = torch.empty((t * splits, 4), dtype=torch.int32, device=q.device)
+            count = torch.empty(1, dtype=torch.int32, device=q.device)
+            _items_kernel[(1,)](slots, lengths, lengths if positions is None else positions,
+                                items, count, t, split_len, TOKENS=tokens,
+                                HAS_POS=positions is not None, BLOCK_T=128, BLOCK_S=16, PDL=pdl,
+                                num_warps=4, **launch.options(pdl))
+            plan["items"] = items, count
+        items, count = plan["items"]
+        programs = cfg.get("programs") or max(1, 4 * launch.sm_count(q.device) // hkv)
+        _split_items_kernel[(min(programs, t * splits), hkv)](
+            q, k_cache, v_cache, items, count, part, lse, *strides, **tile)
+    else:
+        _split_kernel[(t, hkv, splits)](
+            q, k_cache, v_cache, lengths, part, lse, slots, *strides, HAS_SLOTS=True,
+            SKIP_EMPTY=cfg.get("skip_empty", True), **tile)
     out = torch.empty_like(q)
+    has_pos = persistent and positions is not None
     _ordered_combine_kernel[(t, h)](
-        part, lse, lengths, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0),
-        lse.stride(1), out.stride(0), out.stride(1), split_len, D=d, BLOCK_D=block_d, PDL=pdl,
-        num_warps=1, **launch.options(pdl))
+        part, lse, lengths, positions if has_pos else lengths, out, part.stride(0),
+        part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), out.stride(0),
+        out.stride(1), split_len, D=d, BLOCK_D=block_d, HAS_POS=has_pos, PDL=pdl, num_warps=1,
+        **launch.options(pdl))
     return out
