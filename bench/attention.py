@@ -16,8 +16,9 @@ shipped one's.
 contexts 512 and 2048, the grid sized by --max-len as a decode graph's is) and one prompt of
 512 or 2048 tokens prefilled whole: "tokens1" (a tile per token, as before 2026-12-08), the
 shipped grid (a prompt's consecutive tokens sharing a tile) and "items" (the persistent form,
-its work list built once per replay as the first layer of a forward does), with each form's
-largest difference from the shipped one's output.
+its work list built once per replay as the first layer of a forward does), "warps8" and
+"n32" (8 warps, or K/V blocks of 32: fewer registers a thread, more programs a multiprocessor),
+with each form's largest difference from the shipped one's output.
 
     python3 bench/attention.py --forms --out attention_forms.json
 """
@@ -199,7 +200,10 @@ def invariant_sweep(bw: float, out: str, max_len: int, split_lens: list[int],
                    "max_len": max_len, "invariant_sweep": results}, f, indent=1)
 
 
-FORMS = {"tokens1": {"tokens": 1}, "shipped": {}, "items": {"persistent": True}}
+FORMS = {"tokens1": {"tokens": 1}, "shipped": {}, "items": {"persistent": True},
+         # fewer registers a thread (255 at 4 warps and blocks of 64: 2 programs a
+         # multiprocessor), never swept for the invariant kernel: other bits, another kernel
+         "warps8": {"num_warps": 8}, "n32": {"block_n": 32}}
 
 
 def _time_form(q, k, v, slots, lens, pos, grid_len, cfg) -> tuple[float, torch.Tensor]:
