@@ -18,7 +18,10 @@ contexts 512 and 2048, the grid sized by --max-len as a decode graph's is) and o
 shipped grid (a prompt's consecutive tokens sharing a tile) and "items" (the persistent form,
 its work list built once per replay as the first layer of a forward does), "warps8" and
 "n32" (8 warps, or K/V blocks of 32: fewer registers a thread, more programs a multiprocessor),
-with each form's largest difference from the shipped one's output.
+with each form's largest difference from the shipped one's output. Then the paged layout's
+kernel (blocks of 16 positions, rows' blocks scattered) in the same cases: K/V steps of 64 or
+32 positions ("64", shipped, spills under triton 3.6; "32" does not), each with a tile per
+token ("x1", shipped) or a prompt's tokens sharing it ("xrun").
 
     python3 bench/attention.py --forms --out attention_forms.json
 """
@@ -34,6 +37,7 @@ from decode_step import copy_bandwidth
 
 from flover.ops.attention import decode_attention_ref
 from flover.ops.attention_triton import SPLIT_LEN, decode_attention, row_attention
+from flover.ops.paged_attention_triton import paged_decode_attention
 
 SHAPES = {"llama_7b": (32, 32, 128), "llama_13b": (40, 40, 128), "gptj_6b": (16, 16, 256),
           "gqa_8b": (32, 8, 128)}  # (heads, kv heads, head dim)
@@ -206,19 +210,34 @@ FORMS = {"tokens1": {"tokens": 1}, "shipped": {}, "items": {"persistent": True},
          "warps8": {"num_warps": 8}, "n32": {"block_n": 32}}
 
 
+def _graphed(run, layers: int) -> tuple[float, torch.Tensor]:
+    """ms per layer of run() (a list of `layers` outputs), graph-replayed; the first output."""
+    first = run()[0]
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        run()
+    return triton.testing.do_bench(g.replay, return_mode="median") / layers, first
+
+
 def _time_form(q, k, v, slots, lens, pos, grid_len, cfg) -> tuple[float, torch.Tensor]:
-    """ms per layer of one form, graph-replayed over k.shape[0] layers; the first's output."""
+    """`row_attention` in one form over k.shape[0] layers' caches."""
     layers, scale = k.shape[0], q.shape[-1] ** -0.5
 
     def run():
         plan = {}  # one forward: the work list built by the first layer
         return [row_attention(q, k[i], v[i], slots, lens, grid_len, scale, cfg, positions=pos,
                               plan=plan) for i in range(layers)]
-    first = run()[0]
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        run()
-    return triton.testing.do_bench(g.replay, return_mode="median") / layers, first
+    return _graphed(run, layers)
+
+
+def _time_paged(q, k, v, tables, lens, grid_len, block_n, tokens) -> tuple[float, torch.Tensor]:
+    """`paged_decode_attention` in one form over k.shape[0] layers' caches."""
+    layers, scale = k.shape[0], q.shape[-1] ** -0.5
+
+    def run():
+        return [paged_decode_attention(q, k[i], v[i], tables, lens, grid_len, scale,
+                                       block_n=block_n, tokens=tokens) for i in range(layers)]
+    return _graphed(run, layers)
 
 
 def forms(bw: float, out: str, max_len: int, layers: int = 4) -> None:
@@ -256,9 +275,52 @@ def forms(bw: float, out: str, max_len: int, layers: int = 4) -> None:
                   + " ".join(f"{times[f] * 1e3:9.1f}" for f in FORMS) + "  "
                   + " ".join(f"{f}={diffs[f]:.1e}" for f in FORMS if f != "shipped"), flush=True)
             del k, v
+    paged = paged_forms(bw, max_len, layers)
     with open(out, "w") as f:
         json.dump({"card": torch.cuda.get_device_name(), "copy_bandwidth_Bps": bw,
-                   "max_len": max_len, "forms": results}, f, indent=1)
+                   "max_len": max_len, "forms": results, "paged_forms": paged}, f, indent=1)
+
+
+PAGED_FORMS = {"64x1": (64, 1), "64xrun": (64, None), "32x1": (32, 1), "32xrun": (32, None)}
+
+
+def paged_forms(bw: float, max_len: int, layers: int, bs: int = 16) -> list[dict]:
+    """`paged_decode_attention` per PAGED_FORMS (K/V step, tokens a tile), us per layer."""
+    results = []
+    print(f"paged     {'case':7s} {'B':>3s} {'ctx':>5s} {'floor us':>9s} "
+          + " ".join(f"{f:>9s}" for f in PAGED_FORMS) + "  max |diff| vs 64x1", flush=True)
+    for name in ("llama_7b", "gqa_8b"):
+        h, hkv, d = SHAPES[name]
+        for kind, b, ctx in [("decode", b, c) for b in (1, 32) for c in (512, 2048)] + [
+                ("prompt", 1, n) for n in (512, 2048)]:
+            width = -(-(ctx + 1) // bs)
+            blocks = torch.randperm(b * width, device="cuda").view(b, width) + 1
+            k = torch.randn(layers, b * width + 1, hkv, bs, d, device="cuda", dtype=torch.float16)
+            v = torch.randn_like(k)
+            if kind == "decode":
+                rows, tables = b, blocks
+                lens = torch.full((b,), ctx + 1, device="cuda")
+                grid_len, floor_bytes = max_len, 2 * b * hkv * (ctx + 1) * d * 2
+            else:
+                rows, tables = ctx, blocks.expand(ctx, -1).contiguous()
+                lens = torch.arange(1, ctx + 1, device="cuda")
+                grid_len, floor_bytes = ctx, 2 * hkv * ctx * d * 2
+            q = torch.randn(rows, h, d, device="cuda", dtype=torch.float16)
+            floor = floor_bytes / bw * 1e3
+            times, outs = {}, {}
+            for form, (block_n, tokens) in PAGED_FORMS.items():
+                times[form], outs[form] = _time_paged(q, k, v, tables, lens, grid_len, block_n,
+                                                      tokens)
+            diffs = {f: (outs[f].float() - outs["64x1"].float()).abs().max().item()
+                     for f in PAGED_FORMS}
+            results.append({"shape": name, "case": kind, "batch": b, "context": ctx,
+                            "floor_ms": floor, "ms": times, "max_diff_vs_shipped": diffs})
+            print(f"{name:9s} {kind:7s} {b:3d} {ctx:5d} {floor * 1e3:9.1f} "
+                  + " ".join(f"{times[f] * 1e3:9.1f}" for f in PAGED_FORMS) + "  "
+                  + " ".join(f"{f}={diffs[f]:.1e}" for f in PAGED_FORMS if f != "64x1"),
+                  flush=True)
+            del k, v, q, outs
+    return results
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from flover.ops import launch
 from flover.ops.attention_triton import _items_kernel, _split_items_kernel, _split_kernel
 from flover.ops.attention_triton import default_config as attention_config
 from flover.ops.linear_triton import EPILOGUE_TILES, _linear_tma_kernel, tma_config
+from flover.ops.paged_attention_triton import MAX_SPLITS, MIN_SPLIT, _paged_split_kernel
 from flover.ops.quant_triton import BLOCK_M, _quant_tma_kernel
 from flover.ops.quant_triton import tma_config as quant_tma_config
 
@@ -148,6 +149,17 @@ def attention_cases() -> list[tuple]:
         iconst = {k: v for k, v in const.items() if k not in ("HAS_SLOTS", "SKIP_EMPTY")}
         cases.append((f"attention items fp16 group={group} tokens={tokens}", _split_items_kernel,
                       isig, iconst, cfg["num_warps"], cfg["num_stages"]))
+    # the paged layout's kernel (blocks of 16 positions), the same tile over a block table
+    psig = {n: "*fp16" for n in ("Q", "K", "V")} | {"Tables": "*i64", "Lens": "*i64",
+                                                     "OutPart": "*fp32", "LsePart": "*fp32"}
+    psig |= {n: "i32" for n in ("sq_b", "sq_h", "sk_n", "sk_h", "sk_l", "sv_n", "sv_h", "sv_l",
+                                "st_b", "width", "so_b", "so_h", "so_s", "sl_b", "sl_h")}
+    psig |= {"scale": "fp32"}
+    for group, tokens in ((1, 1), (1, 16)):
+        const = {"D": 128, "G": group, "BLOCK_G": 16, "BS": 16, "MIN_SPLIT": MIN_SPLIT,
+                 "MAX_SPLITS": MAX_SPLITS, "BLOCK_N": 64, "BLOCK_D": 128, "TOKENS": tokens}
+        cases.append((f"attention paged fp16 group={group} tokens={tokens}", _paged_split_kernel,
+                      psig, const, 4, 2))
     cases.append(("attention work list", _items_kernel,
                   {"Slots": "*i64", "Lens": "*i64", "Pos": "*i64", "Items": "*i32",
                    "NumItems": "*i32", "T": "i32", "split_len": "i32"},

@@ -6,6 +6,8 @@ transformers' and its solo run's, whatever runs beside it, and every block goes 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from conftest import hf_greedy, hf_model, prompts
@@ -292,6 +294,71 @@ def test_paged_triton_decode_of_a_row_does_not_depend_on_its_neighbours():
     fused = paged_decode_attention(q, k_pages, v_pages, tables, lens, 64, 0.3, 16, 16, 3)
     alone = paged_decode_attention(q[:1], k_pages, v_pages, tables[:1], lens[:1], 37, 0.3, 16, 16, 3)
     assert torch.equal(fused[:1], alone)
+
+
+def _prompt_beside_a_shared_prefix(heads: int, kv_heads: int):
+    """Rows: C's decode row, B's decode row (B shares A's first 5 blocks; its length 35 is
+    one short of A's first token's), A's prompt tokens at lengths 36..55 (split lengths 16
+    then 32 from 49 on, with splits of at least 16 and at most 3), a padding row (block 0)."""
+    gen = torch.Generator().manual_seed(heads)
+    d, bs, width = 16, 4, 14
+    perm = (torch.randperm(40, generator=gen) + 1).tolist()
+    a, b_own, c = perm[:14], perm[14:23], perm[23:25]
+    tables = [c + [0] * 12, a[:5] + b_own + [0] * 0, *[a] * 20, [0] * width]
+    tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    lens = torch.tensor([7, 35, *range(36, 56), 1])
+    k_pages = torch.randn(41, kv_heads, bs, d, generator=gen)
+    v_pages = torch.randn(41, kv_heads, bs, d, generator=gen)
+    q = torch.randn(len(lens), heads, d, generator=gen)
+    return on_kernel_device(q, k_pages, v_pages, tables, lens)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2)])
+def test_paged_prompt_tokens_sharing_a_tile_are_bitwise_each_token_alone(heads, kv_heads):
+    """Up to 16 // group consecutive rows of one request share a tile (one K/V read); each
+    row's result is bitwise its result alone, whole or chunked; a request sharing the
+    prompt's prefix blocks at the very next length is not taken for the same request."""
+    from flover.ops.attention import paged_decode_attention_ref
+    pytest.importorskip("triton")
+    from flover.ops.paged_attention_triton import paged_decode_attention
+
+    q, k, v, tables, lens = _prompt_beside_a_shared_prefix(heads, kv_heads)
+
+    def attend(rows: slice):
+        return paged_decode_attention(q[rows], k, v, tables[rows], lens[rows], 56, 0.3, 16, 16, 3,
+                                      tokens=None)  # 16 // group tokens a tile
+
+    whole = attend(slice(0, len(q)))
+    tol = 2e-3 if whole.is_cuda else 1e-4
+    torch.testing.assert_close(whole, paged_decode_attention_ref(q, k, v, tables, lens, 56, 0.3),
+                               rtol=tol, atol=tol)
+    for i in [0, 1, 2, 3, 9, 14, 15, 17, 21, 22]:
+        assert torch.equal(attend(slice(i, i + 1))[0], whole[i]), i
+    a, b = slice(0, 9), slice(9, len(q))  # A's prompt in two chunks
+    assert torch.equal(attend(a), whole[a]) and torch.equal(attend(b), whole[b])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs Triton")
+def test_paged_runs_group_one_requests_tokens_at_one_split_length():
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+
+    @triton.jit
+    def runs(Tables, Lens, Count, st_b, width, TOKENS: tl.constexpr):
+        from flover.ops.paged_attention_triton import _paged_run
+
+        b = tl.program_id(0)
+        count, _ = _paged_run(Tables, Lens, b, tl.num_programs(0), st_b, width, 4, 16, 3, 16,
+                              TOKENS)
+        tl.store(Count + b, count)
+
+    _, _, _, tables, lens = _prompt_beside_a_shared_prefix(4, 4)
+    count = torch.zeros(len(lens), dtype=torch.int32, device=lens.device)
+    runs[(len(lens),)](tables, lens, count, tables.stride(0), tables.shape[1], TOKENS=8)
+    # windows of 8: C, B alone; A's tokens 36..48 (split 16) then 49..55 (split 32); padding
+    assert count.tolist() == [1, 1, 6, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 1, 6, 0, 0, 0, 0,
+                              0, 1]
 
 
 # --- the decode graphs' paged inputs ---------------------------------------------------------

@@ -48,9 +48,11 @@ def _run(Lens, Slots, b, T, TOKENS: tl.constexpr):
 def _tile(Q, K, V, OutPart, LsePart, sq_b, sq_h, sk_s, sk_h, sk_l, sv_s, sv_h, sv_l,
           so_b, so_h, so_s, sl_b, sl_h, split_len, scale, b, kvh, sp, slot, len0, count,
           D: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-          BLOCK_D: tl.constexpr, TOKENS: tl.constexpr):
-    """Split sp of kv head kvh for the `count` tokens from token b (their lengths len0,
-    len0 + 1, ...; all of slot `slot`): a partial output and log-sum-exp per row.
+          BLOCK_D: tl.constexpr, TOKENS: tl.constexpr, Table=None, BS: tl.constexpr = 0):
+    """Split sp (of split_len positions) of kv head kvh for the `count` tokens from token b
+    (their lengths len0, len0 + 1, ...; all of slot `slot`, or with BS > 0 of the paged
+    cache's blocks of BS positions listed at Table): a partial output and log-sum-exp per
+    row.
 
     The BLOCK_G rows are TOKENS tokens x BLOCK_G // TOKENS padded heads, so each K/V tile is
     read once for up to TOKENS tokens instead of once per token. A row's bits do not depend
@@ -90,8 +92,15 @@ def _tile(Q, K, V, OutPart, LsePart, sq_b, sq_h, sk_s, sk_h, sk_l, sv_s, sv_h, s
         n = n0 + tl.arange(0, BLOCK_N)
         mask_n = n < end
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + n[:, None] * sk_l + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + n[:, None] * sv_l + d[None, :], mask=kv_mask, other=0.0)
+        if BS > 0:  # each position's block from the table
+            blk = tl.load(Table + n // BS, mask=mask_n, other=0).to(tl.int64)
+            row_k = blk * sk_s + kvh * sk_h + (n % BS) * sk_l
+            row_v = blk * sv_s + kvh * sv_h + (n % BS) * sv_l
+            k = tl.load(K + row_k[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + row_v[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        else:
+            k = tl.load(k_base + n[:, None] * sk_l + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + n[:, None] * sv_l + d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k).to(q.dtype))
         if TOKENS > 1:
             s = tl.where(n[None, :] < score_end[:, None], s * scale, float("-inf"))

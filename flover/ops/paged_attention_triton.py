@@ -22,11 +22,20 @@ import torch
 import triton
 import triton.language as tl
 
+from flover.ops.attention_triton import _tile
+
 MIN_SPLIT = 128  # positions: a multiple of every BLOCK_N used
 MAX_SPLITS = 8
+# K/V positions per step, and tokens per tile (None: 16 // the GQA group, a prompt's
+# consecutive tokens sharing one tile). Compiled for sm_90a (bench/sm90_codegen.py) the kernel
+# spills 472 bytes a thread at blocks of 64 (triton 3.6; 1,020 with 16 tokens a tile) and none
+# at blocks of 32; until `bench/attention.py --forms` times these on a GPU, the layout keeps
+# the configuration it was measured with: blocks of 64, a tile per token.
+BLOCK_N = 64
+TOKENS: int | None = 1
 
 
-def split_len(length: int, block_n: int = 64, min_split: int = MIN_SPLIT,
+def split_len(length: int, block_n: int = BLOCK_N, min_split: int = MIN_SPLIT,
               max_splits: int = MAX_SPLITS) -> int:
     """The split length of a row of `length` positions (the kernel computes the same)."""
     per = -(-length // max_splits)
@@ -34,56 +43,73 @@ def split_len(length: int, block_n: int = 64, min_split: int = MIN_SPLIT,
 
 
 @triton.jit
+def _split_of(length, MIN_SPLIT: tl.constexpr, MAX_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """`split_len` in the kernels."""
+    return tl.maximum(MIN_SPLIT, tl.cdiv(tl.cdiv(length, MAX_SPLITS), BLOCK_N) * BLOCK_N)
+
+
+@triton.jit
+def _paged_run(Tables, Lens, b, T, st_b, width, BS: tl.constexpr, MIN_SPLIT: tl.constexpr,
+               MAX_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, TOKENS: tl.constexpr):
+    """As `attention_triton._run` for the paged layout: token b and those after it in its
+    window of TOKENS tokens of its request at consecutive lengths and of its split length,
+    as (count, token b's length); count 0 where token b is in its predecessor's run. Rows
+    have no request id here: a token is of row b's request when the block holding its newest
+    position (written this iteration, so the request's own, never a shared prefix block) is
+    the block row b's table lists there."""
+    i = tl.arange(0, TOKENS)
+    tok = b + i
+    ok = ((b % TOKENS) + i < TOKENS) & (tok < T)
+    len0 = tl.load(Lens + b).to(tl.int32)
+    lens = tl.load(Lens + tok, mask=ok, other=0).to(tl.int32)
+    at = (lens - 1) // BS
+    ok = ok & (lens > 0) & (at < width)
+    own = tl.load(Tables + tok.to(tl.int64) * st_b + at, mask=ok, other=-1)
+    mine = tl.load(Tables + b.to(tl.int64) * st_b + at, mask=ok, other=-2)
+    split0 = _split_of(len0, MIN_SPLIT, MAX_SPLITS, BLOCK_N)
+    run = ok & (lens == len0 + i) & (own == mine)
+    run = run & (_split_of(lens, MIN_SPLIT, MAX_SPLITS, BLOCK_N) == split0)
+    count = tl.min(tl.where(run, TOKENS, i), axis=0)  # the first token past the run
+    # token b continues its predecessor's run?
+    inner = b % TOKENS != 0
+    prev_len = tl.load(Lens + b - 1, mask=inner, other=0).to(tl.int32)
+    at0 = (len0 - 1) // BS
+    both = inner & (at0 < width)
+    own0 = tl.load(Tables + b.to(tl.int64) * st_b + at0, mask=both, other=-1)
+    prev = tl.load(Tables + (b - 1).to(tl.int64) * st_b + at0, mask=both, other=-2)
+    joined = (both & (prev_len + 1 == len0) & (own0 == prev)
+              & (_split_of(prev_len, MIN_SPLIT, MAX_SPLITS, BLOCK_N) == split0))
+    return tl.where(joined, 0, count), len0
+
+
+@triton.jit
 def _paged_split_kernel(Q, K, V, Tables, Lens, OutPart, LsePart,
-                        sq_b, sq_h, sk_n, sk_h, sk_l, sv_n, sv_h, sv_l, st_b,
+                        sq_b, sq_h, sk_n, sk_h, sk_l, sv_n, sv_h, sv_l, st_b, width,
                         so_b, so_h, so_s, sl_b, sl_h, scale,
                         D: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
                         BS: tl.constexpr, MIN_SPLIT: tl.constexpr, MAX_SPLITS: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TOKENS: tl.constexpr):
+    """Grid (rows, kv heads, splits): the tile of `attention_triton._tile` over the row's
+    blocks; with TOKENS > 1 program b does the run `_paged_run` gives it (a prompt's
+    consecutive tokens share the tile: one K/V read for all of them). A split past the run's
+    longest row writes nothing (the merge reads only the splits a row's length reaches)."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
-    length = tl.load(Lens + b).to(tl.int32)
-    split = tl.maximum(MIN_SPLIT, tl.cdiv(tl.cdiv(length, MAX_SPLITS), BLOCK_N) * BLOCK_N)
-    start = sp * split
-    end = tl.minimum(start + split, length)
-
-    g = tl.arange(0, BLOCK_G)
-    d = tl.arange(0, BLOCK_D)
-    mask_g = g < G
-    mask_d = d < D
-    heads = kvh * G + g
-    q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + d[None, :],
-                mask=mask_g[:, None] & mask_d[None, :], other=0.0)
-
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    s_exp = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    table = Tables + b.to(tl.int64) * st_b
-    for n0 in range(start, end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = n < end
-        blk = tl.load(table + n // BS, mask=mask_n, other=0).to(tl.int64)
-        row_k = blk * sk_n + kvh * sk_h + (n % BS) * sk_l
-        row_v = blk * sv_n + kvh * sv_h + (n % BS) * sv_l
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + row_k[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + row_v[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k).to(q.dtype))
-        s = tl.where(mask_n[None, :], s * scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        s_exp = s_exp * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
-
-    nonempty = s_exp > 0
-    out = acc / tl.where(nonempty, s_exp, 1.0)[:, None]
-    lse = tl.where(nonempty, m + tl.log(tl.where(nonempty, s_exp, 1.0)), float("-inf"))
-    o_ptr = OutPart + b * so_b + heads[:, None] * so_h + sp * so_s + d[None, :]
-    tl.store(o_ptr, out, mask=mask_g[:, None] & mask_d[None, :])
-    tl.store(LsePart + b * sl_b + heads * sl_h + sp, lse, mask=mask_g)
+    if TOKENS > 1:
+        count, len0 = _paged_run(Tables, Lens, b, tl.num_programs(0), st_b, width, BS,
+                                 MIN_SPLIT, MAX_SPLITS, BLOCK_N, TOKENS)
+        if count == 0:
+            return
+    else:
+        count = 1
+        len0 = tl.load(Lens + b).to(tl.int32)
+    split = _split_of(len0, MIN_SPLIT, MAX_SPLITS, BLOCK_N)
+    if sp * split >= len0 + count - 1:
+        return
+    _tile(Q, K, V, OutPart, LsePart, sq_b, sq_h, sk_n, sk_h, sk_l, sv_n, sv_h, sv_l,
+          so_b, so_h, so_s, sl_b, sl_h, split, scale, b, kvh, sp, 0, len0, count,
+          D, G, BLOCK_G, BLOCK_N, BLOCK_D, TOKENS, Tables + b.to(tl.int64) * st_b, BS)
 
 
 @triton.jit
@@ -115,17 +141,28 @@ def _combine_kernel(OutPart, LsePart, Out, Lens, so_b, so_h, so_s, sl_b, sl_h, s
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, lengths: torch.Tensor, max_len: int,
-                           scale: float, block_n: int = 64, min_split: int = MIN_SPLIT,
-                           max_splits: int = MAX_SPLITS) -> torch.Tensor:
-    """q [B, H, D]; row b reads blocks block_tables[b] of the cache [N, Hkv, bs, D] up to lengths[b]."""
+                           scale: float, block_n: int | None = None,
+                           min_split: int = MIN_SPLIT, max_splits: int = MAX_SPLITS,
+                           tokens: int | None = 0) -> torch.Tensor:
+    """q [B, H, D]; row b reads blocks block_tables[b] of the cache [N, Hkv, bs, D] up to
+    lengths[b]. Up to `tokens` (0: `TOKENS`; None: 16 // the GQA group) consecutive rows of
+    one request at consecutive lengths (a prompt's tokens) share a tile; a row's bits do not
+    depend on it (the same compiled kernel must serve every row: one value per run)."""
     b, h, d = q.shape
     _, hkv, bs, _ = k_cache.shape
-    assert h % hkv == 0 and k_cache.shape[-1] == d and min_split % block_n == 0
+    assert h % hkv == 0 and k_cache.shape[-1] == d
     if q.stride(-1) != 1:
         q = q.contiguous()
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache rows must be contiguous"
     assert block_tables.stride(-1) == 1
     group = h // hkv
+    block_g = max(16, triton.next_power_of_2(group))
+    block_n = block_n or BLOCK_N
+    assert min_split % block_n == 0
+    tokens = TOKENS if tokens == 0 else tokens
+    if tokens is None:
+        tokens = block_g // triton.next_power_of_2(group)
+    assert tokens >= 1 and block_g % tokens == 0 and block_g // tokens >= group
     splits = min(max_splits, triton.cdiv(max_len, min_split))  # the most any row < max_len uses
     block_d = triton.next_power_of_2(d)
     part = torch.empty((b, h, splits, d), dtype=torch.float32, device=q.device)
@@ -134,9 +171,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, block_tables, lengths, part, lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), scale,
-        D=d, G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BS=bs, MIN_SPLIT=min_split,
-        MAX_SPLITS=max_splits, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=2)
+        block_tables.shape[1], part.stride(0), part.stride(1), part.stride(2), lse.stride(0),
+        lse.stride(1), scale, D=d, G=group, BLOCK_G=block_g, BS=bs, MIN_SPLIT=min_split,
+        MAX_SPLITS=max_splits, BLOCK_N=block_n, BLOCK_D=block_d, TOKENS=tokens, num_warps=4,
+        num_stages=2)
     out = torch.empty_like(q)
     _combine_kernel[(b, h)](part, lse, out, lengths, part.stride(0), part.stride(1),
                             part.stride(2), lse.stride(0), lse.stride(1), out.stride(0),
