@@ -12,7 +12,8 @@
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_invariant_kernels.py \
-    -k "row_attention or prompts_tokens or runs_cover or work_list" > $OUT/tests_attention.log 2>&1
+    tests/test_paged.py -k "row_attention or prompts_tokens or runs_cover or work_list or triton \
+    or sharing_a_tile or paged_runs" > $OUT/tests_attention.log 2>&1
 echo "attention tests rc=$?"
 timeout 40 python3 bench/sm90_codegen.py > $OUT/sm90_codegen.log 2>&1; echo "codegen rc=$?"
 cd bench
