@@ -19,7 +19,7 @@ tl = pytest.importorskip("triton.language")
 from flover.models.layers import TiedHead  # noqa: E402
 from flover.ops import launch, linear_triton  # noqa: E402
 from flover.ops.attention import row_attention_ref  # noqa: E402
-from flover.ops.attention_triton import row_attention  # noqa: E402
+from flover.ops.attention_triton import _items_kernel, _run, row_attention  # noqa: E402
 from flover.ops.linear import InvariantLinear, InvariantTiedHead, linear_ref, swap_linears  # noqa: E402
 from flover.ops.linear_triton import default_config, linear, splits  # noqa: E402
 
@@ -234,8 +234,6 @@ def test_a_prompts_tokens_sharing_a_tile_are_bitwise_each_token_alone(heads, kv_
 
 @triton.jit
 def _runs_kernel(Lens, Slots, Count, TOKENS: tl.constexpr):
-    from flover.ops.attention_triton import _run
-
     b = tl.program_id(0)
     count, _ = _run(Lens, Slots, b, tl.num_programs(0), TOKENS)
     tl.store(Count + b, count)
@@ -255,8 +253,6 @@ def test_runs_cover_every_token_once_with_consecutive_lengths_of_one_slot():
 
 
 def test_the_work_list_holds_each_runs_splits_and_skips_padding():
-    from flover.ops.attention_triton import _items_kernel
-
     # the last three tokens are padding (length 1 at the last position); split length 4
     pos = [n - 1 for n in LENS[:18]] + [99] * 3
     items = torch.full((len(SLOTS) * 4, 4), -1, dtype=torch.int32, device=DEVICE)
