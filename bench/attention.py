@@ -219,6 +219,27 @@ def _graphed(run, layers: int) -> tuple[float, torch.Tensor]:
     return triton.testing.do_bench(g.replay, return_mode="median") / layers, first
 
 
+CASES = [("decode", b, ctx) for b in (1, 32) for ctx in (512, 2048)] + [
+    ("prompt", 1, n) for n in (512, 2048)]  # (kind, rows or 1, context or prompt length)
+
+
+def _header(label: str, forms: dict, shipped: str) -> None:
+    print(f"{label:9s} {'case':7s} {'B':>3s} {'ctx':>5s} {'floor us':>9s} "
+          + " ".join(f"{f:>9s}" for f in forms) + f"  max |diff| vs {shipped}", flush=True)
+
+
+def _report(name: str, kind: str, b: int, ctx: int, floor: float, times: dict, outs: dict,
+            shipped: str) -> dict:
+    """One case's line (us per layer per form; each form's largest difference from the
+    shipped form's output) and its record."""
+    diffs = {f: (o.float() - outs[shipped].float()).abs().max().item() for f, o in outs.items()}
+    print(f"{name:9s} {kind:7s} {b:3d} {ctx:5d} {floor * 1e3:9.1f} "
+          + " ".join(f"{t * 1e3:9.1f}" for t in times.values()) + "  "
+          + " ".join(f"{f}={x:.1e}" for f, x in diffs.items() if f != shipped), flush=True)
+    return {"shape": name, "case": kind, "batch": b, "context": ctx, "floor_ms": floor,
+            "ms": times, "max_diff_vs_shipped": diffs}
+
+
 def _time_form(q, k, v, slots, lens, pos, grid_len, cfg) -> tuple[float, torch.Tensor]:
     """`row_attention` in one form over k.shape[0] layers' caches."""
     layers, scale = k.shape[0], q.shape[-1] ** -0.5
@@ -243,13 +264,10 @@ def _time_paged(q, k, v, tables, lens, grid_len, block_n, tokens) -> tuple[float
 def forms(bw: float, out: str, max_len: int, layers: int = 4) -> None:
     """`row_attention`'s forms (FORMS) on decode rows and on one whole prompt, us per layer."""
     results = []
-    cases = [("decode", b, ctx) for b in (1, 32) for ctx in (512, 2048)]
-    cases += [("prompt", 1, n) for n in (512, 2048)]
-    print(f"{'shape':9s} {'case':7s} {'B':>3s} {'ctx':>5s} {'floor us':>9s} "
-          + " ".join(f"{f:>9s}" for f in FORMS) + "  max |diff| vs shipped", flush=True)
+    _header("shape", FORMS, "shipped")
     for name in ("llama_7b", "gqa_8b"):
         h, hkv, d = SHAPES[name]
-        for kind, b, ctx in cases:
+        for kind, b, ctx in CASES:
             rows = b if kind == "decode" else ctx
             k = torch.randn(layers, b, hkv, ctx + 8, d, device="cuda", dtype=torch.float16)
             v = torch.randn_like(k)
@@ -267,13 +285,7 @@ def forms(bw: float, out: str, max_len: int, layers: int = 4) -> None:
             times, outs = {}, {}
             for form, cfg in FORMS.items():
                 times[form], outs[form] = _time_form(q, k, v, slots, lens, pos, grid_len, cfg)
-            diffs = {f: (outs[f].float() - outs["shipped"].float()).abs().max().item()
-                     for f in FORMS}
-            results.append({"shape": name, "case": kind, "batch": b, "context": ctx,
-                            "floor_ms": floor, "ms": times, "max_diff_vs_shipped": diffs})
-            print(f"{name:9s} {kind:7s} {b:3d} {ctx:5d} {floor * 1e3:9.1f} "
-                  + " ".join(f"{times[f] * 1e3:9.1f}" for f in FORMS) + "  "
-                  + " ".join(f"{f}={diffs[f]:.1e}" for f in FORMS if f != "shipped"), flush=True)
+            results.append(_report(name, kind, b, ctx, floor, times, outs, "shipped"))
             del k, v
     paged = paged_forms(bw, max_len, layers)
     with open(out, "w") as f:
@@ -287,12 +299,10 @@ PAGED_FORMS = {"64x1": (64, 1), "64xrun": (64, None), "32x1": (32, 1), "32xrun":
 def paged_forms(bw: float, max_len: int, layers: int, bs: int = 16) -> list[dict]:
     """`paged_decode_attention` per PAGED_FORMS (K/V step, tokens a tile), us per layer."""
     results = []
-    print(f"paged     {'case':7s} {'B':>3s} {'ctx':>5s} {'floor us':>9s} "
-          + " ".join(f"{f:>9s}" for f in PAGED_FORMS) + "  max |diff| vs 64x1", flush=True)
+    _header("paged", PAGED_FORMS, "64x1")
     for name in ("llama_7b", "gqa_8b"):
         h, hkv, d = SHAPES[name]
-        for kind, b, ctx in [("decode", b, c) for b in (1, 32) for c in (512, 2048)] + [
-                ("prompt", 1, n) for n in (512, 2048)]:
+        for kind, b, ctx in CASES:
             width = -(-(ctx + 1) // bs)
             blocks = torch.randperm(b * width, device="cuda").view(b, width) + 1
             k = torch.randn(layers, b * width + 1, hkv, bs, d, device="cuda", dtype=torch.float16)
@@ -311,14 +321,7 @@ def paged_forms(bw: float, max_len: int, layers: int, bs: int = 16) -> list[dict
             for form, (block_n, tokens) in PAGED_FORMS.items():
                 times[form], outs[form] = _time_paged(q, k, v, tables, lens, grid_len, block_n,
                                                       tokens)
-            diffs = {f: (outs[f].float() - outs["64x1"].float()).abs().max().item()
-                     for f in PAGED_FORMS}
-            results.append({"shape": name, "case": kind, "batch": b, "context": ctx,
-                            "floor_ms": floor, "ms": times, "max_diff_vs_shipped": diffs})
-            print(f"{name:9s} {kind:7s} {b:3d} {ctx:5d} {floor * 1e3:9.1f} "
-                  + " ".join(f"{times[f] * 1e3:9.1f}" for f in PAGED_FORMS) + "  "
-                  + " ".join(f"{f}={diffs[f]:.1e}" for f in PAGED_FORMS if f != "64x1"),
-                  flush=True)
+            results.append(_report(name, kind, b, ctx, floor, times, outs, "64x1"))
             del k, v, q, outs
     return results
 
