@@ -128,26 +128,30 @@ def linear_cases() -> list[tuple]:
 
 
 def attention_cases() -> list[tuple]:
-    """The batch-invariant attention's split kernel (`row_attention`) for head_dim 128 in
-    float16: a tile per token (tokens=1) and a prompt's tokens sharing it (multi-head: 16
-    tokens; GQA with groups of 4: 4)."""
+    """The batch-invariant attention's split kernel (`row_attention`) in float16, head_dim 128
+    (LLaMA) and 256 (GPT-J): a tile per token (tokens=1) and a prompt's tokens sharing it
+    (multi-head: 16 tokens; GQA with groups of 4: 4); its persistent form; the paged kernel."""
     cases = []
     cfg = attention_config(1, 128)
-    for group, tokens in ((1, 1), (1, 16), (4, 4)):
+    for group, tokens, dim in ((1, 1, 128), (1, 16, 128), (4, 4, 128), (1, 1, 256), (1, 16, 256)):
         sig = {n: "*fp16" for n in ("Q", "K", "V")} | {"Lens": "*i64", "OutPart": "*fp32",
                                                         "LsePart": "*fp32", "Slots": "*i64"}
         sig |= {n: "i32" for n in ("sq_b", "sq_h", "sk_s", "sk_h", "sk_l", "sv_s", "sv_h",
                                    "sv_l", "so_b", "so_h", "so_s", "sl_b", "sl_h", "split_len")}
         sig |= {"scale": "fp32"}
-        const = {"D": 128, "G": group, "BLOCK_G": 16, "BLOCK_N": cfg["block_n"], "BLOCK_D": 128,
+        block_n = attention_config(group, dim)["block_n"]
+        const = {"D": dim, "G": group, "BLOCK_G": 16, "BLOCK_N": block_n, "BLOCK_D": dim,
                  "HAS_SLOTS": True, "PDL": True, "SKIP_EMPTY": True, "TOKENS": tokens}
-        cases.append((f"attention fp16 group={group} tokens={tokens}", _split_kernel, sig, const,
-                      cfg["num_warps"], cfg["num_stages"]))
+        label = f"group={group} tokens={tokens}" + (" head_dim=256" if dim == 256 else "")
+        cases.append((f"attention fp16 {label}", _split_kernel, sig, const, cfg["num_warps"],
+                      cfg["num_stages"]))
+        if dim == 256:  # GPT-J's heads: the grid form only
+            continue
         # the persistent form: the same tile per item of the work list
         isig = {k: v for k, v in sig.items() if k not in ("Lens", "Slots")}
         isig |= {"Items": "*i32", "NumItems": "*i32"}
         iconst = {k: v for k, v in const.items() if k not in ("HAS_SLOTS", "SKIP_EMPTY")}
-        cases.append((f"attention items fp16 group={group} tokens={tokens}", _split_items_kernel,
+        cases.append((f"attention items fp16 {label}", _split_items_kernel,
                       isig, iconst, cfg["num_warps"], cfg["num_stages"]))
     # the paged layout's kernel (blocks of 16 positions), the same tile over a block table
     psig = {n: "*fp16" for n in ("Q", "K", "V")} | {"Tables": "*i64", "Lens": "*i64",
