@@ -265,7 +265,7 @@ def forms(bw: float, out: str, max_len: int, layers: int = 4) -> None:
     """`row_attention`'s forms (FORMS) on decode rows and on one whole prompt, us per layer."""
     results = []
     _header("shape", FORMS, "shipped")
-    for name in ("llama_7b", "gqa_8b"):
+    for name in ("llama_7b", "gqa_8b", "gptj_6b"):
         h, hkv, d = SHAPES[name]
         for kind, b, ctx in CASES:
             rows = b if kind == "decode" else ctx
