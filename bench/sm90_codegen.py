@@ -166,7 +166,7 @@ def attention_cases() -> list[tuple]:
                       psig, const, 4, 2))
     cases.append(("attention work list", _items_kernel,
                   {"Slots": "*i64", "Lens": "*i64", "Pos": "*i64", "Items": "*i32",
-                   "NumItems": "*i32", "T": "i32", "split_len": "i32"},
+                   "NumItems": "*i32", "T": "i32", "split_len": "i32", "num_splits": "i32"},
                   {"TOKENS": 16, "HAS_POS": True, "BLOCK_T": 128, "BLOCK_S": 16, "PDL": True}, 4, 1))
     return cases
 

@@ -167,13 +167,15 @@ def _split_kernel(Q, K, V, Lens, OutPart, LsePart, Slots,
 
 
 @triton.jit
-def _items_kernel(Slots, Lens, Pos, Items, NumItems, T, split_len, TOKENS: tl.constexpr,
+def _items_kernel(Slots, Lens, Pos, Items, NumItems, T, split_len, num_splits,
+                  TOKENS: tl.constexpr,
                   HAS_POS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
                   PDL: tl.constexpr):
     """One program: the work of `_split_items_kernel`, one item per (run, split) that the
     run's longest row reaches, in token order: [b, split * 32 + count, slot, len0] each, and
     their number. Runs as `_run` forms them; with HAS_POS a token whose length is not its
-    position + 1 (a graph's padding token) takes no part."""
+    position + 1 (a graph's padding token) takes no part. At most num_splits splits a run
+    (the partials' size, sized by max_len): a length past max_len cannot write past them."""
     launch.prior(PDL)
     base = tl.full([], 0, tl.int32)
     for t0 in range(0, T, BLOCK_T):
@@ -200,7 +202,7 @@ def _items_kernel(Slots, Lens, Pos, Items, NumItems, T, split_len, TOKENS: tl.co
         if HAS_POS:
             in_run = in_run & (lens == tl.load(Pos + tok, mask=in_run, other=-2).to(tl.int32) + 1)
         count = tl.min(tl.where(in_run, TOKENS, i[None, :]), axis=1)
-        splits = tl.where(lead, tl.cdiv(len0 + count - 1, split_len), 0)
+        splits = tl.where(lead, tl.minimum(tl.cdiv(len0 + count - 1, split_len), num_splits), 0)
         first = base + tl.cumsum(splits, axis=0) - splits
         for s0 in range(0, tl.max(splits, axis=0), BLOCK_S):
             sp = s0 + tl.arange(0, BLOCK_S)
@@ -363,18 +365,19 @@ PERSISTENT = os.environ.get("FLOVER_ATTN_ITEMS", "0") == "1"
 
 @triton.jit
 def _ordered_combine_kernel(OutPart, LsePart, Lens, Pos, Out, so_b, so_h, so_s, sl_b, sl_h,
-                            sout_b, sout_h, split_len, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                            HAS_POS: tl.constexpr, PDL: tl.constexpr):
-    """Row b's own splits (those its length reaches) merged for head h one by one, in
-    position order. With HAS_POS a row whose length is not its position + 1 (a graph's
-    padding token, which `_items_kernel` gives no work) gets zeros."""
+                            sout_b, sout_h, split_len, num_splits, D: tl.constexpr,
+                            BLOCK_D: tl.constexpr, HAS_POS: tl.constexpr, PDL: tl.constexpr):
+    """Row b's own splits (those its length reaches, at most the num_splits there are)
+    merged for head h one by one, in position order. With HAS_POS a row whose length is not
+    its position + 1 (a graph's padding token, which `_items_kernel` gives no work) gets
+    zeros."""
     launch.prior(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
     mask_d = d < D
     length = tl.load(Lens + b).to(tl.int32)
-    n = tl.cdiv(length, split_len)
+    n = tl.minimum(tl.cdiv(length, split_len), num_splits)
     if HAS_POS:
         n = tl.where(length == tl.load(Pos + b).to(tl.int32) + 1, n, 0)
     lse_row = LsePart + b * sl_b + h * sl_h
@@ -458,7 +461,7 @@ def row_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             items = torch.empty((t * splits, 4), dtype=torch.int32, device=q.device)
             count = torch.empty(1, dtype=torch.int32, device=q.device)
             _items_kernel[(1,)](slots, lengths, lengths if positions is None else positions,
-                                items, count, t, split_len, TOKENS=tokens,
+                                items, count, t, split_len, splits, TOKENS=tokens,
                                 HAS_POS=positions is not None, BLOCK_T=128, BLOCK_S=16, PDL=pdl,
                                 num_warps=4, **launch.options(pdl))
             plan["items"] = items, count
@@ -475,6 +478,7 @@ def row_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     _ordered_combine_kernel[(t, h)](
         part, lse, lengths, positions if has_pos else lengths, out, part.stride(0),
         part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), out.stride(0),
-        out.stride(1), split_len, D=d, BLOCK_D=block_d, HAS_POS=has_pos, PDL=pdl, num_warps=1,
+        out.stride(1), split_len, splits, D=d, BLOCK_D=block_d, HAS_POS=has_pos, PDL=pdl,
+        num_warps=1,
         **launch.options(pdl))
     return out
