@@ -114,17 +114,18 @@ def _paged_split_kernel(Q, K, V, Tables, Lens, OutPart, LsePart,
 
 @triton.jit
 def _combine_kernel(OutPart, LsePart, Out, Lens, so_b, so_h, so_s, sl_b, sl_h, sout_b, sout_h,
-                    D: tl.constexpr, MIN_SPLIT: tl.constexpr, MAX_SPLITS: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Splits folded one by one in split order, only those the row's length reaches: the
-    same sequence of operations whatever the number of splits launched."""
+                    num_splits, D: tl.constexpr, MIN_SPLIT: tl.constexpr,
+                    MAX_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Splits folded one by one in split order, only those the row's length reaches (and
+    the grid had: a length past max_len reads no further): the same sequence of operations
+    whatever the number of splits launched."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
     mask_d = d < D
     length = tl.load(Lens + b).to(tl.int32)
     split = tl.maximum(MIN_SPLIT, tl.cdiv(tl.cdiv(length, MAX_SPLITS), BLOCK_N) * BLOCK_N)
-    used = tl.cdiv(length, split)
+    used = tl.minimum(tl.cdiv(length, split), num_splits)
     m = tl.load(LsePart + b * sl_b + h * sl_h)  # split 0 is never empty: lengths >= 1
     acc = tl.load(OutPart + b * so_b + h * so_h + d, mask=mask_d, other=0.0)
     w = 1.0
@@ -178,6 +179,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.empty_like(q)
     _combine_kernel[(b, h)](part, lse, out, lengths, part.stride(0), part.stride(1),
                             part.stride(2), lse.stride(0), lse.stride(1), out.stride(0),
-                            out.stride(1), D=d, MIN_SPLIT=min_split, MAX_SPLITS=max_splits,
+                            out.stride(1), splits, D=d, MIN_SPLIT=min_split, MAX_SPLITS=max_splits,
                             BLOCK_N=block_n, BLOCK_D=block_d, num_warps=1)
     return out
