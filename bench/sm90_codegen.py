@@ -69,7 +69,7 @@ def compile_report(name: str, fn, signature: dict, constants: dict, num_warps: i
     log = out.stdout + out.stderr
     regs = re.search(r"Used (\d+) registers", log)
     spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
-    return {"kernel": name, "arch": arch, "ptxas_rc": out.returncode,
+    return {"kernel": name, "triton": triton.__version__, "arch": arch, "ptxas_rc": out.returncode,
             "registers": int(regs.group(1)) if regs else None, "spill_bytes": sum(spills),
             "shared_bytes": kernel.metadata.shared,
             "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
