@@ -33,7 +33,13 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from flover.ops import launch
-from flover.ops.attention_triton import _items_kernel, _split_items_kernel, _split_kernel
+from flover.ops.attention_triton import (
+    MERGE_SPLITS,
+    _items_kernel,
+    _ordered_combine_kernel,
+    _split_items_kernel,
+    _split_kernel,
+)
 from flover.ops.attention_triton import default_config as attention_config
 from flover.ops.linear_triton import EPILOGUE_TILES, _linear_tma_kernel, tma_config
 from flover.ops.paged_attention_triton import MAX_SPLITS, MIN_SPLIT, _paged_split_kernel
@@ -164,6 +170,12 @@ def attention_cases() -> list[tuple]:
                  "MAX_SPLITS": MAX_SPLITS, "BLOCK_N": 64, "BLOCK_D": 128, "TOKENS": tokens}
         cases.append((f"attention paged fp16 group={group} tokens={tokens}", _paged_split_kernel,
                       psig, const, 4, 2))
+    msig = {"OutPart": "*fp32", "LsePart": "*fp32", "Lens": "*i64", "Pos": "*i64",
+            "Out": "*fp16"} | {n: "i32" for n in ("so_b", "so_h", "so_s", "sl_b", "sl_h",
+                                                  "sout_b", "sout_h", "split_len", "num_splits")}
+    cases.append(("attention merge", _ordered_combine_kernel, msig,
+                  {"D": 128, "BLOCK_D": 128, "BLOCK_S": MERGE_SPLITS, "HAS_POS": True,
+                   "PDL": True}, 4, 1))
     cases.append(("attention work list", _items_kernel,
                   {"Slots": "*i64", "Lens": "*i64", "Pos": "*i64", "Items": "*i32",
                    "NumItems": "*i32", "T": "i32", "split_len": "i32", "num_splits": "i32"},

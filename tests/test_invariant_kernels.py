@@ -19,7 +19,12 @@ tl = pytest.importorskip("triton.language")
 from flover.models.layers import TiedHead  # noqa: E402
 from flover.ops import launch, linear_triton  # noqa: E402
 from flover.ops.attention import row_attention_ref  # noqa: E402
-from flover.ops.attention_triton import _items_kernel, _run, row_attention  # noqa: E402
+from flover.ops.attention_triton import (  # noqa: E402
+    _items_kernel,
+    _ordered_combine_kernel,
+    _run,
+    row_attention,
+)
 from flover.ops.linear import InvariantLinear, InvariantTiedHead, linear_ref, swap_linears  # noqa: E402
 from flover.ops.linear_triton import default_config, linear, splits  # noqa: E402
 
@@ -279,6 +284,56 @@ def test_a_length_past_max_len_stays_within_its_own_row(form):
     both = row_attention(q, k, v, slots, lengths, 64, 0.25, cfg)
     alone = row_attention(q[:1], k, v, slots[:1], lengths[:1], 64, 0.25, cfg)
     assert torch.equal(both[0], alone[0]) and torch.isfinite(both[1]).all()
+
+
+@triton.jit
+def _merge_one_by_one(OutPart, LsePart, Lens, Out, so_b, so_h, so_s, sl_b, sl_h, sout_b,
+                      sout_h, split_len, num_splits, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The merge as it was before 2026-12-08: two loads per split, waited for one by one."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    d = tl.arange(0, BLOCK_D)
+    mask_d = d < D
+    n = tl.minimum(tl.cdiv(tl.load(Lens + b).to(tl.int32), split_len), num_splits)
+    lse_row = LsePart + b * sl_b + h * sl_h
+    o_row = OutPart + b * so_b + h * so_h + d
+    m = tl.load(lse_row)
+    for s in range(1, n):
+        m = tl.maximum(m, tl.load(lse_row + s))
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    den = 0.0
+    for s in range(0, n):
+        w = tl.exp(tl.load(lse_row + s) - m)
+        acc += w * tl.load(o_row + s * so_s, mask=mask_d, other=0.0)
+        den += w
+    tl.store(Out + b * sout_b + h * sout_h + d, acc / den, mask=mask_d)
+
+
+def test_the_merge_loading_splits_at_once_is_bitwise_the_one_by_one_merge():
+    """Splits loaded BLOCK_S at a time (here 4, so rows of 5-8 splits take two rounds) and
+    merged from registers: the same bits as loading each split when it is merged."""
+    gen = torch.Generator().manual_seed(9)
+    t, h, splits, d = 6, 3, 8, 24
+    part = _randn(t, h, splits, d, gen=gen)
+    lse = _randn(t, h, splits, gen=gen) * 4
+    lens = torch.tensor([1, 8, 9, 33, 40, 64], device=DEVICE)  # 1 to 8 splits of 8
+    pos = torch.tensor([0, 7, 8, 32, 63, 63], device=DEVICE)  # the fifth: padding
+    outs = {}
+    for name in ("one by one", "at once", "at once, positions"):
+        out = torch.empty(t, h, d, device=DEVICE)
+        strides = (part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+                   out.stride(0), out.stride(1), 8, splits)
+        if name == "one by one":
+            _merge_one_by_one[(t, h)](part, lse, lens, out, *strides, D=d, BLOCK_D=32)
+        else:
+            _ordered_combine_kernel[(t, h)](part, lse, lens, pos, out, *strides, D=d, BLOCK_D=32,
+                                            BLOCK_S=4, HAS_POS="positions" in name, PDL=False,
+                                            num_warps=4)
+        outs[name] = out
+    assert torch.equal(outs["at once"], outs["one by one"])
+    padding = torch.arange(t, device=DEVICE) == 4
+    assert torch.equal(outs["at once, positions"][~padding], outs["one by one"][~padding])
+    assert not outs["at once, positions"][padding].any()
 
 
 def test_row_attention_ignores_positions_past_each_row_length():

@@ -45,7 +45,7 @@ def test_tma_products_compile_for_sm90_with_their_wgmmas_pipelined(triton_path):
     names = {r["kernel"] for r in rows}
     assert {"quant int4 fp16 m_tiles=1", "quant int8 bf16 m_tiles=2", "linear rms+gated",
             "attention fp16 group=1 tokens=16", "attention items fp16 group=1 tokens=16",
-            "attention work list"} <= names
+            "attention merge", "attention work list"} <= names
     if triton_path == "gpu-machines":
         assert {r["triton"] for r in rows} == {"3.6.0"}
     for r in rows:

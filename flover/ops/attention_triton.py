@@ -363,34 +363,48 @@ SPLIT_LEN = 128  # positions per split: fixed, never chosen from the batch or fr
 PERSISTENT = os.environ.get("FLOVER_ATTN_ITEMS", "0") == "1"
 
 
+MERGE_SPLITS = 16  # splits a merge program loads at once (2,048 positions at SPLIT_LEN)
+
+
 @triton.jit
 def _ordered_combine_kernel(OutPart, LsePart, Lens, Pos, Out, so_b, so_h, so_s, sl_b, sl_h,
                             sout_b, sout_h, split_len, num_splits, D: tl.constexpr,
-                            BLOCK_D: tl.constexpr, HAS_POS: tl.constexpr, PDL: tl.constexpr):
+                            BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                            HAS_POS: tl.constexpr, PDL: tl.constexpr):
     """Row b's own splits (those its length reaches, at most the num_splits there are)
     merged for head h one by one, in position order. With HAS_POS a row whose length is not
     its position + 1 (a graph's padding token, which `_items_kernel` gives no work) gets
-    zeros."""
+    zeros. The splits' log-sum-exps and partial outputs are loaded BLOCK_S at a time (one
+    memory round trip where the merge used to wait for two loads per split), then merged
+    one by one from registers, each split's values taken out exactly (a max over -inf): the
+    same operations in the same order as loading them one by one."""
     launch.prior(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
+    sp = tl.arange(0, BLOCK_S)
     mask_d = d < D
     length = tl.load(Lens + b).to(tl.int32)
     n = tl.minimum(tl.cdiv(length, split_len), num_splits)
     if HAS_POS:
         n = tl.where(length == tl.load(Pos + b).to(tl.int32) + 1, n, 0)
     lse_row = LsePart + b * sl_b + h * sl_h
-    o_row = OutPart + b * so_b + h * so_h + d
-    m = tl.load(lse_row, mask=n > 0, other=0.0)
-    for s in range(1, n):
-        m = tl.maximum(m, tl.load(lse_row + s))
+    o_row = OutPart + b * so_b + h * so_h
+    m = tl.full([], float("-inf"), tl.float32)
+    for s0 in range(0, n, BLOCK_S):
+        m = tl.maximum(m, tl.max(tl.load(lse_row + s0 + sp, mask=s0 + sp < n,
+                                         other=float("-inf")), axis=0))
     acc = tl.zeros([BLOCK_D], tl.float32)
-    den = 0.0
-    for s in range(0, n):
-        w = tl.exp(tl.load(lse_row + s) - m)
-        acc += w * tl.load(o_row + s * so_s, mask=mask_d, other=0.0)
-        den += w
+    den = tl.full([], 0.0, tl.float32)
+    for s0 in range(0, n, BLOCK_S):
+        live = s0 + sp < n
+        lse = tl.load(lse_row + s0 + sp, mask=live, other=float("-inf"))
+        o = tl.load(o_row + (s0 + sp)[:, None] * so_s + d[None, :],
+                    mask=live[:, None] & mask_d[None, :], other=0.0)
+        for i in range(0, tl.minimum(BLOCK_S, n - s0)):
+            w = tl.exp(tl.max(tl.where(sp == i, lse, float("-inf")), axis=0) - m)
+            acc += w * tl.max(tl.where((sp == i)[:, None], o, float("-inf")), axis=0)
+            den += w
     out = tl.where(n > 0, acc / tl.where(n > 0, den, 1.0), 0.0)
     tl.store(Out + b * sout_b + h * sout_h + d, out.to(Out.dtype.element_ty), mask=mask_d)
 
@@ -478,7 +492,7 @@ def row_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     _ordered_combine_kernel[(t, h)](
         part, lse, lengths, positions if has_pos else lengths, out, part.stride(0),
         part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), out.stride(0),
-        out.stride(1), split_len, splits, D=d, BLOCK_D=block_d, HAS_POS=has_pos, PDL=pdl,
-        num_warps=1,
+        out.stride(1), split_len, splits, D=d, BLOCK_D=block_d, BLOCK_S=MERGE_SPLITS,
+        HAS_POS=has_pos, PDL=pdl, num_warps=4,
         **launch.options(pdl))
     return out
