@@ -18,6 +18,7 @@ contexts 512 and 2048, the grid sized by --max-len as a decode graph's is) and o
 shipped grid (a prompt's consecutive tokens sharing a tile) and "items" (the persistent form,
 its work list built once per replay as the first layer of a forward does), "warps8" and
 "n32" (8 warps, or K/V blocks of 32: fewer registers a thread, more programs a multiprocessor),
+"merge1" (the merge loading one split per round trip, as before; its output is the same),
 with each form's largest difference from the shipped one's output. Then the paged layout's
 kernel (blocks of 16 positions, rows' blocks scattered) in the same cases: K/V steps of 64 or
 32 positions ("64", shipped, spills under triton 3.6; "32" does not), each with a tile per
@@ -207,7 +208,9 @@ def invariant_sweep(bw: float, out: str, max_len: int, split_lens: list[int],
 FORMS = {"tokens1": {"tokens": 1}, "shipped": {}, "items": {"persistent": True},
          # fewer registers a thread (255 at 4 warps and blocks of 64: 2 programs a
          # multiprocessor), never swept for the invariant kernel: other bits, another kernel
-         "warps8": {"num_warps": 8}, "n32": {"block_n": 32}}
+         "warps8": {"num_warps": 8}, "n32": {"block_n": 32},
+         # the merge loading one split at a time, as before 2026-12-08 (the same bits)
+         "merge1": {"merge_splits": 1}}
 
 
 def _graphed(run, layers: int) -> tuple[float, torch.Tensor]:

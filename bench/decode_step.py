@@ -96,6 +96,8 @@ VARIANTS = {  # name: the switches it sets (`_SHIPPED`'s names); the others as s
     "tokens1": {"attention": {"tokens": 1}},
     # attention's persistent form: a work list walked by a fixed grid (row_attention)
     "items": {"attention": {"persistent": True}},
+    # attention's merge loading one split per round trip, as before 2026-12-08 (same bits)
+    "merge1": {"attention": {"merge_splits": 1}},
     "fold-split64": {"tma": True, "folded": True, "split_len": 64},
 }
 

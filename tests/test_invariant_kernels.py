@@ -319,7 +319,7 @@ def test_the_merge_loading_splits_at_once_is_bitwise_the_one_by_one_merge():
     lens = torch.tensor([1, 8, 9, 33, 40, 64], device=DEVICE)  # 1 to 8 splits of 8
     pos = torch.tensor([0, 7, 8, 32, 63, 63], device=DEVICE)  # the fifth: padding
     outs = {}
-    for name in ("one by one", "at once", "at once, positions"):
+    for name in ("one by one", "at once", "at once, positions", "1 at once"):
         out = torch.empty(t, h, d, device=DEVICE)
         strides = (part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
                    out.stride(0), out.stride(1), 8, splits)
@@ -327,10 +327,11 @@ def test_the_merge_loading_splits_at_once_is_bitwise_the_one_by_one_merge():
             _merge_one_by_one[(t, h)](part, lse, lens, out, *strides, D=d, BLOCK_D=32)
         else:
             _ordered_combine_kernel[(t, h)](part, lse, lens, pos, out, *strides, D=d, BLOCK_D=32,
-                                            BLOCK_S=4, HAS_POS="positions" in name, PDL=False,
-                                            num_warps=4)
+                                            BLOCK_S=1 if name[0] == "1" else 4,
+                                            HAS_POS="positions" in name, PDL=False, num_warps=4)
         outs[name] = out
     assert torch.equal(outs["at once"], outs["one by one"])
+    assert torch.equal(outs["1 at once"], outs["one by one"])  # the bench's old form
     padding = torch.arange(t, device=DEVICE) == 4
     assert torch.equal(outs["at once, positions"][~padding], outs["one by one"][~padding])
     assert not outs["at once, positions"][padding].any()

@@ -492,7 +492,8 @@ def row_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     _ordered_combine_kernel[(t, h)](
         part, lse, lengths, positions if has_pos else lengths, out, part.stride(0),
         part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), out.stride(0),
-        out.stride(1), split_len, splits, D=d, BLOCK_D=block_d, BLOCK_S=MERGE_SPLITS,
+        out.stride(1), split_len, splits, D=d, BLOCK_D=block_d,
+        BLOCK_S=cfg.get("merge_splits", MERGE_SPLITS),
         HAS_POS=has_pos, PDL=pdl, num_warps=4,
         **launch.options(pdl))
     return out
