@@ -22,7 +22,8 @@ its work list built once per replay as the first layer of a forward does), "warp
 with each form's largest difference from the shipped one's output. Then the paged layout's
 kernel (blocks of 16 positions, rows' blocks scattered) in the same cases: K/V steps of 64 or
 32 positions ("64", shipped, spills under triton 3.6; "32" does not), each with a tile per
-token ("x1", shipped) or a prompt's tokens sharing it ("xrun").
+token ("x1", shipped) or a prompt's tokens sharing it ("xrun"); "merge1": the merge loading
+one split per round trip, as before.
 
     python3 bench/attention.py --forms --out attention_forms.json
 """
@@ -254,13 +255,13 @@ def _time_form(q, k, v, slots, lens, pos, grid_len, cfg) -> tuple[float, torch.T
     return _graphed(run, layers)
 
 
-def _time_paged(q, k, v, tables, lens, grid_len, block_n, tokens) -> tuple[float, torch.Tensor]:
+def _time_paged(q, k, v, tables, lens, grid_len, form: dict) -> tuple[float, torch.Tensor]:
     """`paged_decode_attention` in one form over k.shape[0] layers' caches."""
     layers, scale = k.shape[0], q.shape[-1] ** -0.5
 
     def run():
-        return [paged_decode_attention(q, k[i], v[i], tables, lens, grid_len, scale,
-                                       block_n=block_n, tokens=tokens) for i in range(layers)]
+        return [paged_decode_attention(q, k[i], v[i], tables, lens, grid_len, scale, **form)
+                for i in range(layers)]
     return _graphed(run, layers)
 
 
@@ -296,11 +297,14 @@ def forms(bw: float, out: str, max_len: int, layers: int = 4) -> None:
                    "max_len": max_len, "forms": results, "paged_forms": paged}, f, indent=1)
 
 
-PAGED_FORMS = {"64x1": (64, 1), "64xrun": (64, None), "32x1": (32, 1), "32xrun": (32, None)}
+PAGED_FORMS = {"64x1": {"block_n": 64, "tokens": 1}, "64xrun": {"block_n": 64, "tokens": None},
+               "32x1": {"block_n": 32, "tokens": 1}, "32xrun": {"block_n": 32, "tokens": None},
+               "merge1": {"block_n": 64, "tokens": 1, "merge_splits": 1}}
 
 
 def paged_forms(bw: float, max_len: int, layers: int, bs: int = 16) -> list[dict]:
-    """`paged_decode_attention` per PAGED_FORMS (K/V step, tokens a tile), us per layer."""
+    """`paged_decode_attention` per PAGED_FORMS (K/V step, tokens a tile, the merge's loads),
+    us per layer."""
     results = []
     _header("paged", PAGED_FORMS, "64x1")
     for name in ("llama_7b", "gqa_8b"):
@@ -321,9 +325,8 @@ def paged_forms(bw: float, max_len: int, layers: int, bs: int = 16) -> list[dict
             q = torch.randn(rows, h, d, device="cuda", dtype=torch.float16)
             floor = floor_bytes / bw * 1e3
             times, outs = {}, {}
-            for form, (block_n, tokens) in PAGED_FORMS.items():
-                times[form], outs[form] = _time_paged(q, k, v, tables, lens, grid_len, block_n,
-                                                      tokens)
+            for form, kw in PAGED_FORMS.items():
+                times[form], outs[form] = _time_paged(q, k, v, tables, lens, grid_len, kw)
             results.append(_report(name, kind, b, ctx, floor, times, outs, "64x1"))
             del k, v, q, outs
     return results

@@ -292,6 +292,10 @@ def test_paged_triton_decode_of_a_row_does_not_depend_on_its_neighbours():
     fused = paged_decode_attention(q, k_pages, v_pages, tables, lens, 64, 0.3, 16, 16, 3)
     alone = paged_decode_attention(q[:1], k_pages, v_pages, tables[:1], lens[:1], 37, 0.3, 16, 16, 3)
     assert torch.equal(fused[:1], alone)
+    # the merge loading its splits one by one (as before 2026-12-08): the same bits
+    one = paged_decode_attention(q, k_pages, v_pages, tables, lens, 64, 0.3, 16, 16, 3,
+                                 merge_splits=1)
+    assert torch.equal(one, fused)
 
 
 def _prompt_beside_a_shared_prefix(heads: int, kv_heads: int):
