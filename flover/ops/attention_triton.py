@@ -367,6 +367,25 @@ MERGE_SPLITS = 16  # splits a merge program loads at once (2,048 positions at SP
 
 
 @triton.jit
+def _load_splits(lse_row, o_row, s0, n, so_s, sp, d, mask_d):
+    """Splits s0 + sp (those < n) of a merge's row: their log-sum-exps and partial outputs,
+    in one round trip."""
+    live = s0 + sp < n
+    lses = tl.load(lse_row + s0 + sp, mask=live, other=float("-inf"))
+    parts = tl.load(o_row + (s0 + sp)[:, None] * so_s + d[None, :],
+                    mask=live[:, None] & mask_d[None, :], other=0.0)
+    return lses, parts
+
+
+@triton.jit
+def _split_at(lses, parts, sp, i):
+    """Split i's log-sum-exp and partial output, taken out of the loaded ones exactly (a max
+    over -inf)."""
+    lse = tl.max(tl.where(sp == i, lses, float("-inf")), axis=0)
+    return lse, tl.max(tl.where((sp == i)[:, None], parts, float("-inf")), axis=0)
+
+
+@triton.jit
 def _ordered_combine_kernel(OutPart, LsePart, Lens, Pos, Out, so_b, so_h, so_s, sl_b, sl_h,
                             sout_b, sout_h, split_len, num_splits, D: tl.constexpr,
                             BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -397,13 +416,11 @@ def _ordered_combine_kernel(OutPart, LsePart, Lens, Pos, Out, so_b, so_h, so_s, 
     acc = tl.zeros([BLOCK_D], tl.float32)
     den = tl.full([], 0.0, tl.float32)
     for s0 in range(0, n, BLOCK_S):
-        live = s0 + sp < n
-        lse = tl.load(lse_row + s0 + sp, mask=live, other=float("-inf"))
-        o = tl.load(o_row + (s0 + sp)[:, None] * so_s + d[None, :],
-                    mask=live[:, None] & mask_d[None, :], other=0.0)
+        lses, parts = _load_splits(lse_row, o_row, s0, n, so_s, sp, d, mask_d)
         for i in range(0, tl.minimum(BLOCK_S, n - s0)):
-            w = tl.exp(tl.max(tl.where(sp == i, lse, float("-inf")), axis=0) - m)
-            acc += w * tl.max(tl.where((sp == i)[:, None], o, float("-inf")), axis=0)
+            lse, o = _split_at(lses, parts, sp, i)
+            w = tl.exp(lse - m)
+            acc += w * o
             den += w
     out = tl.where(n > 0, acc / tl.where(n > 0, den, 1.0), 0.0)
     tl.store(Out + b * sout_b + h * sout_h + d, out.to(Out.dtype.element_ty), mask=mask_d)

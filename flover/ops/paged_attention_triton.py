@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flover.ops.attention_triton import _tile
+from flover.ops.attention_triton import _load_splits, _split_at, _tile
 
 MIN_SPLIT = 128  # positions: a multiple of every BLOCK_N used
 MAX_SPLITS = 8
@@ -136,13 +136,9 @@ def _combine_kernel(OutPart, LsePart, Out, Lens, so_b, so_h, so_s, sl_b, sl_h, s
     acc = tl.load(o_row + d, mask=mask_d, other=0.0)
     w = tl.full([], 1.0, tl.float32)
     for s0 in range(1, used, BLOCK_S):
-        live = s0 + sp < used
-        lses = tl.load(lse_row + s0 + sp, mask=live, other=float("-inf"))
-        parts = tl.load(o_row + (s0 + sp)[:, None] * so_s + d[None, :],
-                        mask=live[:, None] & mask_d[None, :], other=0.0)
+        lses, parts = _load_splits(lse_row, o_row, s0, used, so_s, sp, d, mask_d)
         for i in range(0, tl.minimum(BLOCK_S, used - s0)):
-            lse = tl.max(tl.where(sp == i, lses, float("-inf")), axis=0)
-            o = tl.max(tl.where((sp == i)[:, None], parts, float("-inf")), axis=0)
+            lse, o = _split_at(lses, parts, sp, i)
             m_new = tl.maximum(m, lse)
             a, e = tl.exp(m - m_new), tl.exp(lse - m_new)
             acc = acc * a + o * e
