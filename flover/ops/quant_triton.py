@@ -558,12 +558,12 @@ def _quant_mm_tma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     grid = (triton.cdiv(m, bm * m_tiles), triton.cdiv(n, bn), split)
     out = _partials(x, n, split)
     pdl = launch.enabled(x)
-    steps = min(cfg["prefetch"], ks // bk) if pdl else 0
+    ahead = min(cfg["prefetch"], ks // bk) if pdl else 0  # steps asked for in L2
     _quant_tma_kernel[grid](xd, qd, sd, zd, qweight, scales, mins if mins is not None else scales,
                             out, m, n, k, n, KS=ks, BITS=bits, BLOCK_M=bm, BLOCK_N=bn,
                             BLOCK_K=bk, SPLIT=split, M_TILES=m_tiles, MODE=mode, PDL=pdl,
-                            QLINES=launch.prefetch_lines(steps * bk * bits // 8) if steps else 0,
-                            SLINES=launch.prefetch_lines(steps * bk // 16),
+                            QLINES=launch.prefetch_lines(ahead * bk * bits // 8) if ahead else 0,
+                            SLINES=launch.prefetch_lines(ahead * bk // 16),
                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                             **launch.options(pdl))
     return _sum_parts(out, x.dtype, split, residual, gated)
