@@ -297,9 +297,11 @@ def forms(bw: float, out: str, max_len: int, layers: int = 4) -> None:
                    "max_len": max_len, "forms": results, "paged_forms": paged}, f, indent=1)
 
 
-PAGED_FORMS = {"64x1": {"block_n": 64, "tokens": 1}, "64xrun": {"block_n": 64, "tokens": None},
-               "32x1": {"block_n": 32, "tokens": 1}, "32xrun": {"block_n": 32, "tokens": None},
-               "merge1": {"block_n": 64, "tokens": 1, "merge_splits": 1}}
+PAGED_FORMS = {"64x1": {"block_n": 64, "shared_tile": False},
+               "64xrun": {"block_n": 64, "shared_tile": True},
+               "32x1": {"block_n": 32, "shared_tile": False},
+               "32xrun": {"block_n": 32, "shared_tile": True},
+               "merge1": {"block_n": 64, "shared_tile": False, "merge_splits": 1}}
 
 
 def paged_forms(bw: float, max_len: int, layers: int, bs: int = 16) -> list[dict]:

@@ -328,7 +328,7 @@ def test_paged_prompt_tokens_sharing_a_tile_are_bitwise_each_token_alone(heads, 
 
     def attend(rows: slice):
         return paged_decode_attention(q[rows], k, v, tables[rows], lens[rows], 56, 0.3, 16, 16, 3,
-                                      tokens=None)  # 16 // group tokens a tile
+                                      shared_tile=True)  # 16 // group tokens a tile
 
     whole = attend(slice(0, len(q)))
     tol = 2e-3 if whole.is_cuda else 1e-4

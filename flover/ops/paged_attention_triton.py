@@ -26,13 +26,13 @@ from flover.ops.attention_triton import _load_splits, _split_at, _tile
 
 MIN_SPLIT = 128  # positions: a multiple of every BLOCK_N used
 MAX_SPLITS = 8
-# K/V positions per step, and tokens per tile (None: 16 // the GQA group, a prompt's
-# consecutive tokens sharing one tile). Compiled for sm_90a (bench/sm90_codegen.py) the kernel
-# spills 472 bytes a thread at blocks of 64 (triton 3.6; 1,020 with 16 tokens a tile) and none
-# at blocks of 32; until `bench/attention.py --forms` times these on a GPU, the layout keeps
-# the configuration it was measured with: blocks of 64, a tile per token.
+# K/V positions per step, and whether a prompt's consecutive tokens share a tile (16 // the
+# GQA group of them) or each has its own. Compiled for sm_90a (bench/sm90_codegen.py) the
+# kernel spills 472 bytes a thread at blocks of 64 (triton 3.6; 1,020 with the shared tile)
+# and none at blocks of 32; until `bench/attention.py --forms` times these on a GPU, the
+# layout keeps the configuration it was measured with: blocks of 64, a tile per token.
 BLOCK_N = 64
-TOKENS: int | None = 1
+SHARED_TILE = False
 
 
 def split_len(length: int, block_n: int = BLOCK_N, min_split: int = MIN_SPLIT,
@@ -128,8 +128,8 @@ def _combine_kernel(OutPart, LsePart, Out, Lens, so_b, so_h, so_s, sl_b, sl_h, s
     sp = tl.arange(0, BLOCK_S)
     mask_d = d < D
     length = tl.load(Lens + b).to(tl.int32)
-    split = tl.maximum(MIN_SPLIT, tl.cdiv(tl.cdiv(length, MAX_SPLITS), BLOCK_N) * BLOCK_N)
-    used = tl.minimum(tl.cdiv(length, split), num_splits)
+    used = tl.minimum(tl.cdiv(length, _split_of(length, MIN_SPLIT, MAX_SPLITS, BLOCK_N)),
+                      num_splits)
     lse_row = LsePart + b * sl_b + h * sl_h
     o_row = OutPart + b * so_b + h * so_h
     m = tl.load(lse_row)  # split 0 is never empty: lengths >= 1
@@ -151,12 +151,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, lengths: torch.Tensor, max_len: int,
                            scale: float, block_n: int | None = None,
                            min_split: int = MIN_SPLIT, max_splits: int = MAX_SPLITS,
-                           tokens: int | None = 0, merge_splits: int | None = None
+                           shared_tile: bool | None = None, merge_splits: int | None = None
                            ) -> torch.Tensor:
     """q [B, H, D]; row b reads blocks block_tables[b] of the cache [N, Hkv, bs, D] up to
-    lengths[b]. Up to `tokens` (0: `TOKENS`; None: 16 // the GQA group) consecutive rows of
-    one request at consecutive lengths (a prompt's tokens) share a tile; a row's bits do not
-    depend on it (the same compiled kernel must serve every row: one value per run).
+    lengths[b]. `shared_tile` (None: `SHARED_TILE`): up to 16 // the GQA group consecutive
+    rows of one request at consecutive lengths (a prompt's tokens) share a tile; a row's bits
+    do not depend on its tile-mates (but the same compiled kernel must serve every row: one
+    choice per run).
     `merge_splits`: how many splits the merge loads at once (default all; 1: one by one, as
     before 2026-12-08; the same bits)."""
     b, h, d = q.shape
@@ -170,10 +171,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     block_g = max(16, triton.next_power_of_2(group))
     block_n = block_n or BLOCK_N
     assert min_split % block_n == 0
-    tokens = TOKENS if tokens == 0 else tokens
-    if tokens is None:
-        tokens = block_g // triton.next_power_of_2(group)
-    assert tokens >= 1 and block_g % tokens == 0 and block_g // tokens >= group
+    shared = SHARED_TILE if shared_tile is None else shared_tile
+    tokens = block_g // triton.next_power_of_2(group) if shared else 1
     splits = min(max_splits, triton.cdiv(max_len, min_split))  # the most any row < max_len uses
     block_d = triton.next_power_of_2(d)
     part = torch.empty((b, h, splits, d), dtype=torch.float32, device=q.device)
