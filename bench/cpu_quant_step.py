@@ -9,10 +9,13 @@ CPU are given as constants, measured with 2 threads (DESIGN.md section 4).
 
 `--cpu-ops both` runs every row twice, with the compiled CPU ops (flover/ops/fused_cpu.c:
 RMSNorm, rotary, silu_mul, the cache write, decode attention) off and on, alternating over
-`--rounds` rounds in this process, so that a noisy machine weighs on both alike.
+`--rounds` rounds in this process, so that a noisy machine weighs on both alike. `--scales
+both` does the same with the packed model's float16 scales and mins as the file has them
+and widened to float32 (the same values; `quant.Layout.wide`, which the K-quants load as).
 
     python bench/cpu_quant_step.py --batches 1,8 --out cpu_quant.json
     python bench/cpu_quant_step.py --cpu-ops both --rounds 3
+    python bench/cpu_quant_step.py --scales both --rounds 3
 """
 
 from __future__ import annotations
@@ -47,36 +50,61 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def scale_widths(model: torch.nn.Module, widths: list[str]):
+    """A function that gives every QuantLinear its scales and mins in `width` ("float16" as
+    loaded, "float32" widened), each kept once."""
+    mods = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    kept = {"float16": [(m.scales, m.mins) for m in mods]}
+    if "float32" in widths:
+        kept["float32"] = [(torch.nn.Parameter(s.float(), requires_grad=False),
+                            None if n is None else torch.nn.Parameter(n.float(), requires_grad=False))
+                           for s, n in kept["float16"]]
+
+    def use(width: str) -> None:
+        for m, (s, n) in zip(mods, kept[width], strict=True):
+            m.scales, m.mins = s, n
+    return use
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--cpu-ops", choices=("on", "off", "both"), default="on",
                     help="the compiled CPU ops (fused_cpu.c); both: off and on, alternating")
+    ap.add_argument("--scales", choices=("float16", "float32", "both"), default="float16",
+                    help="the packed model's scales and mins as loaded, widened, or both alternating")
     ap.add_argument("--rounds", type=int, default=1, help="alternating rounds (median of all)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     ops = {"on": [True], "off": [False], "both": [False, True]}[args.cpu_ops]
+    widths = ["float16", "float32"] if args.scales == "both" else [args.scales]
     bw = copy_bandwidth()
     rows = []
     for quant in ("auto", "none"):
         eng = Engine(EngineConfig(device="cpu", dtype="float32", max_concurrency=max(batches),
                                   max_seq_len=128, quantization=quant))
-        nbytes = weight_bytes(eng.model)
-        times: dict[tuple[int, bool], list[float]] = {}
+        use_width = scale_widths(eng.model, widths)
+        times: dict[tuple[int, bool, str], list[float]] = {}
+        nbytes: dict[str, int] = {}
         for _ in range(args.rounds):
             for b in batches:
                 for on in ops:
-                    fused.ENABLED = on
-                    times.setdefault((b, on), []).append(flover_step(eng, b, args.steps))
+                    for width in widths if quant == "auto" else ["-"]:
+                        if quant == "auto":
+                            use_width(width)
+                        nbytes[width] = weight_bytes(eng.model)
+                        fused.ENABLED = on
+                        times.setdefault((b, on, width), []).append(flover_step(eng, b, args.steps))
         fused.ENABLED = True
-        for (b, on), ts in times.items():
+        for (b, on, width), ts in times.items():
             t = statistics.median(ts)
-            rows.append({"weights": "gguf-packed" if quant == "auto" else "float32", "batch": b,
+            name = f"packed-{width[5:]}" if quant == "auto" else "float32"
+            rows.append({"weights": name, "scales": width, "batch": b,
                          "cpu_ops": on, "ms": t * 1e3, "ms_rounds": [x * 1e3 for x in ts],
-                         "tok_s": b / t, "weight_bytes": nbytes, "floor_ms": nbytes / bw * 1e3,
-                         "over_floor": t / (nbytes / bw)})
+                         "tok_s": b / t, "weight_bytes": nbytes[width],
+                         "floor_ms": nbytes[width] / bw * 1e3, "over_floor": t / (nbytes[width] / bw)})
         del eng
     load = os.getloadavg()
     print(f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "

@@ -131,7 +131,7 @@ class Tokenizer:
             raise ValueError(f"GGUF tokenizer.ggml.model={kind!r}: only 'gpt2' (BPE) is supported")
         tokens = field("tokenizer.ggml.tokens")
         types = field("tokenizer.ggml.token_type", [1] * len(tokens))
-        merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges")]
+        merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges", [])]
         pre = field("tokenizer.ggml.pre", "default")
         if pre not in _PRE_TOKENIZERS:
             raise ValueError(f"GGUF tokenizer.ggml.pre={pre!r}: expected one of "

@@ -8,6 +8,7 @@ allocated, uninitialised, on the target device in the target dtype.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -67,9 +68,9 @@ def _building(dtype: torch.dtype):
 
 
 def allocate(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-             quantized: dict[str, tuple[int, int]] | None = None) -> nn.Module:
+             quantized: dict[str, quant.Layout] | None = None) -> nn.Module:
     """Build on `meta`, then allocate uninitialised storage on the device; recompute buffers.
-    `quantized` (module name -> (bits, group)) swaps those linears for QuantLinear first."""
+    `quantized` (module name -> quant.Layout) swaps those linears for QuantLinear first."""
     with _building(dtype):
         model = build_model(cfg)
         if quantized:
@@ -173,11 +174,12 @@ def gguf_tensors(reader, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]
         yield name, torch.from_numpy(np.require(w, requirements=["C", "W"]))
 
 
-def gguf_weights(reader, cfg: ModelConfig, plan: dict[str, tuple[int, int]],
+def gguf_weights(reader, cfg: ModelConfig, plan: dict[str, quant.Layout],
                  ) -> Iterator[tuple[str, torch.Tensor]]:
     """Like gguf_tensors, but a tensor whose module is quantized in `plan` comes out packed
-    (name.qweight, .scales, .mins): Q4_0/Q4_1/Q8_0 blocks as they are when their width is the
-    module's, any other type dequantised and quantized to it."""
+    (name.qweight, .scales, .mins) in the module's layout: its GGUF blocks as they are where
+    that layout holds them exactly (quant.GGUF_LAYOUTS), any other type dequantised and
+    quantized to it."""
     from gguf.quants import dequantize
 
     tied = cfg.tie_word_embeddings and "lm_head" in plan
@@ -188,9 +190,9 @@ def gguf_weights(reader, cfg: ModelConfig, plan: dict[str, tuple[int, int]],
         shape = tuple(int(x) for x in reversed(t.shape))
         heads = (cfg.num_heads if t.name.endswith("attn_q.weight")
                  else cfg.num_kv_heads if t.name.endswith("attn_k.weight") else None)
-        packed = None
-        if module in plan and quant.GGUF_PACKED.get(kind) == plan[module][0]:
-            packed = quant.from_gguf(kind, t.data, shape)
+        packed, layout = None, plan.get(module)
+        if layout is not None and kind in quant.GGUF_LAYOUTS and layout.holds(quant.GGUF_LAYOUTS[kind]):
+            packed = quant.from_gguf(kind, t.data, shape).to(layout)
             if heads:
                 packed = packed.rows(_unpermute(np.arange(shape[0]), heads))
         if packed is None or name == "model.embed_tokens.weight":
@@ -198,8 +200,8 @@ def gguf_weights(reader, cfg: ModelConfig, plan: dict[str, tuple[int, int]],
             if heads:
                 w = _unpermute(w, heads)
             w = torch.from_numpy(np.require(w, requirements=["C", "W"]))
-            if module in plan and packed is None:
-                packed = quant.quantize(w, *plan[module])
+            if layout is not None and packed is None:
+                packed = quant.quantize(w, layout.bits).to(layout)
             if module not in plan or name == "model.embed_tokens.weight":
                 yield name, w
         if packed is not None:
@@ -228,17 +230,19 @@ def _module_of(name: str, tied: bool) -> str | None:
     return f"{parent}.{_FUSED.get(leaf, leaf)}" if leaf.endswith("proj") else None
 
 
-def gguf_plan(reader, cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+def gguf_plan(reader, cfg: ModelConfig) -> dict[str, quant.Layout]:
     """The GGUF file's own quantization: every linear module whose tensors (q, k and v; gate
-    and up) all have one packed type of the same width keeps it; the others run in float."""
+    and up) are all of types kept packed (quant.GGUF_LAYOUTS) takes the smallest layout that
+    holds each exactly (e.g. Q4_K_M's Q4_K q and k with a Q6_K v: int8 in groups of 16 with
+    float32 scales and mins); the others run in float."""
     kinds: dict[str, set[str]] = {}
     for t in reader.tensors:
         name = _GGUF_NAMES.get(t.name) or _gguf_layer_name(t.name)
         module = _module_of(name, cfg.tie_word_embeddings)
         if module is not None:
             kinds.setdefault(module, set()).add(t.tensor_type.name)
-    bits = {m: {quant.GGUF_PACKED.get(k) for k in ks} for m, ks in kinds.items()}
-    return {m: (b.pop(), quant.BLOCK) for m, b in bits.items() if len(b) == 1 and None not in b}
+    return {m: functools.reduce(quant.Layout.join, (quant.GGUF_LAYOUTS[k] for k in ks))
+            for m, ks in kinds.items() if ks <= quant.GGUF_LAYOUTS.keys()}
 
 
 def quantized_weights(weights: Iterable[tuple[str, torch.Tensor]], model: nn.Module, bits: int,
@@ -326,7 +330,7 @@ def _allocate_all(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
     head = next((m for m in targets.values() if isinstance(m, TiedHead)), None)
     tied_to = None if head is None else next(
         n for n, m in meta.named_modules() if m is head._embedding[0])
-    model = allocate(cfg, dtype, device, {n: (bits, quant.DEFAULT_GROUP) for n in targets})
+    model = allocate(cfg, dtype, device, {n: quant.Layout(bits) for n in targets})
     model.quantized_tied_head_source = tied_to
     return model
 
@@ -394,7 +398,7 @@ def _load(spec: str | None, dtype: torch.dtype, device: torch.device,
         except Exception as e:  # noqa: BLE001 - any parse failure is a malformed file
             raise ModelFormatError(f"{path} is not a readable GGUF file: {e}") from e
         cfg = gguf_config(reader)
-        plan = ({m: (bits, quant.BLOCK) for m in _linear_names(cfg)} if bits
+        plan = ({m: quant.Layout(bits) for m in _linear_names(cfg)} if bits
                 else gguf_plan(reader, cfg))
         model = allocate(cfg, dtype, device, plan)
         model.load_weights(gguf_weights(reader, cfg, plan))

@@ -123,7 +123,7 @@ def _quant(linear, x: torch.Tensor) -> bool:
     from flover.ops.quant import QuantLinear  # here: quant.py imports the models
 
     return (ENABLED and QUANT_EPILOGUES and isinstance(linear, QuantLinear) and x.is_cuda
-            and linear.bias is None)
+            and linear.bias is None and linear.layout.gpu_kernel())
 
 
 def norm_linear(x: torch.Tensor, norm, linear, residual: torch.Tensor | None = None,

@@ -2,8 +2,11 @@
  *
  * Weights stay in llama.cpp's block layout (flover/ops/quant.py describes it): per output row,
  * blocks of 32 weights; int4 as 16 bytes per block (byte j holds weight j in its low nibble and
- * weight j + 16 in its high one), int8 as 32 signed bytes; one float16 scale (and, for int4, one
- * float16 min) per group of `group` weights, as GGUF stores them: w = q * scale (+ min), in float32.
+ * weight j + 16 in its high one), int8 as 32 signed bytes; one scale (and for int4, or int8 with
+ * `mins`, one min) per group of `group` weights (32 << k; int8 also 16): w = q * scale (+ min),
+ * in float32.
+ * Scales and mins are float16 as GGUF's Q4_0/Q4_1/Q8_0 store them, or float32 (`wide`) where
+ * float16 cannot hold them exactly (a K-quant's super-block scale times a sub-block's).
  *
  * Outputs are computed 16 at a time, as tiles of 8 rows x 2 columns, 4 x 4, 2 x 8 or 1 x 16
  * (whichever the rows left call for): each block is dequantised once per tile into two vectors
@@ -43,26 +46,38 @@ static inline float h2f(const uint16_t *p) { /* IEEE half -> float, for compiler
 
 static inline v16f u8_to_f(v16u8 q) { return __builtin_convertvector(__builtin_convertvector(q, v16i), v16f); }
 
-/* int4 block b of row n: weights 0-15 into *w0, 16-31 into *w1 */
-static inline void deq4(const uint8_t *qs, const uint16_t *scales, const uint16_t *mins, int64_t K,
-                        int shift, int64_t n, int64_t b, v16f *w0, v16f *w1) {
-    const int64_t i = n * ((K / 32) >> shift) + (b >> shift);
+/* Scale or min i of a row's groups: float16 or float32 (a constant in each instantiation) */
+static inline float at(const void *p, int wide, int64_t i) {
+    return wide ? ((const float *)p)[i] : h2f((const uint16_t *)p + i);
+}
+
+/* int4 block b of row n: weights 0-15 into *w0, 16-31 into *w1 (groups of 32 << shift) */
+static inline void deq4(const uint8_t *qs, const void *scales, const void *mins, int wide,
+                        int64_t K, int shift, int64_t n, int64_t b, v16f *w0, v16f *w1) {
+    const int64_t g = n * ((K / 32) >> shift) + (b >> shift);
     v16u8 q;
     memcpy(&q, qs + n * (K / 2) + b * 16, 16);
-    const float sc = h2f(scales + i), mn = h2f(mins + i);
+    const float sc = at(scales, wide, g), mn = at(mins, wide, g);
     *w0 = u8_to_f(q & 15) * sc + mn;
     *w1 = u8_to_f(q >> 4) * sc + mn;
 }
 
-/* int8 through uint8 (q ^ 0x80 = q + 128): GCC vectorises zero extension, not sign extension */
-static inline void deq8(const int8_t *qs, const uint16_t *scales, int64_t K, int shift,
-                        int64_t n, int64_t b, v16f *w0, v16f *w1) {
-    const float sc = h2f(scales + n * ((K / 32) >> shift) + (b >> shift));
+/* int8 through uint8 (q ^ 0x80 = q + 128): GCC vectorises zero extension, not sign extension.
+ * Groups of 32 << shift, or with `halves` of 16 (block b's halves are groups 2b and 2b + 1);
+ * `mins` NULL: w = q * scale, no add. */
+static inline void deq8(const int8_t *qs, const void *scales, const void *mins, int wide,
+                        int halves, int64_t K, int shift, int64_t n, int64_t b, v16f *w0, v16f *w1) {
+    const int64_t g0 = halves ? n * (K / 16) + 2 * b : n * ((K / 32) >> shift) + (b >> shift);
+    const int64_t g1 = halves ? g0 + 1 : g0;
     v16u8 q0, q1;
     memcpy(&q0, qs + n * K + b * 32, 16);
     memcpy(&q1, qs + n * K + b * 32 + 16, 16);
-    *w0 = __builtin_convertvector(__builtin_convertvector(q0 ^ 0x80, v16i) - 128, v16f) * sc;
-    *w1 = __builtin_convertvector(__builtin_convertvector(q1 ^ 0x80, v16i) - 128, v16f) * sc;
+    *w0 = __builtin_convertvector(__builtin_convertvector(q0 ^ 0x80, v16i) - 128, v16f) * at(scales, wide, g0);
+    *w1 = __builtin_convertvector(__builtin_convertvector(q1 ^ 0x80, v16i) - 128, v16f) * at(scales, wide, g1);
+    if (mins) {
+        *w0 += at(mins, wide, g0);
+        *w1 += at(mins, wide, g1);
+    }
 }
 
 /* Two vectors of 8 pairs -> one of their 16 pairwise sums, in tree_sum16's order at step S:
@@ -177,15 +192,52 @@ static inline v16f reduce16(const v16f a[16]) {
         }                                                                               \
     }
 
-void flover_int4_mm(const float *x, int64_t M, int64_t K, const uint8_t *qs,
-                    const uint16_t *scales, const uint16_t *mins, int64_t N, int64_t group,
-                    float *y, int nthreads) {
-#define DEQ4(c, w0, w1) deq4(qs, scales, mins, K, shift, n + (c), b, w0, w1)
-    MATMUL(DEQ4, 16)
+/* One instantiation per scale width (and, for int8, with or without mins, in groups of 16 or
+ * not): `wide`, `MINS` and `halves` are constants in each, so the loops carry no test of them. */
+typedef void (*mm_fn)(const float *, int64_t, int64_t, const void *, const void *, const void *,
+                      int64_t, int64_t, float *, int);
+#define DEQ4(c, w0, w1) deq4(qs, scales, mins, wide, K, shift, n + (c), b, w0, w1)
+#define DEQ8(c, w0, w1) deq8(qs, scales, MINS, wide, halves, K, shift, n + (c), b, w0, w1)
+#define INT4_MM(NAME, WIDE)                                                             \
+    static void NAME(const float *x, int64_t M, int64_t K, const void *qweight,         \
+                     const void *scales, const void *mins, int64_t N, int64_t group,    \
+                     float *y, int nthreads) {                                          \
+        const uint8_t *qs = qweight;                                                    \
+        const int wide = (WIDE);                                                        \
+        MATMUL(DEQ4, 16)                                                                \
+    }
+#define INT8_MM(NAME, WIDE, HAS_MINS, HALVES)                                           \
+    static void NAME(const float *x, int64_t M, int64_t K, const void *qweight,         \
+                     const void *scales, const void *mins, int64_t N, int64_t group,    \
+                     float *y, int nthreads) {                                          \
+        const int8_t *qs = qweight;                                                     \
+        const int wide = (WIDE), halves = (HALVES);                                     \
+        const void *const MINS = (HAS_MINS) ? mins : NULL;                              \
+        MATMUL(DEQ8, 32)                                                                \
+    }
+INT4_MM(int4_f16, 0)
+INT4_MM(int4_f32, 1)
+INT8_MM(int8_f16, 0, 0, 0)
+INT8_MM(int8_f32, 1, 0, 0)
+INT8_MM(int8_f16_min, 0, 1, 0)
+INT8_MM(int8_f32_min, 1, 1, 0)
+INT8_MM(int8_f16_g16, 0, 0, 1)
+INT8_MM(int8_f32_g16, 1, 0, 1)
+INT8_MM(int8_f16_min_g16, 0, 1, 1)
+INT8_MM(int8_f32_min_g16, 1, 1, 1)
+static const mm_fn INT8[2][2][2] = {  /* [group 16][mins][wide] */
+    {{int8_f16, int8_f32}, {int8_f16_min, int8_f32_min}},
+    {{int8_f16_g16, int8_f32_g16}, {int8_f16_min_g16, int8_f32_min_g16}},
+};
+
+/* scales and mins: float16 (wide = 0) or float32 (wide = 1); group = 32 << k */
+void flover_int4_mm(const float *x, int64_t M, int64_t K, const uint8_t *qs, const void *scales,
+                    const void *mins, int64_t N, int64_t group, float *y, int nthreads, int wide) {
+    (wide ? int4_f32 : int4_f16)(x, M, K, qs, scales, mins, N, group, y, nthreads);
 }
 
-void flover_int8_mm(const float *x, int64_t M, int64_t K, const int8_t *qs,
-                    const uint16_t *scales, int64_t N, int64_t group, float *y, int nthreads) {
-#define DEQ8(c, w0, w1) deq8(qs, scales, K, shift, n + (c), b, w0, w1)
-    MATMUL(DEQ8, 32)
+/* mins NULL or not; group 16 or 32 << k */
+void flover_int8_mm(const float *x, int64_t M, int64_t K, const int8_t *qs, const void *scales,
+                    const void *mins, int64_t N, int64_t group, float *y, int nthreads, int wide) {
+    INT8[group == 16][mins != NULL][wide != 0](x, M, K, qs, scales, mins, N, group, y, nthreads);
 }

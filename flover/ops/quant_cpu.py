@@ -90,28 +90,41 @@ def lib() -> ctypes.CDLL | None:
     if so is None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    so.flover_int4_mm.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ctypes.c_int]
-    so.flover_int8_mm.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, ptr, ctypes.c_int]
+    for f in (so.flover_int4_mm, so.flover_int8_mm):
+        f.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ctypes.c_int, ctypes.c_int]
     so.flover_int4_mm.restype = so.flover_int8_mm.restype = None
     return so
 
 
+def _wide(scales: torch.Tensor, mins: torch.Tensor | None) -> int:
+    """1 for float32 scales (and mins), 0 for float16; nothing else reaches the kernels."""
+    dtypes = {scales.dtype} | ({mins.dtype} if mins is not None else set())
+    if dtypes not in ({torch.float16}, {torch.float32}):
+        raise TypeError(f"scales and mins must be both float16 or both float32, not {dtypes}")
+    return int(scales.dtype == torch.float32)
+
+
 def int4_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
             group: int) -> torch.Tensor:
-    """x [M, K] float32 contiguous; qweight [N, K/2] uint8; scales, mins [N, K/group] float16."""
+    """x [M, K] float32 contiguous; qweight [N, K/2] uint8; scales, mins [N, K/group] float16
+    or float32; group 32 << k."""
     m, k = x.shape
     n = qweight.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
     lib().flover_int4_mm(x.data_ptr(), m, k, qweight.data_ptr(), scales.data_ptr(),
-                         mins.data_ptr(), n, group, y.data_ptr(), torch.get_num_threads())
+                         mins.data_ptr(), n, group, y.data_ptr(), torch.get_num_threads(),
+                         _wide(scales, mins))
     return y
 
 
-def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
-    """x [M, K] float32 contiguous; qweight [N, K] int8; scales [N, K/group] float16."""
+def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group: int,
+            mins: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] float32 contiguous; qweight [N, K] int8; scales (and mins, if any)
+    [N, K/group] float16 or float32; group 16 << k."""
     m, k = x.shape
     n = qweight.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
-    lib().flover_int8_mm(x.data_ptr(), m, k, qweight.data_ptr(), scales.data_ptr(), n, group,
-                         y.data_ptr(), torch.get_num_threads())
+    lib().flover_int8_mm(x.data_ptr(), m, k, qweight.data_ptr(), scales.data_ptr(),
+                         None if mins is None else mins.data_ptr(), n, group, y.data_ptr(),
+                         torch.get_num_threads(), _wide(scales, mins))
     return y
