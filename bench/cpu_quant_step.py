@@ -3,9 +3,11 @@
 flover runs the embedded SmolLM2-135M-Instruct twice in this process: with its GGUF file's own
 Q4_1/Q8_0 blocks kept packed (quantization="auto", the default on the CPU) and dequantised to
 float32 (quantization="none", the baseline), B requests decoding together, median step time
-over --steps iterations after warm-up (bench/cpu_step.py's method). llama.cpp is not run here
-(llama-cpp-python builds from source for ~10 minutes on 2 cores): its figures on this file and
-CPU are given as constants, measured with 2 threads (DESIGN.md section 4).
+over --steps iterations after warm-up (bench/cpu_step.py's method). `--llama-cpp PYTHON` runs
+llama.cpp on the same file in the same run, before and after flover (bench/llama_cpp_step.py
+under an interpreter that has llama-cpp-python, which builds from source in ~8 minutes on 2
+cores); without it, the figure of DESIGN.md section 4 stands in (10.7 ms, 2 threads, on the
+2-core AMD EPYC of 2026-11-26: not this machine, unless it is one).
 
 `--cpu-ops both` runs every row twice, with the compiled CPU ops (flover/ops/fused_cpu.c:
 RMSNorm, rotary, silu_mul, the cache write, decode attention) off and on, alternating over
@@ -26,6 +28,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+from pathlib import Path
 
 import torch
 from cpu_step import copy_bandwidth, flover_step  # beside this file
@@ -33,6 +37,7 @@ from cpu_step import copy_bandwidth, flover_step  # beside this file
 from flover import Engine, EngineConfig
 from flover.ops import fused
 from flover.ops.quant import QuantLinear
+from flover.weights import default_model_path
 
 LLAMA_CPP_B1_MS = 10.7  # llama.cpp, same file, 2 threads, batch 1 (93 tokens/s)
 
@@ -48,6 +53,23 @@ def weight_bytes(model: torch.nn.Module) -> int:
         elif hasattr(m, "in_features") and hasattr(m, "out_features"):
             total += m.in_features * m.out_features * 4
     return total
+
+
+def cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def llama_cpp_ms(python: str, rounds: int) -> dict:
+    """llama.cpp's batch-1 ms per token on the embedded file (bench/llama_cpp_step.py)."""
+    script = Path(__file__).with_name("llama_cpp_step.py")
+    out = subprocess.run([python, str(script), str(default_model_path()), "--rounds", str(rounds),
+                          "--threads", str(torch.get_num_threads())],
+                         check=True, capture_output=True, text=True, timeout=1200)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def scale_widths(model: torch.nn.Module, widths: list[str]):
@@ -75,6 +97,8 @@ def main() -> None:
     ap.add_argument("--scales", choices=("float16", "float32", "both"), default="float16",
                     help="the packed model's scales and mins as loaded, widened, or both alternating")
     ap.add_argument("--rounds", type=int, default=1, help="alternating rounds (median of all)")
+    ap.add_argument("--llama-cpp", metavar="PYTHON", default=None,
+                    help="an interpreter with llama-cpp-python: llama.cpp in the same run")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -82,6 +106,7 @@ def main() -> None:
     widths = ["float16", "float32"] if args.scales == "both" else [args.scales]
     bw = copy_bandwidth()
     rows = []
+    lcpp = [llama_cpp_ms(args.llama_cpp, args.rounds)] if args.llama_cpp else []
     for quant in ("auto", "none"):
         eng = Engine(EngineConfig(device="cpu", dtype="float32", max_concurrency=max(batches),
                                   max_seq_len=128, quantization=quant))
@@ -106,8 +131,11 @@ def main() -> None:
                          "tok_s": b / t, "weight_bytes": nbytes[width],
                          "floor_ms": nbytes[width] / bw * 1e3, "over_floor": t / (nbytes[width] / bw)})
         del eng
+    if args.llama_cpp:
+        lcpp.append(llama_cpp_ms(args.llama_cpp, args.rounds))
+    b1_ms = statistics.median(r["ms"] for r in lcpp) if lcpp else LLAMA_CPP_B1_MS
     load = os.getloadavg()
-    print(f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; copy bandwidth {bw / 1e9:.1f} GB/s; load average "
           f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     print(f"{'weights':>12} {'batch':>5} {'cpu ops':>7} {'ms/step':>8} {'tok/s':>7} {'MB read':>8} "
@@ -116,12 +144,17 @@ def main() -> None:
         print(f"{r['weights']:>12} {r['batch']:>5} {'on' if r['cpu_ops'] else 'off':>7} "
               f"{r['ms']:>8.2f} {r['tok_s']:>7.1f} "
               f"{r['weight_bytes'] / 1e6:>8.1f} {r['floor_ms']:>8.2f} {r['over_floor']:>7.2f} "
-              f"{r['tok_s'] / (1e3 / LLAMA_CPP_B1_MS):>14.2f}x")
+              f"{r['tok_s'] / (1e3 / b1_ms):>14.2f}x")
+    runs = ", ".join(f"{r['ms']:.2f}" for r in lcpp)
+    print(f"llama.cpp batch 1: {b1_ms:.2f} ms ({1e3 / b1_ms:.1f} tok/s), "
+          + (f"this run (before / after flover: {runs} ms)" if lcpp
+             else "DESIGN.md's figure (another CPU), not this run"))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(),
                        "copy_bandwidth": bw, "load_average": load, "torch": torch.__version__,
-                       "llama_cpp_b1_ms": LLAMA_CPP_B1_MS, "rows": rows}, f, indent=1)
+                       "llama_cpp_b1_ms": b1_ms, "llama_cpp_runs": lcpp, "cpu": cpu_name(),
+                       "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
