@@ -10,17 +10,19 @@
  *
  * Outputs are computed 16 at a time, as tiles of 8 rows x 2 columns, 4 x 4, 2 x 8 or 1 x 16
  * (whichever the rows left call for): each block is dequantised once per tile into two vectors
- * of 16 floats and multiplied (a multiply, then an add) into the tile's rows, so a batch of 8 reads
- * the weights once; the tile's 16 lane accumulators are then summed together by one butterfly
- * of shuffles. An output's reduction order (16 lanes over the half-blocks in order, then the
- * fixed tree of tree_sum16, which the butterfly reproduces and the columns past the last whole
- * tile use) depends neither on M nor on the other rows or columns: a request gets the same bits
- * alone and fused. Products are not contracted into FMAs (-std=c11 and the pragma below): GCC
- * 13 contracted them differently in the tiles of 8 rows and of 1 row on an Intel Xeon, so a row
- * changed its last bits with the batch (tests/test_quant.py caught it there); FMAs were 1.3x
- * faster at batch 8 on the AMD EPYC, not worth a batch-dependent result. Threads split the
- * columns (OpenMP; torch's own runtime when torch is loaded first). GCC's vector extensions
- * compile to AVX-512, AVX2 or SSE, whichever -march=native offers.
+ * of 16 floats (q * scale, then + min: two roundings, as quant.dequantize) and multiplied into
+ * the tile's rows by explicit fused multiply-adds (vec16.h's fma16), so a batch of 8 reads the
+ * weights once; the tile's 16 lane accumulators are then summed together by one butterfly of
+ * shuffles. An output's reduction order (16 lanes over the half-blocks in order, then the fixed
+ * tree of tree_sum16, which the butterfly reproduces and the columns past the last whole tile
+ * use) depends neither on M nor on the other rows or columns: a request gets the same bits
+ * alone and fused. The compiler contracts nothing itself (-std=c11 and the pragma below): GCC
+ * 13 contracted products differently in the tiles of 8 rows and of 1 row on an Intel Xeon, so
+ * a row changed its last bits with the batch (tests/test_quant.py caught it there); the FMAs
+ * are instructions written out, the same in every tile (on a host without FMA units, fma16 is
+ * a product and a sum, the same everywhere too). Threads split the columns (OpenMP; torch's
+ * own runtime when torch is loaded first). GCC's vector extensions compile to AVX-512, AVX2 or
+ * SSE, whichever -march=native offers.
  */
 #pragma GCC optimize("fp-contract=off")
 #include <stdint.h>
@@ -29,6 +31,7 @@
 #include "vec16.h"
 
 #define TM 8
+#define AHEAD 2048 /* bytes of weights asked for ahead of a streaming tile's reads */
 typedef uint8_t v16u8 __attribute__((vector_size(16)));
 
 #if defined(__FLT16_MAX__)
@@ -117,22 +120,26 @@ static inline v16f reduce16(const v16f a[16]) {
  * DEQ(c, w0, w1) dequantises column n+c's block b. With INTERLEAVE (8 rows x 2 columns) the
  * columns advance together, so each activation load serves both; otherwise one column after
  * the other, so the weights stream through memory in order (a chunk of 16 columns is one
- * contiguous run), which the prefetchers follow better than 16 interleaved rows; the
- * interleaved tile asks for the weights 4 tiles on itself (bstep: bytes per block of a column). */
+ * contiguous run), which the prefetchers follow better than 16 interleaved rows, and asks for
+ * the bytes AHEAD of its reads itself (on a 2-core Intel Xeon the hardware's prefetch alone left
+ * a batch-1 step at 21 ms, 14.6 ms with it; 1 to 4 KB ahead time alike); the interleaved tile
+ * asks for the weights 4 tiles on itself (bstep: bytes per block of a column). */
 #define TILE16(MT, NC, INTERLEAVE, DEQ)                                                 \
     {                                                                                   \
         v16f a[16] = {0};                                                               \
         const char *next = (const char *)qs + (n + 4 * (NC)) * nb * bstep;             \
         for (int c0 = 0; c0 < (INTERLEAVE ? 1 : (NC)); c0++)                            \
             for (int64_t b = 0; b < nb; b++) {                                          \
+                if (!(INTERLEAVE))                                                      \
+                    __builtin_prefetch((const char *)qs + ((n + c0) * nb + b) * bstep + AHEAD); \
                 if (INTERLEAVE) __builtin_prefetch(next + b * (NC) * bstep);             \
                 const float *xb = x + m0 * K + b * 32;                                  \
                 for (int c = c0; c < (INTERLEAVE ? (NC) : c0 + 1); c++) {               \
                     v16f w0, w1;                                                        \
                     DEQ(c, &w0, &w1);                                                   \
                     for (int m = 0; m < (MT); m++) {                                    \
-                        a[m * (NC) + c] += w0 * load16(xb + m * K);                     \
-                        a[m * (NC) + c] += w1 * load16(xb + m * K + 16);                \
+                        a[m * (NC) + c] = fma16(w0, load16(xb + m * K), a[m * (NC) + c]);       \
+                        a[m * (NC) + c] = fma16(w1, load16(xb + m * K + 16), a[m * (NC) + c]);  \
                     }                                                                   \
                 }                                                                       \
             }                                                                           \
@@ -152,8 +159,8 @@ static inline v16f reduce16(const v16f a[16]) {
             DEQ(0, &w0, &w1);                                                           \
             const float *xb = x + m0 * K + b * 32;                                      \
             for (int64_t m = 0; m < (MT); m++) {                                        \
-                a[m] += w0 * load16(xb + m * K);                                        \
-                a[m] += w1 * load16(xb + m * K + 16);                                   \
+                a[m] = fma16(w0, load16(xb + m * K), a[m]);                            \
+                a[m] = fma16(w1, load16(xb + m * K + 16), a[m]);                       \
             }                                                                           \
         }                                                                               \
         for (int64_t m = 0; m < (MT); m++) y[(m0 + m) * N + n] = tree_sum16(a[m]);       \
