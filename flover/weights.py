@@ -192,7 +192,10 @@ def gguf_weights(reader, cfg: ModelConfig, plan: dict[str, quant.Layout],
                  else cfg.num_kv_heads if t.name.endswith("attn_k.weight") else None)
         packed, layout = None, plan.get(module)
         if layout is not None and kind in quant.GGUF_LAYOUTS and layout.holds(quant.GGUF_LAYOUTS[kind]):
-            packed = quant.from_gguf(kind, t.data, shape).to(layout)
+            try:
+                packed = quant.from_gguf(kind, t.data, shape).to(layout)
+            except ValueError as e:
+                raise ModelFormatError(f"GGUF tensor {t.name!r}: {e}") from e
             if heads:
                 packed = packed.rows(_unpermute(np.arange(shape[0]), heads))
         if packed is None or name == "model.embed_tokens.weight":

@@ -256,3 +256,12 @@ def test_a_k_quant_file_serves_fused_as_alone(kquant_file):
         fused |= {o.request_id: o.token_ids for o in eng.step() if o.finished}
     fused |= {o.request_id: o.token_ids for o in eng.run_until_done() if o.finished}
     assert [fused[f"fused{i}"] for i in range(4)] == alone
+
+
+def test_a_tensor_whose_bytes_are_not_its_blocks_is_refused_by_name():
+    rng = np.random.default_rng(7)
+    data = raw_blocks("Q4_K", 4, 512, rng)
+    with pytest.raises(ValueError, match="Q4_K tensor of 4 x 512 weights needs 8 blocks of 256"):
+        quant.from_gguf("Q4_K", data[:, :-1], (4, 512))
+    with pytest.raises(ValueError, match="Q6_K tensor of 4 x 320"):
+        quant.from_gguf("Q6_K", raw_blocks("Q6_K", 4, 512, rng), (4, 320))  # not rows of 256

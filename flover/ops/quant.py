@@ -238,7 +238,6 @@ GGUF_LAYOUTS = {
     "Q5_1": Layout(8, mins=True), "Q4_K": Layout(4, wide=True),
     "Q5_K": Layout(8, wide=True, mins=True), "Q6_K": Layout(8, 16, wide=True),
 }
-QK_K = 256  # the K-quants' super-blocks
 
 
 def from_gguf(kind: str, data: np.ndarray, shape: tuple[int, int]) -> Packed:
@@ -247,8 +246,14 @@ def from_gguf(kind: str, data: np.ndarray, shape: tuple[int, int]) -> Packed:
     n, k = shape
     if kind not in GGUF_LAYOUTS:
         raise ValueError(f"GGUF type {kind} is not kept packed")
-    per = QK_K if kind.endswith("_K") else BLOCK
-    blocks = np.asarray(data, dtype=np.uint8).reshape(n, k // per, -1)
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    per, size = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]  # weights and bytes a block
+    data = np.asarray(data, dtype=np.uint8)
+    if k % per or data.size != n * (k // per) * size:
+        raise ValueError(f"a {kind} tensor of {n} x {k} weights needs {n * k // per} blocks of "
+                         f"{per} ({size} bytes each), not {data.size} bytes")
+    blocks = data.reshape(n, k // per, size)
     f16 = lambda a: a.copy().view(np.float16)[..., 0]  # noqa: E731  (2 bytes -> a float16)
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
     if kind in ("Q8_0", "Q4_0", "Q4_1"):
