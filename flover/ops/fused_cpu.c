@@ -30,27 +30,6 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return tree_sum16(acc);
 }
 
-/* 16 sums at once, each bit for bit tree_sum16 of its vector (quant_cpu.c's butterfly) */
-#if defined(__clang__)
-#define HALVES(a, b, ...) (__builtin_shufflevector(a, b, __VA_ARGS__))
-#else /* GCC before 12 has only __builtin_shuffle */
-#define HALVES(a, b, ...) (__builtin_shuffle(a, b, (v16i){__VA_ARGS__}))
-#endif
-static inline v16f reduce16(const v16f a[16]) {
-    v16f c[8], e[4], g[2];
-    for (int i = 0; i < 8; i++)
-        c[i] = HALVES(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
-             + HALVES(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-    for (int i = 0; i < 4; i++)
-        e[i] = HALVES(c[2 * i], c[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
-             + HALVES(c[2 * i], c[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-    for (int i = 0; i < 2; i++)
-        g[i] = HALVES(e[2 * i], e[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
-             + HALVES(e[2 * i], e[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-    return HALVES(g[0], g[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
-         + HALVES(g[0], g[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-}
-
 /* dot(q, k + j * D, D) for the 16 keys j at k, in dot()'s order, into out[16] */
 static inline void dot16(const float *q, const float *k, int64_t D, float *out) {
     v16f a[16] = {0};
