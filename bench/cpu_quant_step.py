@@ -11,7 +11,9 @@ cores); without it, the figure of DESIGN.md section 4 stands in (10.7 ms, 2 thre
 
 `--cpu-ops both` runs every row twice, with the compiled CPU ops (flover/ops/fused_cpu.c:
 RMSNorm, rotary, silu_mul, the cache write, decode attention) off and on, alternating over
-`--rounds` rounds in this process, so that a noisy machine weighs on both alike. `--scales
+`--rounds` rounds in this process, so that a noisy machine weighs on both alike; `--cpu-layer
+both` does the same with the decode layer in one compiled call (flover/ops/layer_cpu.c) off
+and on. `--scales
 both` does the same with the packed model's float16 scales and mins as the file has them
 and widened to float32 (the same values; `quant.Layout.wide`, which the K-quants load as).
 
@@ -35,7 +37,7 @@ import torch
 from cpu_step import copy_bandwidth, flover_step  # beside this file
 
 from flover import Engine, EngineConfig
-from flover.ops import fused
+from flover.ops import fused, layer_cpu
 from flover.ops.quant import QuantLinear
 from flover.weights import default_model_path
 
@@ -94,6 +96,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--cpu-ops", choices=("on", "off", "both"), default="on",
                     help="the compiled CPU ops (fused_cpu.c); both: off and on, alternating")
+    ap.add_argument("--cpu-layer", choices=("on", "off", "both"), default="on",
+                    help="the decode layer in one compiled call (layer_cpu.c); both: alternating")
     ap.add_argument("--scales", choices=("float16", "float32", "both"), default="float16",
                     help="the packed model's scales and mins as loaded, widened, or both alternating")
     ap.add_argument("--rounds", type=int, default=1, help="alternating rounds (median of all)")
@@ -104,6 +108,7 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     ops = {"on": [True], "off": [False], "both": [False, True]}[args.cpu_ops]
     widths = ["float16", "float32"] if args.scales == "both" else [args.scales]
+    layers = {"on": [True], "off": [False], "both": [False, True]}[args.cpu_layer]
     bw = copy_bandwidth()
     rows = []
     lcpp = [llama_cpp_ms(args.llama_cpp, args.rounds)] if args.llama_cpp else []
@@ -111,22 +116,25 @@ def main() -> None:
         eng = Engine(EngineConfig(device="cpu", dtype="float32", max_concurrency=max(batches),
                                   max_seq_len=128, quantization=quant))
         use_width = scale_widths(eng.model, widths)
-        times: dict[tuple[int, bool, str], list[float]] = {}
+        times: dict[tuple[int, bool, str, bool], list[float]] = {}
         nbytes: dict[str, int] = {}
         for _ in range(args.rounds):
             for b in batches:
                 for on in ops:
                     for width in widths if quant == "auto" else ["-"]:
-                        if quant == "auto":
-                            use_width(width)
-                        nbytes[width] = weight_bytes(eng.model)
-                        fused.ENABLED = on
-                        times.setdefault((b, on, width), []).append(flover_step(eng, b, args.steps))
-        fused.ENABLED = True
-        for (b, on, width), ts in times.items():
+                        for layer in layers if quant == "auto" else [False]:
+                            if quant == "auto":
+                                use_width(width)
+                            nbytes[width] = weight_bytes(eng.model)
+                            fused.ENABLED, layer_cpu.ENABLED = on, layer
+                            times.setdefault((b, on, width, layer), []).append(
+                                flover_step(eng, b, args.steps))
+        fused.ENABLED = layer_cpu.ENABLED = True
+        for (b, on, width, layer), ts in times.items():
             t = statistics.median(ts)
             name = f"packed-{width[5:]}" if quant == "auto" else "float32"
-            rows.append({"weights": name, "scales": width, "batch": b,
+            rows.append({"weights": name + ("+layer" if layer else ""), "scales": width,
+                         "cpu_layer": layer, "batch": b,
                          "cpu_ops": on, "ms": t * 1e3, "ms_rounds": [x * 1e3 for x in ts],
                          "tok_s": b / t, "weight_bytes": nbytes[width],
                          "floor_ms": nbytes[width] / bw * 1e3, "over_floor": t / (nbytes[width] / bw)})

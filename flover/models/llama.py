@@ -14,7 +14,7 @@ from torch import nn
 
 from flover.models.config import ModelConfig
 from flover.models.layers import RMSNorm, Rotary, TiedHead, load_named_weights
-from flover.ops import fused
+from flover.ops import fused, layer_cpu
 from flover.ops.attention import AttentionMetadata, attend
 
 
@@ -90,8 +90,11 @@ class LlamaForCausalLM(nn.Module):
                 k_caches: torch.Tensor, v_caches: torch.Tensor) -> torch.Tensor:
         m = self.model
         x = m.embed_tokens(input_ids)
+        prep = layer_cpu.prepare(x, meta, k_caches, v_caches)  # decode rows on the CPU
         for i, layer in enumerate(m.layers):
-            x = layer(x, m.rotary, meta, k_caches[i], v_caches[i])
+            y = None if prep is None else layer_cpu.decode_layer(
+                layer, x, m.rotary, prep, k_caches[i], v_caches[i])
+            x = layer(x, m.rotary, meta, k_caches[i], v_caches[i]) if y is None else y
         return fused.rms_norm(x, m.norm)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

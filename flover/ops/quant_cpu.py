@@ -49,8 +49,9 @@ def build(source: Path = SOURCE) -> Path | None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None
-    # the source and the headers beside it that it may include (vec16.h)
-    src = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+    # the source and the files beside it that it may include (vec16.h; layer_cpu.c includes
+    # the other two C files)
+    src = source.read_bytes() + b"".join(f.read_bytes() for f in sorted(source.parent.glob("*.[ch]")))
     key = hashlib.sha256(src + " ".join(FLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
     out = _cache_dir() / f"{source.stem}-{key}.so"
     if out.is_file():

@@ -1,0 +1,126 @@
+"""A LLaMA decoder layer in one compiled call (layer_cpu.c) for decode iterations on the CPU.
+
+The layer's float32 path on the CPU is ten compiled calls (flover.ops.fused, attention, the
+QuantLinear products) with Python between them: at batch 1 on 2 cores that Python was about a
+quarter of the decode step. layer_cpu.c makes the same calls in the same order, so its output
+is the Python path's bit for bit; this module says when it applies and marshals the arguments,
+which for each layer's weights are kept between steps (re-made when a tensor moves).
+
+It applies to an iteration of decode rows only, in the slot layout, with float32 activations
+and caches, the compiled kernels built and `fused.ENABLED`, for a layer whose four products are
+QuantLinear without bias in the K order (a GGUF file kept packed, or --quantization int4/int8)
+and whose norms and rotary tables are float32. Anything else runs the layer as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from flover.ops import fused, quant_cpu
+from flover.ops.quant import QuantLinear
+
+SOURCE = Path(__file__).with_name("layer_cpu.c")
+ENABLED = True  # off: every layer runs its calls from Python (bench/cpu_quant_step.py --cpu-layer)
+f32 = torch.float32
+
+
+class QLinear(ctypes.Structure):
+    _fields_ = [("q", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("mins", ctypes.c_void_p),
+                ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("group", ctypes.c_int64),
+                ("bits", ctypes.c_int32), ("wide", ctypes.c_int32)]
+
+
+@cache
+def lib() -> ctypes.CDLL | None:
+    """The compiled layer, or None (no compiler, or FLOVER_NO_CPU_KERNELS, FLOVER_NO_QUANT_KERNEL
+    or FLOVER_NO_CPU_LAYER set: the layer runs its calls from Python)."""
+    if any(os.environ.get(v) for v in ("FLOVER_NO_CPU_KERNELS", "FLOVER_NO_QUANT_KERNEL",
+                                       "FLOVER_NO_CPU_LAYER")):
+        return None
+    so = quant_cpu.load(SOURCE)
+    if so is None:
+        return None
+    i64, ptr, flt = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+    so.flover_llama_decode_layer.argtypes = [
+        ptr, i64, i64, ptr, ptr, flt, ctypes.POINTER(QLinear), i64, i64, i64, i64, ptr, ptr,
+        i64, i64, ctypes.c_int, ptr, ptr, i64, i64, ptr, ptr, ptr, flt, ptr, ctypes.c_int]
+    so.flover_llama_decode_layer.restype = ctypes.c_int
+    return so
+
+
+def prepare(x: torch.Tensor, meta, k_caches: torch.Tensor, v_caches: torch.Tensor):
+    """Once per forward: (slots, positions, lengths) as int64 if this iteration can take the
+    compiled layer, else None."""
+    if not (ENABLED and fused.ENABLED and x.is_cpu and x.dtype == f32 and x.dim() == 2
+            and x.is_contiguous() and not meta.prefills and meta.num_decode == x.shape[0]
+            and meta.block_tables is None and meta.write_offsets is None and meta.rows is None
+            and k_caches.dtype == f32 and v_caches.dtype == f32 and lib() is not None):
+        return None
+    long = lambda t: t if t.dtype == torch.int64 and t.is_contiguous() else t.to(torch.int64).contiguous()  # noqa: E731
+    return long(meta.slot_ids), long(meta.positions), long(meta.decode_lengths)
+
+
+def _weights(layer) -> list[torch.Tensor]:
+    attn, mlp = layer.self_attn, layer.mlp
+    return [layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+            *(t for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+              for t in (lin.qweight, lin.scales, lin.mins) if t is not None)]
+
+
+def _plan(layer, rotary):
+    """The layer's arguments that do not change between steps, or None if it cannot take the
+    compiled layer. Kept on the layer, keyed by where its tensors are."""
+    attn, mlp = layer.self_attn, layer.mlp
+    lins = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    if not all(isinstance(m, QuantLinear) and m.bias is None and not m.mma_order
+               and m.qweight.is_cpu for m in lins):
+        return None
+    tensors = [*_weights(layer), rotary.cos, rotary.sin]
+    key = tuple(t.data_ptr() for t in tensors)
+    kept = layer.__dict__.get("_cpu_decode_plan")
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    plan = None
+    if (all(t.is_contiguous() for t in tensors) and rotary.cos.dtype == f32
+            and rotary.sin.dtype == f32 and layer.input_layernorm.weight.dtype == f32
+            and layer.post_attention_layernorm.weight.dtype == f32
+            and layer.input_layernorm.eps == layer.post_attention_layernorm.eps):
+        arr = (QLinear * 4)(*(QLinear(m.qweight.data_ptr(), m.scales.data_ptr(),
+                                      None if m.mins is None else m.mins.data_ptr(),
+                                      m.out_features, m.in_features, m.group, m.bits,
+                                      int(m.scales.dtype == f32)) for m in lins))
+        plan = (arr, mlp.down_proj.in_features)
+    layer.__dict__["_cpu_decode_plan"] = (key, plan)
+    return plan
+
+
+def decode_layer(layer, x: torch.Tensor, rotary, prep, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor) -> torch.Tensor | None:
+    """The layer's output for the decode rows x [T, H] (its caches written), or None: this
+    layer does not take the compiled path (`prepare` said the iteration can)."""
+    plan = _plan(layer, rotary)
+    if plan is None or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        return None
+    arr, inter = plan
+    attn = layer.self_attn
+    slots, pos, lens = prep
+    t, h = x.shape
+    out = torch.empty(t, h)
+    err = lib().flover_llama_decode_layer(
+        x.data_ptr(), t, h, layer.input_layernorm.weight.data_ptr(),
+        layer.post_attention_layernorm.weight.data_ptr(), layer.input_layernorm.eps, arr,
+        attn.h, attn.hkv, attn.d, inter, rotary.cos.data_ptr(), rotary.sin.data_ptr(),
+        rotary.cos.shape[0], rotary.rot_dim, int(rotary.interleaved), k_cache.data_ptr(),
+        v_cache.data_ptr(), k_cache.shape[0], k_cache.shape[2], slots.data_ptr(),
+        pos.data_ptr(), lens.data_ptr(), attn.scale, out.data_ptr(), torch.get_num_threads())
+    if err == 1:
+        raise IndexError(f"decode layer: a position, slot or length outside its table or the "
+                         f"cache {tuple(k_cache.shape)}")
+    if err:
+        raise MemoryError("decode layer: no memory for the scratch")
+    return out
