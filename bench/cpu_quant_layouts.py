@@ -4,7 +4,8 @@ file's blocks are kept in, at the embedded model's shapes, M = 1 and 8.
 Layouts (flover/ops/quant.py, `GGUF_LAYOUTS`): int4 with float16 scales and mins (Q4_0, Q4_1),
 int4 with float32 ones (Q4_K), int8 with float16 scales (Q8_0, Q5_0), int8 in groups of 16 with
 float32 scales (Q6_K), int8 with float32 scales and mins (Q5_K; groups of 16: a linear whose
-pieces differ in type). With `--old SRC` (an earlier quant_cpu.c, e.g. from `git show`), its
+pieces differ in type). With `--old SRC` (a quant_cpu.c from before commit 8d6db9c, whose
+argument lists this script knows, e.g. `git show a048e20:flover/ops/quant_cpu.c`), its
 kernel's float16 layouts run beside the current ones in the same process, alternating, so the
 two can be compared. Weights are random and hot in cache (each shape is called repeatedly):
 this ranks layouts, it does not predict a decode step (bench/cpu_quant_step.py does). Median
@@ -18,10 +19,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import statistics
-import time
 from pathlib import Path
 
 import torch
+from cpu_linear_ops import bench  # beside this file: min over 5 repeats of 20 calls, us
 
 from flover.ops import quant, quant_cpu
 
@@ -35,18 +36,6 @@ LAYOUTS = {  # name: (bits, group, scale dtype, mins)
     "i8-f32-min": (8, 32, torch.float32, True),
     "i8-f32-g16-min": (8, 16, torch.float32, True),
 }
-
-
-def bench(fn, iters: int = 20, reps: int = 5) -> float:
-    for _ in range(3):
-        fn()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        best = min(best, (time.perf_counter() - t) / iters)
-    return best * 1e6
 
 
 def packed(w: torch.Tensor, bits: int, group: int, dtype: torch.dtype, mins: bool) -> quant.Packed:
