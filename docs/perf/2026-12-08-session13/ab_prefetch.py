@@ -18,7 +18,9 @@ from cpu_step import flover_step  # noqa: E402
 from flover import Engine, EngineConfig  # noqa: E402
 from flover.ops import quant_cpu  # noqa: E402
 
-ANCHOR = "            for (int64_t b = 0; b < nb; b++) {                                          \\\n                if (INTERLEAVE)"
+# the streaming tile's block loop as it was at commit 8d6db9c (this A/B's "before")
+ANCHOR = ("            for (int64_t b = 0; b < nb; b++) {"
+          "                                          \\\n                if (INTERLEAVE)")
 
 
 def variant(dist: int, tmp: Path):
@@ -26,7 +28,8 @@ def variant(dist: int, tmp: Path):
     assert ANCHOR in src
     line = ("                if (!(INTERLEAVE) && PF) __builtin_prefetch((const char *)qs + "
             "((n + c0) * nb + b) * bstep + PF); \\\n")
-    src = src.replace(ANCHOR, ANCHOR.replace("                if (INTERLEAVE)", line + "                if (INTERLEAVE)"))
+    tail = "                if (INTERLEAVE)"
+    src = src.replace(ANCHOR, ANCHOR.replace(tail, line + tail))
     src = src.replace("#define TM 8", f"#define TM 8\n#define PF {dist}")
     d = tmp / f"pf{dist}"
     d.mkdir(parents=True, exist_ok=True)

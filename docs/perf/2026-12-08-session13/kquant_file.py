@@ -6,7 +6,8 @@ The file: the embedded SmolLM2-135M (Q4_1) requantized by llama.cpp to Q4_K_M
 (llama_cpp.llama_model_quantize, allow_requantize; its 576-column tensors fall back to Q5_0 /
 Q8_0, ffn_down is Q4_K or Q6_K).
 
-    python docs/perf/2026-12-08-session13/kquant_file.py /tmp/smollm2-q4_k_m.gguf --llama-cpp /tmp/lcpp/bin/python
+    python docs/perf/2026-12-08-session13/kquant_file.py /tmp/smollm2-q4_k_m.gguf \
+        --llama-cpp /tmp/lcpp/bin/python
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def main() -> None:
     ours = [o.token_ids for o in packed.chat(convs, params)]
     theirs = [o.token_ids for o in full.chat(convs, params)]
     same = sum(a == b for a, b in zip(ours, theirs, strict=True))
-    first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    first = [next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
              for a, b in zip(ours, theirs, strict=True)]
     print(f"linears kept packed: {len(mods)}; layouts: {dict(layouts)}")
     print(f"their bytes: {qbytes / 1e6:.1f} MB packed, {fbytes / 1e6:.1f} MB in float32")
