@@ -46,7 +46,7 @@ def libs(d: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("dirs", nargs=2, type=Path)
+    ap.add_argument("dirs", nargs="+", type=Path)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=32)
