@@ -92,6 +92,11 @@ class Layout:
         return self.group % BLOCK == 0 and not self.wide and (self.bits == 4 or not self.mins)
 
 
+def layout_of(p: Packed | QuantLinear) -> Layout:
+    """The layout a matrix's tensors hold: float32 scales are wide, mins say themselves."""
+    return Layout(p.bits, p.group, p.scales.dtype == torch.float32, p.mins is not None)
+
+
 @dataclass
 class Packed:
     """One weight matrix in the layout above (rows = output features)."""
@@ -104,8 +109,7 @@ class Packed:
 
     @property
     def layout(self) -> Layout:
-        return Layout(self.bits, self.group, self.scales.dtype == torch.float32,
-                      self.mins is not None)
+        return layout_of(self)
 
     def tensors(self, prefix: str) -> list[tuple[str, torch.Tensor]]:
         out = [(prefix + "qweight", self.qweight), (prefix + "scales", self.scales)]
@@ -336,8 +340,13 @@ class QuantLinear(nn.Module):
 
     @property
     def layout(self) -> Layout:
-        return Layout(self.bits, self.group, self.scales.dtype == torch.float32,
-                      self.mins is not None)
+        """The layout its tensors hold (kept: a GPU step asks for it at every product)."""
+        key = (self.scales.dtype, self.mins is None)
+        kept = self.__dict__.get("_layout")
+        if kept is None or kept[0] != key:
+            kept = key, layout_of(self)
+            self.__dict__["_layout"] = kept
+        return kept[1]
 
     def packed(self) -> Packed:
         """The weights in the K order (the reference's)."""
