@@ -65,37 +65,48 @@ def prepare(x: torch.Tensor, meta, k_caches: torch.Tensor, v_caches: torch.Tenso
     return long(meta.slot_ids), long(meta.positions), long(meta.decode_lengths)
 
 
-def _weights(layer) -> list[torch.Tensor]:
-    attn, mlp = layer.self_attn, layer.mlp
-    return [layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
-            *(t for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-              for t in (lin.qweight, lin.scales, lin.mins) if t is not None)]
+def _parts(layer) -> tuple:
+    """The layer's norms and products, read from the module dicts (no nn.Module lookups: this
+    runs for every layer of every step)."""
+    top = layer._modules
+    attn, mlp = top["self_attn"]._modules, top["mlp"]._modules
+    return (top["input_layernorm"], top["post_attention_layernorm"], attn["qkv_proj"],
+            attn["o_proj"], mlp["gate_up_proj"], mlp["down_proj"])
+
+
+def _where(parts: tuple, rotary) -> tuple[int, ...]:
+    """Where every tensor the compiled layer reads lives (a plan holds while these do)."""
+    return tuple(t.data_ptr() for m in (*parts, rotary)
+                 for t in (*m._parameters.values(), *m._buffers.values()) if t is not None)
 
 
 def _plan(layer, rotary):
     """The layer's arguments that do not change between steps, or None if it cannot take the
-    compiled layer. Kept on the layer, keyed by where its tensors are."""
-    attn, mlp = layer.self_attn, layer.mlp
-    lins = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-    if not all(isinstance(m, QuantLinear) and m.bias is None and not m.mma_order
-               and m.qweight.is_cpu for m in lins):
-        return None
-    tensors = [*_weights(layer), rotary.cos, rotary.sin]
-    key = tuple(t.data_ptr() for t in tensors)
+    compiled layer. Kept on the layer while its modules and their tensors stay where they are."""
+    parts = _parts(layer)
+    where = _where(parts, rotary)
     kept = layer.__dict__.get("_cpu_decode_plan")
-    if kept is not None and kept[0] == key:
-        return kept[1]
+    if kept is not None and kept[0] == parts and kept[1] == where:
+        return kept[2]
+    norm1, norm2, *lins = parts
+    tensors = [norm1.weight, norm2.weight, rotary.cos, rotary.sin,
+               *(t for m in lins if isinstance(m, QuantLinear)
+                 for t in (m.qweight, m.scales, m.mins) if t is not None)]
     plan = None
-    if (all(t.is_contiguous() for t in tensors) and rotary.cos.dtype == f32
-            and rotary.sin.dtype == f32 and layer.input_layernorm.weight.dtype == f32
-            and layer.post_attention_layernorm.weight.dtype == f32
-            and layer.input_layernorm.eps == layer.post_attention_layernorm.eps):
+    if (all(isinstance(m, QuantLinear) and m.bias is None and not m.mma_order
+            and m.qweight.is_cpu for m in lins)
+            and all(t.is_contiguous() for t in tensors)
+            and all(t.dtype == f32 for t in tensors[:4]) and norm1.eps == norm2.eps):
+        attn, rot = layer.self_attn, rotary
         arr = (QLinear * 4)(*(QLinear(m.qweight.data_ptr(), m.scales.data_ptr(),
                                       None if m.mins is None else m.mins.data_ptr(),
                                       m.out_features, m.in_features, m.group, m.bits,
                                       int(m.scales.dtype == f32)) for m in lins))
-        plan = (arr, mlp.down_proj.in_features)
-    layer.__dict__["_cpu_decode_plan"] = (key, plan)
+        # flover_llama_decode_layer's arguments from norm1 to `interleaved`, then `scale`
+        plan = ((norm1.weight.data_ptr(), norm2.weight.data_ptr(), norm1.eps, arr, attn.h,
+                 attn.hkv, attn.d, lins[3].in_features, rot.cos.data_ptr(), rot.sin.data_ptr(),
+                 rot.cos.shape[0], rot.rot_dim, int(rot.interleaved)), attn.scale)
+    layer.__dict__["_cpu_decode_plan"] = (parts, where, plan)
     return plan
 
 
@@ -106,18 +117,14 @@ def decode_layer(layer, x: torch.Tensor, rotary, prep, k_cache: torch.Tensor,
     plan = _plan(layer, rotary)
     if plan is None or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         return None
-    arr, inter = plan
-    attn = layer.self_attn
+    fixed, scale = plan
     slots, pos, lens = prep
     t, h = x.shape
     out = torch.empty(t, h)
     err = lib().flover_llama_decode_layer(
-        x.data_ptr(), t, h, layer.input_layernorm.weight.data_ptr(),
-        layer.post_attention_layernorm.weight.data_ptr(), layer.input_layernorm.eps, arr,
-        attn.h, attn.hkv, attn.d, inter, rotary.cos.data_ptr(), rotary.sin.data_ptr(),
-        rotary.cos.shape[0], rotary.rot_dim, int(rotary.interleaved), k_cache.data_ptr(),
-        v_cache.data_ptr(), k_cache.shape[0], k_cache.shape[2], slots.data_ptr(),
-        pos.data_ptr(), lens.data_ptr(), attn.scale, out.data_ptr(), torch.get_num_threads())
+        x.data_ptr(), t, h, *fixed, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0],
+        k_cache.shape[2], slots.data_ptr(), pos.data_ptr(), lens.data_ptr(), scale,
+        out.data_ptr(), torch.get_num_threads())
     if err == 1:
         raise IndexError(f"decode layer: a position, slot or length outside its table or the "
                          f"cache {tuple(k_cache.shape)}")
