@@ -49,7 +49,8 @@ def usable(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 and x.is_cpu and lib() is not None
 
 
-def _long(t: torch.Tensor) -> torch.Tensor:
+def int64(t: torch.Tensor) -> torch.Tensor:
+    """t as a contiguous int64 tensor (itself when it is one already): what the kernels index by."""
     return t if t.dtype == torch.int64 and t.is_contiguous() else t.to(torch.int64).contiguous()
 
 
@@ -72,7 +73,7 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: tor
     """x [T, heads, D] (channels contiguous) rotated at `positions`; a new contiguous tensor."""
     t, heads, d = x.shape
     out = torch.empty(t, heads, d)
-    pos = _long(positions)
+    pos = int64(positions)
     if lib().flover_rotary(x.data_ptr(), x.stride(0), x.stride(1), pos.data_ptr(),
                            cos.data_ptr(), sin.data_ptr(), cos.shape[0], rot_dim,
                            int(interleaved), t, heads, d, out.data_ptr()):
@@ -93,7 +94,7 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     """cache[slot, :, pos] = k[token] (and v); caches [S, Hkv, L, D] contiguous, k and v
     [T, Hkv, D] with contiguous channels."""
     t, hkv, d = k.shape
-    slots, pos = _long(slot_ids), _long(positions)
+    slots, pos = int64(slot_ids), int64(positions)
     if lib().flover_write_kv(k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0],
                              k_cache.shape[2], k.data_ptr(), k.stride(0), k.stride(1),
                              v.data_ptr(), v.stride(0), v.stride(1), slots.data_ptr(),
@@ -108,8 +109,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     reads slot slots[b] (default: b) up to lengths[b]; [B, H, D]."""
     b, h, d = q.shape
     out = torch.empty(b, h, d)
-    lens = _long(lengths)
-    sl = None if slots is None else _long(slots)
+    lens = int64(lengths)
+    sl = None if slots is None else int64(slots)
     err = lib().flover_decode_attention(
         q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
         k_cache.shape[0], k_cache.shape[2], None if sl is None else sl.data_ptr(),

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from flover.ops import fused, quant_cpu
+from flover.ops.fused_cpu import int64
 from flover.ops.quant import QuantLinear
 
 SOURCE = Path(__file__).with_name("layer_cpu.c")
@@ -61,8 +62,7 @@ def prepare(x: torch.Tensor, meta, k_caches: torch.Tensor, v_caches: torch.Tenso
             and meta.block_tables is None and meta.write_offsets is None and meta.rows is None
             and k_caches.dtype == f32 and v_caches.dtype == f32 and lib() is not None):
         return None
-    long = lambda t: t if t.dtype == torch.int64 and t.is_contiguous() else t.to(torch.int64).contiguous()  # noqa: E731
-    return long(meta.slot_ids), long(meta.positions), long(meta.decode_lengths)
+    return int64(meta.slot_ids), int64(meta.positions), int64(meta.decode_lengths)
 
 
 def _parts(layer) -> tuple:
