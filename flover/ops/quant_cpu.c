@@ -92,8 +92,13 @@ static inline void deq8(const int8_t *qs, const void *scales, const void *mins, 
     v16u8 q0, q1;
     memcpy(&q0, qs + n * K + b * 32, 16);
     memcpy(&q1, qs + n * K + b * 32 + 16, 16);
+#if defined(__AVX512F__)  /* one sign extension each */
+    *w0 = (v16f)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32((__m128i)q0)) * at(scales, wide, g0);
+    *w1 = (v16f)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32((__m128i)q1)) * at(scales, wide, g1);
+#else
     *w0 = __builtin_convertvector(__builtin_convertvector(q0 ^ 0x80, v16i) - 128, v16f) * at(scales, wide, g0);
     *w1 = __builtin_convertvector(__builtin_convertvector(q1 ^ 0x80, v16i) - 128, v16f) * at(scales, wide, g1);
+#endif
     if (mins) {
         *w0 += at(mins, wide, g0);
         *w1 += at(mins, wide, g1);
