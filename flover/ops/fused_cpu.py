@@ -27,8 +27,11 @@ def lib() -> ctypes.CDLL | None:
     if os.environ.get("FLOVER_NO_CPU_KERNELS"):
         return None
     so = quant_cpu.load(SOURCE)
-    if so is None:
-        return None
+    return None if so is None else bind(so)
+
+
+def bind(so: ctypes.CDLL) -> ctypes.CDLL:
+    """The library (a build of fused_cpu.c) with its functions' argument types set."""
     i64, ptr, i32, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     so.flover_rms_norm.argtypes = [ptr, i64, ptr, i64, ptr, f32, i64, i64, ptr, ptr]
     so.flover_rms_norm.restype = None

@@ -44,8 +44,11 @@ def lib() -> ctypes.CDLL | None:
                                        "FLOVER_NO_CPU_LAYER")):
         return None
     so = quant_cpu.load(SOURCE)
-    if so is None:
-        return None
+    return None if so is None else bind(so)
+
+
+def bind(so: ctypes.CDLL) -> ctypes.CDLL:
+    """The library (a build of layer_cpu.c) with its function's argument types set."""
     i64, ptr, flt = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
     so.flover_llama_decode_layer.argtypes = [
         ptr, i64, i64, ptr, ptr, flt, ctypes.POINTER(QLinear), i64, i64, i64, i64, ptr, ptr,

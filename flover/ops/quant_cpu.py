@@ -82,19 +82,23 @@ def load(source: Path) -> ctypes.CDLL | None:
         return None
 
 
+def bind(so: ctypes.CDLL) -> ctypes.CDLL:
+    """The library (a build of quant_cpu.c, this one's or another's) with its functions'
+    argument types set."""
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    for f in (so.flover_int4_mm, so.flover_int8_mm):
+        f.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ctypes.c_int, ctypes.c_int]
+        f.restype = None
+    return so
+
+
 @cache
 def lib() -> ctypes.CDLL | None:
     """The kernels, or None (no compiler, or FLOVER_NO_QUANT_KERNEL set)."""
     if os.environ.get("FLOVER_NO_QUANT_KERNEL"):
         return None
     so = load(SOURCE)
-    if so is None:
-        return None
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    for f in (so.flover_int4_mm, so.flover_int8_mm):
-        f.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ctypes.c_int, ctypes.c_int]
-    so.flover_int4_mm.restype = so.flover_int8_mm.restype = None
-    return so
+    return None if so is None else bind(so)
 
 
 def _wide(scales: torch.Tensor, mins: torch.Tensor | None) -> int:

@@ -8,7 +8,6 @@ scales).
 """
 from __future__ import annotations
 
-import ctypes
 import statistics
 import sys
 from pathlib import Path
@@ -22,12 +21,7 @@ from flover.ops import quant_cpu  # noqa: E402
 
 
 def load(src: Path):
-    so = quant_cpu.load(src)
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    for f in (so.flover_int4_mm, so.flover_int8_mm):
-        f.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ctypes.c_int, ctypes.c_int]
-        f.restype = None
-    return so
+    return quant_cpu.bind(quant_cpu.load(src))
 
 
 def main() -> None:

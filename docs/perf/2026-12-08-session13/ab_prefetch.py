@@ -6,7 +6,6 @@ step of the embedded model kept packed, alternating variants in one process.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
 import sys
 from pathlib import Path
@@ -35,12 +34,7 @@ def variant(dist: int, tmp: Path):
     d.mkdir(parents=True, exist_ok=True)
     (d / "quant_cpu.c").write_text(src)
     (d / "vec16.h").write_text((quant_cpu.SOURCE.parent / "vec16.h").read_text())
-    so = quant_cpu.load(d / "quant_cpu.c")
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    for f in (so.flover_int4_mm, so.flover_int8_mm):
-        f.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ctypes.c_int, ctypes.c_int]
-        f.restype = None
-    return so
+    return quant_cpu.bind(quant_cpu.load(d / "quant_cpu.c"))
 
 
 def main() -> None:

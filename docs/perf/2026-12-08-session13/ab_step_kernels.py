@@ -24,24 +24,13 @@ FILES = ("quant_cpu.c", "fused_cpu.c", "layer_cpu.c", "vec16.h")
 
 
 def libs(d: Path) -> dict:
-    """Each module's lib() built from d's sources, with the argument types the modules set."""
+    """Each module's library built from d's sources, bound like the shipped one."""
     ops = ROOT / "flover" / "ops"
     for f in FILES:
         if not (d / f).exists():
             shutil.copy(ops / f, d / f)
-    out = {}
-    for mod in (quant_cpu, fused_cpu, layer_cpu):
-        src = mod.SOURCE if mod is not quant_cpu else quant_cpu.SOURCE
-        orig, load = mod.SOURCE, quant_cpu.load
-        so = load(d / src.name)
-        # the modules' lib() set argtypes on what load() returns: run it on ours
-        quant_cpu.load = lambda _src, so=so: so
-        mod.lib.cache_clear()
-        out[mod] = mod.lib()
-        quant_cpu.load = load
-        mod.lib.cache_clear()
-        assert orig == mod.SOURCE
-    return out
+    return {mod: mod.bind(quant_cpu.load(d / mod.SOURCE.name))
+            for mod in (quant_cpu, fused_cpu, layer_cpu)}
 
 
 def main() -> None:
