@@ -150,7 +150,7 @@ def test_cpu_kernel_row_is_bitwise_independent_of_the_batch_in_each_layout(kind)
     assert torch.equal(mod(x[8:13]), together[8:13])
 
 
-def test_layouts_the_gpu_kernels_do_not_take_use_the_reference_elsewhere():
+def test_layouts_the_gpu_kernels_do_not_take_run_the_reference_elsewhere():
     """Off the CPU float32 path (bfloat16 here; a GPU for float32 scales, groups of 16 or
     int8 mins), a layout dequantises and calls F.linear."""
     rng = np.random.default_rng(5)

@@ -81,8 +81,8 @@ static inline void deq4(const uint8_t *qs, const void *scales, const void *mins,
 #endif
 }
 
-/* int8 through uint8 (q ^ 0x80 = q + 128): GCC vectorises zero extension, not sign extension.
- * Groups of 32 << shift, or with `halves` of 16 (block b's halves are groups 2b and 2b + 1);
+/* int8 block b of row n (without AVX-512 through uint8, q ^ 0x80 = q + 128: GCC vectorises
+ * zero extension, not sign extension). Groups of 32 << shift, or with `halves` of 16 (block b's halves are groups 2b and 2b + 1);
  * `mins` NULL: w = q * scale, no add. Scales and mins in row sn (as deq4). */
 static inline void deq8(const int8_t *qs, const void *scales, const void *mins, int wide,
                         int halves, int64_t K, int shift, int64_t n, int64_t sn, int64_t b,
@@ -119,9 +119,8 @@ static inline void deq8(const int8_t *qs, const void *scales, const void *mins, 
         const char *next = (const char *)qs + (n + 4 * (NC)) * nb * bstep;             \
         for (int c0 = 0; c0 < (INTERLEAVE ? 1 : (NC)); c0++)                            \
             for (int64_t b = 0; b < nb; b++) {                                          \
-                if (!(INTERLEAVE))                                                      \
-                    __builtin_prefetch((const char *)qs + ((n + c0) * nb + b) * bstep + AHEAD); \
                 if (INTERLEAVE) __builtin_prefetch(next + b * (NC) * bstep);             \
+                else __builtin_prefetch((const char *)qs + ((n + c0) * nb + b) * bstep + AHEAD); \
                 const float *xb = x + m0 * K + b * 32;                                  \
                 for (int c = c0; c < (INTERLEAVE ? (NC) : c0 + 1); c++) {               \
                     v16f w0, w1;                                                        \
